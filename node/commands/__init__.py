@@ -1,0 +1,28 @@
+"""Command groups of ``vaenode``; each module exposes ``register(app)``."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+# One module per group; each adds its commands to the app. Order is the order in --help.
+_MODULES = (
+    "node.commands.serve",
+    "node.commands.db",
+    "node.commands.queue",
+    "node.commands.echo",
+    "node.commands.model",
+)
+
+
+def register_all(app: typer.Typer) -> None:
+    """Register every command group that is present."""
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)

@@ -1,0 +1,231 @@
+"""Typed settings: one TOML file, every key overridable by ``VAENODE_<SECTION>__<KEY>``.
+
+This module is the only home of defaults. Settings are validated once, at start-up, and an
+unknown key or a bad value stops the node with a message naming the key: a PACS admin would
+rather see the node refuse to start than quietly run with a setting it did not mean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from node.errors import ConfigError
+
+ENV_PREFIX = "VAENODE_"
+DEFAULT_CONFIG = Path("config/node.toml")
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2 AE: 16 chars, no backslash
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 characters, no backslash)")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSettings(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+class DicomSettings(_Section):
+    ae_title: str = "VAENODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    require_called_aet: bool = True
+    max_associations: int = Field(16, ge=1)
+    max_pdu_bytes: int = Field(262144, ge=0)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(120.0, gt=0)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    _check_ae_title = field_validator("ae_title")(_check_ae)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_allowed(cls, entries: list[str]) -> list[str]:
+        out = []
+        for entry in entries:
+            aet, _, host = entry.partition("@")
+            _check_ae(aet)
+            out.append(f"{aet.strip()}@{host}" if host else aet.strip())
+        return out
+
+
+class StorageSettings(_Section):
+    dir: Path = Path("var/storage")
+    min_free_mb: int = Field(1024, ge=0)
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/vaenode.db"
+    busy_timeout_ms: int = Field(30000, ge=0)
+
+
+class QueueSettings(_Section):
+    series_idle_s: float = Field(30.0, gt=0)
+    check_interval_s: float = Field(2.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    enabled: bool = True
+    poll_interval_s: float = Field(2.0, gt=0)
+    lease_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class ModelSettings(_Section):
+    bundle: Path | None = None  # None: the default model shipped in node/models/
+    estimator: Literal["importance", "plain", "mcmc"] | None = None  # None: the bundle's default
+    samples: int | None = Field(None, ge=1)
+    threshold: float | None = None  # overrides the bundle's calibrated threshold
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+
+
+class RoutingRule(_Section):
+    name: str
+    modality: str | None = None
+    body_part: str | None = None
+    series_description: str | None = None  # regular expression, case-insensitive search
+    image_type: list[str] = Field(default_factory=list)  # all must be present
+    model: Path | None = None  # None: [model].bundle
+    min_abnormal_slices: int = Field(1, ge=1)
+    score_derived: bool = False
+
+
+class RoutingSettings(_Section):
+    rules: list[RoutingRule] = Field(
+        default_factory=lambda: [
+            RoutingRule(name="brain-t1-mr", modality="MR", min_abnormal_slices=3),
+        ]
+    )
+
+
+class Destination(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    _check_ae_title = field_validator("ae_title")(_check_ae)
+
+
+class DeliverySettings(_Section):
+    destinations: list[Destination] = Field(default_factory=list)
+    max_attempts: int = Field(10, ge=1)
+    retry_base_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(600.0, gt=0)
+    poll_interval_s: float = Field(2.0, gt=0)
+
+
+class AdminSettings(_Section):
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str | None = None
+    show_patient_name: bool = False
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Settings(_Section):
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+
+def _env_value(raw: str) -> Any:
+    """Lists and tables come as JSON; everything else is left to pydantic's coercion."""
+    if raw[:1] in "[{":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {raw!r} ({exc})") from exc
+    return raw
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``VAENODE_SECTION__KEY[__SUBKEY]=value`` variables on the parsed TOML."""
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        try:
+            node[path[-1]] = _env_value(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+    return data
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (defaults alone when ``path`` is None), overlay env, validate.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or a key is unknown or has a bad value;
+            the message names the key.
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    data = apply_env(data, environ)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
