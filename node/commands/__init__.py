@@ -13,6 +13,7 @@ _MODULES = (
     "node.commands.queue",
     "node.commands.echo",
     "node.commands.model",
+    "node.commands.score",
 )
 
 
