@@ -1,0 +1,139 @@
+"""What a report says, as plain values: no DICOM, no torch, no I/O.
+
+The worker fills these from the model's scores; ``report/build.py`` turns them into DICOM
+objects. Keeping the content free of DICOM lets the worker, the CLI and the tests build and
+compare verdicts without a dataset in sight, and keeps the report layer free of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SliceVerdict:
+    """The verdict on one scored image (one instance, or one frame of a multi-frame instance).
+
+    Attributes:
+        sop_instance_uid: SOP Instance UID of the scored instance.
+        sop_class_uid: its SOP Class UID (needed to reference it from SR and KOS).
+        frame: 1-based frame number inside a multi-frame instance; None for single-frame.
+        index: position of the slice along the stack normal (0-based), for people and plots.
+        log_likelihood: the estimated log marginal likelihood log p(x) of the slice (nats).
+        kl: KL divergence of the attribute distributions to N(0, I) (match likelihood).
+        elbo: the evidence lower bound (negative loss) of the slice.
+        abnormal: True when log_likelihood is below the threshold.
+        confidence: confidence in the verdict, in [0, 1].
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame: int | None
+    index: int
+    log_likelihood: float
+    kl: float
+    elbo: float
+    abnormal: bool
+    confidence: float
+
+    def __post_init__(self) -> None:
+        if not self.sop_instance_uid or not self.sop_class_uid:
+            raise ValueError("a slice verdict needs its SOP Instance UID and SOP Class UID")
+        if self.frame is not None and self.frame < 1:
+            raise ValueError(f"frame numbers start at 1 (DICOM), got {self.frame}")
+        if not 0.0 <= self.confidence <= 1.0 or math.isnan(self.confidence):
+            raise ValueError(f"confidence must lie in [0, 1], got {self.confidence}")
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """The verdict on one scored series: its slices and how they add up.
+
+    Attributes:
+        study_instance_uid: Study of the source series (the report goes into the same study).
+        series_instance_uid: the source series.
+        slices: one verdict per scored image, in stack order.
+        abnormal: True when at least ``min_abnormal_slices`` slices are abnormal.
+        abnormal_slices: number of abnormal slices.
+        min_abnormal_slices: slices that make the series abnormal (from the routing rule).
+        threshold: the threshold on log p(x) that was applied.
+        estimator: the marginal-likelihood estimator ("importance", "plain", "mcmc").
+        model_name: name of the model bundle (algorithm name in the report).
+        model_version: version of the model bundle (algorithm version in the report).
+        samples: Monte-Carlo samples per slice, when known.
+        rule: name of the routing rule that chose the model, when known.
+        score_note: how log_likelihood was derived when it is not the raw estimate (for example
+            a complexity correction); written into the report so that readers know.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    slices: tuple[SliceVerdict, ...]
+    abnormal: bool
+    abnormal_slices: int
+    min_abnormal_slices: int
+    threshold: float
+    estimator: str
+    model_name: str
+    model_version: str
+    samples: int | None = None
+    rule: str | None = None
+    score_note: str | None = None
+
+    def __post_init__(self) -> None:
+        counted = sum(1 for s in self.slices if s.abnormal)
+        if counted != self.abnormal_slices:
+            raise ValueError(
+                f"abnormal_slices={self.abnormal_slices} but {counted} slice verdicts are abnormal"
+            )
+        if self.min_abnormal_slices < 1:
+            raise ValueError("min_abnormal_slices must be at least 1")
+        if self.abnormal != (counted >= self.min_abnormal_slices):
+            raise ValueError(
+                f"series verdict abnormal={self.abnormal} contradicts {counted} abnormal slices "
+                f"with min_abnormal_slices={self.min_abnormal_slices}"
+            )
+
+    @property
+    def flagged(self) -> tuple[SliceVerdict, ...]:
+        """The abnormal slices, in stack order (what the Key Object Selection lists)."""
+        return tuple(s for s in self.slices if s.abnormal)
+
+    @classmethod
+    def from_slices(
+        cls,
+        *,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        slices: tuple[SliceVerdict, ...] | list[SliceVerdict],
+        min_abnormal_slices: int,
+        threshold: float,
+        estimator: str,
+        model_name: str,
+        model_version: str,
+        samples: int | None = None,
+        rule: str | None = None,
+        score_note: str | None = None,
+    ) -> SeriesVerdict:
+        """Aggregate slice verdicts into a series verdict (the counts are derived, not passed).
+
+        The series is abnormal when at least ``min_abnormal_slices`` slices are abnormal.
+        """
+        slices = tuple(slices)
+        count = sum(1 for s in slices if s.abnormal)
+        return cls(
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            slices=slices,
+            abnormal=count >= min_abnormal_slices,
+            abnormal_slices=count,
+            min_abnormal_slices=min_abnormal_slices,
+            threshold=threshold,
+            estimator=estimator,
+            model_name=model_name,
+            model_version=model_version,
+            samples=samples,
+            rule=rule,
+            score_note=score_note,
+        )
