@@ -1,0 +1,136 @@
+"""Who may see the dashboard: the loopback rule, the token, and the browser session cookie.
+
+The dashboard shows series metadata and lets people re-score and re-deliver, so on any address
+a stranger could reach it demands the configured token. On loopback it stays open: whoever can
+reach 127.0.0.1 already has a shell on the node. A token is accepted three ways, so that
+Prometheus (Bearer header), curl (basic auth password) and a browser (login form, then a signed
+cookie) can all use it. The cookie never holds the token itself, only an HMAC keyed by it, so a
+leaked cookie cannot be replayed as a Bearer token and changing the token logs everyone out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass
+
+from node.config import AdminSettings
+from node.errors import ConfigError
+
+COOKIE_NAME = "vaenode_session"
+# Paths served without credentials: the login form itself, static CSS, and the health probe
+# (a load balancer or systemd watchdog asks it without secrets; it reveals only up/down).
+PUBLIC_PATHS = frozenset({"/login", "/healthz"})
+PUBLIC_PREFIXES = ("/static/",)
+
+
+def is_loopback(address: str) -> bool:
+    """True when ``address`` can only be reached from this machine.
+
+    Args:
+        address: the configured bind address (an IP literal or ``localhost``).
+
+    Returns:
+        True for 127.0.0.0/8, ::1 and ``localhost``; False for anything else, including
+        0.0.0.0 and :: (every interface) and host names we cannot judge without resolving.
+    """
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip()).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: AdminSettings) -> None:
+    """Refuse a dashboard that strangers could reach without a token.
+
+    Raises:
+        ConfigError: ``admin.bind_address`` is not loopback and ``admin.token`` is unset or
+            blank; the message names both keys so the admin knows what to set.
+    """
+    if is_loopback(settings.bind_address):
+        return
+    if settings.token is None or not settings.token.strip():
+        raise ConfigError(
+            f"admin.token is required when admin.bind_address is {settings.bind_address!r} "
+            "(not loopback): set admin.token or bind the dashboard to 127.0.0.1"
+        )
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who made a request, as far as the credentials say.
+
+    Attributes:
+        name: the reviewer's name (basic-auth user or the name typed at login); empty when
+            the credential carries no name (Bearer token, or loopback without a token).
+        method: how the request was let in: "open", "bearer", "basic" or "cookie".
+    """
+
+    name: str
+    method: str
+
+
+def _sign(token: str, name: str) -> str:
+    return hmac.new(token.encode(), b"session:" + name.encode(), hashlib.sha256).hexdigest()
+
+
+def make_session_cookie(token: str, name: str) -> str:
+    """The cookie value a browser gets after logging in as ``name`` with ``token``."""
+    encoded = base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+    return f"{encoded}.{_sign(token, name)}"
+
+
+def _read_session_cookie(token: str, value: str) -> str | None:
+    encoded, _, signature = value.partition(".")
+    try:
+        name = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    if hmac.compare_digest(signature, _sign(token, name)):
+        return name
+    return None
+
+
+def authenticate(
+    token: str | None, authorization: str | None, cookie: str | None
+) -> Identity | None:
+    """Check a request's credentials against the configured token.
+
+    Args:
+        token: ``admin.token``; None means the dashboard is open (loopback only, enforced by
+            :func:`check_bind` at start-up).
+        authorization: the ``Authorization`` header, if any.
+        cookie: the session cookie value, if any.
+
+    Returns:
+        The identity when the request may proceed, None when it must get 401.
+    """
+    if token is None:
+        return Identity(name="", method="open")
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "bearer" and hmac.compare_digest(credentials, token):
+            return Identity(name="", method="bearer")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(credentials).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            if hmac.compare_digest(password, token):
+                return Identity(name=user, method="basic")
+    if cookie:
+        name = _read_session_cookie(token, cookie)
+        if name is not None:
+            return Identity(name=name, method="cookie")
+    return None
+
+
+def is_public(path: str) -> bool:
+    """True for the few paths served without credentials (login, health, static files)."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
