@@ -62,3 +62,7 @@ class AssemblyError(NodeError):
 
 class DeliveryError(NodeError):
     """A report could not be delivered to a destination."""
+
+
+class ReportError(NodeError):
+    """A report cannot be built from a verdict and its sources (missing or foreign instances)."""
