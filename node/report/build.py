@@ -1,0 +1,399 @@
+"""Turn a series verdict into DICOM: a TID 1500 Comprehensive SR and, if needed, a KOS.
+
+Pure: datasets in, datasets out, no disk or network I/O (``report/service.py`` stores them,
+``report/push.py`` sends them).
+
+The Structured Report (PS3.16 TID 1500 "Measurement Report") has one measurement group
+(TID 1501) per scored image. Each group references its image (SOP Class, SOP Instance and, for
+multi-frame instances, the frame) and carries:
+
+- the estimated log marginal likelihood log p(x) and, for completeness, the KL divergence and
+  the ELBO (codes of our private scheme ``99VAENODE``, declared in the Coding Scheme
+  Identification Sequence as PS3.3 C.12.1.1.5 asks, since no standard code names them);
+- the confidence of the verdict as "Certainty of Finding" (DCM 111012, percent), the concept CAD
+  reports use for how sure an algorithm is;
+- an "Image Quality" (DCM 111101) qualitative evaluation whose value comes from CID 7036 "Image
+  Quality Assessment": RadLex RID12 "Diagnostic quality" or RID14 "Non-diagnostic quality";
+- the algorithm (TID 4019: name, version, and its parameters, among them the threshold).
+
+A last group summarises the series: "Imaging Series Quality" (DCM 130550) with a CID 7036
+value, the numbers of scored and flagged images, the slices that make a series abnormal and the
+threshold (DCM 122411 "Threshold Value").
+
+When any image is flagged, a Key Object Selection document titled "Quality Issue"
+(DCM 113010) lists the flagged images. Not "Rejected for Quality Reasons" (113001): PACS that
+follow IHE IOCM hide the images a 113001 KOS lists, and the node only advises.
+
+Report UIDs: the SR series and the KOS series are derived from the source series UID, so that a
+later report on the same series lands in the same report series (a new instance that names its
+predecessor, PS3.3 C.17.2.3 Predecessor Documents Sequence) rather than in a new series.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from node.errors import ReportError
+from node.report.content import SeriesVerdict, SliceVerdict
+
+# --- codes -----------------------------------------------------------------------------------
+
+#: Designator of our private coding scheme (PS3.16 8.2: private schemes begin with "99").
+PRIVATE_SCHEME = "99VAENODE"
+PRIVATE_SCHEME_NAME = "vaenode quality-gate concepts"
+PRIVATE_SCHEME_ORGANIZATION = "vaenode project"
+
+LOG_MARGINAL_LIKELIHOOD = Code("VAE001", PRIVATE_SCHEME, "Log marginal likelihood")
+KL_DIVERGENCE = Code("VAE002", PRIVATE_SCHEME, "KL divergence to prior")
+EVIDENCE_LOWER_BOUND = Code("VAE003", PRIVATE_SCHEME, "Evidence lower bound")
+SCORED_IMAGES = Code("VAE004", PRIVATE_SCHEME, "Number of scored images")
+FLAGGED_IMAGES = Code("VAE005", PRIVATE_SCHEME, "Number of non-diagnostic images")
+MIN_FLAGGED_IMAGES = Code("VAE006", PRIVATE_SCHEME, "Non-diagnostic images for series flag")
+
+#: log p(x) of a continuous density in natural-log units; UCUM annotation syntax.
+NAT = Code("{nat}", "UCUM", "nat")
+IMAGES = Code("{images}", "UCUM", "images")
+PERCENT = codes.UCUM.Percent
+
+#: CID 7036 "Image Quality Assessment" values (RadLex).
+DIAGNOSTIC_QUALITY = codes.cid7036.DiagnosticQuality  # RID12
+NON_DIAGNOSTIC_QUALITY = codes.cid7036.NonDiagnosticQuality  # RID14
+
+IMAGE_QUALITY = codes.DCM.ImageQuality  # 111101
+SERIES_QUALITY = codes.DCM.ImagingSeriesQuality  # 130550
+CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding  # 111012
+THRESHOLD_VALUE = codes.DCM.ThresholdValue  # 122411
+QUALITY_ISSUE = codes.DCM.QualityIssue  # 113010, KOS document title (CID 7010)
+
+#: Series numbers of the report series. IS values with no meaning beyond sorting report
+#: series after the acquired ones in a viewer's series list.
+SR_SERIES_NUMBER = 9901
+KOS_SERIES_NUMBER = 9902
+
+_PROCEDURE_BY_MODALITY = {
+    "MR": codes.cid100.MRIUnspecifiedBodyRegion,
+    "CT": codes.cid100.CTUnspecifiedBodyRegion,
+    "PT": codes.cid100.PETUnspecifiedBodyRegion,
+    "NM": codes.cid100.NMUnspecifiedBodyRegion,
+}
+
+
+#: Name-based UUID namespace for the node's derived UIDs (itself derived, not a literal UID).
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "vaenode.invalid")
+
+
+def stable_uid(*parts: str) -> UID:
+    """A UID that is the same every time for the same parts (PS3.5 B.2: 2.25 + UUID).
+
+    ``pydicom.uid.generate_uid(prefix=None)`` ignores its entropy sources and is random, so a
+    name-based UUID (RFC 4122 version 5) is used to make the report series of a source series,
+    the device UID and the tracking UIDs reproducible.
+    """
+    return UID(f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}")
+
+
+@dataclass(frozen=True)
+class ReportIdentity:
+    """Who writes the reports: the node, as a device observer (TID 1004).
+
+    Attributes:
+        ae_title: the node's AE title, used as the device name and to derive its device UID.
+        software_version: the node's software version (Software Versions in the SR header).
+        manufacturer: written into the General Equipment module.
+        institution_name: optional, copied into the report header.
+    """
+
+    ae_title: str
+    software_version: str
+    manufacturer: str = "vaenode"
+    institution_name: str | None = None
+
+    @property
+    def device_uid(self) -> str:
+        """A stable UID for this node (2.25 UUID form), the same in every report it writes."""
+        return str(stable_uid("device", self.ae_title))
+
+
+def report_series_uid(source_series_uid: str, kind: str) -> UID:
+    """The report series of a source series: the same for every report on that series.
+
+    Args:
+        source_series_uid: Series Instance UID of the scored series.
+        kind: "SR" or "KOS" (SR and KOS have different modalities, hence different series).
+    """
+    if kind not in ("SR", "KOS"):
+        raise ValueError(f"unknown report kind {kind!r}")
+    return stable_uid("report-series", kind, source_series_uid)
+
+
+def _tracking_uid(series_uid: str, sop_instance_uid: str, frame: int | None) -> UID:
+    # Stable across superseding reports: the same image is the same tracked finding.
+    return stable_uid("finding", series_uid, sop_instance_uid, str(frame))
+
+
+def _index_sources(verdict: SeriesVerdict, sources: Iterable[Dataset]) -> dict[str, Dataset]:
+    by_uid: dict[str, Dataset] = {}
+    for ds in sources:
+        if ds.SeriesInstanceUID != verdict.series_instance_uid:
+            raise ReportError(
+                f"source instance {ds.SOPInstanceUID} belongs to series {ds.SeriesInstanceUID}, "
+                f"not to the scored series {verdict.series_instance_uid}"
+            )
+        by_uid[ds.SOPInstanceUID] = ds
+    missing = {s.sop_instance_uid for s in verdict.slices} - by_uid.keys()
+    if missing:
+        raise ReportError(
+            f"{len(missing)} scored instance(s) have no source dataset, e.g. {sorted(missing)[0]}"
+        )
+    if not verdict.slices:
+        raise ReportError(f"series {verdict.series_instance_uid} has no scored image to report")
+    return by_uid
+
+
+def _evidence(verdict: SeriesVerdict, by_uid: dict[str, Dataset]) -> list[Dataset]:
+    # One dataset per referenced instance, in stack order (a multi-frame instance once).
+    seen: dict[str, Dataset] = {}
+    for s in verdict.slices:
+        seen.setdefault(s.sop_instance_uid, by_uid[s.sop_instance_uid])
+    return list(seen.values())
+
+
+def _algorithm(verdict: SeriesVerdict) -> hd.sr.AlgorithmIdentification:
+    parameters = [
+        f"estimator={verdict.estimator}",
+        f"threshold_log_likelihood={verdict.threshold:.6g}",
+        f"min_abnormal_slices={verdict.min_abnormal_slices}",
+    ]
+    if verdict.samples is not None:
+        parameters.append(f"samples={verdict.samples}")
+    if verdict.rule:
+        parameters.append(f"routing_rule={verdict.rule}")
+    if verdict.score_note:
+        parameters.append(f"score={verdict.score_note}")
+    return hd.sr.AlgorithmIdentification(
+        name=verdict.model_name, version=verdict.model_version, parameters=parameters
+    )
+
+
+def _quality(abnormal: bool) -> Code:
+    return NON_DIAGNOSTIC_QUALITY if abnormal else DIAGNOSTIC_QUALITY
+
+
+def _slice_group(
+    verdict: SeriesVerdict, s: SliceVerdict, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    frames = [s.frame] if s.frame is not None else None
+    label = f"image {s.index + 1}" + (f" frame {s.frame}" if s.frame is not None else "")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(verdict.series_instance_uid, s.sop_instance_uid, s.frame),
+            identifier=label,
+        ),
+        finding_type=IMAGE_QUALITY,
+        algorithm_id=algorithm,
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=s.sop_class_uid,
+                referenced_sop_instance_uid=s.sop_instance_uid,
+                referenced_frame_numbers=frames,
+            )
+        ],
+        measurements=[
+            hd.sr.Measurement(name=LOG_MARGINAL_LIKELIHOOD, value=s.log_likelihood, unit=NAT),
+            hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=100.0 * s.confidence, unit=PERCENT),
+            hd.sr.Measurement(name=KL_DIVERGENCE, value=s.kl, unit=NAT),
+            hd.sr.Measurement(name=EVIDENCE_LOWER_BOUND, value=s.elbo, unit=NAT),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=IMAGE_QUALITY, value=_quality(s.abnormal))
+        ],
+    )
+
+
+def _series_group(
+    verdict: SeriesVerdict, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=stable_uid("series-finding", verdict.series_instance_uid),
+            identifier="series summary",
+        ),
+        finding_type=SERIES_QUALITY,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=SCORED_IMAGES, value=len(verdict.slices), unit=IMAGES),
+            hd.sr.Measurement(name=FLAGGED_IMAGES, value=verdict.abnormal_slices, unit=IMAGES),
+            hd.sr.Measurement(
+                name=MIN_FLAGGED_IMAGES, value=verdict.min_abnormal_slices, unit=IMAGES
+            ),
+            hd.sr.Measurement(name=THRESHOLD_VALUE, value=verdict.threshold, unit=NAT),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=SERIES_QUALITY, value=_quality(verdict.abnormal))
+        ],
+    )
+
+
+def _observer(identity: ReportIdentity, verdict: SeriesVerdict) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=identity.device_uid,
+            name=identity.ae_title,
+            manufacturer_name=identity.manufacturer,
+            model_name=verdict.model_name,
+        ),
+    )
+
+
+def _private_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORGANIZATION
+    return item
+
+
+def _header(doc: Dataset, identity: ReportIdentity, description: str) -> None:
+    doc.SeriesDescription = description
+    doc.SoftwareVersions = identity.software_version
+
+
+def build_sr(
+    verdict: SeriesVerdict,
+    sources: Sequence[Dataset],
+    *,
+    identity: ReportIdentity,
+    instance_number: int = 1,
+    previous: Sequence[Dataset] = (),
+    sop_instance_uid: str | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """Build the TID 1500 measurement report of one scored series.
+
+    Args:
+        verdict: the scores and verdicts.
+        sources: the scored instances' datasets (headers suffice: read them with
+            ``stop_before_pixels=True``); each scored SOP Instance UID must be among them.
+        identity: the node as the device observer.
+        instance_number: Instance Number of the report in its report series.
+        previous: earlier reports on this series that this one supersedes (their UIDs go into
+            the Predecessor Documents Sequence).
+        sop_instance_uid: the report's SOP Instance UID (new one when None).
+
+    Returns:
+        The Comprehensive SR, in the source study, in the series ``report_series_uid(..., "SR")``.
+
+    Raises:
+        ReportError: a source is missing, belongs to another series, or nothing was scored.
+    """
+    by_uid = _index_sources(verdict, sources)
+    evidence = _evidence(verdict, by_uid)
+    first = evidence[0]
+    if first.StudyInstanceUID != verdict.study_instance_uid:
+        raise ReportError(
+            f"sources are in study {first.StudyInstanceUID}, verdict says "
+            f"{verdict.study_instance_uid}"
+        )
+    algorithm = _algorithm(verdict)
+    groups = [_slice_group(verdict, s, algorithm) for s in verdict.slices]
+    groups.append(_series_group(verdict, algorithm))
+    procedure = _PROCEDURE_BY_MODALITY.get(
+        str(first.get("Modality", "")), codes.cid100.ImagingProcedure
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=_observer(identity, verdict)
+        ),
+        procedure_reported=procedure,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=evidence,
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=report_series_uid(verdict.series_instance_uid, "SR"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=identity.manufacturer,
+        institution_name=identity.institution_name,
+        is_complete=True,
+        is_final=False,
+        previous_versions=list(previous) or None,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    flagged = verdict.abnormal_slices
+    _header(
+        sr,
+        identity,
+        f"vaenode quality: {flagged}/{len(verdict.slices)} non-diagnostic"
+        + (" (SERIES FLAGGED)" if verdict.abnormal else ""),
+    )
+    # The SR uses codes of our private scheme: declare it (PS3.3 C.12.1.1.5).
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+    return sr
+
+
+def build_kos(
+    verdict: SeriesVerdict,
+    sources: Sequence[Dataset],
+    *,
+    identity: ReportIdentity,
+    instance_number: int = 1,
+    sop_instance_uid: str | None = None,
+) -> hd.ko.KeyObjectSelectionDocument | None:
+    """Build the "Quality Issue" Key Object Selection listing the flagged images, if any.
+
+    Args:
+        verdict: the scores and verdicts.
+        sources: as for :func:`build_sr`.
+        identity: the node as the device observer.
+        instance_number: Instance Number of the KOS in its report series.
+        sop_instance_uid: the document's SOP Instance UID (new one when None).
+
+    Returns:
+        The KOS document, or None when no image is flagged (nothing to select).
+
+    Raises:
+        ReportError: as for :func:`build_sr`.
+    """
+    by_uid = _index_sources(verdict, sources)
+    flagged = verdict.flagged
+    if not flagged:
+        return None
+    selected: dict[str, Dataset] = {}
+    for s in flagged:
+        selected.setdefault(s.sop_instance_uid, by_uid[s.sop_instance_uid])
+    objects = list(selected.values())
+    description = (
+        f"vaenode: {len(flagged)} of {len(verdict.slices)} images below the quality threshold "
+        f"(model {verdict.model_name} {verdict.model_version}); advisory, not a rejection"
+    )
+    content = hd.ko.KeyObjectSelection(
+        document_title=QUALITY_ISSUE,
+        referenced_objects=objects,
+        observer_device_context=_observer(identity, verdict),
+        description=description[:1024],
+    )
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=objects,
+        content=content,
+        series_instance_uid=report_series_uid(verdict.series_instance_uid, "KOS"),
+        series_number=KOS_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=identity.manufacturer,
+        institution_name=identity.institution_name,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    _header(kos, identity, f"vaenode quality issue: {len(flagged)} images")
+    return kos
