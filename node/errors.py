@@ -66,3 +66,11 @@ class DeliveryError(NodeError):
 
 class ReportError(NodeError):
     """A report cannot be built from a verdict and its sources (missing or foreign instances)."""
+
+
+class QueueConflict(NodeError):
+    """A queue transition's precondition no longer holds (the series moved on meanwhile).
+
+    Raised inside the caller's transaction so that whatever it wrote with the transition (for
+    example a worker's slice results) is rolled back with it.
+    """
