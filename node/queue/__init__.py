@@ -1,0 +1,1 @@
+"""The queue database: models, series states, their transitions and the atomic claim of work."""

@@ -1,0 +1,54 @@
+"""Apply the Alembic revisions in ``migrations/`` programmatically.
+
+The schema exists only through these revisions (no ``create_all``): ``vaenode db upgrade``,
+``vaenode serve`` and test fixtures all call :func:`upgrade`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from node.config import DatabaseSettings
+from node.errors import ConfigError
+from node.queue.db import make_engine
+
+#: The repository's migrations folder; the package is installed editable from the repository.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def alembic_config(database_url: str, busy_timeout_ms: int = 30000) -> Config:
+    """An Alembic configuration pointing at our migrations and at ``database_url``."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise ConfigError(f"migrations folder not found at {MIGRATIONS_DIR}")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # "%" is ConfigParser interpolation syntax; URLs with escaped passwords contain it.
+    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    cfg.attributes["busy_timeout_ms"] = busy_timeout_ms
+    return cfg
+
+
+def upgrade(database_url: str, revision: str = "head", busy_timeout_ms: int = 30000) -> None:
+    """Bring the database at ``database_url`` up to ``revision`` (default: the newest)."""
+    command.upgrade(alembic_config(database_url, busy_timeout_ms), revision)
+
+
+def current_revision(database_url: str) -> str | None:
+    """The revision the database is at, or None for an empty database."""
+    engine = make_engine(DatabaseSettings(url=database_url))
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest revision in ``migrations/``."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return script.get_current_head()

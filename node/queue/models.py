@@ -1,0 +1,173 @@
+"""SQLAlchemy models of the queue database.
+
+The schema is created and changed only by Alembic revisions in ``migrations/``; every change to
+a model here comes with a revision. Timestamps are UTC and timezone-aware in Python; SQLite has
+no time zones, so :class:`UTCDateTime` stores naive UTC and hands back aware values.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from node.queue.states import SeriesState
+
+UID_LENGTH = 64  # PS3.5 9.1: a UID is at most 64 characters
+AE_LENGTH = 16  # PS3.5 6.2: an AE title is at most 16 characters
+
+
+def utcnow() -> datetime:
+    """The current time, UTC and timezone-aware: the only clock the queue uses."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as naive UTC and returned as an aware UTC ``datetime``.
+
+    Naive values are refused on the way in: a local time silently stored as UTC would shift
+    every idle-time and lease computation by the server's offset.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; use node.queue.models.utcnow()")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _state_enum() -> Enum:
+    # Stored as the lower-case value in a VARCHAR with a CHECK constraint: readable with any
+    # SQL client, and no native ENUM type to migrate on PostgreSQL.
+    return Enum(
+        SeriesState,
+        name="series_state",
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda enum: [m.value for m in enum],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table of the node."""
+
+
+class Series(Base):
+    """One DICOM series as received, and where it stands in the queue."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(256))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    calling_aet: Mapped[str | None] = mapped_column(String(AE_LENGTH))
+    peer_address: Mapped[str | None] = mapped_column(String(128))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[SeriesState] = mapped_column(_state_enum(), default=SeriesState.RECEIVING)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    instances: Mapped[list[Instance]] = relationship(
+        back_populates="series", order_by="Instance.instance_number"
+    )
+    events: Mapped[list[SeriesEvent]] = relationship(
+        back_populates="series", order_by="SeriesEvent.id"
+    )
+
+    __table_args__ = (
+        UniqueConstraint("series_instance_uid", name="uq_series_series_instance_uid"),
+        Index("ix_series_status_last_received", "status", "last_received_at"),
+        Index("ix_series_study", "study_instance_uid"),
+    )
+
+
+class SeriesEvent(Base):
+    """One status change of a series: the history the dashboard and ``queue show`` print."""
+
+    __tablename__ = "series_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+
+    series: Mapped[Series] = relationship(back_populates="events")
+
+
+class Instance(Base):
+    """One stored SOP instance; ``path`` is relative to the storage directory."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", name="uq_instances_sop_instance_uid"),
+    )
+
+
+class Association(Base):
+    """One DICOM association a peer opened (or tried to): who, when, how it ended."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_aet: Mapped[str | None] = mapped_column(String(AE_LENGTH))
+    called_aet: Mapped[str | None] = mapped_column(String(AE_LENGTH))
+    peer_address: Mapped[str | None] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    # "open", "released", "aborted", or "rejected: <reason>"
+    result: Mapped[str] = mapped_column(String(128), default="open")

@@ -1,0 +1,533 @@
+"""Queue transitions: the only code that changes a series' status.
+
+One function per transition. Each runs in a transaction: the caller's, when the session is
+already in one (so a worker can store its results and mark the series done atomically), or its
+own otherwise. Each checks its precondition in the UPDATE itself (``WHERE status = ...``), so
+concurrent workers and ingest threads cannot both win, and each writes a ``series_events`` row.
+A transition whose precondition no longer holds raises :class:`~node.errors.QueueConflict`.
+
+Lease model: :func:`claim_next_queued` moves a series to ``processing`` with ``attempts + 1``,
+the claiming ``worker_id`` and ``lease_until``. A worker that dies leaves an expired lease;
+:func:`requeue_expired_leases` puts such series back in ``queued``, or marks them ``failed``
+with reason ``abandoned`` once ``attempts`` reached the maximum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from node.errors import QueueConflict
+from node.queue.models import Association, Instance, Series, SeriesEvent, utcnow
+from node.queue.states import FINAL_STATES, SeriesState
+
+log = logging.getLogger(__name__)
+
+ACTOR_INGEST = "ingest"
+ACTOR_SCHEDULER = "scheduler"
+
+
+@contextmanager
+def _transaction(session: Session) -> Iterator[None]:
+    """Join the caller's transaction, or run in a new one that commits on success."""
+    if session.in_transaction():
+        yield
+    else:
+        with session.begin():
+            yield
+
+
+def _event(
+    session: Session,
+    series_id: int,
+    from_status: SeriesState | None,
+    to_status: SeriesState,
+    reason: str | None,
+    actor: str,
+    at: datetime,
+) -> None:
+    session.execute(
+        insert(SeriesEvent).values(
+            series_id=series_id,
+            at=at,
+            from_status=from_status.value if from_status else None,
+            to_status=to_status.value,
+            reason=reason,
+            actor=actor,
+        )
+    )
+
+
+def _transition(
+    session: Session,
+    series_id: int,
+    to_status: SeriesState,
+    *,
+    allowed_from: Iterable[SeriesState],
+    reason: str | None,
+    actor: str,
+    worker_id: str | None = None,
+    extra_where: Iterable[object] = (),
+    values: dict[str, object] | None = None,
+) -> Series:
+    """Move one series to ``to_status`` if it is in one of ``allowed_from`` (and, when
+    ``worker_id`` is given, still held by that worker); record the event; return the row."""
+    allowed = [SeriesState(s) for s in allowed_from]
+    now = utcnow()
+    with _transaction(session):
+        current = session.execute(
+            select(Series.status).where(Series.id == series_id)
+        ).scalar_one_or_none()
+        if current is None:
+            raise QueueConflict(f"series id {series_id} does not exist")
+        stmt = (
+            update(Series)
+            .where(Series.id == series_id, Series.status.in_(allowed), *extra_where)
+            .values(status=to_status, status_reason=reason, updated_at=now, **(values or {}))
+            .execution_options(synchronize_session=False)
+        )
+        if worker_id is not None:
+            stmt = stmt.where(Series.worker_id == worker_id)
+        if session.execute(stmt).rowcount != 1:  # type: ignore[attr-defined]
+            raise QueueConflict(
+                f"series id {series_id} cannot go to {to_status.value}: it is {current.value}"
+                + (f" or not held by {worker_id}" if worker_id else "")
+            )
+        _event(session, series_id, SeriesState(current), to_status, reason, actor, now)
+        series = session.get(Series, series_id, populate_existing=True)
+        assert series is not None
+    log.info(
+        "series %s -> %s",
+        series.series_instance_uid,
+        to_status.value,
+        extra={"series_uid": series.series_instance_uid, "reason": reason, "actor": actor},
+    )
+    return series
+
+
+# --- ingest ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What ingest knows about one stored instance, as plain values."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    instance_number: int | None
+    modality: str | None
+    series_description: str | None
+    body_part: str | None
+    calling_aet: str | None
+    peer_address: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """Outcome of :func:`record_instance`."""
+
+    series_id: int
+    new_instance: bool
+    #: A file the instance used to live at (it moved series); the caller deletes it after commit.
+    stale_path: str | None
+
+
+def record_instance(session: Session, rec: InstanceRecord) -> RecordResult:
+    """Upsert the series and instance rows for one stored instance, in one transaction.
+
+    A new series starts ``receiving``; a series in any other state goes back to ``receiving``
+    (a new instance means the earlier verdict, or the scoring under way, no longer covers the
+    whole series). A duplicate SOP instance keeps one row, updated in place.
+    """
+    now = rec.received_at
+    with _transaction(session):
+        row = session.execute(
+            select(Series.id, Series.status).where(
+                Series.series_instance_uid == rec.series_instance_uid
+            )
+        ).first()
+        series_values: dict[str, object] = {
+            "last_received_at": now,
+            "updated_at": now,
+            "calling_aet": rec.calling_aet,
+            "peer_address": rec.peer_address,
+        }
+        if row is None:
+            series_id = session.execute(
+                insert(Series)
+                .values(
+                    study_instance_uid=rec.study_instance_uid,
+                    series_instance_uid=rec.series_instance_uid,
+                    modality=rec.modality,
+                    series_description=rec.series_description,
+                    body_part=rec.body_part,
+                    instance_count=0,
+                    first_received_at=now,
+                    status=SeriesState.RECEIVING,
+                    attempts=0,
+                    **series_values,
+                )
+                .returning(Series.id)
+            ).scalar_one()
+            _event(session, series_id, None, SeriesState.RECEIVING, "first instance",
+                   ACTOR_INGEST, now)
+        else:
+            series_id, status = row.id, SeriesState(row.status)
+            if status is not SeriesState.RECEIVING:
+                reason = f"new instance while {status.value}"
+                series_values.update(
+                    status=SeriesState.RECEIVING,
+                    status_reason=reason,
+                    lease_until=None,
+                    worker_id=None,
+                )
+                _event(session, series_id, status, SeriesState.RECEIVING, reason,
+                       ACTOR_INGEST, now)
+                log.info(
+                    "series %s reopened",
+                    rec.series_instance_uid,
+                    extra={"series_uid": rec.series_instance_uid, "was": status.value},
+                )
+
+        instance_values = {
+            "series_id": series_id,
+            "sop_class_uid": rec.sop_class_uid,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "path": rec.path,
+            "size_bytes": rec.size_bytes,
+            "instance_number": rec.instance_number,
+            "received_at": now,
+        }
+        existing = session.execute(
+            select(Instance.id, Instance.series_id, Instance.path).where(
+                Instance.sop_instance_uid == rec.sop_instance_uid
+            )
+        ).first()
+        stale_path = None
+        count_delta = 0
+        if existing is None:
+            session.execute(
+                insert(Instance).values(sop_instance_uid=rec.sop_instance_uid, **instance_values)
+            )
+            count_delta = 1
+        else:
+            session.execute(
+                update(Instance)
+                .where(Instance.id == existing.id)
+                .values(**instance_values)
+                .execution_options(synchronize_session=False)
+            )
+            if existing.series_id != series_id:
+                count_delta = 1
+                session.execute(
+                    update(Series)
+                    .where(Series.id == existing.series_id)
+                    .values(instance_count=Series.instance_count - 1, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+            if existing.path != rec.path:
+                stale_path = existing.path
+        session.execute(
+            update(Series)
+            .where(Series.id == series_id)
+            .values(instance_count=Series.instance_count + count_delta, **series_values)
+            .execution_options(synchronize_session=False)
+        )
+    return RecordResult(series_id=series_id, new_instance=existing is None, stale_path=stale_path)
+
+
+# --- scheduler and worker transitions --------------------------------------------------------
+
+
+def idle_series_ids(session: Session, idle_before: datetime) -> list[int]:
+    """Ids of ``receiving`` series whose last instance arrived before ``idle_before``."""
+    with _transaction(session):
+        return list(
+            session.execute(
+                select(Series.id)
+                .where(
+                    Series.status == SeriesState.RECEIVING,
+                    Series.last_received_at <= idle_before,
+                )
+                .order_by(Series.last_received_at)
+            ).scalars()
+        )
+
+
+def mark_queued(
+    session: Session,
+    series_id: int,
+    *,
+    idle_before: datetime,
+    reason: str = "no new instance for the idle time",
+    actor: str = ACTOR_SCHEDULER,
+) -> Series:
+    """``receiving`` -> ``queued``, only if still idle (no instance since ``idle_before``)."""
+    return _transition(
+        session,
+        series_id,
+        SeriesState.QUEUED,
+        allowed_from=[SeriesState.RECEIVING],
+        reason=reason,
+        actor=actor,
+        extra_where=[Series.last_received_at <= idle_before],
+    )
+
+
+def requeue(session: Session, series_id: int, *, reason: str, actor: str) -> Series:
+    """``done``/``skipped``/``failed`` -> ``queued`` with attempts reset: score it again."""
+    return _transition(
+        session,
+        series_id,
+        SeriesState.QUEUED,
+        allowed_from=FINAL_STATES,
+        reason=reason,
+        actor=actor,
+        values={"attempts": 0, "lease_until": None, "worker_id": None},
+    )
+
+
+def claim_next_queued(session: Session, worker_id: str, lease_s: float) -> Series | None:
+    """Atomically take the oldest ``queued`` series for ``worker_id``; None when none is queued.
+
+    The UPDATE re-checks ``status = 'queued'``: when another worker took the candidate first
+    (possible on PostgreSQL; SQLite serializes writers with BEGIN IMMEDIATE) the next one is
+    tried. On PostgreSQL the candidate is also locked with SKIP LOCKED.
+    """
+    now = utcnow()
+    with _transaction(session):
+        for _ in range(16):
+            candidate = session.execute(
+                select(Series.id, Series.series_instance_uid)
+                .where(Series.status == SeriesState.QUEUED)
+                .order_by(Series.last_received_at, Series.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if candidate is None:
+                return None
+            try:
+                return _transition(
+                    session,
+                    candidate.id,
+                    SeriesState.PROCESSING,
+                    allowed_from=[SeriesState.QUEUED],
+                    reason=f"claimed by {worker_id}",
+                    actor=worker_id,
+                    values={
+                        "worker_id": worker_id,
+                        "lease_until": now + timedelta(seconds=lease_s),
+                        "attempts": Series.attempts + 1,
+                    },
+                )
+            except QueueConflict:
+                continue
+    return None
+
+
+def mark_processing(session: Session, series_id: int, worker_id: str, lease_s: float) -> Series:
+    """``queued`` -> ``processing`` for one given series (claim a specific series)."""
+    return _transition(
+        session,
+        series_id,
+        SeriesState.PROCESSING,
+        allowed_from=[SeriesState.QUEUED],
+        reason=f"claimed by {worker_id}",
+        actor=worker_id,
+        values={
+            "worker_id": worker_id,
+            "lease_until": utcnow() + timedelta(seconds=lease_s),
+            "attempts": Series.attempts + 1,
+        },
+    )
+
+
+def renew_lease(session: Session, series_id: int, worker_id: str, lease_s: float) -> None:
+    """Extend the lease of a series ``worker_id`` is still processing (long scoring runs)."""
+    with _transaction(session):
+        result = session.execute(
+            update(Series)
+            .where(
+                Series.id == series_id,
+                Series.status == SeriesState.PROCESSING,
+                Series.worker_id == worker_id,
+            )
+            .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise QueueConflict(f"series id {series_id} is no longer held by {worker_id}")
+
+
+def _finish(
+    session: Session,
+    series_id: int,
+    to_status: SeriesState,
+    reason: str | None,
+    worker_id: str | None,
+    actor: str | None,
+) -> Series:
+    return _transition(
+        session,
+        series_id,
+        to_status,
+        allowed_from=[SeriesState.PROCESSING],
+        reason=reason,
+        actor=actor or worker_id or "worker",
+        worker_id=worker_id,
+        values={"lease_until": None},
+    )
+
+
+def mark_done(
+    session: Session,
+    series_id: int,
+    reason: str | None = None,
+    *,
+    worker_id: str | None = None,
+    actor: str | None = None,
+) -> Series:
+    """``processing`` -> ``done`` (scored). With ``worker_id``, only if that worker holds it."""
+    return _finish(session, series_id, SeriesState.DONE, reason, worker_id, actor)
+
+
+def mark_skipped(
+    session: Session,
+    series_id: int,
+    reason: str,
+    *,
+    worker_id: str | None = None,
+    actor: str | None = None,
+) -> Series:
+    """``processing`` -> ``skipped`` (no model applies); ``reason`` says why."""
+    return _finish(session, series_id, SeriesState.SKIPPED, reason, worker_id, actor)
+
+
+def mark_failed(
+    session: Session,
+    series_id: int,
+    reason: str,
+    *,
+    worker_id: str | None = None,
+    actor: str | None = None,
+) -> Series:
+    """``processing`` -> ``failed``; ``reason`` is what a person reads in the queue."""
+    return _finish(session, series_id, SeriesState.FAILED, reason, worker_id, actor)
+
+
+def requeue_expired_leases(
+    session: Session, max_attempts: int, now: datetime | None = None
+) -> list[Series]:
+    """Series whose lease expired go back to ``queued``, or to ``failed`` ("abandoned") when
+    they already had ``max_attempts`` attempts. Returns the series that changed."""
+    now = now or utcnow()
+    changed = []
+    with _transaction(session):
+        rows = session.execute(
+            select(Series.id, Series.attempts).where(
+                Series.status == SeriesState.PROCESSING, Series.lease_until < now
+            )
+        ).all()
+        for row in rows:
+            gone = row.attempts >= max_attempts
+            changed.append(
+                _transition(
+                    session,
+                    row.id,
+                    SeriesState.FAILED if gone else SeriesState.QUEUED,
+                    allowed_from=[SeriesState.PROCESSING],
+                    reason="abandoned" if gone else "lease expired",
+                    actor=ACTOR_SCHEDULER,
+                    extra_where=[Series.lease_until < now],
+                    values={"lease_until": None, "worker_id": None},
+                )
+            )
+    return changed
+
+
+def requeue_processing_at_startup(session: Session, worker_id: str | None = None) -> list[Series]:
+    """At start-up, series left ``processing`` (by this ``worker_id``, or by anyone when None)
+    go back to ``queued``: the process that held them is gone."""
+    changed = []
+    with _transaction(session):
+        query = select(Series.id).where(Series.status == SeriesState.PROCESSING)
+        if worker_id is not None:
+            query = query.where(Series.worker_id == worker_id)
+        for series_id in session.execute(query).scalars().all():
+            changed.append(
+                _transition(
+                    session,
+                    series_id,
+                    SeriesState.QUEUED,
+                    allowed_from=[SeriesState.PROCESSING],
+                    reason="worker restarted",
+                    actor=ACTOR_SCHEDULER,
+                    values={"lease_until": None, "worker_id": None},
+                )
+            )
+    return changed
+
+
+# --- associations ----------------------------------------------------------------------------
+
+
+def open_association(
+    session: Session, *, calling_aet: str, called_aet: str, peer_address: str
+) -> int:
+    """Record an accepted association; returns its id."""
+    with _transaction(session):
+        return session.execute(
+            insert(Association)
+            .values(
+                calling_aet=calling_aet,
+                called_aet=called_aet,
+                peer_address=peer_address,
+                started_at=utcnow(),
+                result="open",
+            )
+            .returning(Association.id)
+        ).scalar_one()
+
+
+def close_association(
+    session: Session, association_id: int, *, result: str, instances: int, failed: int
+) -> None:
+    """Record how an association ended and what it carried."""
+    with _transaction(session):
+        session.execute(
+            update(Association)
+            .where(Association.id == association_id)
+            .values(ended_at=utcnow(), result=result, instance_count=instances,
+                    failed_count=failed)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def record_rejected_association(
+    session: Session, *, calling_aet: str, called_aet: str, peer_address: str, reason: str
+) -> None:
+    """Record an association refused at negotiation (access control, limits)."""
+    now = utcnow()
+    with _transaction(session):
+        session.execute(
+            insert(Association).values(
+                calling_aet=calling_aet[:16],
+                called_aet=called_aet[:16],
+                peer_address=peer_address,
+                started_at=now,
+                ended_at=now,
+                result=f"rejected: {reason}"[:128],
+            )
+        )

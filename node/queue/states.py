@@ -1,0 +1,40 @@
+"""The states a series goes through, from first instance to verdict.
+
+``receiving`` while instances arrive; ``queued`` once none has arrived for the idle time;
+``processing`` while a worker holds a lease on it; then ``done`` (scored), ``skipped`` (no model
+applies) or ``failed`` (with a reason a person can read). A new instance for a series in any
+state but ``processing`` sends it back to ``receiving``, so that it is scored again.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class SeriesState(str, Enum):  # noqa: UP042 - the contract other modules rely on
+    """Status of a series in the queue; the value is what the database stores.
+
+    Members have upper-case names; lower-case aliases (``SeriesState.queued``) name the same
+    members, because both spellings are natural and a typo should not cost a crash.
+    """
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+    receiving = "receiving"
+    queued = "queued"
+    processing = "processing"
+    done = "done"
+    skipped = "skipped"
+    failed = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: States a worker has finished with; a new instance reopens them.
+FINAL_STATES = frozenset({SeriesState.DONE, SeriesState.SKIPPED, SeriesState.FAILED})
