@@ -171,3 +171,25 @@ class Association(Base):
     failed_count: Mapped[int] = mapped_column(Integer, default=0)
     # "open", "released", "aborted", or "rejected: <reason>"
     result: Mapped[str] = mapped_column(String(128), default="open")
+
+
+class AdminAction(Base):
+    """One action an admin took on a series from the dashboard: who, when, what, and why.
+
+    The audit trail of reviews: confirmations and false alarms are counted per model from
+    these rows (``model`` holds the bundle that produced the verdict under review, so the
+    count survives a later re-score with another model).
+    """
+
+    __tablename__ = "admin_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    actor: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    # "retry", "resend", "confirm" or "false_alarm"
+    action: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(Text)
