@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -25,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from node.queue.states import SeriesState
+from node.queue.states import DeliveryState, SeriesState
 
 UID_LENGTH = 64  # PS3.5 9.1: a UID is at most 64 characters
 AE_LENGTH = 16  # PS3.5 6.2: an AE title is at most 16 characters
@@ -193,3 +194,75 @@ class AdminAction(Base):
     action: Mapped[str] = mapped_column(String(16))
     model: Mapped[str | None] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text)
+
+
+def _delivery_enum() -> Enum:
+    return Enum(
+        DeliveryState,
+        name="delivery_state",
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda enum: [m.value for m in enum],
+        validate_strings=True,
+    )
+
+
+class Report(Base):
+    """One report object the node wrote about a series: an SR or a KOS, as a file on disk.
+
+    ``path`` is relative to the storage directory. A newer report of the same kind on the same
+    series sets ``superseded`` on the older ones (the DICOM objects say so themselves, through
+    the Predecessor Documents Sequence of the SR).
+    """
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(8))  # "SR" or "KOS"
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    instance_number: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    deliveries: Mapped[list[OutboxEntry]] = relationship(
+        back_populates="report", order_by="OutboxEntry.id"
+    )
+
+    __table_args__ = (UniqueConstraint("sop_instance_uid", name="uq_reports_sop_instance_uid"),)
+
+
+class OutboxEntry(Base):
+    """One report to deliver to one destination, with its retry state (survives restarts).
+
+    The destination is copied from the configuration when the row is made, so that a later
+    change of the configuration does not redirect reports already queued.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(
+        ForeignKey("reports.id", ondelete="CASCADE"), index=True
+    )
+    destination: Mapped[str] = mapped_column(String(64))
+    ae_title: Mapped[str] = mapped_column(String(AE_LENGTH))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    state: Mapped[DeliveryState] = mapped_column(_delivery_enum(), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    report: Mapped[Report] = relationship(back_populates="deliveries")
+
+    __table_args__ = (Index("ix_outbox_state_next_attempt", "state", "next_attempt_at"),)

@@ -38,3 +38,18 @@ class SeriesState(str, Enum):  # noqa: UP042 - the contract other modules rely o
 
 #: States a worker has finished with; a new instance reopens them.
 FINAL_STATES = frozenset({SeriesState.DONE, SeriesState.SKIPPED, SeriesState.FAILED})
+
+
+class DeliveryState(str, Enum):  # noqa: UP042 - stored by value like SeriesState
+    """Where one report stands with one destination (a row of the outbox).
+
+    ``pending`` until a C-STORE succeeds (``sent``) or the attempts run out (``failed``, with the
+    last error kept); ``vaenode queue resend`` puts rows back to ``pending``.
+    """
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
