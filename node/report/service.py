@@ -1,0 +1,182 @@
+"""Report a scored series: build SR (+ KOS), store the files, queue their delivery.
+
+Called by the worker inside its own transaction, together with marking the series done, so that
+a series is either done with its reports queued, or not done at all: a crash in between leaves
+at most orphan report files on disk (never rows pointing at missing files), and the series is
+scored and reported again, once.
+
+Files go to ``<storage.dir>/reports/<StudyUID>/<ReportSeriesUID>/<SOPUID>.dcm`` through a
+temporary file, fsync and rename, like received instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node import __version__
+from node.config import Settings
+from node.errors import ReportError
+from node.queue.models import Instance, Report, Series
+from node.report import outbox
+from node.report.build import ReportIdentity, build_kos, build_sr
+from node.report.content import SeriesVerdict
+
+log = logging.getLogger(__name__)
+
+REPORTS_DIR = "reports"
+
+
+def identity_of(settings: Settings) -> ReportIdentity:
+    """The node as the author of its reports."""
+    return ReportIdentity(ae_title=settings.dicom.ae_title, software_version=__version__)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the file is either absent or complete, and durable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".dcm")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def load_sources(session: Session, settings: Settings, series: Series) -> list[Dataset]:
+    """The stored headers (no pixel data) of the series' instances, from the storage folder."""
+    rows = session.scalars(select(Instance).where(Instance.series_id == series.id)).all()
+    out: list[Dataset] = []
+    for row in rows:
+        try:
+            out.append(dcmread(settings.storage.dir / row.path, stop_before_pixels=True))
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"cannot read stored instance {row.sop_instance_uid}: {exc}") from exc
+    return out
+
+
+def _predecessor(report: Report, study_instance_uid: str) -> Dataset:
+    # What the Predecessor Documents Sequence needs, from the row: no need to read the file.
+    ds = Dataset()
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = report.series_instance_uid
+    ds.SOPClassUID = report.sop_class_uid
+    ds.SOPInstanceUID = report.sop_instance_uid
+    return ds
+
+
+def _store(session: Session, settings: Settings, series: Series, kind: str, doc: Dataset) -> Report:
+    rel = (
+        Path(REPORTS_DIR)
+        / doc.StudyInstanceUID
+        / doc.SeriesInstanceUID
+        / (f"{doc.SOPInstanceUID}.dcm")
+    )
+    write_atomically(settings.storage.dir / rel, _encode(doc))
+    report = Report(
+        series_id=series.id,
+        kind=kind,
+        sop_instance_uid=str(doc.SOPInstanceUID),
+        sop_class_uid=str(doc.SOPClassUID),
+        series_instance_uid=str(doc.SeriesInstanceUID),
+        instance_number=int(doc.InstanceNumber),
+        path=str(rel),
+        superseded=False,
+    )
+    session.add(report)
+    outbox.enqueue(session, report, list(settings.delivery.destinations))
+    return report
+
+
+def report_series(
+    session: Session,
+    settings: Settings,
+    verdict: SeriesVerdict,
+    sources: Sequence[Dataset] | None = None,
+) -> list[Report]:
+    """Build, store and queue the reports of one scored series, in the caller's transaction.
+
+    Earlier reports of the series are marked superseded; the new SR names the earlier SRs as
+    its predecessors and takes the next instance number in the same report series.
+
+    Args:
+        session: the caller's session; nothing is committed here.
+        settings: storage folder, destinations and the node's AE title.
+        verdict: the scores.
+        sources: the scored instances' datasets (headers suffice); read from storage when None.
+
+    Returns:
+        The new report rows: the SR, then the KOS when any image is flagged.
+
+    Raises:
+        ReportError: the series is unknown, or the reports cannot be built from the sources.
+    """
+    series = session.scalar(
+        select(Series).where(Series.series_instance_uid == verdict.series_instance_uid)
+    )
+    if series is None:
+        raise ReportError(f"series {verdict.series_instance_uid} is not in the queue database")
+    if sources is None:
+        sources = load_sources(session, settings, series)
+
+    earlier = session.scalars(
+        select(Report).where(Report.series_id == series.id).order_by(Report.id)
+    ).all()
+    earlier_sr = [r for r in earlier if r.kind == "SR"]
+    next_number = {
+        kind: max((r.instance_number for r in earlier if r.kind == kind), default=0) + 1
+        for kind in ("SR", "KOS")
+    }
+    identity = identity_of(settings)
+    sr = build_sr(
+        verdict,
+        sources,
+        identity=identity,
+        instance_number=next_number["SR"],
+        previous=[_predecessor(r, verdict.study_instance_uid) for r in earlier_sr],
+    )
+    kos = build_kos(verdict, sources, identity=identity, instance_number=next_number["KOS"])
+
+    for old in earlier:
+        old.superseded = True
+    reports = [_store(session, settings, series, "SR", sr)]
+    if kos is not None:
+        reports.append(_store(session, settings, series, "KOS", kos))
+    session.flush()
+    log.info(
+        "series reported: %d/%d images flagged, %d destination(s)",
+        verdict.abnormal_slices,
+        len(verdict.slices),
+        len(settings.delivery.destinations),
+        extra={
+            "series_instance_uid": verdict.series_instance_uid,
+            "sr_sop_instance_uid": sr.SOPInstanceUID,
+            "kos": kos is not None,
+            "supersedes": len(earlier_sr),
+        },
+    )
+    return reports
