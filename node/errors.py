@@ -74,3 +74,8 @@ class QueueConflict(NodeError):
     Raised inside the caller's transaction so that whatever it wrote with the transition (for
     example a worker's slice results) is rolled back with it.
     """
+
+
+class AdminActionError(NodeError):
+    """A dashboard action that does not apply to the series as it stands (e.g. a false alarm
+    on a series that was not flagged); the dashboard answers 409 with this message."""
