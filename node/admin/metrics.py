@@ -1,0 +1,141 @@
+"""Prometheus metrics, read from the queue database at scrape time.
+
+Counting in process memory would be wrong for this node: the SCP, the worker and the dashboard
+may run in different processes (or on different nodes sharing one PostgreSQL queue), and a
+restart would zero every counter. The database already records every instance, status change,
+delivery attempt and review, so a custom collector derives each metric from it when Prometheus
+asks. The values are cumulative from the start of the database, which is what a counter means.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.admin import reviews
+from node.admin.queries import STATES
+from node.queue.models import Instance, Series, SeriesEvent
+from node.queue.states import SeriesState
+
+log = logging.getLogger(__name__)
+
+# Seconds; a 150-slice series on a 2-core CPU takes seconds to a minute.
+SCORING_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def scoring_durations(session: Session) -> list[float]:
+    """Seconds from each ``processing`` event to the next ``done`` event of the same series.
+
+    The status history is the one record every worker writes, so the durations hold across
+    processes and restarts; a processing run that ended ``failed`` or was taken back is not a
+    scoring duration and is left out.
+    """
+    stmt = (
+        select(SeriesEvent.series_id, SeriesEvent.to_status, SeriesEvent.at)
+        .where(SeriesEvent.to_status.in_([str(SeriesState.PROCESSING), str(SeriesState.DONE)]))
+        .order_by(SeriesEvent.series_id, SeriesEvent.id)
+    )
+    out: list[float] = []
+    started: dict[int, datetime] = {}
+    for series_id, to_status, at in session.execute(stmt):
+        if to_status == str(SeriesState.PROCESSING):
+            started[series_id] = at
+        elif series_id in started:
+            out.append(max(0.0, (at - started.pop(series_id)).total_seconds()))
+    return out
+
+
+def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = []
+    for bound in SCORING_BUCKETS_S:
+        buckets.append((repr(float(bound)), float(sum(1 for v in values if v <= bound))))
+    buckets.append(("+Inf", float(len(values))))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=float(sum(values)))
+
+
+class QueueCollector(Collector):
+    """Collects every vaenode metric from the database on each scrape."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families (called by prometheus_client on each scrape)."""
+        with self._session_factory() as session:
+            instances = CounterMetricFamily(
+                "vaenode_instances_received",
+                "SOP instances received and stored (a re-sent duplicate counts once).",
+            )
+            instances.add_metric([], float(session.scalar(select(func.count(Instance.id))) or 0))
+            yield instances
+
+            series_total = CounterMetricFamily(
+                "vaenode_series_received", "Series received (any status)."
+            )
+            series_total.add_metric([], float(session.scalar(select(func.count(Series.id))) or 0))
+            yield series_total
+
+            by_status = GaugeMetricFamily(
+                "vaenode_series", "Series in the queue by status.", labels=["status"]
+            )
+            counts = {str(state): 0 for state in STATES}
+            for status, n in session.execute(
+                select(Series.status, func.count()).group_by(Series.status)
+            ):
+                counts[str(status)] = int(n)
+            for status, n in counts.items():
+                by_status.add_metric([status], float(n))
+            yield by_status
+
+            yield _histogram(
+                "vaenode_scoring_duration_seconds",
+                "Seconds from a worker claiming a series to its verdict.",
+                scoring_durations(session),
+            )
+
+            failures = CounterMetricFamily(
+                "vaenode_delivery_failures",
+                "Report delivery attempts that failed (each failed C-STORE attempt).",
+            )
+            failures.add_metric([], float(reviews.delivery_failures(session)))
+            yield failures
+
+            stats = reviews.model_review_stats(session)
+            false_alarms = CounterMetricFamily(
+                "vaenode_false_alarms",
+                "Flagged series an admin marked as a false alarm, by model.",
+                labels=["model"],
+            )
+            confirmed = CounterMetricFamily(
+                "vaenode_confirmations",
+                "Flagged series an admin confirmed, by model.",
+                labels=["model"],
+            )
+            for stat in stats:
+                false_alarms.add_metric([stat.model], float(stat.false_alarms))
+                confirmed.add_metric([stat.model], float(stat.confirmed))
+            yield false_alarms
+            yield confirmed
+
+
+def build_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:
+    """A registry of this dashboard's own (no process-global default registry).
+
+    Args:
+        session_factory: sessions on the queue database.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(QueueCollector(session_factory))
+    return registry

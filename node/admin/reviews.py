@@ -1,0 +1,207 @@
+"""Admin actions on a series, their audit trail, and the per-model review counts.
+
+Every action is one ``admin_actions`` row (who, when, what, which model's verdict, a note)
+written in the same transaction as the change it causes, so the trail and the queue never
+disagree. The state changes themselves belong to their owners: re-scoring is the queue's
+:func:`node.queue.repo.requeue`, re-delivery the outbox's own function.
+
+The live false-alarm rate of a model is estimated from the reviews: a false alarm is a flagged
+series an admin marked so; the denominator is every series the model scored minus those
+confirmed abnormal (unreviewed series count as true negatives or unreviewed true positives,
+which is what a reviewer who looks at every flagged series and not at the rest can know).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from node.admin import deliveries, verdicts
+from node.admin.auth import Identity
+from node.config import Settings
+from node.errors import AdminActionError
+from node.queue import repo
+from node.queue.models import AdminAction, Series
+from node.queue.states import FINAL_STATES, SeriesState
+
+log = logging.getLogger(__name__)
+
+RETRY = "retry"
+RESEND = "resend"
+CONFIRM = "confirm"
+FALSE_ALARM = "false_alarm"
+ACTIONS = (RETRY, RESEND, CONFIRM, FALSE_ALARM)
+REVIEWS = (CONFIRM, FALSE_ALARM)
+LABELS = {RETRY: "re-score", RESEND: "re-deliver", CONFIRM: "confirm", FALSE_ALARM: "false alarm"}
+
+
+@dataclass(frozen=True)
+class ActionRow:
+    """One recorded action, as the series page lists it."""
+
+    at: datetime
+    actor: str
+    action: str
+    label: str
+    model: str | None
+    note: str | None
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Review counts of one model and its live false-alarm rate.
+
+    Attributes:
+        model: the model label (bundle name and version).
+        scored: series this model scored (current verdicts).
+        flagged: of those, series flagged abnormal.
+        confirmed: flagged series an admin confirmed.
+        false_alarms: flagged series an admin marked as a false alarm.
+        false_alarm_rate: false_alarms / (scored - confirmed); None before anything is scored.
+    """
+
+    model: str
+    scored: int
+    flagged: int
+    confirmed: int
+    false_alarms: int
+    false_alarm_rate: float | None
+
+
+def actor_name(identity: Identity | None, reviewer: str, client_host: str | None) -> str:
+    """Who did it: the authenticated name, else the name typed in the form, else the peer.
+
+    A name typed in the form is only used when the credential carries none (the Bearer
+    token, or the open loopback dashboard), so a logged-in reviewer cannot sign as another.
+    """
+    if identity is not None and identity.name:
+        return identity.name[:128]
+    typed = reviewer.strip()
+    if typed:
+        return typed[:128]
+    return f"anonymous@{client_host or 'unknown'}"
+
+
+def allowed_actions(
+    session: Session, series: Series, verdict: verdicts.Verdict | None
+) -> tuple[str, ...]:
+    """The actions that apply to the series now (the page offers only these)."""
+    allowed: list[str] = []
+    if SeriesState(series.status) in FINAL_STATES:
+        allowed.append(RETRY)
+    if any(d.destination for d in deliveries.for_series(session, series.series_instance_uid)):
+        allowed.append(RESEND)
+    if SeriesState(series.status) is SeriesState.DONE and verdict is not None:
+        allowed.append(CONFIRM)
+        if verdict.abnormal:
+            allowed.append(FALSE_ALARM)
+    return tuple(allowed)
+
+
+def perform(
+    session: Session, settings: Settings, series: Series, action: str, actor: str,
+    note: str | None
+) -> None:
+    """Carry out ``action`` on ``series`` and record it, in one transaction.
+
+    Raises:
+        AdminActionError: unknown action, or one that does not apply (e.g. a false alarm on a
+            series that was not flagged, or a re-score while it is still being received).
+    """
+    if action not in ACTIONS:
+        raise AdminActionError(f"unknown action {action!r}")
+    verdict = verdicts.series_verdict(session, series.id)
+    if action not in allowed_actions(session, series, verdict):
+        raise AdminActionError(
+            f"{LABELS[action]} does not apply to series {series.series_instance_uid} "
+            f"while it is {series.status}"
+            + ("" if verdict is None or verdict.abnormal or action != FALSE_ALARM
+               else " and not flagged")
+        )
+    # The reads above opened the session's transaction; the change and its audit row join it
+    # and commit together, or neither does.
+    try:
+        if action == RETRY:
+            repo.requeue(session, series.id, reason=f"re-score requested by {actor}",
+                         actor=f"admin:{actor}")
+        elif action == RESEND:
+            deliveries.resend(session, series.series_instance_uid)
+        session.execute(
+            insert(AdminAction).values(
+                series_id=series.id,
+                actor=actor,
+                action=action,
+                model=verdict.model if verdict is not None else None,
+                note=note,
+            )
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    log.info(
+        "admin action %s",
+        action,
+        extra={"series_uid": series.series_instance_uid, "actor": actor},
+    )
+
+
+def actions_for(session: Session, series_id: int) -> list[ActionRow]:
+    """The recorded actions of one series, newest first."""
+    stmt = (
+        select(AdminAction)
+        .where(AdminAction.series_id == series_id)
+        .order_by(AdminAction.id.desc())
+    )
+    return [
+        ActionRow(at=a.at, actor=a.actor, action=a.action, label=LABELS.get(a.action, a.action),
+                  model=a.model, note=a.note)
+        for a in session.scalars(stmt)
+    ]
+
+
+def latest_reviews(session: Session) -> dict[int, tuple[str, str | None]]:
+    """Series id -> (the latest review action, the model it judged); a later review replaces
+    an earlier one (an admin may change their mind)."""
+    stmt = (
+        select(AdminAction.series_id, AdminAction.action, AdminAction.model)
+        .where(AdminAction.action.in_(REVIEWS))
+        .order_by(AdminAction.id)
+    )
+    return {sid: (action, model) for sid, action, model in session.execute(stmt)}
+
+
+def model_review_stats(session: Session) -> list[ModelStats]:
+    """Per model: scored, flagged, confirmed, false alarms and the live false-alarm rate."""
+    scored: dict[str, int] = defaultdict(int)
+    flagged: dict[str, int] = defaultdict(int)
+    for _series_id, model, abnormal in verdicts.all_verdicts(session):
+        scored[model] += 1
+        flagged[model] += int(abnormal)
+    confirmed: dict[str, int] = defaultdict(int)
+    false_alarms: dict[str, int] = defaultdict(int)
+    for action, model in latest_reviews(session).values():
+        if model is None:
+            continue
+        if action == CONFIRM:
+            confirmed[model] += 1
+        elif action == FALSE_ALARM:
+            false_alarms[model] += 1
+    out = []
+    for model in sorted(set(scored) | set(confirmed) | set(false_alarms)):
+        negatives = scored[model] - confirmed[model]
+        rate = false_alarms[model] / negatives if negatives > 0 else None
+        out.append(ModelStats(model=model, scored=scored[model], flagged=flagged[model],
+                              confirmed=confirmed[model], false_alarms=false_alarms[model],
+                              false_alarm_rate=rate))
+    return out
+
+
+def delivery_failures(session: Session) -> int:
+    """Failed delivery attempts so far (for ``/metrics``)."""
+    return deliveries.failed_attempts(session)

@@ -1,0 +1,315 @@
+"""The dashboard's HTTP routes: thin, each reads plain values and renders one template.
+
+Reads go through ``queries``/``verdicts``/``deliveries``; writes through ``reviews``, which calls
+the queue and outbox transition functions of their owners. This module only parses requests,
+picks the template and turns the node's refusals into HTTP answers (in ``app.py``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from node.admin import auth, deliveries, models_page, queries, reviews, verdicts
+from node.admin.header import read_header_facts
+from node.admin.plots import plot_slice_scores
+from node.admin.thumbnails import ThumbnailError, render_thumbnail
+from node.config import Settings
+from node.queue.models import Instance
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+QUEUE_REFRESH_S = 10
+SERIES_REFRESH_S = 30
+NORMAL_THUMBNAILS = 4
+FLAGGED_THUMBNAILS = 12
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, closed when the response is sent."""
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _render(request: Request, template: str, page: str, status_code: int = 200,
+            **context: Any) -> HTMLResponse:
+    templates = request.app.state.templates
+    return templates.TemplateResponse(
+        request,
+        template,
+        {"page": page, "identity": getattr(request.state, "identity", None),
+         "settings": _settings(request), **context},
+        status_code=status_code,
+    )
+
+
+def _parse_date(value: str | None) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise HTTPException(400, f"not a date (YYYY-MM-DD): {value!r}") from exc
+
+
+@router.get("/", include_in_schema=False)
+def index() -> RedirectResponse:
+    """The queue is the landing page."""
+    return RedirectResponse("/queue", status_code=303)
+
+
+@router.get("/queue", response_class=HTMLResponse, name="queue")
+def queue(
+    request: Request,
+    session: SessionDep,
+    status: str | None = None,
+    modality: str | None = None,
+    calling_aet: str | None = None,
+    date_from: str | None = None,
+    date_to: str | None = None,
+) -> HTMLResponse:
+    """Series by status with filters, newest first; refreshes itself."""
+    if status and status not in {str(s) for s in queries.STATES}:
+        raise HTTPException(400, f"unknown status {status!r}")
+    flt = queries.QueueFilter(
+        status=status or None,
+        modality=modality or None,
+        calling_aet=calling_aet or None,
+        date_from=_parse_date(date_from),
+        date_to=_parse_date(date_to),
+    )
+    rows = queries.list_series(session, flt)
+    modalities, aets = queries.filter_choices(session)
+    return _render(
+        request,
+        "queue.html",
+        "queue",
+        rows=rows,
+        counts=queries.status_counts(session),
+        verdicts=verdicts.verdicts_for(session, [r.series_instance_uid for r in rows]),
+        flt=flt,
+        modalities=modalities,
+        aets=aets,
+        refresh_s=QUEUE_REFRESH_S,
+        limit=queries.QUEUE_PAGE_LIMIT,
+    )
+
+
+@router.get("/series/{series_uid}", response_class=HTMLResponse, name="series_page")
+def series_page(request: Request, session: SessionDep, series_uid: str) -> HTMLResponse:
+    """Everything about one series: facts, history, scores, images, deliveries, reviews."""
+    series = queries.get_series(session, series_uid)
+    if series is None:
+        raise HTTPException(404, f"no series {series_uid}")
+    settings = _settings(request)
+    row = queries.series_row(session, series_uid)
+    first = session.scalars(
+        select(Instance).where(Instance.series_id == series.id)
+        .order_by(Instance.instance_number, Instance.id).limit(1)
+    ).first()
+    header = read_header_facts(
+        settings.storage.dir / first.path if first is not None else None,
+        settings.admin.show_patient_name,
+    )
+    verdict = verdicts.series_verdict(session, series.id)
+    scores = verdicts.slice_scores(session, series.id)
+    flagged, normal = verdicts.pick_thumbnails(scores, FLAGGED_THUMBNAILS, NORMAL_THUMBNAILS)
+    return _render(
+        request,
+        "series.html",
+        "queue",
+        series=row,
+        header=header,
+        events=queries.series_events(session, series.id),
+        verdict=verdict,
+        scores=scores,
+        flagged=flagged,
+        normal=normal,
+        reports=deliveries.for_series(session, series_uid),
+        actions=reviews.actions_for(session, series.id),
+        allowed=reviews.allowed_actions(session, series, verdict),
+        refresh_s=SERIES_REFRESH_S,
+    )
+
+
+@router.get("/series/{series_uid}/plot.png", name="series_plot")
+def series_plot(session: SessionDep, series_uid: str) -> Response:
+    """log p(x) per slice with the threshold line, as a PNG."""
+    series = queries.get_series(session, series_uid)
+    if series is None:
+        raise HTTPException(404, f"no series {series_uid}")
+    verdict = verdicts.series_verdict(session, series.id)
+    scores = verdicts.slice_scores(session, series.id)
+    if verdict is None or not scores:
+        raise HTTPException(404, "the series has no scores")
+    png = plot_slice_scores(
+        [s.index for s in scores],
+        [s.log_likelihood for s in scores],
+        [s.abnormal for s in scores],
+        verdict.threshold,
+        title=f"{verdict.model}: {verdict.abnormal_slices} of {len(scores)} slices flagged",
+    )
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/instances/{sop_uid}/thumbnail.png", name="thumbnail")
+def thumbnail(
+    request: Request,
+    session: SessionDep,
+    sop_uid: str,
+    frame: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """One stored instance (one frame) rendered as a windowed PNG."""
+    instance = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == sop_uid)
+    ).first()
+    if instance is None:
+        raise HTTPException(404, f"no instance {sop_uid}")
+    path = _settings(request).storage.dir / instance.path
+    try:
+        png = render_thumbnail(Path(path), frame)
+    except ThumbnailError as exc:
+        log.warning("thumbnail failed: %s", exc, extra={"sop_instance_uid": sop_uid})
+        raise HTTPException(422, str(exc)) from exc
+    # Stored instances never change under the same path and UID, so browsers may keep them.
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.post("/series/{series_uid}/actions", name="series_action")
+def series_action(
+    request: Request,
+    session: SessionDep,
+    series_uid: str,
+    action: Annotated[str, Form()],
+    note: Annotated[str, Form()] = "",
+    reviewer: Annotated[str, Form()] = "",
+) -> RedirectResponse:
+    """Retry, re-deliver, confirm or mark a false alarm; recorded, then back to the page."""
+    series = queries.get_series(session, series_uid)
+    if series is None:
+        raise HTTPException(404, f"no series {series_uid}")
+    identity: auth.Identity | None = getattr(request.state, "identity", None)
+    actor = reviews.actor_name(identity, reviewer, request.client.host if request.client else None)
+    reviews.perform(session, _settings(request), series, action, actor, note.strip() or None)
+    url = request.url_for("series_page", series_uid=series_uid)
+    return RedirectResponse(str(url) + "#actions", status_code=303)
+
+
+@router.get("/deliveries", response_class=HTMLResponse, name="deliveries")
+def deliveries_page(request: Request, session: SessionDep) -> HTMLResponse:
+    """The outbox: every report and destination, attempts and the last error."""
+    return _render(request, "deliveries.html", "deliveries",
+                   rows=deliveries.outbox_rows(session), refresh_s=QUEUE_REFRESH_S)
+
+
+@router.get("/associations", response_class=HTMLResponse, name="associations")
+def associations_page(request: Request, session: SessionDep) -> HTMLResponse:
+    """Recent associations: calling AE, peer, instances, result."""
+    return _render(request, "associations.html", "associations",
+                   rows=queries.list_associations(session), refresh_s=QUEUE_REFRESH_S)
+
+
+@router.get("/models", response_class=HTMLResponse, name="models")
+def models(request: Request, session: SessionDep) -> HTMLResponse:
+    """Bundles in use, thresholds, validation metrics, and live false-alarm rates."""
+    bundles = models_page.bundles(_settings(request))
+    return _render(
+        request,
+        "models.html",
+        "models",
+        bundles=bundles,
+        stats=reviews.model_review_stats(session),
+        targets={b.label: b.target_fpr for b in bundles if b.target_fpr is not None},
+    )
+
+
+@router.get("/metrics", name="metrics")
+def metrics(request: Request) -> Response:
+    """Prometheus exposition of the queue, scoring, delivery and review counts."""
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz", name="healthz")
+def healthz(request: Request) -> PlainTextResponse:
+    """200 when the database answers and the storage folder is writable; 503 otherwise."""
+    settings = _settings(request)
+    problems: list[str] = []
+    try:
+        with request.app.state.session_factory() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # a health probe reports any failure as 503, never raises
+        problems.append(f"database: {type(exc).__name__}: {exc}")
+    storage = Path(settings.storage.dir)
+    if not storage.is_dir():
+        problems.append(f"storage: {storage} is not a folder")
+    elif not os.access(storage, os.W_OK | os.X_OK):
+        problems.append(f"storage: {storage} is not writable")
+    if problems:
+        return PlainTextResponse("\n".join(problems) + "\n", status_code=503)
+    return PlainTextResponse("ok\n")
+
+
+@router.get("/login", response_class=HTMLResponse, name="login")
+def login_form(request: Request, next: str = "/queue") -> HTMLResponse:
+    """The login form (a browser's way to present the token)."""
+    return _render(request, "login.html", "login", next=_safe_next(next), error=None)
+
+
+@router.post("/login", name="login_post")
+def login(
+    request: Request,
+    name: Annotated[str, Form()],
+    token: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/queue",
+) -> Response:
+    """Check the token; on success set the signed session cookie and go on."""
+    configured = _settings(request).admin.token
+    name = name.strip()[:64]
+    if not configured or not name or not hmac.compare_digest(token, configured.strip()):
+        return _render(request, "login.html", "login", status_code=401,
+                       next=_safe_next(next), error="Wrong token (or no name given).")
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        auth.COOKIE_NAME,
+        auth.make_session_cookie(configured.strip(), name),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout", name="logout")
+def logout() -> RedirectResponse:
+    """Drop the session cookie."""
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(auth.COOKIE_NAME)
+    return response
+
+
+def _safe_next(target: str) -> str:
+    """Only local paths: a login form must not become an open redirect."""
+    if not target.startswith("/") or target.startswith("//") or target.startswith("/login"):
+        return "/queue"
+    return target
