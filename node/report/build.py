@@ -267,6 +267,35 @@ def _header(doc: Dataset, identity: ReportIdentity, description: str) -> None:
     doc.SoftwareVersions = identity.software_version
 
 
+def _library_ready(ds: Dataset) -> bool:
+    # highdicom describes Image Library entries (TID 1601) from top-level attributes; enhanced
+    # multi-frame objects keep them in functional groups, which it does not read.
+    return int(ds.get("NumberOfFrames", 1) or 1) == 1 and all(
+        k in ds for k in ("PixelSpacing", "FrameOfReferenceUID", "Rows", "Columns")
+    )
+
+
+def _measurement_report(
+    identity: ReportIdentity,
+    verdict: SeriesVerdict,
+    procedure: Code,
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations],
+    evidence: list[Dataset],
+) -> hd.sr.MeasurementReport:
+    # The Image Library describes every referenced image for viewers; it is left out (as
+    # highdicom allows) when some image lacks the attributes its entries are made from.
+    library = evidence if all(_library_ready(ds) for ds in evidence) else None
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=_observer(identity, verdict)
+        ),
+        procedure_reported=procedure,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=library,
+    )
+
+
 def build_sr(
     verdict: SeriesVerdict,
     sources: Sequence[Dataset],
@@ -308,15 +337,7 @@ def build_sr(
     procedure = _PROCEDURE_BY_MODALITY.get(
         str(first.get("Modality", "")), codes.cid100.ImagingProcedure
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=_observer(identity, verdict)
-        ),
-        procedure_reported=procedure,
-        imaging_measurements=groups,
-        title=codes.cid7021.ImagingMeasurementReport,
-        referenced_images=evidence,
-    )
+    report = _measurement_report(identity, verdict, procedure, groups, evidence)
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report[0],

@@ -1,0 +1,199 @@
+"""SR and KOS built from a verdict on a real scanner series: content, references, validity."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    EnhancedMRImageStorage,
+    KeyObjectSelectionDocumentStorage,
+)
+
+from node.errors import ReportError
+from node.report.build import (
+    PRIVATE_SCHEME,
+    ReportIdentity,
+    build_kos,
+    build_sr,
+    report_series_uid,
+)
+from node.report.content import SeriesVerdict, SliceVerdict
+from tests.helpers.reports import dciodvfy, kos_references, make_verdict, measurement_groups
+
+IDENTITY = ReportIdentity(ae_title="VAENODE", software_version="0.1.0")
+FLAGGED = {10, 11, 12, 13}
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    """Encode to bytes and read back with pydicom's strict validation on."""
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pydicom.config.strict_reading():
+        return pydicom.dcmread(BytesIO(buf.getvalue()))
+
+
+def test_sr_has_one_group_per_image_referencing_it(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, FLAGGED)
+    sr = roundtrip(build_sr(verdict, sources, identity=IDENTITY))
+
+    assert sr.SOPClassUID == ComprehensiveSRStorage
+    assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert sr.SeriesInstanceUID == report_series_uid(sources[0].SeriesInstanceUID, "SR")
+    assert sr.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    assert sr.PatientID == sources[0].PatientID
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report
+
+    groups = measurement_groups(sr)
+    image_groups, summary = groups[:-1], groups[-1]
+    assert len(image_groups) == len(sources)
+    for s, group in zip(verdict.slices, image_groups, strict=True):
+        assert group.references == ((s.sop_class_uid, s.sop_instance_uid, ()),)
+        assert group.finding == "111101"  # Image Quality
+        assert group.measurements["Log marginal likelihood"] == pytest.approx(s.log_likelihood)
+        assert group.measurements["Certainty of Finding"] == pytest.approx(100 * s.confidence)
+        assert group.measurements["KL divergence to prior"] == pytest.approx(s.kl)
+        assert group.measurements["Evidence lower bound"] == pytest.approx(s.elbo)
+        assert group.units["Certainty of Finding"] == "%"
+        # CID 7036: RID14 non-diagnostic for flagged images, RID12 diagnostic otherwise.
+        assert group.evaluations["Image Quality"] == ("RID14" if s.abnormal else "RID12")
+        assert group.algorithm["Algorithm Name"] == ["brain-t1-vae"]
+        assert group.algorithm["Algorithm Version"] == ["1.2.3"]
+        assert "threshold_log_likelihood=-1234.5" in group.algorithm["Algorithm Parameters"]
+
+    assert summary.finding == "130550"  # Imaging Series Quality
+    assert summary.references == ()
+    assert summary.measurements["Number of scored images"] == len(sources)
+    assert summary.measurements["Number of non-diagnostic images"] == len(FLAGGED)
+    assert summary.measurements["Non-diagnostic images for series flag"] == 3
+    assert summary.measurements["Threshold Value"] == pytest.approx(-1234.5)
+    assert summary.evaluations["Imaging Series Quality"] == "RID14"
+
+    schemes = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+    assert PRIVATE_SCHEME in schemes
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert {r.ReferencedSOPInstanceUID for r in evidence.ReferencedSOPSequence} == {
+        d.SOPInstanceUID for d in sources
+    }
+
+
+def test_series_below_min_abnormal_slices_is_diagnostic(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, {5, 6}, min_abnormal_slices=3)
+    assert not verdict.abnormal
+    summary = measurement_groups(roundtrip(build_sr(verdict, sources, identity=IDENTITY)))[-1]
+    assert summary.evaluations["Imaging Series Quality"] == "RID12"
+    assert summary.measurements["Number of non-diagnostic images"] == 2
+
+
+def test_kos_lists_flagged_images_as_quality_issue(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, FLAGGED)
+    kos = build_kos(verdict, sources, identity=IDENTITY)
+    assert kos is not None
+    kos = roundtrip(kos)
+    assert kos.SOPClassUID == KeyObjectSelectionDocumentStorage
+    title = kos.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113010", "DCM")
+    assert title.CodeValue != "113001"  # IOCM "Rejected for Quality Reasons" hides images
+    assert kos_references(kos) == [sources[i].SOPInstanceUID for i in sorted(FLAGGED)]
+    assert kos.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert kos.SeriesInstanceUID == report_series_uid(sources[0].SeriesInstanceUID, "KOS")
+
+
+def test_no_kos_when_nothing_is_flagged(sources: list[Dataset]) -> None:
+    assert build_kos(make_verdict(sources, set()), sources, identity=IDENTITY) is None
+
+
+def test_new_report_supersedes_in_the_same_series(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, FLAGGED)
+    first = build_sr(verdict, sources, identity=IDENTITY)
+    second = roundtrip(
+        build_sr(verdict, sources, identity=IDENTITY, instance_number=2, previous=[first])
+    )
+    assert second.SeriesInstanceUID == first.SeriesInstanceUID
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    assert second.InstanceNumber == 2
+    pred = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert pred.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    # The same image is the same tracked finding in both reports.
+    assert [g.tracking_id for g in measurement_groups(second)] == [
+        g.tracking_id for g in measurement_groups(roundtrip(first))
+    ]
+
+
+def test_multiframe_images_are_referenced_by_frame() -> None:
+    path = get_testdata_file("emri_small.dcm")
+    assert path is not None
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.SOPClassUID == EnhancedMRImageStorage
+    slices = [
+        SliceVerdict(ds.SOPInstanceUID, ds.SOPClassUID, f, f - 1, -900.0, 1.0, -950.0, f == 4, 0.6)
+        for f in range(1, int(ds.NumberOfFrames) + 1)
+    ]
+    verdict = SeriesVerdict.from_slices(
+        study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        slices=slices,
+        min_abnormal_slices=1,
+        threshold=-920.0,
+        estimator="plain",
+        model_name="m",
+        model_version="1",
+    )
+    groups = measurement_groups(roundtrip(build_sr(verdict, [ds], identity=IDENTITY)))[:-1]
+    assert [g.references[0][2] for g in groups] == [(f,) for f in range(1, 11)]
+    kos = build_kos(verdict, [ds], identity=IDENTITY)
+    assert kos is not None and kos_references(kos) == [ds.SOPInstanceUID]
+
+
+def test_missing_or_foreign_source_is_refused(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, FLAGGED)
+    with pytest.raises(ReportError, match="no source dataset"):
+        build_sr(verdict, sources[1:], identity=IDENTITY)
+    foreign = pydicom.dcmread(get_testdata_file("MR_small.dcm"), stop_before_pixels=True)
+    with pytest.raises(ReportError, match="not to the scored series"):
+        build_sr(verdict, [*sources, foreign], identity=IDENTITY)
+
+
+def test_verdict_counts_must_agree() -> None:
+    s = SliceVerdict("1.2.3", "1.2.840.10008.5.1.4.1.1.4", None, 0, -1.0, 0.0, -1.0, True, 0.5)
+    with pytest.raises(ValueError, match="abnormal_slices"):
+        SeriesVerdict("1", "2", (s,), True, 0, 1, 0.0, "importance", "m", "1")
+    with pytest.raises(ValueError, match="contradicts"):
+        SeriesVerdict("1", "2", (s,), False, 1, 1, 0.0, "importance", "m", "1")
+    with pytest.raises(ValueError, match="confidence"):
+        SliceVerdict("1.2.3", "1.2.840.10008.5.1.4.1.1.4", None, 0, -1.0, 0.0, -1.0, True, 1.5)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_sr_and_kos_pass_dciodvfy_and_dsrdump(sources: list[Dataset], tmp_path: Path) -> None:
+    verdict = make_verdict(sources, FLAGGED)
+    first = build_sr(verdict, sources, identity=IDENTITY)
+    docs = {
+        "sr.dcm": first,
+        "sr-superseding.dcm": build_sr(
+            verdict, sources, identity=IDENTITY, instance_number=2, previous=[first]
+        ),
+        "kos.dcm": build_kos(verdict, sources, identity=IDENTITY),
+    }
+    for name, doc in docs.items():
+        assert doc is not None
+        path = tmp_path / name
+        doc.save_as(path, enforce_file_format=True)
+        errors, warnings = dciodvfy(path)
+        assert errors == [], f"{name}: {errors}"
+        # The only warnings: our private coding scheme designator is not a defined term.
+        assert all("99VAENODE" in w for w in warnings), warnings
+        dump = subprocess.run(
+            ["dsrdump", str(path)], capture_output=True, text=True, check=False
+        )
+        assert dump.returncode == 0, dump.stderr
+        assert ("Imaging Measurement Report" if name.startswith("sr") else "Quality Issue") in (
+            dump.stdout
+        )
