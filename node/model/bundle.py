@@ -1,0 +1,327 @@
+"""Model bundles: a folder with ``model.json`` and the weights, and the scoring API on it.
+
+A bundle carries everything scoring needs, so that a bundle trained elsewhere scores the same
+way here: architecture, preprocessing, how the score is formed, the calibrated threshold and
+the normal score distribution behind the confidence, plus the training data and its
+attribution. Loading checks the format version, the architecture against the weights and the
+weights' checksum, and says what is wrong when something is.
+
+Scoring API (used by the worker and ``vaenode score``)::
+
+    bundle = load_bundle()                      # the default model in node/models/
+    scores = bundle.score_slices(images, spacings)
+    scores.log_likelihood, scores.abnormal, scores.confidence, ...
+
+``images`` is ONE stack (a series, or one orientation of it) in slice order, because the score
+is relative to its own series (see :mod:`node.model.scoring`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from node.errors import ModelError
+from node.model import calibrate
+from node.model.likelihood import ESTIMATORS, estimate
+from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
+from node.model.scoring import ScoreConfig, absolute_score, png_nats, series_shift, stack_foreground
+from node.model.vae import VAE, VAEConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vaenode-bundle"
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.pt"
+DEFAULT_NAME = "brain-t1"
+
+
+def default_bundle_path() -> Path:
+    """The default model shipped with the node (``node/models/brain-t1``)."""
+    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_NAME
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks the GPU when present; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"unknown device {device!r}: {exc}") from exc
+
+
+@dataclass
+class SliceScores:
+    """Scores of one stack, one entry per slice in the order given.
+
+    Attributes:
+        log_likelihood: the thresholded score: log marginal likelihood (nats), complexity
+            corrected, tail weighted and series shifted as the bundle says (see
+            :mod:`node.model.scoring`).
+        kl: KL divergence of the attribute distributions to N(0, I) (match likelihood).
+        elbo: evidence lower bound (nats).
+        abnormal: verdict per slice (``log_likelihood < threshold`` on foreground slices).
+        confidence: confidence of the verdict in [0, 1] (see :mod:`node.model.calibrate`).
+        raw_log_likelihood: the estimator's log p(x) before any correction.
+        foreground: False for leading/trailing background slices (never abnormal).
+        threshold: the threshold used.
+        estimator: the estimator used.
+        samples: Monte-Carlo samples per slice.
+        series_shift: nats subtracted from every slice of this stack.
+    """
+
+    log_likelihood: np.ndarray
+    kl: np.ndarray
+    elbo: np.ndarray
+    abnormal: np.ndarray
+    confidence: np.ndarray
+    raw_log_likelihood: np.ndarray
+    foreground: np.ndarray
+    threshold: float
+    estimator: str
+    samples: int
+    series_shift: float = 0.0
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.log_likelihood)
+
+
+class Bundle:
+    """A loaded model: the VAE in eval mode plus the settings of ``model.json``."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], model: VAE) -> None:
+        self.path = path
+        self.meta = meta
+        self.model = model.eval()
+        self.preprocess = PreprocessConfig.from_dict(meta["preprocessing"])
+        self.scoring = ScoreConfig.from_dict(meta["scoring"])
+        cal = meta["calibration"]
+        self.threshold: float = float(cal["threshold"])
+        self.target_fpr: float = float(cal["target_fpr"])
+        self.quantiles: list[float] = [float(v) for v in cal["quantiles"]]
+        self.name: str = str(meta["name"])
+        self.version: str = str(meta["version"])
+
+    def __repr__(self) -> str:
+        return f"Bundle({self.name} {self.version} at {self.path})"
+
+    def preprocess_stack(
+        self,
+        images: Sequence[np.ndarray],
+        pixel_spacing: Sequence[tuple[float, float] | None] | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Model-grid tensor of a stack and its foreground mask (leading/trailing background)."""
+        arrays = [np.nan_to_num(np.asarray(im, dtype=np.float32)) for im in images]
+        scale = stack_scale(arrays, self.preprocess.norm_percentile) if arrays else 1.0
+        x = preprocess_stack(arrays, pixel_spacing, self.preprocess, scale=scale)
+        return x, stack_foreground(arrays, scale)
+
+    @torch.no_grad()
+    def components(
+        self,
+        x: torch.Tensor,
+        *,
+        estimator: str | None = None,
+        samples: int | None = None,
+        batch_size: int = 32,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
+        png_nats. Scores are reproducible: the Monte-Carlo draws come from ``seed``."""
+        estimator = estimator or self.scoring.estimator
+        samples = samples or self.scoring.samples
+        if estimator not in ESTIMATORS:
+            raise ModelError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+        dev = resolve_device(device)
+        model = self.model.to(dev)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        parts: dict[str, list[np.ndarray]] = {}
+        starts = range(0, len(x), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="scoring", unit="batch")
+        for start in starts:
+            xb = x[start : start + batch_size].to(dev)
+            est = estimate(model, xb, estimator, samples, generator=gen)
+            for key in ("log_likelihood", "kl", "elbo", "tail", "rec_error"):
+                parts.setdefault(key, []).append(getattr(est, key).double().cpu().numpy())
+        out = {k: np.concatenate(v) for k, v in parts.items()}
+        if not parts:
+            out = {k: np.zeros(0) for k in ("log_likelihood", "kl", "elbo", "tail", "rec_error")}
+        out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
+        return out
+
+    def absolute_score(self, comp: dict[str, np.ndarray]) -> np.ndarray:
+        """The score before the series shift (see :mod:`node.model.scoring`)."""
+        pixels = self.preprocess.image_size**2
+        return absolute_score(comp, self.scoring, pixels, self.preprocess.clip_max)
+
+    def score_slices(
+        self,
+        images: Sequence[np.ndarray],
+        pixel_spacing: Sequence[tuple[float, float] | None] | None = None,
+        *,
+        estimator: str | None = None,
+        samples: int | None = None,
+        threshold: float | None = None,
+        batch_size: int = 32,
+        device: str = "auto",
+        progress: bool = False,
+    ) -> SliceScores:
+        """Score one stack of 2D slices (any size and plane) and classify each slice.
+
+        Args:
+            images: 2D arrays in modality units (rescale applied), one series, in slice order.
+            pixel_spacing: (row, col) mm per slice, or None where unknown (the longer side is
+                then assumed to span ``default_fov_mm``).
+            estimator: ``importance``, ``plain`` or ``mcmc``; default: the bundle's.
+            samples: Monte-Carlo samples per slice; default: the bundle's.
+            threshold: overrides the calibrated threshold (e.g. from the configuration).
+            batch_size: slices per model call.
+            device: ``auto``, ``cpu``, ``cuda``...
+            progress: show a progress bar.
+
+        Returns:
+            A :class:`SliceScores` with one entry per input slice.
+
+        Raises:
+            ModelError: an unknown estimator or device.
+        """
+        est = estimator or self.scoring.estimator
+        n_samples = samples or self.scoring.samples
+        thr = self.threshold if threshold is None else float(threshold)
+        x, fg = self.preprocess_stack(images, pixel_spacing)
+        comp = self.components(
+            x, estimator=est, samples=n_samples, batch_size=batch_size, device=device,
+            progress=progress,
+        )
+        absolute = self.absolute_score(comp)
+        shift = series_shift(absolute, fg, self.scoring)
+        score = absolute - shift
+        abnormal = (score < thr) & fg
+        conf = calibrate.confidence(score, thr, self.quantiles)
+        conf = np.where(fg | abnormal, conf, np.maximum(conf, 0.0))
+        return SliceScores(
+            log_likelihood=score,
+            kl=comp["kl"],
+            elbo=comp["elbo"],
+            abnormal=abnormal,
+            confidence=conf,
+            raw_log_likelihood=comp["log_likelihood"],
+            foreground=fg,
+            threshold=thr,
+            estimator=est,
+            samples=n_samples,
+            series_shift=shift,
+            extra={"absolute": absolute, **comp},
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bundle(out_dir: Path, model: VAE, meta: dict[str, Any]) -> Path:
+    """Write weights (float16, to keep the shipped bundle small) and ``model.json``.
+
+    ``meta`` must hold name, version, preprocessing, scoring and calibration; format,
+    architecture and the weights' checksum are filled in here.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
+    weights = out_dir / WEIGHTS
+    torch.save(state, weights)
+    full = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "architecture": {"type": "conv-vae", **model.cfg.to_dict()},
+        "weights": {"file": WEIGHTS, "dtype": "float16", "sha256": _sha256(weights)},
+    }
+    (out_dir / MODEL_JSON).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+_REQUIRED = ("name", "version", "architecture", "preprocessing", "scoring", "calibration")
+
+
+def load_bundle(path: Path | None = None) -> Bundle:
+    """Load a bundle folder (default: :func:`default_bundle_path`).
+
+    Raises:
+        ModelError: the folder, ``model.json`` or the weights are missing or unreadable, the
+            format is not one this code reads, a required entry is missing, the checksum does
+            not match, or the weights do not fit the architecture. The message names the cause.
+    """
+    path = Path(path) if path is not None else default_bundle_path()
+    if not path.is_dir():
+        raise ModelError(f"model bundle not found: {path} is not a folder")
+    meta_path = path / MODEL_JSON
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"model bundle {path}: {MODEL_JSON} is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"model bundle {path}: {MODEL_JSON} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"model bundle {path}: {MODEL_JSON} is not a {FORMAT} description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"model bundle {path}: format version {meta.get('format_version')!r}, this node "
+            f"reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ModelError(f"model bundle {path}: {MODEL_JSON} lacks {', '.join(missing)}")
+    try:
+        arch = dict(meta["architecture"])
+        if arch.pop("type", None) != "conv-vae":
+            raise ModelError(f"model bundle {path}: unknown architecture type")
+        cfg = VAEConfig.from_dict(arch)
+        PreprocessConfig.from_dict(meta["preprocessing"])
+        ScoreConfig.from_dict(meta["scoring"])
+        float(meta["calibration"]["threshold"])
+        float(meta["calibration"]["target_fpr"])
+        if len(meta["calibration"]["quantiles"]) != len(calibrate.QUANTILE_LEVELS):
+            raise ModelError(f"model bundle {path}: calibration quantiles have the wrong length")
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ModelError(f"model bundle {path}: {MODEL_JSON} has a bad entry: {exc}") from exc
+    if cfg.image_size != meta["preprocessing"].get("image_size"):
+        raise ModelError(f"model bundle {path}: architecture and preprocessing image sizes differ")
+    wmeta = meta.get("weights", {})
+    weights = path / str(wmeta.get("file", WEIGHTS))
+    if not weights.is_file():
+        raise ModelError(f"model bundle {path}: weights file {weights.name} is missing")
+    if "sha256" in wmeta and _sha256(weights) != wmeta["sha256"]:
+        raise ModelError(f"model bundle {path}: {weights.name} does not match its sha256 checksum")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt file
+        raise ModelError(f"model bundle {path}: cannot read {weights.name}: {exc}") from exc
+    model = VAE(cfg)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except (RuntimeError, AttributeError) as exc:
+        raise ModelError(
+            f"model bundle {path}: weights do not match the architecture in {MODEL_JSON}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return Bundle(path, meta, model)

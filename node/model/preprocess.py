@@ -1,0 +1,130 @@
+"""Preprocessing that belongs to a model: physical resampling and robust intensity scaling.
+
+Every slice, whatever its size, plane or scanner, is resampled to the model grid at a fixed
+pixel size in mm (so a 0.67 mm scan and a 2 mm scan show the head at the same size and
+resolution), centred and cropped or zero-padded to ``image_size`` square, and divided by a
+robust maximum of its whole stack. Scaling by the stack rather than by each slice keeps the
+relative brightness of the end slices of a series, and an artifact confined to a few slices
+barely moves the stack's percentile. The settings are stored in the bundle's ``model.json``
+so that scoring uses exactly what training used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How slices are brought to the model grid.
+
+    Attributes:
+        image_size: side of the square model grid in pixels.
+        spacing_mm: pixel size of the model grid in mm.
+        default_fov_mm: assumed field of view of the longer image side when a slice comes
+            without pixel spacing (240 mm is a typical adult head field of view).
+        norm_percentile: percentile of the stack's pixels mapped to intensity 1.0.
+        clip_max: normalized intensities are clipped to [0, clip_max].
+    """
+
+    image_size: int = 128
+    spacing_mm: float = 2.0
+    default_fov_mm: float = 240.0
+    norm_percentile: float = 99.5
+    clip_max: float = 2.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``model.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer bundle format)."""
+        return cls(**data)
+
+
+def stack_scale(images: Sequence[np.ndarray], percentile: float) -> float:
+    """Robust maximum of a stack: the given percentile of its pixels (subsampled for speed).
+
+    Returns 1.0 for an all-zero stack so that division is always defined.
+    """
+    flat = np.concatenate([np.asarray(im, dtype=np.float32).ravel() for im in images])
+    step = max(1, flat.size // 2_000_000)
+    value = float(np.percentile(flat[::step], percentile)) if flat.size else 0.0
+    return value if value > 0 else 1.0
+
+
+def _target_shape(
+    shape: tuple[int, int], spacing: tuple[float, float] | None, cfg: PreprocessConfig
+) -> tuple[int, int]:
+    rows, cols = shape
+    if spacing is None or min(spacing) <= 0:
+        mm = cfg.default_fov_mm / max(rows, cols)
+        spacing = (mm, mm)
+    out_r = max(1, round(rows * spacing[0] / cfg.spacing_mm))
+    out_c = max(1, round(cols * spacing[1] / cfg.spacing_mm))
+    return out_r, out_c
+
+
+def _fit(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-crop or zero-pad the last two dims of ``grid`` to ``size`` x ``size``."""
+    rows, cols = grid.shape[-2:]
+    out = grid.new_zeros((*grid.shape[:-2], size, size))
+    r0, c0 = (rows - size) // 2, (cols - size) // 2  # crop offsets (negative: pad)
+    src_r = slice(max(r0, 0), max(r0, 0) + min(rows, size))
+    src_c = slice(max(c0, 0), max(c0, 0) + min(cols, size))
+    dst_r = slice(max(-r0, 0), max(-r0, 0) + min(rows, size))
+    dst_c = slice(max(-c0, 0), max(-c0, 0) + min(cols, size))
+    out[..., dst_r, dst_c] = grid[..., src_r, src_c]
+    return out
+
+
+def preprocess_stack(
+    images: Sequence[np.ndarray],
+    spacings: Sequence[tuple[float, float] | None] | None,
+    cfg: PreprocessConfig,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Bring one stack of 2D slices to the model grid.
+
+    Args:
+        images: 2D arrays in modality units, any size.
+        spacings: (row, col) pixel spacing in mm per slice, or None where unknown.
+        cfg: the bundle's preprocessing settings.
+        scale: intensity divisor; default: :func:`stack_scale` of ``images``.
+
+    Returns:
+        float32 tensor ``[n, 1, image_size, image_size]`` with values in [0, clip_max].
+    """
+    if len(images) == 0:
+        return torch.zeros((0, 1, cfg.image_size, cfg.image_size))
+    if spacings is None:
+        spacings = [None] * len(images)
+    if len(spacings) != len(images):
+        raise ValueError(f"{len(images)} images but {len(spacings)} pixel spacings")
+    if scale is None:
+        scale = stack_scale(images, cfg.norm_percentile)
+    out = torch.zeros((len(images), 1, cfg.image_size, cfg.image_size))
+    # Slices of one shape and spacing are resampled in one call (a series usually is one group).
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (im, sp) in enumerate(zip(images, spacings, strict=True)):
+        if np.ndim(im) != 2:
+            raise ValueError(f"slice {i} is not 2D (shape {np.shape(im)})")
+        key = (np.shape(im), None if sp is None else (float(sp[0]), float(sp[1])))
+        groups.setdefault(key, []).append(i)
+    for (shape, sp), idx in groups.items():
+        batch = torch.from_numpy(np.stack([np.asarray(images[i], np.float32) for i in idx]))
+        batch = (batch / scale).clamp_(0.0, cfg.clip_max).unsqueeze(1)
+        target = _target_shape(shape, sp, cfg)
+        if target != tuple(shape):
+            batch = F.interpolate(
+                batch, size=target, mode="bilinear", align_corners=False, antialias=True
+            )
+        out[idx] = _fit(batch, cfg.image_size).clamp_(0.0, cfg.clip_max)
+    return out

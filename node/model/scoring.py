@@ -1,0 +1,132 @@
+"""From estimator outputs to the slice score the node thresholds (documented in model.json).
+
+The score is the marginal likelihood of METHOD.md with two corrections and one normalization,
+each one switchable in the bundle and each measured by ``vaenode evaluate``:
+
+1. Complexity correction (Serra et al., ICLR 2020): a likelihood model gives simple images
+   (blurred, flat) a high density whatever their quality; a generic lossless codec measures that
+   simplicity. With L(x) the PNG code length of the slice quantized to 8 bits (nats) and
+   Delta the quantization step, log p(x) + D log Delta is the VAE's log-probability of the
+   quantized slice, and ``corrected = log p(x) + D log Delta + L(x)`` is the log-likelihood
+   ratio of the VAE against the codec: how much better than a generic compressor the model of
+   normal images explains this slice.
+2. Tail weighting: the 1% worst-explained pixels (largest 0.5 ((x - mean)/sigma)^2 under
+   z ~ q) count ``1 + tail_weight`` times instead of once, because a ghost or a spike stripe
+   spoils few pixels and a sum over 16384 of them dilutes it.
+3. Series-relative shift: the slices of one series share scanner, coil and protocol; the median
+   score of the series' foreground slices, minus the median of normal validation series,
+   is subtracted from every slice, the shift being capped at ``max_series_shift`` nats. A normal
+   scan from another scanner (a uniformly different noise texture) moves all its slices
+   together and is brought back; a scan of another body part, far beyond the cap, stays far
+   below the threshold; an artifact in part of a series stands out against the rest.
+
+Leading and trailing background slices (outside the head) are scored but never called
+abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
+either.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from node.model.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How the slice score is formed from the estimator outputs (stored in model.json).
+
+    Attributes:
+        estimator: default marginal-likelihood estimator.
+        samples: default Monte-Carlo samples per slice.
+        complexity: apply the PNG complexity correction.
+        tail_weight: extra weight of the worst 1% pixels' squared standardized residuals.
+        series_relative: apply the capped series shift.
+        min_series_slices: fewest foreground slices for a series shift (fewer: no shift).
+        max_series_shift: cap of the series shift in nats.
+        reference_median: median of per-series medians of normal validation series (nats).
+    """
+
+    estimator: str = "importance"
+    samples: int = 8
+    complexity: bool = True
+    tail_weight: float = 0.0
+    series_relative: bool = True
+    min_series_slices: int = 8
+    max_series_shift: float = 0.0
+    reference_median: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``model.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoreConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+
+def png_nats(x: torch.Tensor, clip_max: float) -> np.ndarray:
+    """PNG code length in nats of each slice of ``x`` ``[n, 1, H, W]`` quantized to 8 bits."""
+    q = torch.round(x[:, 0].clamp(0, clip_max) / clip_max * 255).to(torch.uint8).cpu().numpy()
+    out = np.empty(len(q))
+    for i, im in enumerate(q):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG", compress_level=6)
+        out[i] = len(buf.getvalue()) * 8 * math.log(2)
+    return out
+
+
+def absolute_score(
+    components: dict[str, np.ndarray], cfg: ScoreConfig, pixels: int, clip_max: float
+) -> np.ndarray:
+    """The per-slice score before the series shift, from the estimator components.
+
+    Args:
+        components: arrays ``log_likelihood``, ``tail`` and (with complexity) ``png_nats``.
+        cfg: the score settings.
+        pixels: pixels per slice on the model grid (D).
+        clip_max: intensity range of the grid, for the quantization step Delta.
+    """
+    score = components["log_likelihood"].astype(np.float64).copy()
+    if cfg.complexity:
+        delta = clip_max / 255.0
+        score += pixels * math.log(delta) + components["png_nats"]
+    if cfg.tail_weight:
+        worst = max(1, pixels // 100)
+        score -= cfg.tail_weight * worst * components["tail"]
+    return score
+
+
+def stack_foreground(images: Sequence[np.ndarray], scale: float) -> np.ndarray:
+    """Slices that show tissue: the same rule as training's background-slice removal.
+
+    Only leading and trailing runs of background slices are excluded: a dark slice in the
+    middle of a series (a failed coil element) must still be judged.
+    """
+    frac = np.array(
+        [float((np.asarray(im) > FOREGROUND_LEVEL * scale).mean()) for im in images]
+    )
+    fg = frac >= FOREGROUND_FRACTION
+    if not fg.any():
+        return fg
+    first, last = int(np.argmax(fg)), len(fg) - 1 - int(np.argmax(fg[::-1]))
+    out = np.zeros(len(fg), dtype=bool)
+    out[first : last + 1] = True
+    return out
+
+
+def series_shift(score: np.ndarray, foreground: np.ndarray, cfg: ScoreConfig) -> float:
+    """The capped shift subtracted from every slice of one series (0.0 when not applied)."""
+    if not cfg.series_relative or int(foreground.sum()) < cfg.min_series_slices:
+        return 0.0
+    shift = float(np.median(score[foreground])) - cfg.reference_median
+    return float(np.clip(shift, -cfg.max_series_shift, cfg.max_series_shift))

@@ -1,0 +1,372 @@
+"""Training: slices of normal volumes -> a VAE -> a calibrated bundle.
+
+Steps (METHOD.md, Training): slice every volume in three planes, drop background slices,
+split by subject into train and validation, minimize reconstruction loss + KL (the negative
+ELBO; both models updated together), then calibrate the threshold on held-out subjects and
+write the bundle.
+
+The validation subjects are split again, by subject, into a calibration half (threshold,
+confidence, reference series median) and an evaluation half (what ``vaenode evaluate``
+measures by default), so that the reported false-positive rate is measured on slices the
+threshold never saw.
+
+Normal-variation augmentation: the eight flips/rotations by 90 degrees (DICOM series come in any
+in-plane orientation) and a random contrast curve and gain (other scanners and protocols map
+tissue to grey levels differently). Noise and blur are NOT augmented: they are artifacts the
+model must notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from node.model import calibrate
+from node.model.bundle import Bundle, resolve_device, save_bundle
+from node.model.data import PLANES, Volume, foreground_mask, plane_slices, split_subjects
+from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
+from node.model.scoring import ScoreConfig, series_shift
+from node.model.vae import VAE, VAEConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``vaenode train`` (stored in model.json under ``training``)."""
+
+    epochs: int = 8
+    latent_dim: int = 128
+    image_size: int = 128
+    spacing_mm: float = 2.0
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    heteroscedastic: bool = True
+    sigma_min: float = 0.01
+    seed: int = 0
+    val_fraction: float = 0.2
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_warmup_fraction: float = 0.1
+    augment: bool = True
+    planes: tuple[str, ...] = PLANES
+    max_train_slices: int | None = None  # tiny runs (tests): cap on training slices
+    target_fpr: float = 0.01
+    estimator: str = "importance"
+    samples: int = 8
+    complexity: bool = True
+    tail_weight: float = 0.0
+    series_relative: bool = True
+    max_series_shift: float = 0.0
+    name: str = "brain-t1"
+    version: str = "0.1.0"
+    device: str = "auto"
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for model.json."""
+        out = asdict(self)
+        out["channels"] = list(self.channels)
+        out["planes"] = list(self.planes)
+        return out
+
+
+@dataclass
+class SliceSet:
+    """Preprocessed slices in memory (float16) with their subject, plane and stack."""
+
+    x: torch.Tensor
+    subjects: list[str]
+    planes: list[str]
+
+
+def volume_stacks(
+    volume: Volume, planes: Sequence[str]
+) -> list[tuple[str, list[np.ndarray], tuple[float, float]]]:
+    """The volume's stacks per plane: (plane, slices, (row, col) spacing)."""
+    out = []
+    for plane in planes:
+        stack, spacing = plane_slices(volume, plane)
+        out.append((plane, list(stack), spacing))
+    return out
+
+
+def build_slices(
+    volumes: Sequence[Volume], planes: Sequence[str], pcfg: PreprocessConfig
+) -> SliceSet:
+    """Foreground slices of all volumes on the model grid, scaled per stack as in scoring."""
+    xs: list[torch.Tensor] = []
+    subjects: list[str] = []
+    plane_of: list[str] = []
+    for vol in volumes:
+        for plane in planes:
+            stack, spacing = plane_slices(vol, plane)
+            keep = foreground_mask(stack)
+            if not keep.any():
+                continue
+            scale = stack_scale(list(stack), pcfg.norm_percentile)
+            x = preprocess_stack(list(stack[keep]), [spacing] * int(keep.sum()), pcfg, scale)
+            xs.append(x.half())
+            subjects += [vol.subject] * len(x)
+            plane_of += [plane] * len(x)
+    if not xs:
+        raise ValueError("no foreground slices in the training data")
+    return SliceSet(torch.cat(xs), subjects, plane_of)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, clip_max: float) -> torch.Tensor:
+    """Random dihedral orientation, contrast curve (gamma 0.7-1.4) and gain (0.9-1.1)."""
+    n = x.shape[0]
+    k = torch.randint(0, 8, (n,), generator=gen)
+    out = x.clone()
+    for t in range(8):
+        idx = (k == t).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        xi = x[idx]
+        if t & 4:
+            xi = xi.transpose(-1, -2)
+        out[idx] = torch.rot90(xi, t & 3, dims=(-2, -1))
+    gamma = torch.exp(torch.empty(n, 1, 1, 1).uniform_(math.log(0.7), math.log(1.4), generator=gen))
+    gain = torch.empty(n, 1, 1, 1).uniform_(0.9, 1.1, generator=gen)
+    return (out.clamp(min=0) ** gamma * gain).clamp(0, clip_max)
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train_vae(
+    train_set: SliceSet,
+    val_set: SliceSet | None,
+    cfg: TrainConfig,
+    checkpoint: Path | None = None,
+    report: Callable[[str], None] | None = None,
+) -> tuple[VAE, dict[str, Any]]:
+    """Minimize the negative ELBO on ``train_set``; returns the model and a training history.
+
+    The loss is the per-slice negative ELBO (-log p(x|z) for one z ~ q(z|x), plus KL) averaged
+    over the batch and divided by the pixel count (same minimum, a gradient scale that does not
+    depend on the grid size). The KL weight ramps from 0 to 1 over the first
+    ``kl_warmup_fraction`` of the steps (a standard way to keep the encoder from collapsing to
+    the prior early); from then on it is the plain sum of METHOD.md.
+    """
+    say = report or log.info
+    gen = _seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = resolve_device(cfg.device)
+    vcfg = VAEConfig(cfg.image_size, cfg.latent_dim, tuple(cfg.channels), cfg.heteroscedastic,
+                     cfg.sigma_min)
+    model = VAE(vcfg).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    n = len(train_set.x)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    warm = max(1, int(cfg.kl_warmup_fraction * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    pixels = cfg.image_size**2
+    history: dict[str, Any] = {"epochs": []}
+    step = 0
+    t0 = time.time()
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0}
+        for b in range(steps_per_epoch):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            xb = train_set.x[idx].float()
+            if cfg.augment:
+                xb = augment(xb, gen, 2.0)
+            xb = xb.to(dev)
+            out = model(xb)
+            beta = min(1.0, (step + 1) / warm)
+            loss = (out["rec"] + beta * out["kl"]).mean() / pixels
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            step += 1
+            rec, kl = out["rec"].detach(), out["kl"].detach()
+            sums["loss"] += float((rec + kl).mean())
+            sums["rec"] += float(rec.mean())
+            sums["kl"] += float(kl.mean())
+            if step % 50 == 0:
+                say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} "
+                    f"-elbo/slice {float((rec + kl).mean()):.0f} "
+                    f"kl {float(kl.mean()):.0f} "
+                    f"{step * cfg.batch_size / (time.time() - t0):.0f} slices/s")
+        entry = {k: v / steps_per_epoch for k, v in sums.items()}
+        entry["epoch"] = epoch + 1
+        if val_set is not None and len(val_set.x):
+            entry["val_neg_elbo"] = validation_loss(model, val_set, dev)
+        entry["elapsed_s"] = round(time.time() - t0, 1)
+        history["epochs"].append(entry)
+        say(f"epoch {epoch + 1} done: train -elbo {entry['loss']:.0f}"
+            + (f", val -elbo {entry['val_neg_elbo']:.0f}" if "val_neg_elbo" in entry else "")
+            + f" ({entry['elapsed_s']:.0f} s)")
+        if checkpoint is not None:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1, "config": cfg.to_dict()}, checkpoint)
+    history["train_seconds"] = round(time.time() - t0, 1)
+    history["train_slices"] = n
+    return model.cpu().eval(), history
+
+
+@torch.no_grad()
+def validation_loss(model: VAE, val_set: SliceSet, dev: torch.device, limit: int = 2048) -> float:
+    """Mean one-sample negative ELBO per slice on (up to ``limit``) validation slices."""
+    model.eval()
+    torch.manual_seed(1234)
+    step = max(1, len(val_set.x) // limit)
+    x = val_set.x[::step][:limit]
+    total = 0.0
+    for start in range(0, len(x), 128):
+        out = model(x[start : start + 128].float().to(dev))
+        total += float(out["loss"].sum())
+    model.train()
+    return total / len(x)
+
+
+def stack_absolute_scores(
+    bundle: Bundle, volumes: Sequence[Volume], planes: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Score every stack (volume x plane) with the bundle, before any series shift."""
+    out = []
+    for vol in volumes:
+        for plane, images, spacing in volume_stacks(vol, planes):
+            x, fg = bundle.preprocess_stack(images, [spacing] * len(images))
+            comp = bundle.components(x)
+            out.append({"subject": vol.subject, "plane": plane, "foreground": fg,
+                        "absolute": bundle.absolute_score(comp), "components": comp})
+    return out
+
+
+def calibrate_bundle(bundle: Bundle, volumes: Sequence[Volume], planes: Sequence[str],
+                     target_fpr: float) -> dict[str, Any]:
+    """Set the reference series median, the threshold and the normal quantiles in place.
+
+    Returns the calibration entry of model.json.
+    """
+    stacks = stack_absolute_scores(bundle, volumes, planes)
+    medians = [float(np.median(s["absolute"][s["foreground"]])) for s in stacks
+               if s["foreground"].sum() >= bundle.scoring.min_series_slices]
+    ref = float(np.median(medians)) if medians else 0.0
+    scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), "reference_median": ref})
+    finals = []
+    for s in stacks:
+        shift = series_shift(s["absolute"], s["foreground"], scoring)
+        finals.append(s["absolute"][s["foreground"]] - shift)
+    scores = np.concatenate(finals) if finals else np.zeros(0)
+    if scores.size == 0:
+        raise ValueError("no foreground calibration slices")
+    threshold = calibrate.threshold_at_fpr(scores, target_fpr)
+    bundle.scoring = scoring
+    bundle.meta["scoring"] = scoring.to_dict()
+    bundle.threshold = threshold
+    bundle.target_fpr = target_fpr
+    bundle.quantiles = calibrate.reference_quantiles(scores)
+    entry = {
+        "threshold": threshold,
+        "target_fpr": target_fpr,
+        "quantiles": bundle.quantiles,
+        "slices": int(scores.size),
+        "series": len(stacks),
+        "subjects": sorted({v.subject for v in volumes}),
+        "series_median_spread": [float(np.min(medians)), float(np.max(medians))] if medians else [],
+        "method": "target_fpr quantile of normal calibration slices (series-shifted scores)",
+    }
+    bundle.meta["calibration"] = entry
+    return entry
+
+
+def run_training(
+    volumes: Sequence[Volume],
+    cfg: TrainConfig,
+    out_dir: Path,
+    command: str = "",
+    data_sources: Sequence[str] = (),
+    attribution: dict[str, Any] | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Path:
+    """Everything ``vaenode train`` does: split, slice, train, calibrate, write the bundle."""
+    say = report or log.info
+    subjects = [v.subject for v in volumes]
+    train_ids, val_ids = split_subjects(subjects, cfg.val_fraction, cfg.seed)
+    # Validation subjects: calibration half and evaluation half (by subject).
+    rng = random.Random(cfg.seed + 1)
+    shuffled = val_ids[:]
+    rng.shuffle(shuffled)
+    n_cal = max(1, (len(shuffled) + 1) // 2) if shuffled else 0
+    cal_ids = sorted(shuffled[:n_cal])
+    eval_ids = sorted(shuffled[n_cal:])
+    by_id = {v.subject: v for v in volumes}
+    train_vols = [by_id[s] for s in train_ids]
+    cal_vols = [by_id[s] for s in cal_ids] or train_vols[:1]
+    [by_id[s] for s in eval_ids]
+    pcfg = PreprocessConfig(image_size=cfg.image_size, spacing_mm=cfg.spacing_mm)
+    say(f"{len(train_ids)} training subjects, {len(cal_ids)} calibration, "
+        f"{len(eval_ids)} evaluation")
+    train_set = build_slices(train_vols, cfg.planes, pcfg)
+    if cfg.max_train_slices is not None and len(train_set.x) > cfg.max_train_slices:
+        pick = torch.randperm(len(train_set.x), generator=torch.Generator().manual_seed(cfg.seed))
+        pick = pick[: cfg.max_train_slices].sort().values
+        train_set = SliceSet(train_set.x[pick], [train_set.subjects[i] for i in pick],
+                             [train_set.planes[i] for i in pick])
+    val_set = build_slices(cal_vols, cfg.planes, pcfg) if val_ids else None
+    n_val = 0 if val_set is None else len(val_set.x)
+    say(f"{len(train_set.x)} training slices, {n_val} validation")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, history = train_vae(train_set, val_set, cfg, checkpoint=out_dir / "checkpoint.pt",
+                               report=report)
+    scoring = ScoreConfig(
+        estimator=cfg.estimator, samples=cfg.samples, complexity=cfg.complexity,
+        tail_weight=cfg.tail_weight, series_relative=cfg.series_relative,
+        max_series_shift=cfg.max_series_shift,
+    )
+    meta: dict[str, Any] = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "description": "VAE of normal brain T1-weighted MR slices (any plane); scores each slice "
+        "by its log marginal likelihood (see scoring).",
+        "preprocessing": pcfg.to_dict(),
+        "scoring": scoring.to_dict(),
+        "calibration": {"threshold": 0.0, "target_fpr": cfg.target_fpr,
+                        "quantiles": [0.0] * len(calibrate.QUANTILE_LEVELS)},
+        "training": {
+            "command": command,
+            "config": cfg.to_dict(),
+            "data": list(data_sources),
+            "subjects": {"train": train_ids, "calibration": cal_ids, "evaluation": eval_ids},
+            "history": history,
+            "torch": torch.__version__,
+        },
+        "data_attribution": attribution or {},
+    }
+    bundle = Bundle(out_dir, meta, model)
+    say("calibrating the threshold on held-out normal subjects")
+    calibrate_bundle(bundle, cal_vols, cfg.planes, cfg.target_fpr)
+    last = history["epochs"][-1] if history["epochs"] else {}
+    bundle.meta["validation"] = {"val_neg_elbo": last.get("val_neg_elbo"),
+                                 "train_neg_elbo": last.get("loss")}
+    save_bundle(out_dir, bundle.model, bundle.meta)
+    (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # training state, not part of a bundle
+    say(f"bundle written to {out_dir} (threshold {bundle.threshold:.1f})")
+    return out_dir
