@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from node.config import TlsSettings
@@ -62,7 +62,9 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return ctx
 
 
-def _why_not_established(assoc: Association, target: Target) -> str:
+def _why_not_established(assoc: Association, target: Target, connected: bool) -> str:
+    if not connected:
+        return f"cannot connect to {target} (connection refused or timed out)"
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         if rsp is not None:
@@ -71,9 +73,10 @@ def _why_not_established(assoc: Association, target: Target) -> str:
                 f"reason {rsp.reason_str}"
             )
         return f"association rejected by {target}"
-    if assoc.is_aborted:
-        return f"association with {target} aborted (no accepted presentation context or peer abort)"
-    return f"cannot connect to {target}"
+    if assoc.rejected_contexts:
+        refused = ", ".join(sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
+        return f"{target} refused the presentation context for {refused}; association aborted"
+    return f"association with {target} aborted by the peer or timed out"
 
 
 def send_file(path: Path, target: Target, *, calling_ae_title: str, timeouts: Timeouts) -> int:
@@ -116,9 +119,16 @@ def send_file(path: Path, target: Target, *, calling_ae_title: str, timeouts: Ti
             raise DeliveryError(f"TLS set-up for {target} failed: {exc}") from exc
 
     extra = {"sop_instance_uid": ds.SOPInstanceUID, "peer": str(target)}
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
+    opened: list[bool] = []
+    assoc = ae.associate(
+        target.host,
+        target.port,
+        ae_title=target.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.append(True))],
+    )
     if not assoc.is_established:
-        raise DeliveryError(_why_not_established(assoc, target))
+        raise DeliveryError(_why_not_established(assoc, target, connected=bool(opened)))
     try:
         status = assoc.send_c_store(ds)
     finally:
