@@ -35,7 +35,9 @@ class BundleView:
         target_fpr: the slice false-positive rate the threshold was calibrated for.
         estimator: the default marginal-likelihood estimator, and samples per slice.
         metrics: (name, value) validation figures from model.json, flattened.
-        training: what the model was trained on (data and attribution), if stated.
+        training: what the model was trained on (data, subjects, attribution), if stated.
+        description: the bundle's own description.
+        created: when the bundle was made.
         error: why model.json could not be read, if it could not.
     """
 
@@ -49,6 +51,8 @@ class BundleView:
     samples: int | None
     metrics: tuple[tuple[str, str], ...]
     training: str | None
+    description: str | None = None
+    created: str | None = None
     error: str | None = None
 
 
@@ -114,7 +118,7 @@ def _view(path: Path, rules: tuple[str, ...], settings: Settings) -> BundleView:
     for key in ("threshold", "target_fpr"):
         if key in calibration:
             _flatten(f"calibration.{key}", calibration[key], metrics)
-    training = meta.get("training") or meta.get("data")
+    training = _training_summary(meta)
     return BundleView(
         path=path,
         label=label_of(meta, path),
@@ -125,9 +129,30 @@ def _view(path: Path, rules: tuple[str, ...], settings: Settings) -> BundleView:
         estimator=settings.model.estimator or scoring.get("estimator"),
         samples=settings.model.samples or _int(scoring.get("samples")),
         metrics=tuple(metrics),
-        training=json.dumps(training, indent=1) if isinstance(training, dict | list)
-        else (str(training) if training else None),
+        training=training,
+        description=str(meta["description"]) if meta.get("description") else None,
+        created=str(meta["created"]) if meta.get("created") else None,
     )
+
+
+def _training_summary(meta: dict[str, Any]) -> str | None:
+    """Data, subject counts and attribution of the training, without the epoch history."""
+    lines: list[str] = []
+    training = meta.get("training")
+    if isinstance(training, dict):
+        for source in training.get("data") or []:
+            lines.append(f"data: {Path(str(source)).name}")
+        subjects = training.get("subjects")
+        if isinstance(subjects, dict):
+            counts = ", ".join(f"{k} {len(v)}" for k, v in subjects.items() if isinstance(v, list))
+            if counts:
+                lines.append(f"subjects: {counts}")
+    attribution = meta.get("data_attribution")
+    if isinstance(attribution, dict):
+        lines.extend(f"{k}: {v}" for k, v in attribution.items())
+    elif attribution:
+        lines.append(str(attribution))
+    return "\n".join(lines) or None
 
 
 def _float(value: Any) -> float | None:

@@ -1,0 +1,88 @@
+"""A real dashboard server: never unguarded beyond loopback; with a token, 401 without it."""
+
+from __future__ import annotations
+
+import base64
+import urllib.parse
+from collections.abc import Callable
+
+import pytest
+
+from node.admin.app import create_app
+from node.errors import ConfigError
+from tests.admin.conftest import http
+
+
+def test_create_app_refuses_non_loopback_without_token(make_settings, session_factory_for) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(bind_address="0.0.0.0")
+    with pytest.raises(ConfigError, match=r"admin\.token"):
+        create_app(settings, session_factory_for(settings))
+
+
+def test_loopback_without_token_is_open(make_settings, session_factory_for, run_dashboard) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings()
+    dash = run_dashboard(settings, session_factory_for(settings))
+    base = f"http://127.0.0.1:{dash.port}"
+    assert http(f"{base}/queue").status == 200
+    assert http(f"{base}/metrics").status == 200
+
+
+@pytest.fixture
+def guarded(make_settings, session_factory_for, run_dashboard) -> Callable[[str], str]:  # type: ignore[no-untyped-def]
+    settings = make_settings(token="s3cret-token")
+    dash = run_dashboard(settings, session_factory_for(settings))
+    return lambda path: f"http://127.0.0.1:{dash.port}{path}"
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/queue", "/series/1.2.3", "/deliveries", "/associations", "/models", "/metrics",
+             "/instances/1.2.3/thumbnail.png"],
+)
+def test_with_token_requests_without_it_get_401(guarded, path: str) -> None:  # type: ignore[no-untyped-def]
+    reply = http(guarded(path), follow=False)
+    assert reply.status == 401
+    assert reply.headers.get("www-authenticate", "").startswith("Bearer")
+    wrong = http(guarded(path), headers={"Authorization": "Bearer nope"}, follow=False)
+    assert wrong.status == 401
+
+
+def test_with_token_bearer_and_basic_get_in(guarded) -> None:  # type: ignore[no-untyped-def]
+    ok = http(guarded("/queue"), headers={"Authorization": "Bearer s3cret-token"})
+    assert ok.status == 200 and "Queue" in ok.text
+    basic = base64.b64encode(b"alice:s3cret-token").decode()
+    ok = http(guarded("/metrics"), headers={"Authorization": f"Basic {basic}"})
+    assert ok.status == 200 and "vaenode_series" in ok.text
+
+
+def test_browser_gets_the_login_form_and_then_a_cookie(guarded) -> None:  # type: ignore[no-untyped-def]
+    page = http(guarded("/queue"), headers={"Accept": "text/html"})
+    assert page.status == 401 and 'name="token"' in page.text
+    bad = http(guarded("/login"), data=urllib.parse.urlencode(
+        {"name": "bob", "token": "wrong", "next": "/queue"}).encode(), follow=False)
+    assert bad.status == 401 and "set-cookie" not in {k.lower() for k in bad.headers}
+    good = http(guarded("/login"), data=urllib.parse.urlencode(
+        {"name": "bob", "token": "s3cret-token", "next": "/queue"}).encode(), follow=False)
+    assert good.status == 303 and good.headers["location"] == "/queue"
+    cookie = good.headers["set-cookie"].split(";")[0]
+    assert "s3cret-token" not in cookie
+    assert "HttpOnly" in good.headers["set-cookie"]
+    page = http(guarded("/queue"), headers={"Cookie": cookie})
+    assert page.status == 200 and "signed in as bob" in page.text
+
+
+def test_login_does_not_redirect_off_site(guarded) -> None:  # type: ignore[no-untyped-def]
+    reply = http(guarded("/login"), data=urllib.parse.urlencode(
+        {"name": "bob", "token": "s3cret-token", "next": "//evil.example/"}).encode(),
+        follow=False)
+    assert reply.status == 303 and reply.headers["location"] == "/queue"
+
+
+def test_healthz_is_public_and_checks_db_and_storage(make_settings, session_factory_for,  # type: ignore[no-untyped-def]
+                                                     run_dashboard, tmp_path) -> None:
+    settings = make_settings(token="s3cret-token")
+    dash = run_dashboard(settings, session_factory_for(settings))
+    url = f"http://127.0.0.1:{dash.port}/healthz"
+    assert http(url).status == 200
+    (tmp_path / "storage").rmdir()
+    reply = http(url)
+    assert reply.status == 503 and "storage" in reply.text
