@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, func, select
+from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session
 
 from node.errors import AdminActionError
@@ -40,7 +40,7 @@ class DeliveryRow:
     created_at: datetime
 
 
-def _rows(session: Session, where: list[object], limit: int) -> list[DeliveryRow]:
+def _rows(session: Session, where: list[ColumnElement[bool]], limit: int) -> list[DeliveryRow]:
     stmt = (
         select(OutboxEntry, Report, Series)
         .join(Report, OutboxEntry.report_id == Report.id)

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin import reviews
-from node.admin.queries import STATES
+from node.admin.queries import status_counts
 from node.queue.models import Instance, Series, SeriesEvent
 from node.queue.states import SeriesState
 
@@ -90,13 +90,8 @@ class QueueCollector(Collector):
             by_status = GaugeMetricFamily(
                 "vaenode_series", "Series in the queue by status.", labels=["status"]
             )
-            counts = {str(state): 0 for state in STATES}
-            for status, n in session.execute(
-                select(Series.status, func.count()).group_by(Series.status)
-            ):
-                counts[str(status)] = int(n)
-            for status, n in counts.items():
-                by_status.add_metric([status], float(n))
+            for label, n in status_counts(session).items():
+                by_status.add_metric([label], float(n))
             yield by_status
 
             yield _histogram(

@@ -185,13 +185,13 @@ def model_review_stats(session: Session) -> list[ModelStats]:
         flagged[model] += int(abnormal)
     confirmed: dict[str, int] = defaultdict(int)
     false_alarms: dict[str, int] = defaultdict(int)
-    for action, model in latest_reviews(session).values():
-        if model is None:
+    for action, reviewed_model in latest_reviews(session).values():
+        if reviewed_model is None:
             continue
         if action == CONFIRM:
-            confirmed[model] += 1
+            confirmed[reviewed_model] += 1
         elif action == FALSE_ALARM:
-            false_alarms[model] += 1
+            false_alarms[reviewed_model] += 1
     out = []
     for model in sorted(set(scored) | set(confirmed) | set(false_alarms)):
         negatives = scored[model] - confirmed[model]

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 QUEUE_REFRESH_S = 10
-SERIES_REFRESH_S = 30
 NORMAL_THUMBNAILS = 4
 FLAGGED_THUMBNAILS = 12
 
@@ -62,6 +61,16 @@ def _render(request: Request, template: str, page: str, status_code: int = 200,
          "settings": _settings(request), **context},
         status_code=status_code,
     )
+
+
+def _end_read(session: Session) -> None:
+    """End the read transaction before slow work (drawing, decoding pixels).
+
+    The queue database takes its write lock at BEGIN (SQLite BEGIN IMMEDIATE, see
+    ``node/queue/db.py``), so a dashboard request that kept its transaction open while it draws
+    would make ingest wait.
+    """
+    session.rollback()
 
 
 def _parse_date(value: str | None) -> date | None:
@@ -128,29 +137,24 @@ def series_page(request: Request, session: SessionDep, series_uid: str) -> HTMLR
         select(Instance).where(Instance.series_id == series.id)
         .order_by(Instance.instance_number, Instance.id).limit(1)
     ).first()
-    header = read_header_facts(
-        settings.storage.dir / first.path if first is not None else None,
-        settings.admin.show_patient_name,
-    )
+    first_path = settings.storage.dir / first.path if first is not None else None
     verdict = verdicts.series_verdict(session, series.id)
     scores = verdicts.slice_scores(session, series.id)
     flagged, normal = verdicts.pick_thumbnails(scores, FLAGGED_THUMBNAILS, NORMAL_THUMBNAILS)
-    return _render(
-        request,
-        "series.html",
-        "queue",
-        series=row,
-        header=header,
-        events=queries.series_events(session, series.id),
-        verdict=verdict,
-        scores=scores,
-        flagged=flagged,
-        normal=normal,
-        reports=deliveries.for_series(session, series_uid),
-        actions=reviews.actions_for(session, series.id),
-        allowed=reviews.allowed_actions(session, series, verdict),
-        refresh_s=SERIES_REFRESH_S,
-    )
+    context: dict[str, Any] = {
+        "series": row,
+        "events": queries.series_events(session, series.id),
+        "verdict": verdict,
+        "scores": scores,
+        "flagged": flagged,
+        "normal": normal,
+        "reports": deliveries.for_series(session, series_uid),
+        "actions": reviews.actions_for(session, series.id),
+        "allowed": reviews.allowed_actions(session, series, verdict),
+    }
+    _end_read(session)
+    header = read_header_facts(first_path, settings.admin.show_patient_name)
+    return _render(request, "series.html", "queue", header=header, **context)
 
 
 @router.get("/series/{series_uid}/plot.png", name="series_plot")
@@ -163,6 +167,7 @@ def series_plot(session: SessionDep, series_uid: str) -> Response:
     scores = verdicts.slice_scores(session, series.id)
     if verdict is None or not scores:
         raise HTTPException(404, "the series has no scores")
+    _end_read(session)
     png = plot_slice_scores(
         [s.index for s in scores],
         [s.log_likelihood for s in scores],
@@ -187,6 +192,7 @@ def thumbnail(
     if instance is None:
         raise HTTPException(404, f"no instance {sop_uid}")
     path = _settings(request).storage.dir / instance.path
+    _end_read(session)
     try:
         png = render_thumbnail(Path(path), frame)
     except ThumbnailError as exc:

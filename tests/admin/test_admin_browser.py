@@ -1,0 +1,64 @@
+"""The dashboard in a real headless Chromium, on a node that really received and scored a series.
+
+The queue page lists the series, a click opens its page, the log p(x) plot and the thumbnails
+are real rendered images (the right number of them), a review action updates the page and the
+models page's counts; screenshots go to ``test-output/admin/``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.admin.browser import TEST_OUTPUT, chromium_page, image_sizes
+from tests.admin.conftest import ScoredNode
+
+pytestmark = pytest.mark.e2e
+
+
+def _login(page, node: ScoredNode) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{node.base_url}/queue")
+    # The token is configured: the browser first gets the login form (HTTP 401).
+    page.fill("input[name=name]", "dr-bob")
+    page.fill("input[name=token]", node.token)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r".*/queue$"))
+
+
+def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode) -> None:
+    TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
+    with chromium_page() as page:
+        _login(page, scored_node)  # type: ignore[arg-type]
+
+        row = page.locator(f"tr.series-row[data-series-uid='{scored_node.series_uid}']")  # type: ignore[attr-defined]
+        assert row.count() == 1
+        assert "done" in row.inner_text()
+        assert page.locator("#status-counts a[data-status=done] b").inner_text() == "1"  # type: ignore[attr-defined]
+        page.screenshot(path=str(TEST_OUTPUT / "queue.png"), full_page=True)  # type: ignore[attr-defined]
+
+        row.locator("td.uid a").click()
+        page.wait_for_url(re.compile(rf".*/series/{re.escape(scored_node.series_uid)}$"))  # type: ignore[attr-defined]
+
+        plot = image_sizes(page, "#score-plot")
+        assert plot == [(800, 320)]
+        flagged = image_sizes(page, "img.thumb-flagged")
+        normal = image_sizes(page, "img.thumb-normal")
+        assert len(flagged) == min(scored_node.flagged, 12)
+        assert len(normal) == min(scored_node.normal, 4)
+        assert all(w > 0 and h > 0 for w, h in flagged + normal)
+        assert scored_node.flagged > 0, "the corrupted block should have been flagged"
+
+        page.fill("#note", "motion in the lower block")  # type: ignore[attr-defined]
+        page.click("#action-false_alarm")  # type: ignore[attr-defined]
+        page.wait_for_selector("tr.action-row[data-action=false_alarm]")  # type: ignore[attr-defined]
+        logged = page.locator("tr.action-row").first.inner_text()  # type: ignore[attr-defined]
+        assert "dr-bob" in logged and "false alarm" in logged and "motion in the lower block" in logged
+        page.screenshot(path=str(TEST_OUTPUT / "series.png"), full_page=True)  # type: ignore[attr-defined]
+
+        page.click("#nav-models")  # type: ignore[attr-defined]
+        stat = page.locator(f"tr.model-stat[data-model='{scored_node.model}']")  # type: ignore[attr-defined]
+        assert stat.locator("td.false-alarms").inner_text() == "1"
+        page.screenshot(path=str(TEST_OUTPUT / "models.png"), full_page=True)  # type: ignore[attr-defined]
+
+    assert (TEST_OUTPUT / "series.png").stat().st_size > 10_000
