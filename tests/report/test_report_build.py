@@ -190,9 +190,7 @@ def test_sr_and_kos_pass_dciodvfy_and_dsrdump(sources: list[Dataset], tmp_path: 
         assert errors == [], f"{name}: {errors}"
         # The only warnings: our private coding scheme designator is not a defined term.
         assert all("99VAENODE" in w for w in warnings), warnings
-        dump = subprocess.run(
-            ["dsrdump", str(path)], capture_output=True, text=True, check=False
-        )
+        dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, check=False)
         assert dump.returncode == 0, dump.stderr
         assert ("Imaging Measurement Report" if name.startswith("sr") else "Quality Issue") in (
             dump.stdout
