@@ -118,10 +118,8 @@ def perform(
     verdict = verdicts.series_verdict(session, series.id)
     if action not in allowed_actions(session, series, verdict):
         raise AdminActionError(
-            f"{LABELS[action]} does not apply to series {series.series_instance_uid} "
-            f"while it is {series.status}"
-            + ("" if verdict is None or verdict.abnormal or action != FALSE_ALARM
-               else " and not flagged")
+            f"{LABELS[action]} does not apply to series {series.series_instance_uid}: "
+            + _why_not(action, series, verdict)
         )
     # The reads above opened the session's transaction; the change and its audit row join it
     # and commit together, or neither does.
@@ -149,6 +147,17 @@ def perform(
         action,
         extra={"series_uid": series.series_instance_uid, "actor": actor},
     )
+
+
+def _why_not(action: str, series: Series, verdict: verdicts.Verdict | None) -> str:
+    status = SeriesState(series.status)
+    if action == RETRY:
+        return f"it is {status.value}; only done, skipped or failed series are re-scored"
+    if action == RESEND:
+        return "it has no report with a destination to deliver to"
+    if status is not SeriesState.DONE or verdict is None:
+        return f"it has no verdict to review (it is {status.value})"
+    return "its verdict is normal; only a flagged series can be a false alarm"
 
 
 def actions_for(session: Session, series_id: int) -> list[ActionRow]:
