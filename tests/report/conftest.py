@@ -43,7 +43,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(graceful=False)
 
 
 @pytest.fixture
