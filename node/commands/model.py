@@ -74,6 +74,44 @@ def train(
                  attribution=IXI_ATTRIBUTION if is_ixi else {}, report=typer.echo)
 
 
+def evaluate(
+    data: Annotated[list[Path], typer.Option("--data", help="NIfTI files or folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.md, metrics.json...")],
+    model: Annotated[Path | None, typer.Option("--model", help="Bundle folder.")] = None,
+    max_subjects: Annotated[int | None, typer.Option(help="Use at most this many.")] = None,
+    artifact: Annotated[list[str] | None, typer.Option(help="Artifacts (default: all).")] = None,
+    samples: Annotated[int | None, typer.Option(help="Monte-Carlo samples.")] = None,
+    mcmc_subjects: Annotated[int, typer.Option(help="Subjects also scored by mcmc.")] = 2,
+    block_fraction: Annotated[float, typer.Option(help="Corrupted share of a series.")] = 0.3,
+    seed: Annotated[int, typer.Option(help="Random seed of the corruptions.")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Measure a bundle on held-out subjects: clean vs TorchIO-corrupted slices."""
+    settings = setup(config)
+    from node.model.artifacts import ARTIFACTS
+    from node.model.bundle import load_bundle
+    from node.model.evaluate import EvalConfig, run_evaluation
+
+    bundle = load_bundle(model or settings.model.bundle)
+    vols = _load_volumes(data)
+    subjects = bundle.meta.get("training", {}).get("subjects", {})
+    eval_ids = set(subjects.get("evaluation", []))
+    ref_ids = set(subjects.get("calibration", []))
+    chosen = [v for v in vols if v.subject in eval_ids] if eval_ids else vols
+    if not chosen:
+        chosen = vols
+    reference = [v for v in vols if v.subject in ref_ids] or chosen[:1]
+    if max_subjects:
+        chosen = chosen[:max_subjects]
+    typer.echo(f"evaluating {bundle.name} {bundle.version} on {len(chosen)} subjects")
+    cfg = EvalConfig(artifacts=artifact or ARTIFACTS, samples=samples,
+                     mcmc_subjects=mcmc_subjects, block_fraction=block_fraction, seed=seed)
+    metrics = run_evaluation(bundle, chosen, reference, out, cfg, report=typer.echo)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"false-positive rate at threshold: {100 * metrics['fpr_at_threshold']:.2f}%")
+
+
 def register(app: typer.Typer) -> None:
     """Add the model commands to the ``vaenode`` app."""
     app.command("train")(train)
+    app.command("evaluate")(evaluate)

@@ -140,7 +140,7 @@ class Bundle:
         progress: bool = False,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        png_nats. Scores are reproducible: the Monte-Carlo draws come from ``seed``."""
+        plain, png_nats. Scores are reproducible: the Monte-Carlo draws come from ``seed``."""
         estimator = estimator or self.scoring.estimator
         samples = samples or self.scoring.samples
         if estimator not in ESTIMATORS:
@@ -157,11 +157,12 @@ class Bundle:
         for start in starts:
             xb = x[start : start + batch_size].to(dev)
             est = estimate(model, xb, estimator, samples, generator=gen)
-            for key in ("log_likelihood", "kl", "elbo", "tail", "rec_error"):
+            for key in ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain"):
                 parts.setdefault(key, []).append(getattr(est, key).double().cpu().numpy())
         out = {k: np.concatenate(v) for k, v in parts.items()}
         if not parts:
-            out = {k: np.zeros(0) for k in ("log_likelihood", "kl", "elbo", "tail", "rec_error")}
+            keys = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain")
+            out = {k: np.zeros(0) for k in keys}
         out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
         return out
 

@@ -55,6 +55,7 @@ class Estimate:
         tail: mean over samples of the mean of the largest 1% squared standardized residuals
             0.5 ((x - mean) / sigma)^2 (nats per pixel); localized artifacts raise it.
         rec_error: mean squared error of the decoded posterior mean (a baseline score).
+        plain: the ``plain`` estimate (eq. 2) from the same q samples, for comparison.
     """
 
     log_likelihood: torch.Tensor
@@ -62,6 +63,7 @@ class Estimate:
     elbo: torch.Tensor
     tail: torch.Tensor
     rec_error: torch.Tensor
+    plain: torch.Tensor
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -139,15 +141,16 @@ def estimate(
     log_w = log_pxz + log_pz - log_qz
     elbo = log_w.mean(dim=1)
     log_n = math.log(samples)
+    plain = torch.logsumexp(log_pxz, dim=1) - log_n
     if estimator == "importance":
         ll = torch.logsumexp(log_w, dim=1) - log_n
     elif estimator == "plain":
-        ll = torch.logsumexp(log_pxz, dim=1) - log_n
+        ll = plain
     else:
         ll = mcmc_log_likelihood(model, x, mu, logvar, samples, mcmc_burn_in, generator)
     mean0, _ = model.decode(mu)
     rec = ((x - mean0) ** 2).flatten(1).mean(dim=1)
-    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec)
+    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain)
 
 
 def _log_joint(model: LatentModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
