@@ -31,6 +31,10 @@ class PreprocessConfig:
             without pixel spacing (240 mm is a typical adult head field of view).
         norm_percentile: percentile of the stack's pixels mapped to intensity 1.0.
         clip_max: normalized intensities are clipped to [0, clip_max].
+        fov_mm: side of the centred square field of view kept; pixels outside it are set to 0.
+            The training slices never extend beyond it, so the model has no opinion about
+            what lies there, and a larger field of view of another scanner must not be held
+            against its slices.
     """
 
     image_size: int = 128
@@ -38,6 +42,7 @@ class PreprocessConfig:
     default_fov_mm: float = 240.0
     norm_percentile: float = 99.5
     clip_max: float = 2.0
+    fov_mm: float = 240.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json``."""
@@ -127,4 +132,10 @@ def preprocess_stack(
                 batch, size=target, mode="bilinear", align_corners=False, antialias=True
             )
         out[idx] = _fit(batch, cfg.image_size).clamp_(0.0, cfg.clip_max)
+    keep = min(cfg.image_size, round(cfg.fov_mm / cfg.spacing_mm))
+    if keep < cfg.image_size:
+        margin = (cfg.image_size - keep) // 2
+        mask = torch.zeros(cfg.image_size, cfg.image_size)
+        mask[margin : margin + keep, margin : margin + keep] = 1.0
+        out *= mask
     return out
