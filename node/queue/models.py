@@ -15,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -101,6 +102,20 @@ class Series(Base):
     worker_id: Mapped[str | None] = mapped_column(String(128))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
+    # The current verdict (revision 0002_scoring); all None until the series is first scored,
+    # kept when a later re-score fails so the last good verdict stays visible.
+    abnormal: Mapped[bool | None] = mapped_column(Boolean)
+    abnormal_slices: Mapped[int | None] = mapped_column(Integer)
+    scored_slices: Mapped[int | None] = mapped_column(Integer)
+    min_abnormal_slices: Mapped[int | None] = mapped_column(Integer)
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    threshold: Mapped[float | None] = mapped_column(Float)
+    estimator: Mapped[str | None] = mapped_column(String(32))
+    samples: Mapped[int | None] = mapped_column(Integer)
+    routing_rule: Mapped[str | None] = mapped_column(String(128))
+    scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
     instances: Mapped[list[Instance]] = relationship(
         back_populates="series", order_by="Instance.instance_number"
     )
@@ -155,6 +170,33 @@ class Instance(Base):
     __table_args__ = (
         UniqueConstraint("sop_instance_uid", name="uq_instances_sop_instance_uid"),
     )
+
+
+class SliceScore(Base):
+    """The scores of one image of the current verdict of a series (one instance, or one frame).
+
+    Rows are replaced as a whole when the series is scored again; ``frame`` is the 1-based
+    frame number inside a multi-frame instance and None for a single-frame instance.
+    """
+
+    __tablename__ = "slice_scores"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    frame: Mapped[int | None] = mapped_column(Integer)
+    #: Which stack of the series (same orientation, size and frame of reference), from 0.
+    stack: Mapped[int] = mapped_column(Integer, default=0)
+    #: Position in the series: stacks one after the other, each ordered along its normal.
+    slice_index: Mapped[int] = mapped_column(Integer)
+    log_likelihood: Mapped[float] = mapped_column(Float)
+    kl: Mapped[float] = mapped_column(Float)
+    elbo: Mapped[float] = mapped_column(Float)
+    abnormal: Mapped[bool] = mapped_column(Boolean)
+    confidence: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_slice_scores_series_slice", "series_id", "slice_index"),)
 
 
 class Association(Base):
