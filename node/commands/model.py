@@ -111,7 +111,34 @@ def evaluate(
     typer.echo(f"false-positive rate at threshold: {100 * metrics['fpr_at_threshold']:.2f}%")
 
 
+def calibrate(
+    model: Annotated[Path, typer.Option("--model", help="Bundle to start from.")],
+    data: Annotated[list[Path], typer.Option("--data", help="NIfTI files or folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
+    tail_weight: Annotated[float | None, typer.Option(help="Extra weight, worst 1%.")] = None,
+    max_series_shift: Annotated[float | None, typer.Option(help="Shift cap, nats.")] = None,
+    complexity: Annotated[bool | None, typer.Option(help="PNG correction.")] = None,
+    series_relative: Annotated[bool | None, typer.Option(help="Series shift.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Default Monte-Carlo samples.")] = None,
+    target_fpr: Annotated[float | None, typer.Option(help="False-positive rate.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
+    setup(config)
+    from node.model.bundle import load_bundle
+    from node.model.train import recalibrate
+
+    changes = {k: v for k, v in {"tail_weight": tail_weight, "max_series_shift": max_series_shift,
+                                 "complexity": complexity, "series_relative": series_relative,
+                                 "samples": samples}.items() if v is not None}
+    bundle = load_bundle(model)
+    command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    recalibrate(bundle, _load_volumes(data), out, changes, target_fpr, command)
+    typer.echo(f"bundle written to {out} (threshold {bundle.threshold:.1f})")
+
+
 def register(app: typer.Typer) -> None:
     """Add the model commands to the ``vaenode`` app."""
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("calibrate")(calibrate)

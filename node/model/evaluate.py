@@ -58,6 +58,7 @@ class EvalConfig:
     mcmc_slices: int = 12
     planes: Sequence[str] = PLANES
     samples: int | None = None
+    time_scoring: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,10 +164,11 @@ def collect(
         say(f"subject {vol.subject} ({si + 1}/{len(volumes)})")
         for plane in cfg.planes:
             images, spacing = plane_slices(vol, plane)
-            t0 = time.perf_counter()
-            bundle.score_slices(list(images), [spacing] * len(images), samples=cfg.samples)
-            timing["seconds"] += time.perf_counter() - t0
-            timing["slices"] += len(images)
+            if cfg.time_scoring:
+                t0 = time.perf_counter()
+                bundle.score_slices(list(images), [spacing] * len(images), samples=cfg.samples)
+                timing["seconds"] += time.perf_counter() - t0
+                timing["slices"] += len(images)
             rec = _stack_record(bundle, list(images), spacing, cfg.samples)
             rec.update(subject=vol.subject, plane=plane)
             clean.append(rec)

@@ -370,3 +370,34 @@ def run_training(
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # training state, not part of a bundle
     say(f"bundle written to {out_dir} (threshold {bundle.threshold:.1f})")
     return out_dir
+
+
+def recalibrate(
+    bundle: Bundle,
+    volumes: Sequence[Volume],
+    out_dir: Path,
+    changes: dict[str, Any],
+    target_fpr: float | None = None,
+    command: str = "",
+) -> Path:
+    """Write a copy of ``bundle`` with other score settings, calibrated again.
+
+    The weights are unchanged; ``changes`` are :class:`ScoreConfig` fields (tail weight,
+    series shift cap, complexity correction...). The calibration subjects are the bundle's
+    own (``training.subjects.calibration``), found among ``volumes``.
+    """
+    ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
+    cal = [v for v in volumes if v.subject in ids]
+    if not cal:
+        raise ValueError("none of the bundle's calibration subjects is in the given data")
+    scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), **changes})
+    bundle.scoring = scoring
+    bundle.meta["scoring"] = scoring.to_dict()
+    planes = bundle.meta.get("training", {}).get("config", {}).get("planes", list(PLANES))
+    calibrate_bundle(bundle, cal, planes, target_fpr or bundle.target_fpr)
+    bundle.meta.setdefault("training", {}).setdefault("recalibrations", []).append(
+        {"command": command, "changes": changes,
+         "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    )
+    save_bundle(out_dir, bundle.model, bundle.meta)
+    return out_dir
