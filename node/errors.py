@@ -60,6 +60,11 @@ class AssemblyError(NodeError):
     """The instances of a series cannot be assembled into image stacks; the message says why."""
 
 
+class NoImages(AssemblyError):  # noqa: N818 - named by condition, like the others here
+    """The series holds no image to score (only reports, key objects, presentation states...);
+    the worker marks it ``skipped`` rather than ``failed``."""
+
+
 class DeliveryError(NodeError):
     """A report could not be delivered to a destination."""
 
