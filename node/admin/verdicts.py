@@ -1,7 +1,7 @@
 """The worker's results as the dashboard shows them: series verdicts and per-slice scores.
 
-Read-only views over the scoring tables (``slice_scores`` and the verdict columns of
-``series``), plus the choice of which slices to show as thumbnails.
+Read-only views over the scoring schema (revision 0002_scoring: ``slice_scores`` and the
+verdict columns of ``series``), plus the choice of which slices to show as thumbnails.
 """
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+
+from node.queue.models import Series, SliceScore
 
 
 @dataclass(frozen=True)
@@ -73,21 +76,79 @@ def pick_thumbnails(
     return flagged, normal
 
 
+def _label(series: Series) -> str:
+    # The same "name version" label the models page gives a bundle (models_page.label_of).
+    name = series.model_name or "unknown model"
+    return f"{name} {series.model_version}" if series.model_version else name
+
+
+def _verdict(series: Series) -> Verdict | None:
+    if series.abnormal is None or series.threshold is None:
+        return None
+    return Verdict(
+        model=_label(series),
+        threshold=float(series.threshold),
+        abnormal=bool(series.abnormal),
+        abnormal_slices=int(series.abnormal_slices or 0),
+        scored_slices=int(series.scored_slices or 0),
+        min_abnormal_slices=int(series.min_abnormal_slices or 1),
+        estimator=series.estimator,
+    )
+
+
 def series_verdict(session: Session, series_id: int) -> Verdict | None:
-    """The current verdict of a series; None when it has not been scored."""
-    raise NotImplementedError("waiting for the scoring schema (0002_scoring)")
+    """The current verdict of a series; None when it has never been scored.
+
+    A series re-scored after a failure keeps its last good verdict (the worker leaves the
+    columns in place), so a failed or re-queued series may still show one.
+    """
+    series = session.get(Series, series_id)
+    return _verdict(series) if series is not None else None
 
 
 def slice_scores(session: Session, series_id: int) -> list[SliceScoreView]:
-    """The per-slice scores of the current verdict, in slice order."""
-    raise NotImplementedError("waiting for the scoring schema (0002_scoring)")
+    """The per-slice scores of the current verdict, in series order (stack, then slice)."""
+    stmt = (
+        select(SliceScore)
+        .where(SliceScore.series_id == series_id)
+        .order_by(SliceScore.slice_index, SliceScore.id)
+    )
+    return [
+        SliceScoreView(
+            sop_instance_uid=s.sop_instance_uid,
+            frame=s.frame,
+            index=s.slice_index,
+            log_likelihood=float(s.log_likelihood),
+            kl=s.kl,
+            elbo=s.elbo,
+            abnormal=bool(s.abnormal),
+            confidence=s.confidence,
+        )
+        for s in session.scalars(stmt)
+    ]
 
 
 def verdicts_for(session: Session, series_uids: Sequence[str]) -> dict[str, Verdict]:
     """Verdicts of the listed series (those scored), by Series Instance UID."""
-    raise NotImplementedError("waiting for the scoring schema (0002_scoring)")
+    if not series_uids:
+        return {}
+    out: dict[str, Verdict] = {}
+    for series in session.scalars(
+        select(Series).where(Series.series_instance_uid.in_(list(series_uids)))
+    ):
+        verdict = _verdict(series)
+        if verdict is not None:
+            out[series.series_instance_uid] = verdict
+    return out
 
 
 def all_verdicts(session: Session) -> list[tuple[int, str, bool]]:
-    """(series id, model label, abnormal) of every scored series."""
-    raise NotImplementedError("waiting for the scoring schema (0002_scoring)")
+    """(series id, model label, abnormal) of every series that has a verdict."""
+    stmt = select(Series.id, Series.model_name, Series.model_version, Series.abnormal).where(
+        Series.abnormal.is_not(None)
+    )
+    out = []
+    for series_id, name, version, abnormal in session.execute(stmt):
+        label = f"{name or 'unknown model'} {version}" if version else (name or "unknown model")
+        out.append((int(series_id), label, bool(abnormal)))
+    return out
