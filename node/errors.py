@@ -60,7 +60,7 @@ class AssemblyError(NodeError):
     """The instances of a series cannot be assembled into image stacks; the message says why."""
 
 
-class NoImages(AssemblyError):  # noqa: N818 - named by condition, like the others here
+class NoImages(AssemblyError):
     """The series holds no image to score (only reports, key objects, presentation states...);
     the worker marks it ``skipped`` rather than ``failed``."""
 
