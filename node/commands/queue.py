@@ -1,0 +1,147 @@
+"""``vaenode queue``: what the node has received and where each series stands."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from node.commands.common import ConfigOption, setup
+from node.errors import NodeError
+
+queue_app = typer.Typer(help="Inspect the series queue.", no_args_is_help=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def series_dict(series: Any) -> dict[str, Any]:
+    """The plain values of a series row, as ``queue list --json`` prints them."""
+    return {
+        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": series.study_instance_uid,
+        "status": series.status.value,
+        "status_reason": series.status_reason,
+        "modality": series.modality,
+        "series_description": series.series_description,
+        "body_part": series.body_part,
+        "instance_count": series.instance_count,
+        "calling_aet": series.calling_aet,
+        "peer_address": series.peer_address,
+        "first_received_at": _iso(series.first_received_at),
+        "last_received_at": _iso(series.last_received_at),
+        "attempts": series.attempts,
+        "worker_id": series.worker_id,
+        "lease_until": _iso(series.lease_until),
+        "updated_at": _iso(series.updated_at),
+    }
+
+
+def _session(config: Any) -> Any:
+    settings = setup(config)
+    from node.queue.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(settings.database))()
+
+
+@queue_app.command("list")
+def list_cmd(
+    config: ConfigOption = None,
+    status: Annotated[
+        str | None, typer.Option("--status", "-s", help="Only series in this state.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Most series shown, newest first.")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """List series, newest first."""
+    from sqlalchemy import select
+
+    from node.queue.models import Series
+    from node.queue.states import SeriesState
+
+    query = select(Series).order_by(Series.last_received_at.desc()).limit(limit)
+    if status is not None:
+        try:
+            query = query.where(Series.status == SeriesState(status.lower()))
+        except ValueError as exc:
+            states = ", ".join(s.value for s in SeriesState)
+            raise typer.BadParameter(f"unknown status {status!r}; one of {states}") from exc
+    with _session(config) as session:
+        rows = session.execute(query).scalars().all()
+    if as_json:
+        for series in rows:
+            typer.echo(json.dumps(series_dict(series)))
+        return
+    typer.echo(f"{'STATUS':<11} {'MOD':<4} {'N':>5}  {'LAST RECEIVED (UTC)':<19}  "
+               f"{'FROM':<16} SERIES UID / DESCRIPTION")
+    for s in rows:
+        typer.echo(
+            f"{s.status.value:<11} {(s.modality or '-'):<4} {s.instance_count:>5}  "
+            f"{s.last_received_at:%Y-%m-%d %H:%M:%S}  {(s.calling_aet or '-'):<16} "
+            f"{s.series_instance_uid}  {s.series_description or ''}"
+        )
+
+
+@queue_app.command("show")
+def show_cmd(
+    series_uid: Annotated[str, typer.Argument(help="Series Instance UID.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one series: its attributes, status history and instances."""
+    from sqlalchemy import select
+
+    from node.queue.models import Instance, Series, SeriesEvent
+
+    with _session(config) as session:
+        series = session.execute(
+            select(Series).where(Series.series_instance_uid == series_uid)
+        ).scalar_one_or_none()
+        if series is None:
+            raise NodeError(f"no series {series_uid}")
+        events = session.execute(
+            select(SeriesEvent).where(SeriesEvent.series_id == series.id).order_by(SeriesEvent.id)
+        ).scalars().all()
+        instances = session.execute(
+            select(Instance)
+            .where(Instance.series_id == series.id)
+            .order_by(Instance.instance_number, Instance.sop_instance_uid)
+        ).scalars().all()
+    out = series_dict(series)
+    out["events"] = [
+        {"at": _iso(e.at), "from": e.from_status, "to": e.to_status, "reason": e.reason,
+         "actor": e.actor}
+        for e in events
+    ]
+    out["instances"] = [
+        {"sop_instance_uid": i.sop_instance_uid, "instance_number": i.instance_number,
+         "sop_class_uid": i.sop_class_uid, "transfer_syntax_uid": i.transfer_syntax_uid,
+         "path": i.path, "size_bytes": i.size_bytes, "received_at": _iso(i.received_at)}
+        for i in instances
+    ]
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    for key, value in out.items():
+        if key not in ("events", "instances"):
+            typer.echo(f"{key:<20} {value if value is not None else '-'}")
+    typer.echo("history:")
+    for e in out["events"]:
+        typer.echo(f"  {e['at']}  {e['from'] or '-':>10} -> {e['to']:<10} {e['actor']}: "
+                   f"{e['reason'] or ''}")
+    typer.echo(f"instances: {len(instances)}")
+    for i in instances[:10]:
+        typer.echo(f"  #{i.instance_number if i.instance_number is not None else '-':<5} "
+                   f"{i.sop_instance_uid}  {i.size_bytes} bytes  {i.path}")
+    if len(instances) > 10:
+        typer.echo(f"  ... {len(instances) - 10} more (--json for all)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``queue`` group to the ``vaenode`` command."""
+    app.add_typer(queue_app, name="queue")

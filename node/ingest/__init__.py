@@ -1,0 +1,1 @@
+"""Ingest: the C-STORE SCP (thin handlers) and durable instance storage."""

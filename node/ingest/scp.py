@@ -1,0 +1,372 @@
+"""The DICOM listener: Verification and Storage SCP with access control and optional TLS.
+
+Handlers are thin: they gather plain values from the pynetdicom event and call
+:meth:`~node.ingest.store.Store.accept`. This module is the one boundary where ingest
+exceptions become C-STORE status codes (PS3.4 Annex B.2.3) and where access-control decisions
+become A-ASSOCIATE-RJ reasons (PS3.8 9.3.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import DicomSettings, TlsSettings
+from node.errors import ConfigError, IngestError
+from node.ingest.store import Store
+from node.queue import repo
+
+log = logging.getLogger(__name__)
+
+#: Transfer syntaxes accepted for storage, in order of preference when a peer offers several.
+#: Uncompressed first: storing what the modality produced, unchanged, is the point.
+STORAGE_TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+)
+
+SUCCESS = 0x0000
+FAILURE_PROCESSING = 0xC211  # PS3.4 B.2.3: Error, Cannot understand (unexpected failure)
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, source 1 = service user.
+_REJECT_PERMANENT = 0x01
+_SOURCE_USER = 0x01
+_CALLING_AET_NOT_RECOGNISED = 0x03
+_CALLED_AET_NOT_RECOGNISED = 0x07
+
+
+@dataclass
+class _AssocState:
+    """Per-association bookkeeping, kept until the association ends."""
+
+    db_id: int | None
+    instances: int = 0
+    failed: int = 0
+
+
+def _peer(assoc: Association) -> str:
+    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+def _aet(value: str | bytes | None) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    return (value or "").strip()
+
+
+def build_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The server-side TLS context for DICOM TLS (PS3.15 Annex B).
+
+    Raises:
+        ConfigError: TLS is on without a certificate and key, or they cannot be loaded.
+    """
+    if tls.cert_file is None or tls.key_file is None:
+        raise ConfigError("dicom.tls.enabled needs dicom.tls.cert_file and dicom.tls.key_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.ca_file is not None:
+            context.load_verify_locations(cafile=tls.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"dicom.tls: cannot load certificate, key or CA: {exc}") from exc
+    if tls.require_client_cert:
+        if tls.ca_file is None:
+            raise ConfigError("dicom.tls.require_client_cert needs dicom.tls.ca_file")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class AccessPolicy:
+    """Which associations are accepted: calling AE titles (optionally per host), called AE.
+
+    Args:
+        settings: ``allowed_calling_aets`` entries are ``"AET"`` (any host) or ``"AET@host"``;
+            an empty list allows every calling AE title.
+    """
+
+    def __init__(self, settings: DicomSettings) -> None:
+        self.ae_title = settings.ae_title
+        self.require_called_aet = settings.require_called_aet
+        self._allowed: dict[str, set[str] | None] = {}
+        for entry in settings.allowed_calling_aets:
+            aet, _, host = entry.partition("@")
+            if not host:
+                self._allowed[aet] = None  # from any host
+            elif (hosts := self._allowed.setdefault(aet, set())) is not None:
+                hosts.add(host)
+
+    def check(self, calling_aet: str, called_aet: str, host: str) -> tuple[int, str] | None:
+        """None when allowed, else the A-ASSOCIATE-RJ diagnostic and a reason for the log."""
+        if self.require_called_aet and called_aet != self.ae_title:
+            return _CALLED_AET_NOT_RECOGNISED, f"called AE title {called_aet!r} is not ours"
+        if not self._allowed:
+            return None
+        if calling_aet not in self._allowed:
+            return _CALLING_AET_NOT_RECOGNISED, f"calling AE title {calling_aet!r} not allowed"
+        hosts = self._allowed[calling_aet]
+        if hosts is not None and host not in hosts:
+            return (_CALLING_AET_NOT_RECOGNISED,
+                    f"calling AE title {calling_aet!r} not allowed from {host}")
+        return None
+
+
+class Scp:
+    """The node's Storage SCP.
+
+    Args:
+        settings: the ``[dicom]`` section.
+        store: where accepted instances go.
+        session_factory: for association records.
+    """
+
+    def __init__(
+        self, settings: DicomSettings, store: Store, session_factory: sessionmaker[Session]
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._session_factory = session_factory
+        self._policy = AccessPolicy(settings)
+        self._ssl = build_ssl_context(settings.tls) if settings.tls.enabled else None
+        self._states: dict[int, _AssocState] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
+        # Access control is ours (AccessPolicy, on EVT_REQUESTED): pynetdicom's own check knows
+        # no hosts and does not log the peer address.
+        ae.require_calling_aet = []
+        ae.require_called_aet = False
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu_bytes
+        ae.acse_timeout = self.settings.acse_timeout_s
+        ae.dimse_timeout = self.settings.dimse_timeout_s
+        ae.network_timeout = self.settings.network_timeout_s
+        return ae
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Listen (in background threads); returns the bound address and port."""
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl,
+        )
+        host, port = self._server.server_address[:2]
+        log.info(
+            "DICOM listener ready",
+            extra={"ae_title": self.settings.ae_title, "address": f"{host}:{port}",
+                   "tls": self._ssl is not None},
+        )
+        return str(host), int(port)
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``grace_s``), then close.
+
+        The listening socket closes first, so a sender sees "connection refused" rather than
+        an association cut mid-transfer.
+        """
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        deadline = time.monotonic() + grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = len(self.ae.active_associations)
+        if remaining:
+            log.warning("aborting associations still open after the grace period",
+                        extra={"count": remaining})
+        self.ae.shutdown()
+        log.info("DICOM listener stopped")
+
+    # --- association events ----------------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
+        verdict = self._policy.check(calling, called, assoc.requestor.address)
+        if verdict is None:
+            return
+        diagnostic, reason = verdict
+        log.warning(
+            "association rejected: %s",
+            reason,
+            extra={"peer": _peer(assoc), "calling_aet": calling, "called_aet": called},
+        )
+        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, diagnostic)
+        self._record_rejection(calling, called, _peer(assoc), reason)
+        # As pynetdicom does for its own rejections: wait until the reject PDU is out and the
+        # peer has closed, then end the association thread.
+        assoc.kill()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # Rejections decided by pynetdicom itself (association limit); ours are recorded above.
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
+        log.warning("association rejected: too many associations",
+                    extra={"peer": _peer(assoc), "calling_aet": calling})
+        self._record_rejection(calling, called, _peer(assoc), "too many associations")
+
+    def _record_rejection(self, calling: str, called: str, peer: str, reason: str) -> None:
+        try:
+            with self._session_factory.begin() as session:
+                repo.record_rejected_association(
+                    session, calling_aet=calling, called_aet=called, peer_address=peer,
+                    reason=reason,
+                )
+        except Exception:
+            log.exception("cannot record a rejected association", extra={"peer": peer})
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = _aet(assoc.requestor.ae_title)
+        called = _aet(assoc.requestor.primitive.called_ae_title)
+        db_id = None
+        try:
+            with self._session_factory.begin() as session:
+                db_id = repo.open_association(
+                    session, calling_aet=calling, called_aet=called, peer_address=_peer(assoc)
+                )
+        except Exception:
+            log.exception("cannot record an association", extra={"peer": _peer(assoc)})
+        with self._lock:
+            self._states[id(assoc)] = _AssocState(db_id)
+        log.info("association accepted", extra={"peer": _peer(assoc), "calling_aet": calling})
+
+    def _end(self, assoc: Association, result: str) -> None:
+        with self._lock:
+            state = self._states.pop(id(assoc), None)
+        if state is None:
+            return  # already ended (released, then connection closed), or never accepted
+        log.info(
+            "association %s",
+            result,
+            extra={"peer": _peer(assoc), "instances": state.instances, "failed": state.failed},
+        )
+        if state.db_id is None:
+            return
+        try:
+            with self._session_factory.begin() as session:
+                repo.close_association(session, state.db_id, result=result,
+                                       instances=state.instances, failed=state.failed)
+        except Exception:
+            log.exception("cannot record the end of an association", extra={"peer": _peer(assoc)})
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._end(event.assoc, "released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._end(event.assoc, "aborted")
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        # A peer that drops the TCP connection without release or abort.
+        self._end(event.assoc, "connection closed")
+
+    # --- DIMSE services --------------------------------------------------------------------
+
+    def _on_c_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _count(self, assoc: Association, ok: bool) -> None:
+        with self._lock:
+            state = self._states.get(id(assoc))
+            if state is not None:
+                if ok:
+                    state.instances += 1
+                else:
+                    state.failed += 1
+
+    def _on_c_store(self, event: evt.Event) -> int:
+        assoc = event.assoc
+        peer = _peer(assoc)
+        try:
+            self._store.accept(
+                event.encoded_dataset(include_meta=True),
+                calling_aet=_aet(assoc.requestor.ae_title),
+                peer_address=peer,
+            )
+        except IngestError as exc:
+            self._count(assoc, ok=False)
+            log.warning(
+                "instance refused: %s",
+                exc,
+                extra={"peer": peer, "status": f"0x{exc.status:04X}",
+                       "sop_uid": _safe_uid(event)},
+            )
+            return exc.status
+        except Exception:
+            self._count(assoc, ok=False)
+            log.exception("instance not stored: unexpected error",
+                          extra={"peer": peer, "sop_uid": _safe_uid(event)})
+            return FAILURE_PROCESSING
+        self._count(assoc, ok=True)
+        return SUCCESS
+
+
+def _safe_uid(event: Any) -> str:
+    """The request's SOP Instance UID for a log line, shortened (it may be hostile)."""
+    try:
+        return str(event.request.AffectedSOPInstanceUID)[:80]
+    except Exception:  # the log line must not fail because the request is odd
+        return "?"

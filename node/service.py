@@ -1,0 +1,111 @@
+"""The long-running node: migrate, listen, schedule the jobs, stop cleanly.
+
+``vaenode serve`` builds a :class:`Service` from the settings and runs it until SIGTERM/SIGINT.
+Scheduled work comes from :data:`JOB_MODULES`: each module exposes
+``install(scheduler, settings, session_factory) -> None``. A module that does not exist (yet) is
+skipped; any other import error stops start-up, since a half-installed node would silently not
+score or not deliver.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings
+from node.ingest.scp import Scp
+from node.ingest.store import Store
+from node.queue.db import make_engine, make_session_factory
+from node.queue.migrate import upgrade
+
+log = logging.getLogger(__name__)
+
+#: Modules whose ``install(scheduler, settings, session_factory)`` adds scheduled jobs.
+JOB_MODULES = ("node.queue.jobs", "node.worker.jobs", "node.report.jobs")
+
+#: Longest wait for in-flight associations at shutdown, in seconds.
+SHUTDOWN_GRACE_S = 60.0
+
+
+def install_jobs(
+    scheduler: BackgroundScheduler,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    modules: tuple[str, ...] = JOB_MODULES,
+) -> list[str]:
+    """Import each job module present and let it add its jobs; returns those installed."""
+    installed = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            log.debug("job module not present", extra={"module": name})
+            continue
+        module.install(scheduler, settings, session_factory)
+        installed.append(name)
+    return installed
+
+
+class Service:
+    """The parts of ``vaenode serve``, started and stopped in order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.session_factory: sessionmaker[Session] | None = None
+        self.scp: Scp | None = None
+        self.scheduler: BackgroundScheduler | None = None
+
+    def start(self) -> tuple[str, int]:
+        """Migrate, listen, start the scheduler; returns the listening address."""
+        s = self.settings
+        upgrade(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
+        self.engine = make_engine(s.database)
+        self.session_factory = make_session_factory(self.engine)
+        store = Store(s.storage, self.session_factory)
+        store.recover()
+        self.scp = Scp(s.dicom, store, self.session_factory)
+        address = self.scp.start()
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        installed = install_jobs(self.scheduler, s, self.session_factory)
+        self.scheduler.start()
+        log.info("vaenode serving", extra={"address": f"{address[0]}:{address[1]}",
+                                           "jobs": ",".join(installed)})
+        return address
+
+    def stop(self) -> None:
+        """Stop accepting, finish in-flight associations, stop the jobs, close the database."""
+        if self.scp is not None:
+            self.scp.stop(grace_s=SHUTDOWN_GRACE_S)
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.engine is not None:
+            self.engine.dispose()
+        log.info("vaenode stopped")
+
+    def run_until_signal(self) -> None:
+        """Start, then block until SIGTERM or SIGINT, then stop."""
+        stop = threading.Event()
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            log.info("signal received, shutting down", extra={"signal": name})
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
