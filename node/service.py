@@ -19,6 +19,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.admin.app import RunningDashboard, start_in_thread
+from node.admin.auth import check_bind
 from node.config import Settings
 from node.ingest.scp import Scp
 from node.ingest.store import Store
@@ -64,10 +66,14 @@ class Service:
         self.session_factory: sessionmaker[Session] | None = None
         self.scp: Scp | None = None
         self.scheduler: BackgroundScheduler | None = None
+        self.dashboard: RunningDashboard | None = None
 
     def start(self) -> tuple[str, int]:
         """Migrate, listen, start the scheduler; returns the listening address."""
         s = self.settings
+        if s.admin.enabled:
+            # Refuse an unguarded dashboard beyond loopback before anything listens.
+            check_bind(s.admin)
         upgrade(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
         self.engine = make_engine(s.database)
         self.session_factory = make_session_factory(self.engine)
@@ -78,12 +84,16 @@ class Service:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         installed = install_jobs(self.scheduler, s, self.session_factory)
         self.scheduler.start()
+        if s.admin.enabled:
+            self.dashboard = start_in_thread(s, self.session_factory)
         log.info("vaenode serving", extra={"address": f"{address[0]}:{address[1]}",
                                            "jobs": ",".join(installed)})
         return address
 
     def stop(self) -> None:
         """Stop accepting, finish in-flight associations, stop the jobs, close the database."""
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.scp is not None:
             self.scp.stop(grace_s=SHUTDOWN_GRACE_S)
         if self.scheduler is not None and self.scheduler.running:
