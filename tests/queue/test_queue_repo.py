@@ -1,0 +1,230 @@
+"""Queue transitions on a real (temp, migrated) SQLite database."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.errors import QueueConflict
+from node.queue import repo
+from node.queue.migrate import current_revision, head_revision
+from node.queue.models import Instance, Series, SeriesEvent, utcnow
+from node.queue.states import SeriesState
+
+Factory = sessionmaker[Session]
+
+
+def _record(sf: Factory, series_uid: str, sop_uid: str, **kw: object) -> repo.RecordResult:
+    rec = repo.InstanceRecord(
+        study_instance_uid="1.2.3",
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=kw.pop("path", f"1.2.3/{series_uid}/{sop_uid}.dcm"),  # type: ignore[arg-type]
+        size_bytes=100,
+        instance_number=1,
+        modality="CT",
+        series_description="desc",
+        body_part="HEAD",
+        calling_aet="SCU",
+        peer_address="127.0.0.1:1",
+        received_at=kw.pop("received_at", utcnow()),  # type: ignore[arg-type]
+    )
+    with sf.begin() as s:
+        return repo.record_instance(s, rec)
+
+
+def _series(sf: Factory, uid: str) -> Series:
+    with sf() as s:
+        return s.execute(select(Series).where(Series.series_instance_uid == uid)).scalar_one()
+
+
+def _events(sf: Factory, series_id: int) -> list[tuple[str | None, str]]:
+    with sf() as s:
+        rows = s.execute(
+            select(SeriesEvent.from_status, SeriesEvent.to_status)
+            .where(SeriesEvent.series_id == series_id).order_by(SeriesEvent.id)
+        ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def _queue(sf: Factory, uid: str, n: int = 1) -> Series:
+    for i in range(n):
+        _record(sf, uid, f"{uid}.{i}", received_at=utcnow() - timedelta(seconds=60))
+    series = _series(sf, uid)
+    with sf.begin() as s:
+        return repo.mark_queued(s, series.id, idle_before=utcnow())
+
+
+def test_migration_is_at_head(db_url: str) -> None:
+    assert current_revision(db_url) == head_revision()
+
+
+def test_sqlite_runs_in_wal_with_busy_timeout(session_factory: Factory) -> None:
+    with session_factory() as s:
+        assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert s.execute(text("PRAGMA busy_timeout")).scalar() == 10000
+        assert s.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+
+
+def test_record_instance_counts_and_duplicates(session_factory: Factory) -> None:
+    first = _record(session_factory, "1.2.3.4", "1.2.3.4.1")
+    assert first.new_instance
+    _record(session_factory, "1.2.3.4", "1.2.3.4.2")
+    again = _record(session_factory, "1.2.3.4", "1.2.3.4.1")
+    assert not again.new_instance and again.stale_path is None
+    series = _series(session_factory, "1.2.3.4")
+    assert series.instance_count == 2
+    assert series.status is SeriesState.RECEIVING
+    assert series.first_received_at.tzinfo is UTC
+    with session_factory() as s:
+        assert s.execute(select(func.count()).select_from(Instance)).scalar() == 2
+    assert _events(session_factory, series.id) == [(None, "receiving")]
+
+
+def test_instance_moving_series_fixes_both_counts(session_factory: Factory) -> None:
+    _record(session_factory, "1.2.3.4", "1.2.3.4.1", path="a/b/1.dcm")
+    moved = _record(session_factory, "1.2.3.5", "1.2.3.4.1", path="a/c/1.dcm")
+    assert moved.stale_path == "a/b/1.dcm"
+    assert _series(session_factory, "1.2.3.4").instance_count == 0
+    assert _series(session_factory, "1.2.3.5").instance_count == 1
+
+
+def test_mark_queued_only_when_still_idle(session_factory: Factory) -> None:
+    _record(session_factory, "1.2.3.4", "1.2.3.4.1")
+    series = _series(session_factory, "1.2.3.4")
+    with pytest.raises(QueueConflict), session_factory.begin() as s:
+        repo.mark_queued(s, series.id, idle_before=utcnow() - timedelta(seconds=30))
+    with session_factory.begin() as s:
+        queued = repo.mark_queued(s, series.id, idle_before=utcnow())
+    assert queued.status is SeriesState.QUEUED
+    assert _events(session_factory, series.id)[-1] == ("receiving", "queued")
+
+
+def test_claim_done_and_reopen_by_new_instance(session_factory: Factory) -> None:
+    series = _queue(session_factory, "1.2.3.4")
+    with session_factory.begin() as s:
+        claimed = repo.claim_next_queued(s, "w1", lease_s=60)
+    assert claimed is not None and claimed.id == series.id
+    assert claimed.status is SeriesState.PROCESSING
+    assert claimed.worker_id == "w1" and claimed.attempts == 1
+    assert claimed.lease_until is not None and claimed.lease_until > utcnow()
+    with session_factory.begin() as s:
+        assert repo.claim_next_queued(s, "w2", lease_s=60) is None
+    with pytest.raises(QueueConflict), session_factory.begin() as s:
+        repo.mark_done(s, series.id, worker_id="w2")
+    with session_factory.begin() as s:
+        done = repo.mark_done(s, series.id, "scored", worker_id="w1")
+    assert done.status is SeriesState.DONE and done.lease_until is None
+    _record(session_factory, "1.2.3.4", "1.2.3.4.99")
+    reopened = _series(session_factory, "1.2.3.4")
+    assert reopened.status is SeriesState.RECEIVING
+    assert [e[1] for e in _events(session_factory, series.id)] == [
+        "receiving", "queued", "processing", "done", "receiving"]
+
+
+def test_new_instance_during_processing_invalidates_the_worker(session_factory: Factory) -> None:
+    series = _queue(session_factory, "1.2.3.4")
+    with session_factory.begin() as s:
+        repo.claim_next_queued(s, "w1", lease_s=60)
+    _record(session_factory, "1.2.3.4", "1.2.3.4.50")
+    with pytest.raises(QueueConflict), session_factory.begin() as s:
+        repo.mark_done(s, series.id, worker_id="w1")
+    assert _series(session_factory, "1.2.3.4").status is SeriesState.RECEIVING
+
+
+def test_skipped_failed_and_requeue(session_factory: Factory) -> None:
+    a, b = _queue(session_factory, "1.2.3.4"), _queue(session_factory, "1.2.3.5")
+    with session_factory.begin() as s:
+        repo.claim_next_queued(s, "w", lease_s=60)
+        repo.claim_next_queued(s, "w", lease_s=60)
+    with session_factory.begin() as s:
+        repo.mark_skipped(s, a.id, "no rule matches")
+        repo.mark_failed(s, b.id, "cannot assemble")
+    assert _series(session_factory, "1.2.3.4").status_reason == "no rule matches"
+    assert _series(session_factory, "1.2.3.5").status is SeriesState.FAILED
+    with session_factory.begin() as s:
+        again = repo.requeue(s, b.id, reason="retry", actor="admin")
+    assert again.status is SeriesState.QUEUED and again.attempts == 0
+
+
+def test_transition_rolls_back_with_the_callers_writes(session_factory: Factory) -> None:
+    series = _queue(session_factory, "1.2.3.4")
+    with pytest.raises(QueueConflict), session_factory.begin() as s:
+        s.execute(text("UPDATE series SET series_description = 'changed'"))
+        repo.mark_done(s, series.id)  # not processing: refused, the UPDATE above rolls back
+    assert _series(session_factory, "1.2.3.4").series_description == "desc"
+
+
+def test_expired_leases_requeue_then_abandon(session_factory: Factory) -> None:
+    series = _queue(session_factory, "1.2.3.4")
+    for attempt in (1, 2):
+        with session_factory.begin() as s:
+            claimed = repo.claim_next_queued(s, "w", lease_s=0.001)
+        assert claimed is not None and claimed.attempts == attempt
+        later = utcnow() + timedelta(seconds=1)
+        with session_factory.begin() as s:
+            changed = repo.requeue_expired_leases(s, max_attempts=2, now=later)
+        assert [c.id for c in changed] == [series.id]
+    final = _series(session_factory, "1.2.3.4")
+    assert final.status is SeriesState.FAILED and final.status_reason == "abandoned"
+
+
+def test_requeue_processing_at_startup(session_factory: Factory) -> None:
+    a, b = _queue(session_factory, "1.2.3.4"), _queue(session_factory, "1.2.3.5")
+    with session_factory.begin() as s:
+        repo.mark_processing(s, a.id, "node-a", 600)
+        repo.mark_processing(s, b.id, "node-b", 600)
+    with session_factory.begin() as s:
+        changed = repo.requeue_processing_at_startup(s, worker_id="node-a")
+    assert [c.id for c in changed] == [a.id]
+    assert _series(session_factory, "1.2.3.4").status is SeriesState.QUEUED
+    assert _series(session_factory, "1.2.3.5").status is SeriesState.PROCESSING
+
+
+def test_concurrent_claims_never_share_a_series(session_factory: Factory) -> None:
+    for i in range(20):
+        _queue(session_factory, f"1.2.3.{100 + i}")
+    claims: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while True:
+            with session_factory.begin() as s:
+                got = repo.claim_next_queued(s, name, lease_s=60)
+            if got is None:
+                return
+            with lock:
+                claims.append(got.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(claims) == 20 and len(set(claims)) == 20
+
+
+def test_naive_datetimes_are_refused(session_factory: Factory) -> None:
+    with pytest.raises(Exception, match="naive"):
+        _record(session_factory, "1.2.3.4", "1.2.3.4.1",
+                received_at=datetime(2020, 1, 1))
+
+
+def test_associations_are_recorded(session_factory: Factory) -> None:
+    with session_factory.begin() as s:
+        assoc_id = repo.open_association(s, calling_aet="SCU", called_aet="VAENODE",
+                                         peer_address="127.0.0.1:5")
+    with session_factory.begin() as s:
+        repo.close_association(s, assoc_id, result="released", instances=3, failed=1)
+        repo.record_rejected_association(s, calling_aet="BAD", called_aet="VAENODE",
+                                         peer_address="127.0.0.1:6", reason="not allowed")
+    with session_factory() as s:
+        rows = s.execute(text("SELECT result, instance_count, failed_count FROM associations "
+                              "ORDER BY id")).all()
+    assert rows == [("released", 3, 1), ("rejected: not allowed", 0, 0)]
