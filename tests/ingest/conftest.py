@@ -1,0 +1,35 @@
+"""Fixtures of the ingest tests: a migrated temp database, a store on it, data folders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import DatabaseSettings, StorageSettings
+from node.ingest.store import Store
+from node.queue.db import make_engine, make_session_factory
+from node.queue.migrate import upgrade
+from tests.helpers.ingest_data import pydicom_data_dir
+
+
+@pytest.fixture
+def session_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    upgrade(url)
+    engine = make_engine(DatabaseSettings(url=url))
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def store(tmp_path: Path, session_factory: sessionmaker[Session]) -> Store:
+    return Store(StorageSettings(dir=tmp_path / "storage", min_free_mb=0), session_factory)
+
+
+@pytest.fixture(scope="session")
+def pydicom_data() -> Path:
+    """The pydicom-data package's files (compressed and unusual encodings)."""
+    return pydicom_data_dir()

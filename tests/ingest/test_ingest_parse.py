@@ -1,0 +1,104 @@
+"""The structural check of received instances, against pydicom on real files."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from node.errors import InvalidUID, MissingAttribute, Undecodable
+from node.ingest.parse import check_uid, parse_instance
+from tests.helpers.ingest_data import DATA_SERIES, DICOM_DATA
+from tests.helpers.synthetic import write_ct_series
+
+
+def _real_files(pydicom_data: Path) -> list[Path]:
+    files = sorted(pydicom_data.glob("*.dcm"))
+    for name in DATA_SERIES:
+        files += sorted((DICOM_DATA / name).glob("*.dcm"))[:3]
+    return files
+
+
+def test_reads_the_same_uids_as_pydicom(pydicom_data: Path) -> None:
+    checked = 0
+    for path in _real_files(pydicom_data):
+        raw = path.read_bytes()
+        if raw[128:132] != b"DICM":
+            continue  # no file meta: not what a C-STORE delivers
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if "StudyInstanceUID" not in ds:
+            continue
+        if ds.file_meta.get("MediaStorageSOPInstanceUID") != ds.SOPInstanceUID:
+            continue  # a broken test file; on the wire the meta comes from the request
+        parsed = parse_instance(raw)
+        assert parsed.sop_instance_uid == ds.SOPInstanceUID, path.name
+        assert parsed.series_instance_uid == ds.SeriesInstanceUID, path.name
+        assert parsed.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, path.name
+        assert parsed.modality == ds.get("Modality"), path.name
+        checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("keep", [0.999, 0.5, 0.01])
+def test_truncated_instances_are_refused(tmp_path: Path, keep: float) -> None:
+    raw = write_ct_series(tmp_path, 1)[0].read_bytes()
+    with pytest.raises(Undecodable):
+        parse_instance(raw[: int(len(raw) * keep)])
+
+
+def test_garbage_is_refused(tmp_path: Path) -> None:
+    raw = write_ct_series(tmp_path, 1)[0].read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    meta_end = raw.index(b"\x08\x00")  # first non-meta tag (0008,xxxx) after the meta
+    with pytest.raises(Undecodable):
+        parse_instance(raw[:meta_end] + bytes(range(256)) * 20)
+    with pytest.raises(Undecodable):
+        parse_instance(b"not dicom at all")
+    with pytest.raises(Undecodable):  # trailing bytes after the dataset
+        parse_instance(raw + b"\x01")
+    assert parse_instance(raw).sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_deflated_dataset_is_inflated_to_check_it(tmp_path: Path) -> None:
+    path = write_ct_series(tmp_path, 1)[0]
+    ds = pydicom.dcmread(path)
+    out = tmp_path / "deflated.dcm"
+    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    ds = pydicom.dcmread(out)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(out, enforce_file_format=True)
+    raw = out.read_bytes()
+    assert parse_instance(raw).sop_instance_uid == ds.SOPInstanceUID
+    with pytest.raises(Undecodable):
+        parse_instance(raw[:-40])
+    assert zlib  # the module under test uses zlib's raw deflate
+
+
+@pytest.mark.parametrize("uid", ["../../x", "1.2.3/4", "1..2", "", "1.2.a", "1." + "2" * 64])
+def test_invalid_uids(uid: str) -> None:
+    with pytest.raises(InvalidUID):
+        check_uid(uid, "SOPInstanceUID")
+
+
+def test_path_traversal_uid_in_dataset_is_refused(tmp_path: Path) -> None:
+    path = write_ct_series(tmp_path, 1)[0]
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = "../../x"
+    ds.file_meta.MediaStorageSOPInstanceUID = "../../x"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(InvalidUID):
+        parse_instance(buf.getvalue())
+
+
+def test_missing_series_uid(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(write_ct_series(tmp_path, 1)[0])
+    del ds.SeriesInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(MissingAttribute):
+        parse_instance(buf.getvalue())

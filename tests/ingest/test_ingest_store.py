@@ -1,0 +1,92 @@
+"""Store.accept with raw bytes: what it writes, what it refuses, what a crash leaves."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import StorageSettings
+from node.errors import DiskFull, InvalidUID, Undecodable
+from node.ingest.store import PARTIAL_SUFFIX, Store
+from node.queue.models import Instance, Series
+from tests.helpers.synthetic import write_ct_series
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_stores_bytes_unchanged_with_rows(tmp_path: Path, store: Store,
+                                          session_factory: sessionmaker[Session]) -> None:
+    paths = write_ct_series(tmp_path / "src", 3)
+    for path in paths:
+        stored = store.accept(path.read_bytes(), calling_aet="SCU", peer_address="127.0.0.1:9")
+        assert stored.path.read_bytes() == path.read_bytes()
+        ds = pydicom.dcmread(path)
+        assert stored.path == (store.root / ds.StudyInstanceUID / ds.SeriesInstanceUID
+                               / f"{ds.SOPInstanceUID}.dcm")
+    with session_factory() as s:
+        series = s.execute(select(Series)).scalar_one()
+        rows = s.execute(select(Instance)).scalars().all()
+    assert series.instance_count == 3 and series.calling_aet == "SCU"
+    assert series.modality == "CT" and series.body_part == "HEAD"
+    assert sorted(r.instance_number for r in rows) == [1, 2, 3]
+    assert all((store.root / r.path).stat().st_size == r.size_bytes for r in rows)
+
+
+def test_duplicate_replaces_file_and_keeps_one_row(tmp_path: Path, store: Store,
+                                                   session_factory: sessionmaker[Session]) -> None:
+    path = write_ct_series(tmp_path / "src", 1)[0]
+    ds = pydicom.dcmread(path)
+    first = store.accept(path.read_bytes())
+    ds.SeriesDescription = "sent again, changed"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    second = store.accept(buf.getvalue())
+    assert not second.new_instance and second.path == first.path
+    assert first.path.read_bytes() == buf.getvalue()
+    with session_factory() as s:
+        assert len(s.execute(select(Instance)).all()) == 1
+        assert s.execute(select(Series.instance_count)).scalar_one() == 1
+    assert [p.name for p in _files(store.root)] == [first.path.name]
+
+
+def test_refused_instances_write_nothing(tmp_path: Path, store: Store,
+                                         session_factory: sessionmaker[Session]) -> None:
+    raw = write_ct_series(tmp_path / "src", 1)[0].read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../x"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(InvalidUID):
+        store.accept(buf.getvalue())
+    with pytest.raises(Undecodable):
+        store.accept(raw[:-100])
+    assert _files(store.root) == []
+    assert not list(tmp_path.rglob("x")) and not list(tmp_path.parent.glob("x"))
+    with session_factory() as s:
+        assert s.execute(select(Series)).first() is None
+
+
+def test_below_free_space_minimum_is_out_of_resources(
+        tmp_path: Path, session_factory: sessionmaker[Session]) -> None:
+    huge = Store(StorageSettings(dir=tmp_path / "st", min_free_mb=1 << 40), session_factory)
+    raw = write_ct_series(tmp_path / "src", 1)[0].read_bytes()
+    with pytest.raises(DiskFull) as info:
+        huge.accept(raw)
+    assert info.value.status == 0xA700
+    assert _files(huge.root) == []
+
+
+def test_recover_removes_partial_files_only(tmp_path: Path, store: Store) -> None:
+    raw = write_ct_series(tmp_path / "src", 1)[0].read_bytes()
+    kept = store.accept(raw).path
+    partial = kept.parent / f".{kept.name}.abc{PARTIAL_SUFFIX}"
+    partial.write_bytes(raw[:10])
+    assert store.recover() == 1
+    assert _files(store.root) == [kept]
