@@ -15,9 +15,18 @@ from node.ingest.parse import check_uid, parse_instance
 from tests.helpers.ingest_data import DATA_SERIES, DICOM_DATA
 from tests.helpers.synthetic import write_ct_series
 
+# pydicom-data files cut short on purpose: pydicom reads them without complaint, we must not.
+TRUNCATED = ("emri_small_jpeg_2k_lossless_too_short.dcm",)
+
+
+def test_truncated_real_files_are_refused(pydicom_data: Path) -> None:
+    for name in TRUNCATED:
+        with pytest.raises(Undecodable):
+            parse_instance((pydicom_data / name).read_bytes())
+
 
 def _real_files(pydicom_data: Path) -> list[Path]:
-    files = sorted(pydicom_data.glob("*.dcm"))
+    files = [p for p in sorted(pydicom_data.glob("*.dcm")) if p.name not in TRUNCATED]
     for name in DATA_SERIES:
         files += sorted((DICOM_DATA / name).glob("*.dcm"))[:3]
     return files
