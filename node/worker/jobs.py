@@ -1,0 +1,133 @@
+"""The worker's scheduled job inside ``vaenode serve``: recover, claim, score, repeat.
+
+At start-up, series left ``processing`` by this node (a crash, ``kill -9``, a power cut) go back
+to ``queued``: with SQLite the database belongs to this one node, so every such series is ours;
+with a shared database (PostgreSQL) only those held under this node's worker id are, and other
+nodes' dead work comes back through lease expiry. Each tick then requeues expired leases
+(``attempts + 1``, or ``failed`` "abandoned" past ``[worker].max_attempts``) and scores queued
+series one after another until none is left (or the tick's budget is spent).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from apscheduler.schedulers.base import BaseScheduler
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings
+from node.errors import ModelError
+from node.queue import repo
+from node.worker.routing import validate_rules
+from node.worker.score import BundleCache, Outcome, process_next
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "worker.score"
+#: Most series one tick scores before it yields (shutdown stays responsive).
+MAX_SERIES_PER_TICK = 20
+
+
+def node_worker_id(settings: Settings) -> str:
+    """This node's worker identity: stable across restarts, so its own leftovers are found."""
+    return f"{socket.gethostname()}/{settings.dicom.ae_title}"[:128]
+
+
+class Worker:
+    """One worker: its identity, its bundle cache, its settings and database."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        worker_id: str | None = None,
+        bundles: BundleCache | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.worker_id = worker_id or node_worker_id(settings)
+        self.bundles = bundles or BundleCache()
+        self._warm = False
+
+    def recover_at_startup(self) -> int:
+        """Put the series this node left ``processing`` back to ``queued``; returns how many."""
+        shared = make_url(self.settings.database.url).get_backend_name() != "sqlite"
+        with self.session_factory() as session:
+            changed = repo.requeue_processing_at_startup(
+                session, self.worker_id if shared else None
+            )
+        for series in changed:
+            log.warning("series requeued at start-up (left processing)",
+                        extra={"series_uid": series.series_instance_uid})
+        return len(changed)
+
+    def requeue_expired(self) -> int:
+        """Requeue (or abandon) series whose lease ran out; returns how many changed."""
+        with self.session_factory() as session:
+            changed = repo.requeue_expired_leases(session, self.settings.worker.max_attempts)
+        for series in changed:
+            log.warning("lease expired: series %s", series.status.value,
+                        extra={"series_uid": series.series_instance_uid,
+                               "attempts": series.attempts})
+        return len(changed)
+
+    def warm_up(self) -> None:
+        """Load every bundle the routing rules name, so the first series does not wait."""
+        paths = {rule.model or self.settings.model.bundle for rule in self.settings.routing.rules}
+        for path in paths:
+            try:
+                self.bundles.get(path)
+            except ModelError as exc:
+                # Not fatal: series routed to it fail with this reason, the others are scored.
+                log.error("model bundle cannot be loaded: %s", exc)
+
+    def run_once(self, max_series: int = MAX_SERIES_PER_TICK) -> list[Outcome]:
+        """One tick: requeue expired leases, then score queued series until none is left."""
+        if not self._warm:
+            self._warm = True
+            self.warm_up()
+        self.requeue_expired()
+        outcomes: list[Outcome] = []
+        while len(outcomes) < max_series:
+            outcome = process_next(self.session_factory, self.settings, self.worker_id,
+                                   self.bundles)
+            if outcome is None:
+                break
+            outcomes.append(outcome)
+        return outcomes
+
+    def run_until_idle(self, timeout_s: float = 60.0) -> list[Outcome]:
+        """Score until nothing is queued (for tests and ``vaenode queue retry --now``)."""
+        deadline = time.monotonic() + timeout_s
+        outcomes: list[Outcome] = []
+        while time.monotonic() < deadline:
+            batch = self.run_once()
+            outcomes.extend(batch)
+            if not batch:
+                break
+        return outcomes
+
+
+def install(
+    scheduler: BaseScheduler, settings: Settings, session_factory: sessionmaker[Session]
+) -> None:
+    """Recover this node's unfinished work, then add the scoring job to the scheduler."""
+    if not settings.worker.enabled:
+        log.info("worker disabled ([worker].enabled = false)")
+        return
+    validate_rules(settings)
+    worker = Worker(settings, session_factory)
+    worker.recover_at_startup()
+    scheduler.add_job(
+        worker.run_once,
+        "interval",
+        seconds=settings.worker.poll_interval_s,
+        id=JOB_ID,
+        max_instances=1,
+        coalesce=True,
+        replace_existing=True,
+    )
+    log.info("worker installed", extra={"worker_id": worker.worker_id})
