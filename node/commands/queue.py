@@ -112,6 +112,7 @@ def show_cmd(
             .where(Instance.series_id == series.id)
             .order_by(Instance.instance_number, Instance.sop_instance_uid)
         ).scalars().all()
+        deliveries = _deliveries(session, series_uid)
     out = series_dict(series)
     out["events"] = [
         {"at": _iso(e.at), "from": e.from_status, "to": e.to_status, "reason": e.reason,
@@ -124,6 +125,7 @@ def show_cmd(
          "path": i.path, "size_bytes": i.size_bytes, "received_at": _iso(i.received_at)}
         for i in instances
     ]
+    out["deliveries"] = deliveries
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -140,6 +142,42 @@ def show_cmd(
                    f"{i.sop_instance_uid}  {i.size_bytes} bytes  {i.path}")
     if len(instances) > 10:
         typer.echo(f"  ... {len(instances) - 10} more (--json for all)")
+    typer.echo(f"reports: {len(deliveries)} deliveries")
+    for d in deliveries:
+        when = d["sent_at"] or d["next_attempt_at"] or "-"
+        typer.echo(f"  {d['kind']:<3} #{d['instance_number']:<3} {d['state']:<8} "
+                   f"{d['destination'] or '-'} {d['target']} attempts={d['attempts']} {when}"
+                   + (" (superseded)" if d["superseded"] else "")
+                   + (f"\n      last error: {d['last_error']}" if d["last_error"] else ""))
+
+
+def _deliveries(session: Any, series_uid: str) -> list[dict[str, Any]]:
+    """Each report of the series and its delivery state per destination (report/outbox.py)."""
+    from node.report.outbox import deliveries
+
+    return [
+        {"kind": d.kind, "sop_instance_uid": d.sop_instance_uid,
+         "instance_number": d.instance_number, "superseded": d.superseded,
+         "destination": d.destination, "target": d.target, "state": d.state,
+         "attempts": d.attempts, "next_attempt_at": _iso(d.next_attempt_at),
+         "sent_at": _iso(d.sent_at), "last_error": d.last_error}
+        for d in deliveries(session, series_uid)
+    ]
+
+
+@queue_app.command("resend")
+def resend_cmd(
+    series_uid: Annotated[str, typer.Argument(help="Series Instance UID.")],
+    config: ConfigOption = None,
+) -> None:
+    """Deliver the series' current reports again to every destination (sent or failed)."""
+    from node.report.outbox import resend_series
+
+    with _session(config) as session, session.begin():
+        count = resend_series(session, series_uid)
+    if count == 0:
+        raise NodeError(f"no report to resend for series {series_uid}")
+    typer.echo(f"{count} deliveries of series {series_uid} queued again")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,283 @@
+"""From a scanner's C-STORE to a Structured Report in PACS, with the shipped model.
+
+Real peers only: DCMTK ``storescu`` plays the scanner, ``vaenode serve`` runs as a subprocess
+(SCP, worker, outbox), and a real Orthanc is the PACS. The series are made from an IXI volume
+that the shipped bundle held out for validation (``model.json`` lists its evaluation subjects):
+(a) clean, and (b) the same volume with a contiguous block of axial slices corrupted by moderate
+TorchIO motion. Everything checked is read back from Orthanc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from node.model.bundle import default_bundle_path
+from node.queue.models import OutboxEntry, Report, Series
+from tests.helpers.dcmtk import storescu
+from tests.helpers.node import RunningNode, start_node
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.reports import dciodvfy, kos_references, measurement_groups
+from tests.helpers.series import IXI, WrittenSeries, write_nifti_series
+
+pytestmark = pytest.mark.e2e
+
+#: Axial slices (inferior to superior) that carry the motion in series (b): mid-brain.
+MOTION_BLOCK = (55, 70)
+#: ``VAENODE_TEST_BUNDLE`` runs the flow with another bundle (while the shipped one is rebuilt).
+BUNDLE = Path(os.environ.get("VAENODE_TEST_BUNDLE") or default_bundle_path())
+
+
+def validation_volume() -> Path:
+    """An IXI volume of a subject the shipped bundle did not train or calibrate on."""
+    meta_path = BUNDLE / "model.json"
+    if not meta_path.is_file():
+        pytest.fail(f"no model bundle at {BUNDLE} (the shipped default model is required)")
+    subjects = json.loads(meta_path.read_text())["training"]["subjects"]
+    for subject in subjects.get("evaluation", []) + subjects.get("calibration", []):
+        matches = sorted(IXI.glob(f"{subject}*.nii.gz"))
+        if matches:
+            return matches[0]
+    pytest.fail(f"none of the bundle's validation subjects is under {IXI}")
+
+
+def node_sections(orthanc: Orthanc, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The e2e node: worker on, short idle time, the shipped model, Orthanc as destination."""
+    sections: dict[str, dict[str, Any]] = {
+        "queue": {"series_idle_s": 2.0, "check_interval_s": 0.3},
+        "worker": {"enabled": True, "poll_interval_s": 0.3, "lease_s": 300.0},
+        "model": {"device": "cpu", "bundle": str(BUNDLE)},
+        "delivery": {
+            "retry_base_s": 0.5,
+            "retry_max_s": 2.0,
+            "poll_interval_s": 0.3,
+            "destinations": [
+                {"name": "pacs", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                 "port": orthanc.dicom_port}
+            ],
+        },
+    }
+    for name, keys in overrides.items():
+        sections.setdefault(name, {}).update(keys)
+    return sections
+
+
+def wait(what: str, check: Callable[[], Any], timeout_s: float, node: RunningNode) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with the node's log otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{node.log_text()[-4000:]}")
+
+
+def send(node: RunningNode, series: WrittenSeries) -> None:
+    proc = storescu(node.port, [series.folder], called_aet=node.ae_title, calling_aet="SCANNER")
+    assert proc.returncode == 0, proc.stderr
+
+
+def reports_of(orthanc: Orthanc, series: WrittenSeries, modality: str) -> list[Dataset]:
+    """Reports in Orthanc whose evidence is ``series``."""
+    out = []
+    for ds in orthanc.reports(modality, series.study_instance_uid):
+        evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        if any(s.SeriesInstanceUID == series.series_instance_uid for s in evidence):
+            out.append(ds)
+    return out
+
+
+def flagged_in(sr: Dataset) -> dict[str, bool]:
+    """SOP Instance UID -> flagged (CID 7036 RID14 "Non-diagnostic quality") per image group."""
+    out = {}
+    for group in measurement_groups(sr):
+        if group.references:
+            [(_, sop, _)] = group.references
+            out[sop] = group.evaluations["Image Quality"] == "RID14"
+    return out
+
+
+@dataclass
+class Flow:
+    orthanc: Orthanc
+    node: RunningNode
+    clean: WrittenSeries
+    motion: WrittenSeries
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    server = Orthanc(workdir=tmp_path_factory.mktemp("orthanc"), ae_title="PACS")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(graceful=False)
+
+
+@pytest.fixture(scope="module")
+def volume() -> Path:
+    return validation_volume()
+
+
+@pytest.fixture(scope="module")
+def flow(
+    tmp_path_factory: pytest.TempPathFactory, orthanc: Orthanc, volume: Path
+) -> Iterator[Flow]:
+    """Send (a) and (b) to a running node and wait until Orthanc holds their reports."""
+    workdir = tmp_path_factory.mktemp("flow")
+    clean = write_nifti_series(volume, workdir / "a-clean", series_description="T1 axial")
+    motion = write_nifti_series(
+        volume,
+        workdir / "b-motion",
+        corrupt_block=MOTION_BLOCK,
+        severity="moderate",
+        series_description="T1 axial",
+    )
+    node = start_node(workdir / "node", sections=node_sections(orthanc))
+    try:
+        send(node, clean)
+        send(node, motion)
+        wait("an SR for each series", lambda: reports_of(orthanc, clean, "SR")
+             and reports_of(orthanc, motion, "SR"), 300, node)
+        wait("the KOS of (b)", lambda: reports_of(orthanc, motion, "KO"), 60, node)
+        yield Flow(orthanc, node, clean, motion, workdir)
+    finally:
+        node.stop()
+
+
+def test_each_series_has_one_sr_referencing_every_slice(flow: Flow) -> None:
+    for series in (flow.clean, flow.motion):
+        [sr] = reports_of(flow.orthanc, series, "SR")
+        assert sr.StudyInstanceUID == series.study_instance_uid
+        assert sr.SeriesInstanceUID != series.series_instance_uid
+        flags = flagged_in(sr)
+        assert sorted(flags) == sorted(series.sop_instance_uids)
+        groups = measurement_groups(sr)
+        for group in groups[:-1]:
+            [(sop_class, _, frames)] = group.references
+            assert sop_class == "1.2.840.10008.5.1.4.1.1.4" and frames == ()
+            assert "Log marginal likelihood" in group.measurements
+            assert 0.0 <= group.measurements["Certainty of Finding"] <= 100.0
+        summary = groups[-1]
+        assert summary.measurements["Number of scored images"] == len(series)
+        assert summary.measurements["Number of non-diagnostic images"] == sum(flags.values())
+        assert summary.algorithm["Algorithm Name"]
+
+
+def test_clean_series_is_almost_never_flagged(flow: Flow) -> None:
+    [sr] = reports_of(flow.orthanc, flow.clean, "SR")
+    flags = flagged_in(sr)
+    flagged = sum(flags.values())
+    assert flagged <= 0.01 * len(flags), f"{flagged} of {len(flags)} clean slices flagged"
+
+
+def test_motion_block_is_flagged_and_the_rest_is_not(flow: Flow) -> None:
+    [sr] = reports_of(flow.orthanc, flow.motion, "SR")
+    flags = flagged_in(sr)
+    uids = flow.motion.sop_instance_uids
+    corrupted = [uids[i] for i in sorted(flow.motion.corrupted)]
+    others = [u for i, u in enumerate(uids) if i not in flow.motion.corrupted]
+    hit = sum(flags[u] for u in corrupted)
+    false = sum(flags[u] for u in others)
+    assert hit >= 0.8 * len(corrupted), f"{hit} of {len(corrupted)} corrupted slices flagged"
+    assert false <= 0.05 * len(others), f"{false} of {len(others)} other slices flagged"
+    summary = measurement_groups(sr)[-1]
+    assert summary.evaluations["Imaging Series Quality"] == "RID14"
+
+
+def test_kos_lists_exactly_the_flagged_images(flow: Flow) -> None:
+    for series in (flow.clean, flow.motion):
+        [sr] = reports_of(flow.orthanc, series, "SR")
+        flags = flagged_in(sr)
+        kos = reports_of(flow.orthanc, series, "KO")
+        if not any(flags.values()):
+            assert kos == []
+            continue
+        [doc] = kos
+        title = doc.ConceptNameCodeSequence[0]
+        assert (title.CodeValue, title.CodingSchemeDesignator) == ("113010", "DCM")
+        order = {u: i for i, u in enumerate(series.sop_instance_uids)}
+        assert sorted(kos_references(doc), key=order.__getitem__) == sorted(
+            (u for u, f in flags.items() if f), key=order.__getitem__
+        )
+    assert reports_of(flow.orthanc, flow.motion, "KO")
+
+
+def test_reports_read_back_from_orthanc_pass_dciodvfy(flow: Flow, tmp_path: Path) -> None:
+    docs = reports_of(flow.orthanc, flow.motion, "SR") + reports_of(flow.orthanc, flow.motion, "KO")
+    assert len(docs) == 2
+    for n, ds in enumerate(docs):
+        path = tmp_path / f"{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors, warnings = dciodvfy(path)
+        assert errors == [], errors
+        assert all("99VAENODE" in w for w in warnings), warnings
+        assert subprocess.run(["dsrdump", str(path)], capture_output=True).returncode == 0
+
+
+def test_queue_show_gives_the_delivery_state(flow: Flow) -> None:
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("vaenode")), "queue", "show",
+         flow.motion.series_instance_uid, "--config", str(flow.node.config_path), "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    shown = json.loads(proc.stdout)
+    deliveries = shown["deliveries"]
+    assert sorted(d["kind"] for d in deliveries) == ["KOS", "SR"]
+    assert all(d["state"] == "sent" and d["destination"] == "pacs" for d in deliveries)
+
+
+def test_kill_9_while_processing_reports_once(
+    tmp_path: Path, orthanc: Orthanc, volume: Path
+) -> None:
+    series = write_nifti_series(volume, tmp_path / "series", series_description="T1 axial")
+    # More Monte-Carlo samples make scoring last long enough to be caught in the act.
+    sections = node_sections(orthanc, model={"samples": 64})
+    node = start_node(tmp_path / "node", sections=sections)
+    try:
+        send(node, series)
+
+        def status() -> str | None:
+            with node.session() as session:
+                value = session.scalar(
+                    select(Series.status).where(
+                        Series.series_instance_uid == series.series_instance_uid
+                    )
+                )
+            return str(value) if value is not None else None
+
+        wait("the series to be processing", lambda: status() == "processing", 120, node)
+        node.kill()
+        assert status() == "processing"
+
+        node = start_node(tmp_path / "node", sections=sections, port=node.port)
+        wait("the SR in Orthanc", lambda: reports_of(orthanc, series, "SR"), 300, node)
+
+        def settled() -> bool:
+            with node.session() as session:
+                states = session.scalars(select(OutboxEntry.state)).all()
+            return bool(states) and all(str(s) == "sent" for s in states)
+
+        wait("every delivery sent", settled, 60, node)
+        time.sleep(2.0)  # a second report, were one coming, would have been sent by now
+        assert len(reports_of(orthanc, series, "SR")) == 1
+        with node.session() as session:
+            kinds = session.scalars(select(Report.kind).where(Report.kind == "SR")).all()
+        assert kinds == ["SR"]
+        assert status() == "done"
+    finally:
+        node.stop()
