@@ -50,7 +50,7 @@ def _rows(session: Session, where: list[ColumnElement[bool]], limit: int) -> lis
         .limit(limit)
     )
     out = []
-    for entry, report, series in session.execute(stmt).tuples():
+    for entry, report, series in session.execute(stmt):
         state = str(entry.state)
         out.append(
             DeliveryRow(

@@ -189,18 +189,22 @@ def model_review_stats(session: Session) -> list[ModelStats]:
     """Per model: scored, flagged, confirmed, false alarms and the live false-alarm rate."""
     scored: dict[str, int] = defaultdict(int)
     flagged: dict[str, int] = defaultdict(int)
-    for _series_id, model, abnormal in verdicts.all_verdicts(session):
+    current: dict[int, tuple[str, bool]] = {}
+    for series_id, model, abnormal in verdicts.all_verdicts(session):
         scored[model] += 1
         flagged[model] += int(abnormal)
+        current[series_id] = (model, abnormal)
     confirmed: dict[str, int] = defaultdict(int)
     false_alarms: dict[str, int] = defaultdict(int)
-    for action, reviewed_model in latest_reviews(session).values():
+    for series_id, (action, reviewed_model) in latest_reviews(session).items():
         if reviewed_model is None:
             continue
-        if action == CONFIRM:
-            confirmed[reviewed_model] += 1
-        elif action == FALSE_ALARM:
+        if action == FALSE_ALARM:
             false_alarms[reviewed_model] += 1
+        elif action == CONFIRM and current.get(series_id) == (reviewed_model, True):
+            # Only a confirmed flag is a true positive; confirming a normal verdict says the
+            # series is a true negative, which the denominator already assumes.
+            confirmed[reviewed_model] += 1
     out = []
     for model in sorted(set(scored) | set(confirmed) | set(false_alarms)):
         negatives = scored[model] - confirmed[model]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -127,6 +131,7 @@ class ScoredNode:
         series_uid: the series with a noise block (the one the browser test reviews).
         flagged, normal: its slices flagged and not, as stored by the worker.
         model: the model label of its verdict.
+        abnormal: its series verdict.
         sent_series: Series Instance UIDs sent, in order.
         sent_instances: instances sent in all.
         database_url: the node's queue database.
@@ -138,83 +143,22 @@ class ScoredNode:
     flagged: int
     normal: int
     model: str
+    abnormal: bool
     sent_series: tuple[str, ...]
     sent_instances: int
     database_url: str
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _write_config(path: Path, *, workdir: Path, dicom_port: int, admin_port: int, bundle: Path,
-                  pacs_port: int) -> None:
-    path.write_text(
-        f"""
-[dicom]
-ae_title = "VAENODE"
-bind_address = "127.0.0.1"
-port = {dicom_port}
-
-[storage]
-dir = "{workdir / 'storage'}"
-min_free_mb = 0
-
-[database]
-url = "sqlite:///{workdir / 'queue.db'}"
-
-[queue]
-series_idle_s = 1.0
-check_interval_s = 0.3
-
-[worker]
-poll_interval_s = 0.3
-
-[model]
-bundle = "{bundle}"
-device = "cpu"
-
-[[routing.rules]]
-name = "brain-t1-mr"
-modality = "MR"
-min_abnormal_slices = 3
-
-[delivery]
-retry_base_s = 0.5
-poll_interval_s = 0.3
-
-[[delivery.destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-
-[admin]
-enabled = true
-bind_address = "127.0.0.1"
-port = {admin_port}
-token = "{TOKEN}"
-""",
-        encoding="utf-8",
-    )
-
-
-def _wait(what: str, check: Callable[[], bool], timeout_s: float, proc: Any, log: Path) -> None:
-    import time
-
+def _wait(what: str, check: Callable[[], bool], timeout_s: float, node: Any) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vaenode serve exited ({proc.returncode}) while waiting for "
-                               f"{what}:\n{log.read_text(errors='replace')[-4000:]}")
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"vaenode serve exited ({node.proc.returncode}) while waiting for "
+                               f"{what}:\n{node.log_text()[-4000:]}")
         if check():
             return
         time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}:\n{log.read_text(errors='replace')[-4000:]}")
+    raise RuntimeError(f"timed out waiting for {what}:\n{node.log_text()[-4000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -228,23 +172,18 @@ def scored_node(
     Series 1: an IXI T1 volume written as DICOM with a block of slices replaced by noise
     (flagged by any model of normal brains). Series 2: a real Siemens scanner series.
     """
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-
     import numpy as np
+    from sqlalchemy import select
 
     from node.admin import queries, verdicts
-    from node.config import DatabaseSettings
     from node.queue.models import Series
+    from tests.helpers.dcmtk import env as dcmtk_env
+    from tests.helpers.dcmtk import tool
+    from tests.helpers.node import free_port, start_node
     from tests.helpers.orthanc import Orthanc
     from tests.helpers.series import DICOM, IXI, load_volume, write_series
 
-    storescu = shutil.which("storescu")
-    if storescu is None:
-        pytest.skip("DCMTK storescu is not installed (make test installs it)")
+    storescu = tool("storescu")
     workdir = tmp_path_factory.mktemp("scored-node")
     volume, spacing = load_volume(IXI / "IXI056-HH-1327_T1.nii.gz")
     rng = np.random.default_rng(0)
@@ -255,54 +194,49 @@ def scored_node(
                                   series_description="T1 axial noise block",
                                   corrupted=range(lo, hi))
     real_files = sorted((DICOM / "siemens_trio_gre_field_mapping_2").glob("*.dcm"))
+    sent = (flagged_series.series_instance_uid,
+            str(_read_uid(real_files[0], "SeriesInstanceUID")))
 
     orthanc = Orthanc(workdir=workdir / "orthanc", ae_title="PACS")
     orthanc.start()
-    dicom_port, admin_port = _free_port(), _free_port()
-    config = workdir / "node.toml"
-    _write_config(config, workdir=workdir, dicom_port=dicom_port, admin_port=admin_port,
-                  bundle=tiny_bundle, pacs_port=orthanc.dicom_port)
-    log = workdir / "serve.log"
-    vaenode = Path(sys.executable).with_name("vaenode")
-    command = [str(vaenode) if vaenode.exists() else "vaenode", "serve", "--config", str(config)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    base = f"http://127.0.0.1:{admin_port}"
+    admin_port = free_port()
+    node = None
     try:
-        _wait("the dashboard", lambda: http(f"{base}/healthz").status == 200
-              if _port_open(admin_port) else False, 60, proc, log)
-        _wait("the DICOM port", lambda: _port_open(dicom_port), 30, proc, log)
-        env = dict(os.environ, TCP_NODELAY="1")
+        node = start_node(workdir / "node", sections={
+            "queue": {"series_idle_s": 1.0, "check_interval_s": 0.3},
+            "worker": {"enabled": True, "poll_interval_s": 0.3},
+            "model": {"bundle": str(tiny_bundle), "device": "cpu"},
+            "routing": {"rules": [{"name": "brain-t1-mr", "modality": "MR",
+                                   "min_abnormal_slices": 3}]},
+            "delivery": {"retry_base_s": 0.5, "poll_interval_s": 0.3, "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                 "port": orthanc.dicom_port}]},
+            "admin": {"enabled": True, "bind_address": "127.0.0.1", "port": admin_port,
+                      "token": TOKEN},
+        })
+        base = f"http://127.0.0.1:{admin_port}"
+        _wait("the dashboard", lambda: _port_open(admin_port), 30, node)
         for files in (flagged_series.paths, real_files):
             subprocess.run(
-                [storescu, "-aet", "SCANNER1", "-aec", "VAENODE", "127.0.0.1", str(dicom_port),
-                 *map(str, files)],
-                check=True, env=env, capture_output=True, timeout=120,
+                [storescu, "-aet", "SCANNER1", "-aec", node.ae_title, "127.0.0.1",
+                 str(node.port), *map(str, files)],
+                check=True, env=dcmtk_env(), capture_output=True, timeout=120,
             )
-        engine = make_engine(DatabaseSettings(url=f"sqlite:///{workdir / 'queue.db'}"))
-        factory = make_session_factory(engine)
-        sent = (flagged_series.series_instance_uid,
-                str(_read_uid(real_files[0], "SeriesInstanceUID")))
 
         def all_done() -> bool:
-            from sqlalchemy import select
-
-            with factory() as session:
+            with node.session() as session:
                 states = dict(session.execute(
                     select(Series.series_instance_uid, Series.status)
-                    .where(Series.series_instance_uid.in_(sent))).tuples().all())
+                    .where(Series.series_instance_uid.in_(sent))).all())
             return all(str(states.get(uid)) == "done" for uid in sent)
 
-        _wait("both series scored", all_done, 180, proc, log)
-        _wait("the reports in Orthanc",
-              lambda: len(orthanc.reports("SR")) >= 2, 120, proc, log)
-        with factory() as session:
+        _wait("both series scored", all_done, 180, node)
+        _wait("both reports in Orthanc", lambda: len(orthanc.reports("SR")) >= 2, 120, node)
+        with node.session() as session:
             row = queries.get_series(session, flagged_series.series_instance_uid)
             assert row is not None
-            series = row.id
-            scores = verdicts.slice_scores(session, series)
-            verdict = verdicts.series_verdict(session, series)
-        engine.dispose()
+            scores = verdicts.slice_scores(session, row.id)
+            verdict = verdicts.series_verdict(session, row.id)
         assert verdict is not None
         yield ScoredNode(
             base_url=base,
@@ -311,30 +245,22 @@ def scored_node(
             flagged=sum(s.abnormal for s in scores),
             normal=sum(not s.abnormal for s in scores),
             model=verdict.model,
+            abnormal=verdict.abnormal,
             sent_series=sent,
             sent_instances=len(flagged_series.paths) + len(real_files),
-            database_url=f"sqlite:///{workdir / 'queue.db'}",
+            database_url=node.db_url,
         )
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if node is not None:
+            node.stop()
         orthanc.stop(graceful=False)
 
 
 def _port_open(port: int) -> bool:
-    import socket
-
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _read_uid(path: Path, keyword: str) -> str:
-    import pydicom
-
     return str(pydicom.dcmread(path, stop_before_pixels=True).get(keyword))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
+import socket
+import subprocess
 import urllib.parse
 from collections.abc import Callable
 
@@ -86,3 +89,22 @@ def test_healthz_is_public_and_checks_db_and_storage(make_settings, session_fact
     (tmp_path / "storage").rmdir()
     reply = http(url)
     assert reply.status == 503 and "storage" in reply.text
+
+
+@pytest.mark.e2e
+def test_vaenode_serve_refuses_an_unguarded_public_dashboard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The real command: exit status 2, a message naming admin.token, nothing listening."""
+    from tests.helpers.node import VAENODE, free_port, node_sections, to_toml
+
+    port = free_port()
+    sections = node_sections(tmp_path, port, {"admin": {"enabled": True,
+                                                        "bind_address": "0.0.0.0", "port": 0}})
+    config = tmp_path / "node.toml"
+    config.write_text(to_toml(sections), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
+    result = subprocess.run([str(VAENODE), "serve", "--config", str(config)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "admin.token" in result.stderr
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "the DICOM port must not be open"
