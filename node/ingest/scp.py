@@ -33,7 +33,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -46,8 +46,9 @@ from node.queue import repo
 
 log = logging.getLogger(__name__)
 
-#: Transfer syntaxes accepted for storage, in order of preference when a peer offers several.
-#: Uncompressed first: storing what the modality produced, unchanged, is the point.
+#: Transfer syntaxes the node is tested with and documents (CONFORMANCE.md). Negotiation itself
+#: takes the peer's first proposed syntax (see Scp._build_ae); the structural check handles
+#: every syntax whose dataset is Explicit VR Little Endian, plus Implicit, Big Endian, Deflated.
 STORAGE_TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -176,8 +177,17 @@ class Scp:
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
+        # Storage contexts are accepted with the transfer syntax the peer lists FIRST, for every
+        # storage SOP class, retired and private ones included (pynetdicom's "unrestricted
+        # storage service"). pynetdicom's normal negotiation picks by the acceptor's order and
+        # would make a modality that offers its native JPEG 2000 or JPEG-LS beside Explicit VR
+        # decompress before sending; the node must store what the modality produced. A process-
+        # wide pynetdicom switch: the node's only SCP is this one.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         ae = AE(ae_title=self.settings.ae_title)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        # Ignored while the unrestricted service is on; kept so that the AE also describes the
+        # standard classes and syntaxes it is tested with (see CONFORMANCE.md).
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
         # Access control is ours (AccessPolicy, on EVT_REQUESTED): pynetdicom's own check knows
@@ -229,14 +239,19 @@ class Scp:
             self._server.shutdown()
             self._server = None
         deadline = time.monotonic() + grace_s
-        while self.ae.active_associations and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        remaining = len(self.ae.active_associations)
+        remaining = self._in_flight()
         if remaining:
             log.warning("aborting associations still open after the grace period",
                         extra={"count": remaining})
         self.ae.shutdown()
         log.info("DICOM listener stopped")
+
+    def _in_flight(self) -> int:
+        # Only established associations carry instances; a connection still waiting for its
+        # A-ASSOCIATE-RQ (a port probe, say) would otherwise hold shutdown for the ACSE timeout.
+        return sum(1 for assoc in self.ae.active_associations if assoc.is_established)
 
     # --- association events ----------------------------------------------------------------
 
