@@ -180,6 +180,34 @@ def resend_cmd(
     typer.echo(f"{count} deliveries of series {series_uid} queued again")
 
 
+@queue_app.command("retry")
+def retry_cmd(
+    series_uid: Annotated[str, typer.Argument(help="Series Instance UID.")],
+    config: ConfigOption = None,
+) -> None:
+    """Score a finished series again (done, skipped or failed); its new report supersedes."""
+    import getpass
+
+    from sqlalchemy import select
+
+    from node.queue import repo
+    from node.queue.models import Series
+    from node.queue.states import FINAL_STATES
+
+    with _session(config) as session, session.begin():
+        series = session.execute(
+            select(Series).where(Series.series_instance_uid == series_uid)
+        ).scalar_one_or_none()
+        if series is None:
+            raise NodeError(f"no series {series_uid}")
+        if series.status not in FINAL_STATES:
+            raise NodeError(f"series {series_uid} is {series.status.value}: it will be scored "
+                            "anyway; retry applies to done, skipped or failed series")
+        repo.requeue(session, series.id, reason="re-score requested (vaenode queue retry)",
+                     actor=f"cli:{getpass.getuser()}")
+    typer.echo(f"series {series_uid} queued to be scored again")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``queue`` group to the ``vaenode`` command."""
     app.add_typer(queue_app, name="queue")

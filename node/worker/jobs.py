@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 from apscheduler.schedulers.base import BaseScheduler
@@ -51,6 +52,9 @@ class Worker:
         self.worker_id = worker_id or node_worker_id(settings)
         self.bundles = bundles or BundleCache()
         self._warm = False
+        # Scoring a series outlasts the poll interval; a tick that finds another one running
+        # returns at once instead of queueing behind it (see install()).
+        self._running = threading.Lock()
 
     def recover_at_startup(self) -> int:
         """Put the series this node left ``processing`` back to ``queued``; returns how many."""
@@ -85,19 +89,27 @@ class Worker:
                 log.error("model bundle cannot be loaded: %s", exc)
 
     def run_once(self, max_series: int = MAX_SERIES_PER_TICK) -> list[Outcome]:
-        """One tick: requeue expired leases, then score queued series until none is left."""
-        if not self._warm:
-            self._warm = True
-            self.warm_up()
-        self.requeue_expired()
-        outcomes: list[Outcome] = []
-        while len(outcomes) < max_series:
-            outcome = process_next(self.session_factory, self.settings, self.worker_id,
-                                   self.bundles)
-            if outcome is None:
-                break
-            outcomes.append(outcome)
-        return outcomes
+        """One tick: requeue expired leases, then score queued series until none is left.
+
+        Returns at once (an empty list) when another tick of this worker is still running.
+        """
+        if not self._running.acquire(blocking=False):
+            return []
+        try:
+            if not self._warm:
+                self._warm = True
+                self.warm_up()
+            self.requeue_expired()
+            outcomes: list[Outcome] = []
+            while len(outcomes) < max_series:
+                outcome = process_next(self.session_factory, self.settings, self.worker_id,
+                                       self.bundles)
+                if outcome is None:
+                    break
+                outcomes.append(outcome)
+            return outcomes
+        finally:
+            self._running.release()
 
     def run_until_idle(self, timeout_s: float = 60.0) -> list[Outcome]:
         """Score until nothing is queued (for tests and ``vaenode queue retry --now``)."""
@@ -126,7 +138,9 @@ def install(
         "interval",
         seconds=settings.worker.poll_interval_s,
         id=JOB_ID,
-        max_instances=1,
+        # Two: while one tick scores, the next finds the worker busy and returns at once,
+        # instead of APScheduler warning "maximum number of running instances" every poll.
+        max_instances=2,
         coalesce=True,
         replace_existing=True,
     )
