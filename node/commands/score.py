@@ -114,7 +114,8 @@ def _split_paths(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             raise NodeError(f"no such file or folder: {path}")
         for f in files:
             (nifti if is_nifti(f) else other).append(f)
-    return nifti, other
+    # A file named twice (a folder and a file in it) is scored once.
+    return list(dict.fromkeys(nifti)), list(dict.fromkeys(other))
 
 
 def _min_abnormal(settings: Settings, rule_value: int | None, override: int | None) -> int:

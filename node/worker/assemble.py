@@ -484,8 +484,15 @@ def assemble_series(paths: Sequence[Path]) -> AssembledSeries:
     set_aside: list[SetAside] = []
     candidates: list[_Candidate] = []
     sources: list[Dataset] = []
+    seen: dict[str, Path] = {}
     for ds, path in datasets:
         reason = _why_not_judged(ds)
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
+        if reason is None and sop_uid in seen:
+            # The same instance twice (a folder given twice, a copy): scoring it twice would
+            # count its verdict twice.
+            reason = f"duplicate of {seen[sop_uid].name} (same SOP Instance UID)"
+        seen.setdefault(sop_uid, path)
         if reason is not None:
             set_aside.append(
                 SetAside(str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", "")),

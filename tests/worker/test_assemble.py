@@ -234,6 +234,16 @@ def test_non_image_objects_set_aside(tmp_path: Path) -> None:
     assert series.attributes.modality == "MR"  # the report does not decide the modality
 
 
+def test_duplicate_instance_scored_once(tmp_path: Path) -> None:
+    files = series_files(SIEMENS_MAGNITUDE)
+    copy = tmp_path / "copy.dcm"
+    shutil.copy(files[4], copy)
+    series = assemble_series([*files, copy])
+    assert len(series.slices) == 36
+    (aside,) = series.set_aside
+    assert aside.path == copy and "duplicate of 00005.dcm" in aside.reason
+
+
 def test_series_without_images_raises_no_images(tmp_path: Path) -> None:
     sr = _sr_in_series(tmp_path, series_files(SIEMENS_MAGNITUDE)[0])
     with pytest.raises(NoImages, match=r"no image to score.*no pixel data"):
