@@ -14,6 +14,7 @@ which is what a reviewer who looks at every flagged series and not at the rest c
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +64,7 @@ class ModelStats:
         confirmed: flagged series an admin confirmed.
         false_alarms: flagged series an admin marked as a false alarm.
         false_alarm_rate: false_alarms / (scored - confirmed); None before anything is scored.
+        series_shapes: (scored slices, slices that flag the series) of each scored series.
     """
 
     model: str
@@ -71,6 +73,32 @@ class ModelStats:
     confirmed: int
     false_alarms: int
     false_alarm_rate: float | None
+    series_shapes: tuple[tuple[int, int], ...] = ()
+
+    def expected_false_alarm_rate(self, slice_fpr: float) -> float | None:
+        """The series false-alarm rate the model's slice target implies.
+
+        The bundle is calibrated so that a fraction ``slice_fpr`` of normal slices falls below
+        the threshold; a normal series of n slices is flagged when at least k of them do. With
+        slices taken as independent that is P(Binomial(n, slice_fpr) >= k), averaged over the
+        series this model scored: the target the live rate is compared with. (Neighbouring
+        slices are correlated, so the true rate spreads wider; it is a yardstick, not a bound.)
+        """
+        if not self.series_shapes:
+            return None
+        return sum(binomial_tail(n, slice_fpr, k) for n, k in self.series_shapes) / len(
+            self.series_shapes
+        )
+
+
+def binomial_tail(n: int, p: float, k: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    below = sum(math.comb(n, j) * p**j * (1.0 - p) ** (n - j) for j in range(k))
+    return min(1.0, max(0.0, 1.0 - below))
 
 
 def actor_name(identity: Identity | None, reviewer: str, client_host: str | None) -> str:
@@ -190,10 +218,12 @@ def model_review_stats(session: Session) -> list[ModelStats]:
     scored: dict[str, int] = defaultdict(int)
     flagged: dict[str, int] = defaultdict(int)
     current: dict[int, tuple[str, bool]] = {}
-    for series_id, model, abnormal in verdicts.all_verdicts(session):
-        scored[model] += 1
-        flagged[model] += int(abnormal)
-        current[series_id] = (model, abnormal)
+    shapes: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for row in verdicts.all_verdicts(session):
+        scored[row.model] += 1
+        flagged[row.model] += int(row.abnormal)
+        current[row.series_id] = (row.model, row.abnormal)
+        shapes[row.model].append((row.scored_slices, row.min_abnormal_slices))
     confirmed: dict[str, int] = defaultdict(int)
     false_alarms: dict[str, int] = defaultdict(int)
     for series_id, (action, reviewed_model) in latest_reviews(session).items():
@@ -211,7 +241,7 @@ def model_review_stats(session: Session) -> list[ModelStats]:
         rate = false_alarms[model] / negatives if negatives > 0 else None
         out.append(ModelStats(model=model, scored=scored[model], flagged=flagged[model],
                               confirmed=confirmed[model], false_alarms=false_alarms[model],
-                              false_alarm_rate=rate))
+                              false_alarm_rate=rate, series_shapes=tuple(shapes[model])))
     return out
 
 

@@ -240,14 +240,14 @@ def associations_page(request: Request, session: SessionDep) -> HTMLResponse:
 def models(request: Request, session: SessionDep) -> HTMLResponse:
     """Bundles in use, thresholds, validation metrics, and live false-alarm rates."""
     bundles = models_page.bundles(_settings(request))
-    return _render(
-        request,
-        "models.html",
-        "models",
-        bundles=bundles,
-        stats=reviews.model_review_stats(session),
-        targets={b.label: b.target_fpr for b in bundles if b.target_fpr is not None},
-    )
+    slice_targets = {b.label: b.target_fpr for b in bundles if b.target_fpr is not None}
+    stats = reviews.model_review_stats(session)
+    series_targets = {
+        s.model: s.expected_false_alarm_rate(slice_targets[s.model])
+        for s in stats if s.model in slice_targets
+    }
+    return _render(request, "models.html", "models", bundles=bundles, stats=stats,
+                   slice_targets=slice_targets, series_targets=series_targets)
 
 
 @router.get("/metrics", name="metrics")

@@ -142,13 +142,26 @@ def verdicts_for(session: Session, series_uids: Sequence[str]) -> dict[str, Verd
     return out
 
 
-def all_verdicts(session: Session) -> list[tuple[int, str, bool]]:
-    """(series id, model label, abnormal) of every series that has a verdict."""
-    stmt = select(Series.id, Series.model_name, Series.model_version, Series.abnormal).where(
-        Series.abnormal.is_not(None)
-    )
+@dataclass(frozen=True)
+class VerdictRow:
+    """What the review counts need of one scored series."""
+
+    series_id: int
+    model: str
+    abnormal: bool
+    scored_slices: int
+    min_abnormal_slices: int
+
+
+def all_verdicts(session: Session) -> list[VerdictRow]:
+    """Every series that has a verdict, with its model label and slice counts."""
+    stmt = select(
+        Series.id, Series.model_name, Series.model_version, Series.abnormal,
+        Series.scored_slices, Series.min_abnormal_slices,
+    ).where(Series.abnormal.is_not(None))
     out = []
-    for series_id, name, version, abnormal in session.execute(stmt):
+    for series_id, name, version, abnormal, scored, minimum in session.execute(stmt):
         label = f"{name or 'unknown model'} {version}" if version else (name or "unknown model")
-        out.append((int(series_id), label, bool(abnormal)))
+        out.append(VerdictRow(int(series_id), label, bool(abnormal), int(scored or 0),
+                              int(minimum or 1)))
     return out
