@@ -25,7 +25,7 @@ from node.queue.db import make_engine, make_session_factory
 from node.queue.models import Report, Series, SeriesEvent, SliceScore, utcnow
 from node.queue.states import SeriesState
 from node.worker.jobs import Worker
-from node.worker.score import BundleCache, Outcome
+from node.worker.score import BundleCache, Outcome, process_series
 from tests.helpers.series import IXI, WrittenSeries, load_volume, write_series
 from tests.worker.conftest import (
     SIEMENS_PHASE,
@@ -304,3 +304,42 @@ def test_series_without_images_skipped(
     series = status_of(session_factory, series_id)
     assert series.status is SeriesState.SKIPPED
     assert series.status_reason is not None and "modality SR is not MR" in series.status_reason
+
+
+def test_new_instance_while_processing_drops_the_result(
+    worker_settings: Settings, session_factory: sessionmaker[Session],
+    make_series: Callable[..., WrittenSeries],
+) -> None:
+    written = make_series(z=(40, 52))
+    series_id = store_and_queue(session_factory, worker_settings, written.paths[:-1])
+    with session_factory() as session:
+        claimed = repo.claim_next_queued(session, "w1", lease_s=60)
+    assert claimed is not None and claimed.id == series_id
+    # The last instance arrives while w1 is scoring: ingest reopens the series.
+    store_files(session_factory, worker_settings, written.paths[-1:])
+    outcome = process_series(session_factory, worker_settings, claimed, "w1", BundleCache())
+    assert outcome is Outcome.LOST
+    series = status_of(session_factory, series_id)
+    assert series.status is SeriesState.RECEIVING and series.scored_slices is None
+    assert count(session_factory, select(func.count()).select_from(Report)) == 0
+    assert count(session_factory, select(func.count()).select_from(SliceScore)) == 0
+    queue_series(session_factory, series_id)  # complete now: scored once, with every slice
+    assert Worker(worker_settings, session_factory).run_until_idle() == [Outcome.DONE]
+    assert status_of(session_factory, series_id).scored_slices == 12
+
+
+def test_unexpected_error_fails_each_series_and_the_worker_goes_on(
+    worker_settings: Settings, session_factory: sessionmaker[Session],
+    make_series: Callable[..., WrittenSeries],
+) -> None:
+    # A device that does not exist: torch raises at scoring time, not at start-up.
+    settings = worker_settings.model_copy(
+        update={"model": worker_settings.model.model_copy(update={"device": "cuda:99"})}
+    )
+    ids = [store_and_queue(session_factory, settings, make_series(z=(40 + i, 44 + i)).paths)
+           for i in range(2)]
+    assert Worker(settings, session_factory).run_until_idle() == [Outcome.FAILED] * 2
+    for series_id in ids:
+        series = status_of(session_factory, series_id)
+        assert series.status is SeriesState.FAILED
+        assert series.status_reason is not None and "error" in series.status_reason.lower()
