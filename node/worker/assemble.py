@@ -197,10 +197,15 @@ def _has_pixels(ds: Dataset) -> bool:
     return any(kw in ds for kw in PIXEL_KEYWORDS)
 
 
-def _why_not_judged(ds: Dataset) -> str | None:
-    """Why an object is not an image to score, or None when it is one."""
+def _why_not_judged(ds: Dataset, *, headers_only: bool = False) -> str | None:
+    """Why an object is not an image to score, or None when it is one.
+
+    With ``headers_only`` (read with ``stop_before_pixels``, so Pixel Data is never there)
+    Rows and Columns stand in for it: every image IOD has them, SR, KOS and states do not.
+    """
     sop_class = str(ds.get("SOPClassUID", ""))
-    if not _has_pixels(ds):
+    has_pixels = ("Rows" in ds and "Columns" in ds) if headers_only else _has_pixels(ds)
+    if not has_pixels:
         name = getattr(ds.get("SOPClassUID"), "name", sop_class) or "unknown SOP class"
         return f"no pixel data ({name})"
     if sop_class in NOT_JUDGED_SOP_CLASSES:
@@ -209,8 +214,9 @@ def _why_not_judged(ds: Dataset) -> str | None:
     if modality in NOT_JUDGED_MODALITIES:
         return NOT_JUDGED_MODALITIES[modality]
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        return f"colour image ({samples} samples per pixel, {ds.get('PhotometricInterpretation')})"
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if samples != 1 or photometric == "PALETTE COLOR":
+        return f"colour image ({samples} samples per pixel, {photometric or 'no photometric'})"
     return None
 
 
@@ -241,7 +247,8 @@ def series_attributes(headers: Sequence[Dataset]) -> SeriesAttributes:
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
     if len(uids) != 1:
         raise AssemblyError(f"instances of {len(uids)} different series were given together")
-    images = [ds for ds in headers if _why_not_judged(ds) is None] or list(headers)
+    images = [ds for ds in headers if _why_not_judged(ds, headers_only=True) is None]
+    images = images or list(headers)
     first = images[0]
     types = Counter(_upper_values(ds.get("ImageType")) for ds in images)
     image_type = types.most_common(1)[0][0] if types else ()

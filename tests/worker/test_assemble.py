@@ -244,6 +244,14 @@ def test_duplicate_instance_scored_once(tmp_path: Path) -> None:
     assert aside.path == copy and "duplicate of 00005.dcm" in aside.reason
 
 
+def test_attributes_from_headers_ignore_a_report_listed_first(tmp_path: Path) -> None:
+    """Headers read without pixel data still tell the images from the SR (for routing)."""
+    files = series_files(SIEMENS_MAGNITUDE)[:3]
+    sr = _sr_in_series(tmp_path, files[0])
+    attrs = series_attributes(read_headers([sr, *files]))
+    assert attrs.modality == "MR" and attrs.image_type[:3] == ("ORIGINAL", "PRIMARY", "M")
+
+
 def test_series_without_images_raises_no_images(tmp_path: Path) -> None:
     sr = _sr_in_series(tmp_path, series_files(SIEMENS_MAGNITUDE)[0])
     with pytest.raises(NoImages, match=r"no image to score.*no pixel data"):
