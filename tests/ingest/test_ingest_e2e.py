@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -362,3 +363,18 @@ def test_sigterm_lets_the_transfer_finish_and_exits_0(tmp_path: Path) -> None:
     assert len(list(node.storage.rglob("*.dcm"))) == len(paths)
     assert "DICOM listener stopped" in node.log_text()
     assert dcmtk.echoscu(node.port).returncode != 0  # no longer listening
+
+
+def test_vaenode_echo(node: RunningNode) -> None:
+    vaenode = Path(sys.executable).with_name("vaenode")
+    ok = subprocess.run([str(vaenode), "echo", f"VAENODE@127.0.0.1:{node.port}",
+                         "--config", str(node.config_path)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "Success" in ok.stdout, ok.stderr
+    refused = subprocess.run([str(vaenode), "echo", f"VAENODE@127.0.0.1:{free_port()}",
+                              "--config", str(node.config_path), "--timeout-s", "3"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "failed" in refused.stderr
+    bad = subprocess.run([str(vaenode), "echo", "no-port-here", "--config",
+                          str(node.config_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "AE@HOST:PORT" in bad.stderr

@@ -1,0 +1,69 @@
+"""``vaenode db`` and ``vaenode queue`` on a real temp database, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from node.config import DatabaseSettings
+from node.queue import repo
+from node.queue.db import make_engine, make_session_factory
+from node.queue.models import utcnow
+
+VAENODE = Path(sys.executable).with_name("vaenode")
+
+
+def _run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VAENODE), *args, "--config", str(config)], capture_output=True,
+                          text=True, timeout=120, cwd=config.parent)
+
+
+def test_db_upgrade_then_queue_list_and_show(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    done = _run(config, "db", "upgrade")
+    assert done.returncode == 0, done.stderr
+    assert "database at revision" in done.stdout
+
+    engine = make_engine(DatabaseSettings(url=url))
+    factory = make_session_factory(engine)
+    for i, uid in enumerate(("1.2.826.1", "1.2.826.2")):
+        with factory.begin() as s:
+            repo.record_instance(s, repo.InstanceRecord(
+                study_instance_uid="1.2.826", series_instance_uid=uid,
+                sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"a/{uid}/1.dcm",
+                size_bytes=10, instance_number=1, modality="MR", series_description="T1",
+                body_part="BRAIN", calling_aet="MR1", peer_address="10.0.0.5:1000",
+                received_at=utcnow() - timedelta(seconds=100 * (1 - i))))
+    with factory.begin() as s:
+        first = repo.idle_series_ids(s, utcnow() - timedelta(seconds=50))
+        repo.mark_queued(s, first[0], idle_before=utcnow())
+    engine.dispose()
+
+    listed = _run(config, "queue", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["series_instance_uid"], r["status"]) for r in rows] == [
+        ("1.2.826.2", "receiving"), ("1.2.826.1", "queued")]
+    queued = _run(config, "queue", "list", "--status", "queued", "--json")
+    assert [json.loads(x)["series_instance_uid"] for x in queued.stdout.splitlines()] == [
+        "1.2.826.1"]
+    table = _run(config, "queue", "list")
+    assert "1.2.826.1" in table.stdout and "queued" in table.stdout
+    bad = _run(config, "queue", "list", "--status", "nonsense")
+    assert bad.returncode != 0
+
+    shown = _run(config, "queue", "show", "1.2.826.1", "--json")
+    assert shown.returncode == 0, shown.stderr
+    detail = json.loads(shown.stdout)
+    assert detail["instance_count"] == 1 and detail["calling_aet"] == "MR1"
+    assert [(e["from"], e["to"]) for e in detail["events"]] == [
+        (None, "receiving"), ("receiving", "queued")]
+    assert detail["instances"][0]["path"] == "a/1.2.826.1/1.dcm"
+    missing = _run(config, "queue", "show", "9.9.9")
+    assert missing.returncode == 1 and "no series" in missing.stderr
