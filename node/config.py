@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from node.errors import ConfigError
 
@@ -143,6 +150,14 @@ class AdminSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     token: str | None = None
     show_patient_name: bool = False
+    tls_cert_file: Path | None = None  # HTTPS for the dashboard: PEM certificate chain...
+    tls_key_file: Path | None = None  # ...and its PEM private key (both or neither)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AdminSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("admin.tls_cert_file and admin.tls_key_file go together")
+        return self
 
 
 class LogSettings(_Section):

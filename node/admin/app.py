@@ -26,7 +26,7 @@ from node.admin import auth
 from node.admin.metrics import build_registry
 from node.admin.routes import router
 from node.config import Settings
-from node.errors import NodeError
+from node.errors import ConfigError, NodeError
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +131,33 @@ def start_in_thread(
     keeps uvicorn from replacing the node's logging set-up with its own.
 
     Raises:
-        ConfigError: beyond loopback without a token (before anything listens).
+        ConfigError: beyond loopback without a token, or a TLS file missing (before anything
+            listens).
         NodeError: the server did not start listening in time (port taken, for example).
     """
     app = create_app(settings, session_factory)
+    admin = settings.admin
+    for path in (admin.tls_cert_file, admin.tls_key_file):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"admin TLS file not found: {path}")
+    if not auth.is_loopback(admin.bind_address) and admin.tls_cert_file is None:
+        # Allowed (a TLS-terminating reverse proxy in front is a common set-up), but the token
+        # then crosses the network in clear unless that proxy exists: say so once.
+        log.warning(
+            "admin dashboard beyond loopback without TLS: put it behind an HTTPS reverse proxy "
+            "or set admin.tls_cert_file and admin.tls_key_file",
+            extra={"address": admin.bind_address},
+        )
     config = uvicorn.Config(
         app,
-        host=settings.admin.bind_address,
-        port=settings.admin.port,
+        host=admin.bind_address,
+        port=admin.port,
         log_level="warning",
         access_log=False,
         lifespan="off",
         log_config=None,
+        ssl_certfile=str(admin.tls_cert_file) if admin.tls_cert_file else None,
+        ssl_keyfile=str(admin.tls_key_file) if admin.tls_key_file else None,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="vaenode-admin", daemon=True)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import socket
+import ssl
 import subprocess
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 
 import pytest
 
-from node.admin.app import create_app
+from node.admin.app import create_app, start_in_thread
 from node.errors import ConfigError
 from tests.admin.conftest import http
 
@@ -108,3 +112,34 @@ def test_vaenode_serve_refuses_an_unguarded_public_dashboard(tmp_path) -> None: 
     assert "admin.token" in result.stderr
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0, "the DICOM port must not be open"
+
+
+def test_dashboard_over_https_with_token(make_settings, session_factory_for,  # type: ignore[no-untyped-def]
+                                         run_dashboard, tmp_path) -> None:
+    """admin.tls_cert_file/tls_key_file: HTTPS, the token still required over it."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "admin.crt", tmp_path / "admin.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    settings = make_settings(token="s3cret-token", tls_cert_file=str(cert), tls_key_file=str(key))
+    dash = run_dashboard(settings, session_factory_for(settings))
+    context = ssl.create_default_context(cafile=str(cert))
+    url = f"https://127.0.0.1:{dash.port}/queue"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, context=context, timeout=30)
+    assert refused.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret-token"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+        assert reply.status == 200 and b"Queue" in reply.read()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plain HTTP on TLS port
+        urllib.request.urlopen(f"http://127.0.0.1:{dash.port}/healthz", timeout=10).read()
+
+
+def test_tls_files_must_exist(make_settings, session_factory_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(tls_cert_file=str(tmp_path / "no.crt"),
+                             tls_key_file=str(tmp_path / "no.key"))
+    with pytest.raises(ConfigError, match="admin TLS file not found"):
+        start_in_thread(settings, session_factory_for(settings))
