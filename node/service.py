@@ -14,18 +14,20 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.admin.app import RunningDashboard, start_in_thread
-from node.admin.auth import check_bind
 from node.config import Settings
 from node.ingest.scp import Scp
 from node.ingest.store import Store
 from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import upgrade
+
+if TYPE_CHECKING:
+    from node.admin.app import RunningDashboard
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class Service:
         """Migrate, listen, start the scheduler; returns the listening address."""
         s = self.settings
         if s.admin.enabled:
+            # Imported only when enabled: the web stack is heavy and optional.
+            from node.admin.auth import check_bind
+
             # Refuse an unguarded dashboard beyond loopback before anything listens.
             check_bind(s.admin)
         upgrade(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
@@ -85,6 +90,8 @@ class Service:
         installed = install_jobs(self.scheduler, s, self.session_factory)
         self.scheduler.start()
         if s.admin.enabled:
+            from node.admin.app import start_in_thread
+
             self.dashboard = start_in_thread(s, self.session_factory)
         log.info("vaenode serving", extra={"address": f"{address[0]}:{address[1]}",
                                            "jobs": ",".join(installed)})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from node.commands.common import ConfigOption, setup
-from node.service import JOB_MODULES
 
-__all__ = ["JOB_MODULES", "register"]
+# The list of job modules is node.service.JOB_MODULES; node.service is imported only when the
+# command runs, so that `vaenode --help` does not pay for pynetdicom, APScheduler and the web app.
 
 
 def serve(config: ConfigOption = None) -> None:
