@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -275,7 +276,9 @@ def process_series(
         if decision.rule is None:
             return _finish(session_factory, series, worker_id, Outcome.SKIPPED,
                            decision.reason or "no routing rule matches")
+        t0 = time.monotonic()
         assembled = assemble_series(paths)
+        t1 = time.monotonic()
         bundle = bundles.get(decision.bundle)
         options = ScoringOptions(
             estimator=settings.model.estimator,
@@ -285,6 +288,7 @@ def process_series(
             device=settings.model.device,
         )
         scored = score_series(assembled, bundle, options)
+        t2 = time.monotonic()
         verdict = SeriesVerdict.from_slices(
             study_instance_uid=attrs.study_instance_uid or series.study_instance_uid,
             series_instance_uid=uid,
@@ -299,8 +303,10 @@ def process_series(
             score_note=scored.score_note,
         )
         stacks = {(s.sop_instance_uid, s.frame): s.stack for s in assembled.slices}
-        from node.report.service import report_series
+        from node.report.service import prepare_reports, report_series
 
+        # Build the SR/KOS (seconds for a long series) before taking the write lock.
+        prepared = prepare_reports(session_factory, settings, verdict, list(assembled.sources))
         with session_factory() as session, session.begin():
             # Done first: when the series was reopened or taken over meanwhile this raises
             # QueueConflict before any report is built, and the transaction rolls back.
@@ -311,12 +317,14 @@ def process_series(
                 worker_id=worker_id,
             )
             _store_verdict(session, current, verdict, scored.slices, stacks)
-            report_series(session, settings, verdict, list(assembled.sources))
+            report_series(session, settings, verdict, list(assembled.sources), prepared)
         log.info(
             "series scored: %d/%d slices flagged, series %s",
             verdict.abnormal_slices, len(verdict.slices),
             "abnormal" if verdict.abnormal else "normal",
-            extra={**extra, "model": f"{bundle.name} {bundle.version}"},
+            extra={**extra, "model": f"{bundle.name} {bundle.version}",
+                   "assemble_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
+                   "report_s": round(time.monotonic() - t2, 2)},
         )
         return Outcome.DONE
     except QueueConflict as exc:
