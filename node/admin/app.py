@@ -31,6 +31,7 @@ from node.errors import ConfigError, NodeError
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> FastAPI:
@@ -69,6 +70,13 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> Fa
         )
         if identity is None and not auth.is_public(request.url.path):
             return _unauthorized(request)
+        if request.method not in SAFE_METHODS and not auth.same_origin(
+            request.headers.get("origin"), request.headers.get("host")
+        ):
+            # A form on another site posting to this dashboard (cross-site request forgery):
+            # on an open loopback dashboard no cookie is needed, so SameSite cannot stop it.
+            return Response("cross-origin request refused\n", status_code=403,
+                            media_type="text/plain")
         request.state.identity = identity
         return await call_next(request)
 

@@ -131,6 +131,24 @@ def authenticate(
     return None
 
 
+def same_origin(origin: str | None, host: str | None) -> bool:
+    """True when a state-changing request comes from the dashboard's own pages.
+
+    Browsers send ``Origin`` with every cross-site POST; a request without one (curl, a
+    script with the token) is not a forgery and passes.
+
+    Args:
+        origin: the request's ``Origin`` header.
+        host: the request's ``Host`` header (host and port the client addressed).
+    """
+    if origin is None:
+        return True
+    if origin == "null" or host is None:
+        return False
+    _scheme, _, rest = origin.partition("://")
+    return rest.rstrip("/").lower() == host.lower()
+
+
 def is_public(path: str) -> bool:
     """True for the few paths served without credentials (login, health, static files)."""
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)

@@ -12,6 +12,7 @@ from node.admin.auth import (
     is_loopback,
     is_public,
     make_session_cookie,
+    same_origin,
 )
 from node.config import AdminSettings
 from node.errors import ConfigError
@@ -81,3 +82,12 @@ def test_cookie_is_bound_to_the_token_and_the_name() -> None:
 def test_public_paths() -> None:
     assert is_public("/healthz") and is_public("/login") and is_public("/static/site.css")
     assert not is_public("/") and not is_public("/metrics") and not is_public("/series/1.2.3")
+
+
+def test_same_origin() -> None:
+    assert same_origin(None, "127.0.0.1:8080")
+    assert same_origin("http://127.0.0.1:8080", "127.0.0.1:8080")
+    assert same_origin("https://Node.example:8443", "node.example:8443")
+    assert not same_origin("http://evil.example", "127.0.0.1:8080")
+    assert not same_origin("http://127.0.0.1:9999", "127.0.0.1:8080")
+    assert not same_origin("null", "127.0.0.1:8080")
