@@ -1,9 +1,10 @@
 """Report a scored series: build SR (+ KOS), store the files, queue their delivery.
 
-Called by the worker inside its own transaction, together with marking the series done, so that
-a series is either done with its reports queued, or not done at all: a crash in between leaves
-at most orphan report files on disk (never rows pointing at missing files), and the series is
-scored and reported again, once.
+The worker builds the reports first (:func:`prepare_reports`, seconds of CPU, no lock held),
+then calls :func:`report_series` inside its own transaction, together with marking the series
+done, so that a series is either done with its reports queued, or not done at all: a crash in
+between leaves at most orphan report files on disk (never rows pointing at missing files), and
+the series is scored and reported again, once.
 
 Files go to ``<storage.dir>/reports/<StudyUID>/<ReportSeriesUID>/<SOPUID>.dcm`` through a
 temporary file, fsync and rename, like received instances.
@@ -15,13 +16,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from node import __version__
 from node.config import Settings
@@ -89,14 +91,96 @@ def _predecessor(report: Report, study_instance_uid: str) -> Dataset:
     return ds
 
 
-def _store(session: Session, settings: Settings, series: Series, kind: str, doc: Dataset) -> Report:
+@dataclass(frozen=True)
+class PreparedReports:
+    """Reports built and encoded, not yet stored: the expensive half of reporting.
+
+    Attributes:
+        series_instance_uid: the scored series.
+        sr: the SR and its encoded bytes.
+        kos: the KOS and its bytes, or None when no image is flagged.
+        supersedes: ids of the report rows that existed when these were built; the new SR
+            names the SRs among them as predecessors.
+    """
+
+    series_instance_uid: str
+    sr: tuple[Dataset, bytes]
+    kos: tuple[Dataset, bytes] | None
+    supersedes: tuple[int, ...]
+
+
+def _find_series(session: Session, series_instance_uid: str) -> Series:
+    series = session.scalar(select(Series).where(Series.series_instance_uid == series_instance_uid))
+    if series is None:
+        raise ReportError(f"series {series_instance_uid} is not in the queue database")
+    return series
+
+
+def _earlier(session: Session, series: Series) -> list[Report]:
+    return list(
+        session.scalars(select(Report).where(Report.series_id == series.id).order_by(Report.id))
+    )
+
+
+def prepare_reports(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    verdict: SeriesVerdict,
+    sources: Sequence[Dataset] | None = None,
+) -> PreparedReports:
+    """Build and encode the SR (and KOS) of a scored series; reads the database, writes nothing.
+
+    Building the report of a 150-slice series takes seconds (highdicom). This reads what it
+    needs in a short transaction of its own and builds after it has ended, so that the
+    database's write lock (with SQLite: the whole file, ingest included) is not held meanwhile.
+    Call it before the transaction that stores the verdict and pass the result to
+    :func:`report_series`.
+
+    Raises:
+        ReportError: the series is unknown, or the reports cannot be built from the sources.
+    """
+    with session_factory() as session:
+        series = _find_series(session, verdict.series_instance_uid)
+        earlier = _earlier(session, series)
+        if sources is None:
+            sources = load_sources(session, settings, series)
+    return _build(settings, verdict, sources, earlier)
+
+
+def _build(
+    settings: Settings, verdict: SeriesVerdict, sources: Sequence[Dataset], earlier: list[Report]
+) -> PreparedReports:
+    next_number = {
+        kind: max((r.instance_number for r in earlier if r.kind == kind), default=0) + 1
+        for kind in ("SR", "KOS")
+    }
+    identity = identity_of(settings)
+    sr = build_sr(
+        verdict,
+        sources,
+        identity=identity,
+        instance_number=next_number["SR"],
+        previous=[_predecessor(r, verdict.study_instance_uid) for r in earlier if r.kind == "SR"],
+    )
+    kos = build_kos(verdict, sources, identity=identity, instance_number=next_number["KOS"])
+    return PreparedReports(
+        series_instance_uid=verdict.series_instance_uid,
+        sr=(sr, _encode(sr)),
+        kos=(kos, _encode(kos)) if kos is not None else None,
+        supersedes=tuple(r.id for r in earlier),
+    )
+
+
+def _store(
+    session: Session, settings: Settings, series: Series, kind: str, doc: Dataset, data: bytes
+) -> Report:
     rel = (
         Path(REPORTS_DIR)
         / doc.StudyInstanceUID
         / doc.SeriesInstanceUID
         / (f"{doc.SOPInstanceUID}.dcm")
     )
-    write_atomically(settings.storage.dir / rel, _encode(doc))
+    write_atomically(settings.storage.dir / rel, data)
     report = Report(
         series_id=series.id,
         kind=kind,
@@ -117,8 +201,9 @@ def report_series(
     settings: Settings,
     verdict: SeriesVerdict,
     sources: Sequence[Dataset] | None = None,
+    prepared: PreparedReports | None = None,
 ) -> list[Report]:
-    """Build, store and queue the reports of one scored series, in the caller's transaction.
+    """Store and queue the reports of one scored series, in the caller's transaction.
 
     Earlier reports of the series are marked superseded; the new SR names the earlier SRs as
     its predecessors and takes the next instance number in the same report series.
@@ -128,6 +213,8 @@ def report_series(
         settings: storage folder, destinations and the node's AE title.
         verdict: the scores.
         sources: the scored instances' datasets (headers suffice); read from storage when None.
+        prepared: the reports from :func:`prepare_reports`, built outside the transaction.
+            Built here when None, or when another report of the series was stored since.
 
     Returns:
         The new report rows: the SR, then the KOS when any image is flagged.
@@ -135,37 +222,23 @@ def report_series(
     Raises:
         ReportError: the series is unknown, or the reports cannot be built from the sources.
     """
-    series = session.scalar(
-        select(Series).where(Series.series_instance_uid == verdict.series_instance_uid)
-    )
-    if series is None:
-        raise ReportError(f"series {verdict.series_instance_uid} is not in the queue database")
-    if sources is None:
-        sources = load_sources(session, settings, series)
-
-    earlier = session.scalars(
-        select(Report).where(Report.series_id == series.id).order_by(Report.id)
-    ).all()
-    earlier_sr = [r for r in earlier if r.kind == "SR"]
-    next_number = {
-        kind: max((r.instance_number for r in earlier if r.kind == kind), default=0) + 1
-        for kind in ("SR", "KOS")
-    }
-    identity = identity_of(settings)
-    sr = build_sr(
-        verdict,
-        sources,
-        identity=identity,
-        instance_number=next_number["SR"],
-        previous=[_predecessor(r, verdict.study_instance_uid) for r in earlier_sr],
-    )
-    kos = build_kos(verdict, sources, identity=identity, instance_number=next_number["KOS"])
-
+    series = _find_series(session, verdict.series_instance_uid)
+    earlier = _earlier(session, series)
+    if (
+        prepared is None
+        or prepared.series_instance_uid != verdict.series_instance_uid
+        or prepared.supersedes != tuple(r.id for r in earlier)
+    ):
+        if sources is None:
+            sources = load_sources(session, settings, series)
+        prepared = _build(settings, verdict, sources, earlier)
     for old in earlier:
         old.superseded = True
-    reports = [_store(session, settings, series, "SR", sr)]
-    if kos is not None:
-        reports.append(_store(session, settings, series, "KOS", kos))
+    sr, sr_bytes = prepared.sr
+    reports = [_store(session, settings, series, "SR", sr, sr_bytes)]
+    if prepared.kos is not None:
+        kos, kos_bytes = prepared.kos
+        reports.append(_store(session, settings, series, "KOS", kos, kos_bytes))
     session.flush()
     log.info(
         "series reported: %d/%d images flagged, %d destination(s)",
@@ -175,8 +248,8 @@ def report_series(
         extra={
             "series_instance_uid": verdict.series_instance_uid,
             "sr_sop_instance_uid": sr.SOPInstanceUID,
-            "kos": kos is not None,
-            "supersedes": len(earlier_sr),
+            "kos": prepared.kos is not None,
+            "supersedes": sum(1 for r in earlier if r.kind == "SR"),
         },
     )
     return reports

@@ -271,3 +271,29 @@ def test_kos_only_when_flagged(
     add_series(session_factory, settings.storage.dir, source_files)
     kinds = [r.kind for r in _report(session_factory, settings, sources, flagged=flagged)]
     assert kinds == (["SR", "KOS"] if flagged else ["SR"])
+
+
+def test_prepared_reports_are_stored_as_built_unless_stale(
+    session_factory: sessionmaker[Session],
+    settings_for: Callable[..., Settings],
+    source_files: list[Path],
+    sources: list[Dataset],
+) -> None:
+    from node.report.service import prepare_reports
+
+    settings = settings_for()
+    add_series(session_factory, settings.storage.dir, source_files)
+    verdict = make_verdict(sources, FLAGGED)
+    prepared = prepare_reports(session_factory, settings, verdict, sources)
+    with session_factory.begin() as session:
+        [sr, _] = report_series(session, settings, verdict, sources, prepared)
+    assert sr.sop_instance_uid == prepared.sr[0].SOPInstanceUID
+    assert (settings.storage.dir / sr.path).read_bytes() == prepared.sr[1]
+
+    # Built before another report was stored: rebuilt, so it supersedes that one too.
+    stale = prepare_reports(session_factory, settings, verdict, sources)
+    _report(session_factory, settings, sources)
+    with session_factory.begin() as session:
+        [newest, _] = report_series(session, settings, verdict, sources, stale)
+    assert newest.sop_instance_uid != stale.sr[0].SOPInstanceUID
+    assert newest.instance_number == 3
