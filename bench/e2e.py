@@ -139,6 +139,9 @@ def main() -> None:
                     time.sleep(0.1)
                 in_pacs = time.time()
                 t = node_times(node, series.series_instance_uid)
+                while "sent" not in t and time.time() - in_pacs < 30:
+                    time.sleep(0.1)  # Orthanc answered; the node records it a moment later
+                    t = node_times(node, series.series_instance_uid)
                 rows.append({
                     "total": in_pacs - last_ack,
                     "to_queued": t.get("queued", float("nan")) - last_ack,
