@@ -64,6 +64,8 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 
 def _why_not_established(assoc: Association, target: Target, connected: bool) -> str:
     if not connected:
+        if target.tls is not None and target.tls.enabled:
+            return f"cannot connect to {target} (refused, timed out, or TLS handshake failed)"
         return f"cannot connect to {target} (connection refused or timed out)"
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, KeyObjectSelectionDocumentStorage
 
+from node.config import TlsSettings
 from node.errors import DeliveryError
 from node.report.build import ReportIdentity, build_kos, build_sr
 from node.report.push import Target, Timeouts, send_file
@@ -116,3 +121,119 @@ def test_unreadable_report_file(tmp_path: Path) -> None:
             calling_ae_title="VAENODE",
             timeouts=FAST,
         )
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_scp(tmp_path: Path) -> Iterator[tuple[int, Path, list[Dataset]]]:
+    """An SCP behind TLS with a certificate for 127.0.0.1 signed by a test CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "scp.key",
+        "-out",
+        "scp.csr",
+        cwd=d,
+    )
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "scp.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "scp.crt",
+        cwd=d,
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(d / "scp.crt", d / "scp.key")
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="TLSPACS")
+    ae.add_supported_context(ComprehensiveSRStorage)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=ctx,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    try:
+        yield port, d / "ca.crt", received
+    finally:
+        server.shutdown()
+
+
+def test_tls_destination(
+    tls_scp: tuple[int, Path, list[Dataset]], report_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    port, ca, received = tls_scp
+    tls = TlsSettings(enabled=True, ca_file=ca)
+    target = Target("TLSPACS", "127.0.0.1", port, tls=tls)
+    assert send_file(report_files[0], target, calling_ae_title="VAENODE", timeouts=FAST) == 0
+    assert [d.SOPInstanceUID for d in received] == [pydicom.dcmread(report_files[0]).SOPInstanceUID]
+    # A server certificate that our CA did not sign: we refuse to talk.
+    other_ca = tmp_path / "other.crt"
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=x",
+        "-keyout",
+        str(tmp_path / "other.key"),
+        "-out",
+        str(other_ca),
+        cwd=tmp_path,
+    )
+    untrusted = Target(
+        "TLSPACS", "127.0.0.1", port, tls=TlsSettings(enabled=True, ca_file=other_ca)
+    )
+    with pytest.raises(DeliveryError, match="TLS handshake failed"):
+        send_file(report_files[0], untrusted, calling_ae_title="VAENODE", timeouts=FAST)
+    assert len(received) == 1
