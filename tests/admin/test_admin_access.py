@@ -17,7 +17,7 @@ import pytest
 
 from node.admin.app import create_app, start_in_thread
 from node.errors import ConfigError
-from tests.admin.conftest import http
+from tests.admin.web import http
 
 
 def test_create_app_refuses_non_loopback_without_token(make_settings, session_factory_for) -> None:  # type: ignore[no-untyped-def]

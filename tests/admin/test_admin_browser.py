@@ -12,7 +12,7 @@ import re
 import pytest
 
 from tests.admin.browser import TEST_OUTPUT, chromium_page, image_sizes
-from tests.admin.conftest import ScoredNode, http
+from tests.admin.web import ScoredNode, http
 
 pytestmark = pytest.mark.e2e
 

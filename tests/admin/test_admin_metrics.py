@@ -19,7 +19,7 @@ from node.config import DeliverySettings, Destination, Settings
 from node.queue import repo
 from node.queue.models import Report, Series, utcnow
 from node.report import outbox
-from tests.admin.conftest import ScoredNode, http
+from tests.admin.web import ScoredNode, http
 
 DICOM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)

@@ -26,7 +26,7 @@ from node.queue.migrate import upgrade
 from node.queue.models import AdminAction, OutboxEntry, Series, SeriesEvent, utcnow
 from node.queue.states import DeliveryState
 from node.worker.score import BundleCache, process_next
-from tests.admin.conftest import admin_settings, http
+from tests.admin.web import admin_settings, http
 
 DICOM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
 SIEMENS = DICOM / "siemens_trio_gre_field_mapping_2"
