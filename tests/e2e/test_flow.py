@@ -281,3 +281,47 @@ def test_kill_9_while_processing_reports_once(
         assert status() == "done"
     finally:
         node.stop()
+
+
+def test_pacs_down_when_the_report_is_ready_gets_it_once_when_back(
+    tmp_path: Path, volume: Path
+) -> None:
+    pacs = Orthanc(workdir=tmp_path / "pacs", ae_title="PACS")  # configured, not started yet
+    series = write_nifti_series(volume, tmp_path / "series", series_description="T1 axial")
+    # The "minute" of the issue, shortened: retries from 1 s, doubling, at most 4 s apart.
+    sections = node_sections(pacs, delivery={"retry_base_s": 1.0, "retry_max_s": 4.0})
+    node = start_node(tmp_path / "node", sections=sections)
+    try:
+        send(node, series)
+
+        def failed_attempts() -> int:
+            with node.session() as session:
+                rows = session.execute(
+                    select(OutboxEntry.state, OutboxEntry.attempts, OutboxEntry.last_error)
+                ).all()
+            if rows and all(str(s) == "pending" and n >= 2 and e for s, n, e in rows):
+                return min(n for _, n, _ in rows)
+            return 0
+
+        wait("delivery attempts failing while the PACS is down", failed_attempts, 300, node)
+        pacs.start()
+        try:
+            wait("the SR in the PACS", lambda: reports_of(pacs, series, "SR"), 60, node)
+
+            def all_sent() -> bool:
+                with node.session() as session:
+                    states = session.scalars(select(OutboxEntry.state)).all()
+                return all(str(s) == "sent" for s in states)
+
+            wait("every delivery recorded as sent", all_sent, 30, node)
+            time.sleep(2.0)
+            assert len(reports_of(pacs, series, "SR")) == 1
+            with node.session() as session:
+                kinds = session.scalars(select(Report.kind)).all()
+            assert kinds.count("SR") == 1
+            # The PACS holds each report once: as many instances as the node wrote reports.
+            assert len(pacs.instance_ids()) == len(kinds)
+        finally:
+            pacs.stop(graceful=False)
+    finally:
+        node.stop()
