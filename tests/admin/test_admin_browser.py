@@ -70,6 +70,17 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
         assert stat.locator("td.false-alarms").inner_text() == expected
         page.screenshot(path=str(TEST_OUTPUT / "models.png"), full_page=True)  # type: ignore[attr-defined]
 
+        page.click("#nav-deliveries")  # type: ignore[attr-defined]
+        outbox = page.locator("#outbox tbody").inner_text()  # type: ignore[attr-defined]
+        # One SR per series (and a KOS where flagged), each sent to the Orthanc PACS.
+        assert outbox.count("SR") >= len(scored_node.sent_series) and "sent" in outbox
+        page.screenshot(path=str(TEST_OUTPUT / "deliveries.png"), full_page=True)  # type: ignore[attr-defined]
+
+        page.click("#nav-associations")  # type: ignore[attr-defined]
+        assoc = page.locator("#associations tbody").inner_text()  # type: ignore[attr-defined]
+        assert assoc.count("SCANNER1") == len(scored_node.sent_series) and "released" in assoc
+        page.screenshot(path=str(TEST_OUTPUT / "associations.png"), full_page=True)  # type: ignore[attr-defined]
+
     assert (TEST_OUTPUT / "series.png").stat().st_size > 10_000
     metrics = http(f"{scored_node.base_url}/metrics",
                    headers={"Authorization": f"Bearer {scored_node.token}"}).text
