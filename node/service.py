@@ -67,6 +67,7 @@ class Service:
         self.engine: Engine | None = None
         self.session_factory: sessionmaker[Session] | None = None
         self.scp: Scp | None = None
+        self.store: Store | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.dashboard: RunningDashboard | None = None
 
@@ -82,9 +83,10 @@ class Service:
         upgrade(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
         self.engine = make_engine(s.database)
         self.session_factory = make_session_factory(self.engine)
-        store = Store(s.storage, self.session_factory)
-        store.recover()
-        self.scp = Scp(s.dicom, store, self.session_factory)
+        self.store = Store(s.storage, self.session_factory)
+        self.store.recover()
+        self.store.start()
+        self.scp = Scp(s.dicom, self.store, self.session_factory)
         address = self.scp.start()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         installed = install_jobs(self.scheduler, s, self.session_factory)
@@ -103,6 +105,8 @@ class Service:
             self.dashboard.stop()
         if self.scp is not None:
             self.scp.stop(grace_s=SHUTDOWN_GRACE_S)
+        if self.store is not None:
+            self.store.close()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.engine is not None:

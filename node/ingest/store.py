@@ -6,11 +6,16 @@ database rows are durable, or raises an :class:`~node.errors.IngestError` having
 that a reader could mistake for an instance.
 
 The order is what makes a crash harmless: the file is written under a temporary name in its
-final folder, fsynced, renamed into place and the folder fsynced; only then is the row
-committed (SQLite ``synchronous=FULL``). A crash before the rename leaves a temporary file that
-:meth:`Store.recover` removes at the next start; a crash between the rename and the commit
-leaves a complete file without a row, never a row without a complete file. The peer got no
-Success in either case and sends the instance again.
+final folder, fsynced, and renamed into place, so a name in storage always holds a complete
+file. Then two flushes run at once: the folder's fsync (makes the new name durable) and the
+row's commit (SQLite ``synchronous=FULL``, grouped with other associations' rows by
+:class:`~node.ingest.commit.GroupCommitter`). Success is answered after both. After a crash:
+a temporary file is removed by :meth:`Store.recover`; a complete file without a row is
+harmless (the peer got no Success and sends it again, replacing it); and a row committed while
+its folder's fsync had not finished, whose name the crash lost, is found by
+:meth:`Store.recover` (such a row belongs to a ``receiving`` series: the same transaction made
+its series ``receiving``) and deleted; its peer got no Success either. So every row points to
+a complete file, and every instance that got Success is there.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import StorageSettings
 from node.errors import DiskFull, StorageFailure
+from node.ingest.commit import GroupCommitter
 from node.ingest.parse import ParsedInstance, parse_instance
 from node.queue import repo
 from node.queue.models import utcnow
@@ -77,7 +83,16 @@ class Store:
         self.min_free_bytes = settings.min_free_mb * _MB
         self._session_factory = session_factory
         self._fsync = fsync
+        self._committer = GroupCommitter(session_factory)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        """Start group commit (the service does; without it each row commits on its own)."""
+        self._committer.start()
+
+    def close(self) -> None:
+        """Commit what is queued and stop group commit."""
+        self._committer.stop()
 
     # --- the hot path ----------------------------------------------------------------------
 
@@ -125,7 +140,7 @@ class Store:
             peer_address=peer_address,
             received_at=utcnow(),
         )
-        result = self._record(record)
+        result = self._record_durably(record, path.parent)
         if result.stale_path is not None and result.stale_path != record.path:
             # The instance moved to another series; its old file is no longer referenced.
             (self.root / result.stale_path).unlink(missing_ok=True)
@@ -182,8 +197,29 @@ class Store:
             raise
         os.close(fd)
         os.replace(tmp, path)
+
+    def _record_durably(self, record: repo.InstanceRecord, folder: Path) -> repo.RecordResult:
+        """Make the file's name durable and commit the row; both done when this returns."""
+        if not self._committer.running:
+            if self._fsync:
+                _fsync_dir(folder)
+            return self._record(record)
+        future = self._committer.submit(record)
+        dir_error: OSError | None = None
         if self._fsync:
-            _fsync_dir(folder)
+            try:
+                _fsync_dir(folder)  # while the committer flushes the WAL
+            except OSError as exc:
+                dir_error = exc
+        try:
+            result = future.result()
+        except Exception as exc:
+            raise StorageFailure(f"cannot record instance: {exc}") from exc
+        if dir_error is not None:
+            # The row is committed but the name may not survive a power loss: no Success.
+            # Store.recover() removes such a row at the next start if its file is gone.
+            raise StorageFailure(f"cannot sync {folder}: {dir_error}") from dir_error
+        return result
 
     def _record(self, record: repo.InstanceRecord) -> repo.RecordResult:
         # A concurrent first instance of the same series (or the same instance) on another
@@ -202,7 +238,11 @@ class Store:
     # --- start-up --------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Remove temporary files a crash left behind; returns how many were removed."""
+        """Undo what a crash left half done; returns how many files and rows were removed.
+
+        Removes temporary files, and rows of ``receiving`` series whose file is missing (see
+        the module docstring for why only those can be). Run before the listener starts.
+        """
         removed = 0
         for tmp in self.root.rglob(f".*{PARTIAL_SUFFIX}"):
             tmp.unlink(missing_ok=True)
@@ -210,4 +250,11 @@ class Store:
         if removed:
             log.warning("removed partial files left by an interrupted transfer",
                         extra={"count": removed, "storage": str(self.root)})
-        return removed
+        with self._session_factory.begin() as session:
+            missing = [instance_id for instance_id, rel in repo.receiving_instances(session)
+                       if not (self.root / rel).is_file()]
+            repo.drop_instances(session, missing)
+        if missing:
+            log.warning("removed rows whose file a crash lost before it was acknowledged",
+                        extra={"count": len(missing)})
+        return removed + len(missing)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from node.errors import QueueConflict
@@ -246,6 +246,40 @@ def record_instance(session: Session, rec: InstanceRecord) -> RecordResult:
             .execution_options(synchronize_session=False)
         )
     return RecordResult(series_id=series_id, new_instance=existing is None, stale_path=stale_path)
+
+
+def receiving_instances(session: Session) -> list[tuple[int, str]]:
+    """(instance id, path) of every instance of a ``receiving`` series: the only rows a crash
+    can have committed without their file's name being durable yet (see ingest/store.py)."""
+    with _transaction(session):
+        rows = session.execute(
+            select(Instance.id, Instance.path)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.status == SeriesState.RECEIVING)
+        ).all()
+    return [(r.id, r.path) for r in rows]
+
+
+def drop_instances(session: Session, instance_ids: list[int]) -> None:
+    """Delete instance rows (their files are gone) and correct their series' counts."""
+    if not instance_ids:
+        return
+    with _transaction(session):
+        for instance_id in instance_ids:
+            series_id = session.execute(
+                select(Instance.series_id).where(Instance.id == instance_id)
+            ).scalar_one_or_none()
+            if series_id is None:
+                continue
+            session.execute(
+                delete(Instance).where(Instance.id == instance_id)
+                .execution_options(synchronize_session=False)
+            )
+            session.execute(
+                update(Series).where(Series.id == series_id)
+                .values(instance_count=Series.instance_count - 1, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
 
 
 # --- scheduler and worker transitions --------------------------------------------------------

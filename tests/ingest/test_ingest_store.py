@@ -90,3 +90,43 @@ def test_recover_removes_partial_files_only(tmp_path: Path, store: Store) -> Non
     partial.write_bytes(raw[:10])
     assert store.recover() == 1
     assert _files(store.root) == [kept]
+
+
+def test_group_commit_from_many_threads(tmp_path: Path, store: Store,
+                                        session_factory: sessionmaker[Session]) -> None:
+    import threading
+
+    folders = [write_ct_series(tmp_path / f"src{i}", 25, seed=i) for i in range(4)]
+    store.start()
+    errors: list[BaseException] = []
+
+    def send(paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                store.accept(path.read_bytes())
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(paths,)) for paths in folders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    store.close()
+    assert errors == []
+    with session_factory() as s:
+        counts = sorted(s.execute(select(Series.instance_count)).scalars())
+        assert len(s.execute(select(Instance)).all()) == 100
+    assert counts == [25, 25, 25, 25]
+
+
+def test_recover_drops_rows_of_receiving_series_whose_file_is_gone(
+        tmp_path: Path, store: Store, session_factory: sessionmaker[Session]) -> None:
+    paths = write_ct_series(tmp_path / "src", 2)
+    kept, lost = (store.accept(p.read_bytes()).path for p in paths)
+    lost.unlink()  # what a power loss does to a rename whose folder fsync had not finished
+    assert store.recover() == 1
+    with session_factory() as s:
+        assert s.execute(select(Series.instance_count)).scalar_one() == 1
+        assert [r.path for r in s.execute(select(Instance)).scalars()] == [
+            str(kept.relative_to(store.root))]
