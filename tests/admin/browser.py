@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page, sync_playwright
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -32,18 +33,17 @@ TEST_OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "admin"
 
 
 def chromium_path() -> str:
-    """The system Chromium, or skip when it is not installed (``make test`` installs it)."""
+    """The system Chromium; the test fails (not skips) without it: ``make test`` installs it."""
     path = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).exists():
-        pytest.skip("Debian chromium is not installed (make test installs it)")
+        pytest.fail("Debian chromium is not installed (make test installs it: apt chromium)")
     return path
 
 
 @contextmanager
-def chromium_page() -> Iterator[object]:
+def chromium_page() -> Iterator[Page]:
     """A fresh page in a headless system Chromium; the browser is closed afterwards."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -54,18 +54,18 @@ def chromium_page() -> Iterator[object]:
             browser.close()
 
 
-def image_sizes(page: object, selector: str) -> list[tuple[int, int]]:
+def image_sizes(page: Page, selector: str) -> list[tuple[int, int]]:
     """(naturalWidth, naturalHeight) of every <img> matching ``selector``, once all loaded.
 
     Waits until each image finished loading (``complete``); a broken image is complete with
     natural size 0, so a failed render shows up as (0, 0) instead of a hang.
     """
-    page.wait_for_function(  # type: ignore[attr-defined]
+    page.wait_for_function(
         "sel => Array.from(document.querySelectorAll(sel)).every(i => i.complete)", arg=selector
     )
     return [
         (int(w), int(h))
-        for w, h in page.eval_on_selector_all(  # type: ignore[attr-defined]
+        for w, h in page.eval_on_selector_all(
             selector, "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])"
         )
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from playwright.sync_api import Page
 
 from tests.admin.browser import TEST_OUTPUT, chromium_page, image_sizes
 from tests.admin.web import ScoredNode, http
@@ -17,7 +18,7 @@ from tests.admin.web import ScoredNode, http
 pytestmark = pytest.mark.e2e
 
 
-def _login(page, node: ScoredNode) -> None:  # type: ignore[no-untyped-def]
+def _login(page: Page, node: ScoredNode) -> None:
     page.goto(f"{node.base_url}/queue")
     # The token is configured: the browser first gets the login form (HTTP 401).
     page.fill("input[name=name]", "dr-bob")
@@ -29,17 +30,17 @@ def _login(page, node: ScoredNode) -> None:  # type: ignore[no-untyped-def]
 def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode) -> None:
     TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
     with chromium_page() as page:
-        _login(page, scored_node)  # type: ignore[arg-type]
+        _login(page, scored_node)
 
-        row = page.locator(f"tr.series-row[data-series-uid='{scored_node.series_uid}']")  # type: ignore[attr-defined]
+        row = page.locator(f"tr.series-row[data-series-uid='{scored_node.series_uid}']")
         assert row.count() == 1
         assert "done" in row.inner_text()
-        done = page.locator("#status-counts a[data-status=done] b").inner_text()  # type: ignore[attr-defined]
+        done = page.locator("#status-counts a[data-status=done] b").inner_text()
         assert done == str(len(scored_node.sent_series))
-        page.screenshot(path=str(TEST_OUTPUT / "queue.png"), full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=str(TEST_OUTPUT / "queue.png"), full_page=True)
 
         row.locator("td.uid a").click()
-        page.wait_for_url(re.compile(rf".*/series/{re.escape(scored_node.series_uid)}$"))  # type: ignore[attr-defined]
+        page.wait_for_url(re.compile(rf".*/series/{re.escape(scored_node.series_uid)}$"))
 
         plot = image_sizes(page, "#score-plot")
         assert plot == [(800, 320)]
@@ -53,33 +54,33 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
         # said; a flagged series can be called a false alarm, a normal one confirmed.
         action, label = ("false_alarm", "false alarm") if scored_node.abnormal else (
             "confirm", "confirm")
-        page.fill("#note", "reviewed in the browser test")  # type: ignore[attr-defined]
-        page.click(f"#action-{action}")  # type: ignore[attr-defined]
-        page.wait_for_selector(f"tr.action-row[data-action={action}]")  # type: ignore[attr-defined]
-        logged = page.locator("tr.action-row").first.inner_text()  # type: ignore[attr-defined]
+        page.fill("#note", "reviewed in the browser test")
+        page.click(f"#action-{action}")
+        page.wait_for_selector(f"tr.action-row[data-action={action}]")
+        logged = page.locator("tr.action-row").first.inner_text()
         assert "dr-bob" in logged and label in logged
         assert "reviewed in the browser test" in logged
         # The page after the action is complete again: plot and thumbnails reloaded.
         assert image_sizes(page, "#score-plot") == [(800, 320)]
         assert len(image_sizes(page, "img.thumb")) == len(flagged) + len(normal)
-        page.screenshot(path=str(TEST_OUTPUT / "series.png"), full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=str(TEST_OUTPUT / "series.png"), full_page=True)
 
-        page.click("#nav-models")  # type: ignore[attr-defined]
-        stat = page.locator(f"tr.model-stat[data-model='{scored_node.model}']")  # type: ignore[attr-defined]
+        page.click("#nav-models")
+        stat = page.locator(f"tr.model-stat[data-model='{scored_node.model}']")
         expected = "1" if scored_node.abnormal else "0"
         assert stat.locator("td.false-alarms").inner_text() == expected
-        page.screenshot(path=str(TEST_OUTPUT / "models.png"), full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=str(TEST_OUTPUT / "models.png"), full_page=True)
 
-        page.click("#nav-deliveries")  # type: ignore[attr-defined]
-        outbox = page.locator("#outbox tbody").inner_text()  # type: ignore[attr-defined]
+        page.click("#nav-deliveries")
+        outbox = page.locator("#outbox tbody").inner_text()
         # One SR per series (and a KOS where flagged), each sent to the Orthanc PACS.
         assert outbox.count("SR") >= len(scored_node.sent_series) and "sent" in outbox
-        page.screenshot(path=str(TEST_OUTPUT / "deliveries.png"), full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=str(TEST_OUTPUT / "deliveries.png"), full_page=True)
 
-        page.click("#nav-associations")  # type: ignore[attr-defined]
-        assoc = page.locator("#associations tbody").inner_text()  # type: ignore[attr-defined]
+        page.click("#nav-associations")
+        assoc = page.locator("#associations tbody").inner_text()
         assert assoc.count("SCANNER1") == len(scored_node.sent_series) and "released" in assoc
-        page.screenshot(path=str(TEST_OUTPUT / "associations.png"), full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=str(TEST_OUTPUT / "associations.png"), full_page=True)
 
     assert (TEST_OUTPUT / "series.png").stat().st_size > 10_000
     metrics = http(f"{scored_node.base_url}/metrics",
