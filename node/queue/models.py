@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -236,6 +237,13 @@ class AdminAction(Base):
     action: Mapped[str] = mapped_column(String(16))
     model: Mapped[str | None] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint(
+            "action IN ('retry', 'resend', 'confirm', 'false_alarm')",
+            name="ck_admin_actions_action",
+        ),
+    )
 
 
 def _delivery_enum() -> Enum:
