@@ -83,6 +83,12 @@ class Service:
         upgrade(s.database.url, busy_timeout_ms=s.database.busy_timeout_ms)
         self.engine = make_engine(s.database)
         self.session_factory = make_session_factory(self.engine)
+        if s.admin.enabled:
+            from node.admin.app import start_in_thread
+
+            # Before the SCP: a dashboard that cannot listen (port taken) stops start-up while
+            # nothing else runs yet.
+            self.dashboard = start_in_thread(s, self.session_factory)
         self.store = Store(s.storage, self.session_factory)
         self.store.recover()
         self.store.start()
@@ -91,10 +97,6 @@ class Service:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         installed = install_jobs(self.scheduler, s, self.session_factory)
         self.scheduler.start()
-        if s.admin.enabled:
-            from node.admin.app import start_in_thread
-
-            self.dashboard = start_in_thread(s, self.session_factory)
         log.info("vaenode serving", extra={"address": f"{address[0]}:{address[1]}",
                                            "jobs": ",".join(installed)})
         return address

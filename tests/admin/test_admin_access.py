@@ -157,3 +157,26 @@ def test_cross_site_posts_are_refused(make_settings, session_factory_for, run_da
     own = http(url, data=form, headers={"Origin": f"http://127.0.0.1:{dash.port}"}, follow=False)
     assert own.status == 404  # past the check: the series does not exist
     assert http(url, data=form, follow=False).status == 404
+
+
+@pytest.mark.e2e
+def test_vaenode_serve_stops_when_the_dashboard_port_is_taken(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A dashboard that cannot listen stops start-up before the DICOM port opens."""
+    from tests.helpers.node import VAENODE, free_port, node_sections, to_toml
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        admin_port = taken.getsockname()[1]
+        port = free_port()
+        sections = node_sections(tmp_path, port, {"admin": {"enabled": True,
+                                                            "port": admin_port}})
+        config = tmp_path / "node.toml"
+        config.write_text(to_toml(sections), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
+        result = subprocess.run([str(VAENODE), "serve", "--config", str(config)], env=env,
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"could not listen on 127.0.0.1:{admin_port}" in result.stderr
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
