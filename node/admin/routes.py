@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 QUEUE_REFRESH_S = 10
+#: ``?refresh=N`` sets the self-refresh period of the list pages (a wall display may want 5 s).
+RefreshQuery = Annotated[int, Query(ge=2, le=3600)]
 NORMAL_THUMBNAILS = 4
 FLAGGED_THUMBNAILS = 12
 
@@ -97,6 +99,7 @@ def queue(
     calling_aet: str | None = None,
     date_from: str | None = None,
     date_to: str | None = None,
+    refresh: RefreshQuery = QUEUE_REFRESH_S,
 ) -> HTMLResponse:
     """Series by status with filters, newest first; refreshes itself."""
     if status and status not in {str(s) for s in queries.STATES}:
@@ -120,7 +123,7 @@ def queue(
         flt=flt,
         modalities=modalities,
         aets=aets,
-        refresh_s=QUEUE_REFRESH_S,
+        refresh_s=refresh,
         limit=queries.QUEUE_PAGE_LIMIT,
     )
 
@@ -223,17 +226,21 @@ def series_action(
 
 
 @router.get("/deliveries", response_class=HTMLResponse, name="deliveries")
-def deliveries_page(request: Request, session: SessionDep) -> HTMLResponse:
+def deliveries_page(
+    request: Request, session: SessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
+) -> HTMLResponse:
     """The outbox: every report and destination, attempts and the last error."""
     return _render(request, "deliveries.html", "deliveries",
-                   rows=deliveries.outbox_rows(session), refresh_s=QUEUE_REFRESH_S)
+                   rows=deliveries.outbox_rows(session), refresh_s=refresh)
 
 
 @router.get("/associations", response_class=HTMLResponse, name="associations")
-def associations_page(request: Request, session: SessionDep) -> HTMLResponse:
+def associations_page(
+    request: Request, session: SessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
+) -> HTMLResponse:
     """Recent associations: calling AE, peer, instances, result."""
     return _render(request, "associations.html", "associations",
-                   rows=queries.list_associations(session), refresh_s=QUEUE_REFRESH_S)
+                   rows=queries.list_associations(session), refresh_s=refresh)
 
 
 @router.get("/models", response_class=HTMLResponse, name="models")

@@ -39,6 +39,16 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
         assert done == str(len(scored_node.sent_series))
         page.screenshot(path=str(TEST_OUTPUT / "queue.png"), full_page=True)
 
+        # The queue refreshes itself: a mark left in the page's window is gone once the page
+        # has reloaded on its own (no script of ours navigates), with the filters kept.
+        page.goto(f"{scored_node.base_url}/queue?status=done&refresh=2")
+        page.evaluate("window.__beforeRefresh = true")
+        page.wait_for_function("window.__beforeRefresh === undefined", timeout=15_000)
+        page.wait_for_load_state()
+        assert page.url.endswith("/queue?status=done&refresh=2")
+        row = page.locator(f"tr.series-row[data-series-uid='{scored_node.series_uid}']")
+        assert row.count() == 1
+
         row.locator("td.uid a").click()
         page.wait_for_url(re.compile(rf".*/series/{re.escape(scored_node.series_uid)}$"))
 

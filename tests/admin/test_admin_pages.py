@@ -103,7 +103,7 @@ def test_queue_counts_filters_and_order(node) -> None:  # type: ignore[no-untype
     base, _settings, _factory, siemens, prostate = node
     page = http(f"{base}/queue").text
     assert _rows(page) == [siemens, prostate]  # newest first
-    assert '<meta http-equiv="refresh"' in page
+    assert '<meta http-equiv="refresh" content="10">' in page
     counts = dict(re.findall(r'data-status="(\w+)">\s*<span[^>]*>\w+</span> <b>(\d+)</b>', page))
     assert counts == {"receiving": "1", "queued": "0", "processing": "0", "done": "1",
                       "skipped": "0", "failed": "0"}
@@ -116,6 +116,8 @@ def test_queue_counts_filters_and_order(node) -> None:  # type: ignore[no-untype
     assert _rows(http(f"{base}/queue?date_from=2024-01-03").text) == [siemens]
     assert http(f"{base}/queue?status=bogus").status == 400
     assert http(f"{base}/queue?date_from=yesterday").status == 400
+    assert '<meta http-equiv="refresh" content="5">' in http(f"{base}/queue?refresh=5").text
+    assert http(f"{base}/queue?refresh=0").status == 422
 
 
 def test_series_page_facts_history_scores_and_deliveries(node) -> None:  # type: ignore[no-untyped-def]
