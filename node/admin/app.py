@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SHUTDOWN_GRACE_S = 3
 
 
 def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> FastAPI:
@@ -164,6 +165,8 @@ def start_in_thread(
         access_log=False,
         lifespan="off",
         log_config=None,
+        # A stuck client (e.g. plain HTTP on the TLS port) must not hold up the node's stop.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         ssl_certfile=str(admin.tls_cert_file) if admin.tls_cert_file else None,
         ssl_keyfile=str(admin.tls_key_file) if admin.tls_key_file else None,
     )

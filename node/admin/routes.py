@@ -40,7 +40,7 @@ FLAGGED_THUMBNAILS = 12
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, closed when the response is sent."""
+    """One session per request, closed when the request is done."""
     with request.app.state.session_factory() as session:
         yield session
 
