@@ -4,7 +4,13 @@ Each association runs in its own thread and must not answer Success before its i
 is durable. With SQLite every commit is an fsync and the write lock serializes them, so four
 senders at once would queue behind each other's fsyncs. Instead, association threads hand their
 rows to one committer thread, which takes every row waiting at that moment, records them in a
-single transaction and then wakes each sender. One sender alone pays only a thread hand-off.
+single transaction and then wakes each sender.
+
+A row is handed over *before* its file is written: the committer runs the row's statements
+while the sender writes and fsyncs the file, and commits only once every file of the batch is
+in place (:meth:`Ticket.file_ready`); a row whose file failed is left out and the rest is
+committed again. So the statements cost no time on the sender's path, and a row is still never
+committed before its file's name exists.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -23,12 +30,29 @@ log = logging.getLogger(__name__)
 
 #: Most rows in one transaction; bounds the latency one batch adds to the first row in it.
 MAX_BATCH = 64
+#: Longest wait for a sender's file while holding the write transaction; a sender stuck longer
+#: (a hung disk) gets a failure instead of stalling every other association's commits.
+FILE_WAIT_S = 30.0
+
+
+class FileNotWritten(Exception):
+    """The sender could not write the file; the row was not committed."""
 
 
 @dataclass
-class _Pending:
+class Ticket:
+    """One row handed to the committer: the sender calls :meth:`file_ready`, then waits on
+    ``future``."""
+
     record: repo.InstanceRecord
     future: Future[repo.RecordResult] = field(default_factory=Future)
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _ok: bool = False
+
+    def file_ready(self, ok: bool) -> None:
+        """The file is written, fsynced and renamed into place (``ok``), or it failed."""
+        self._ok = ok
+        self._ready.set()
 
 
 class GroupCommitter:
@@ -36,7 +60,7 @@ class GroupCommitter:
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._queue: queue.Queue[Ticket | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -55,11 +79,12 @@ class GroupCommitter:
     def running(self) -> bool:
         return self._thread is not None
 
-    def submit(self, record: repo.InstanceRecord) -> Future[repo.RecordResult]:
-        """Queue one row; the future resolves once it is committed, or with the error."""
-        pending = _Pending(record)
-        self._queue.put(pending)
-        return pending.future
+    def submit(self, record: repo.InstanceRecord) -> Ticket:
+        """Queue one row. The caller must call ``file_ready`` on the ticket (in a ``finally``);
+        its future resolves once the row is committed, or with the error."""
+        ticket = Ticket(record)
+        self._queue.put(ticket)
+        return ticket
 
     def _run(self) -> None:
         stopping = False
@@ -79,10 +104,23 @@ class GroupCommitter:
                 batch.append(item)
             self._commit(batch)
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[Ticket]) -> None:
         try:
             with self._session_factory.begin() as session:
                 results = [repo.record_instance(session, p.record) for p in batch]
+                deadline = time.monotonic() + FILE_WAIT_S
+                for ticket in batch:
+                    ticket._ready.wait(max(0.0, deadline - time.monotonic()))
+                failed = [t for t in batch if not (t._ready.is_set() and t._ok)]
+                if failed:
+                    raise FileNotWritten
+        except FileNotWritten:
+            for ticket in failed:
+                ticket.future.set_exception(FileNotWritten(ticket.record.sop_instance_uid))
+            rest = [t for t in batch if t not in failed]
+            if rest:
+                self._commit(rest)
+            return
         except Exception as exc:
             if len(batch) == 1:
                 log.exception("cannot record instance",

@@ -120,10 +120,6 @@ class Store:
         rel = Path(parsed.study_instance_uid, parsed.series_instance_uid,
                    f"{parsed.sop_instance_uid}.dcm")
         path = self.root / rel
-        try:
-            self._write_file(path, data)
-        except OSError as exc:
-            raise StorageFailure(f"cannot write {rel}: {exc}") from exc
         record = repo.InstanceRecord(
             study_instance_uid=parsed.study_instance_uid,
             series_instance_uid=parsed.series_instance_uid,
@@ -140,7 +136,13 @@ class Store:
             peer_address=peer_address,
             received_at=utcnow(),
         )
-        result = self._record_durably(record, path.parent)
+        if self._committer.running:
+            result = self._store_grouped(record, path, data)
+        else:
+            self._write(path, data)
+            if self._fsync:
+                _fsync_dir(path.parent)
+            result = self._record(record)
         if result.stale_path is not None and result.stale_path != record.path:
             # The instance moved to another series; its old file is no longer referenced.
             (self.root / result.stale_path).unlink(missing_ok=True)
@@ -198,27 +200,37 @@ class Store:
         os.close(fd)
         os.replace(tmp, path)
 
-    def _record_durably(self, record: repo.InstanceRecord, folder: Path) -> repo.RecordResult:
-        """Make the file's name durable and commit the row; both done when this returns."""
-        if not self._committer.running:
-            if self._fsync:
-                _fsync_dir(folder)
-            return self._record(record)
-        future = self._committer.submit(record)
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            self._write_file(path, data)
+        except OSError as exc:
+            raise StorageFailure(f"cannot write {path.relative_to(self.root)}: {exc}") from exc
+
+    def _store_grouped(self, record: repo.InstanceRecord, path: Path, data: bytes
+                       ) -> repo.RecordResult:
+        """Write the file while the committer prepares the row; sync the folder while it
+        commits; return when both are durable."""
+        ticket = self._committer.submit(record)
+        written = False
+        try:
+            self._write(path, data)
+            written = True
+        finally:
+            ticket.file_ready(written)
         dir_error: OSError | None = None
         if self._fsync:
             try:
-                _fsync_dir(folder)  # while the committer flushes the WAL
+                _fsync_dir(path.parent)  # while the committer flushes the WAL
             except OSError as exc:
                 dir_error = exc
         try:
-            result = future.result()
+            result = ticket.future.result()
         except Exception as exc:
             raise StorageFailure(f"cannot record instance: {exc}") from exc
         if dir_error is not None:
             # The row is committed but the name may not survive a power loss: no Success.
             # Store.recover() removes such a row at the next start if its file is gone.
-            raise StorageFailure(f"cannot sync {folder}: {dir_error}") from dir_error
+            raise StorageFailure(f"cannot sync {path.parent}: {dir_error}") from dir_error
         return result
 
     def _record(self, record: repo.InstanceRecord) -> repo.RecordResult:
