@@ -305,11 +305,16 @@ def process_series(
         stacks = {(s.sop_instance_uid, s.frame): s.stack for s in assembled.slices}
         from node.report.service import prepare_reports, report_series
 
+        # Still ours? (A new instance or an expired lease takes the series away; building a
+        # report then is wasted.) Renewing also covers the report build with a fresh lease.
+        with session_factory() as session:
+            repo.renew_lease(session, series.id, worker_id, settings.worker.lease_s)
         # Build the SR/KOS (seconds for a long series) before taking the write lock.
         prepared = prepare_reports(session_factory, settings, verdict, list(assembled.sources))
+        t3 = time.monotonic()
         with session_factory() as session, session.begin():
             # Done first: when the series was reopened or taken over meanwhile this raises
-            # QueueConflict before any report is built, and the transaction rolls back.
+            # QueueConflict before anything is stored, and the transaction rolls back.
             current = repo.mark_done(
                 session, series.id,
                 f"{verdict.abnormal_slices} of {len(verdict.slices)} slices flagged"
@@ -324,7 +329,8 @@ def process_series(
             "abnormal" if verdict.abnormal else "normal",
             extra={**extra, "model": f"{bundle.name} {bundle.version}",
                    "assemble_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
-                   "report_s": round(time.monotonic() - t2, 2)},
+                   "report_build_s": round(t3 - t2, 2),
+                   "store_s": round(time.monotonic() - t3, 2)},
         )
         return Outcome.DONE
     except QueueConflict as exc:
