@@ -46,7 +46,7 @@ from node.report.content import SeriesVerdict, SliceVerdict
 
 # --- codes -----------------------------------------------------------------------------------
 
-#: Designator of our private coding scheme (PS3.16 8.2: private schemes begin with "99").
+#: Designator of our private coding scheme (PS3.3 8.2: designators beginning "99" are private).
 PRIVATE_SCHEME = "99VAENODE"
 PRIVATE_SCHEME_NAME = "vaenode quality-gate concepts"
 PRIVATE_SCHEME_ORGANIZATION = "vaenode project"
