@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
@@ -30,6 +32,24 @@ def series_files(folder: Path) -> list[Path]:
     if not files:
         pytest.skip(f"no DICOM series under {folder}")
     return files
+
+
+def sr_in_series(folder: Path, template: Path) -> Path:
+    """A Basic Text SR (no pixel data) in the same series as ``template``."""
+    src = pydicom.dcmread(template, stop_before_pixels=True)
+    ds = Dataset()
+    ds.SOPClassUID = BasicTextSRStorage
+    ds.SOPInstanceUID = generate_uid()
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName"):
+        setattr(ds, kw, getattr(src, kw))
+    ds.Modality = "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = folder / "report.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 @pytest.fixture(scope="session")

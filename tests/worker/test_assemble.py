@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import RLELossless
 
 from node.errors import AssemblyError, NoImages
 from node.worker.assemble import (
@@ -26,6 +25,7 @@ from tests.worker.conftest import (
     SIEMENS_PHASE,
     STUDYFORREST,
     series_files,
+    sr_in_series,
 )
 
 
@@ -206,27 +206,9 @@ def test_jpeg2000_mr_decodes(pydicom_data: Path) -> None:
     assert np.array_equal(lossless.pixels, plain.pixels)
 
 
-def _sr_in_series(folder: Path, template: Path) -> Path:
-    """A Basic Text SR (no pixel data) in the same series as ``template``."""
-    src = pydicom.dcmread(template, stop_before_pixels=True)
-    ds = Dataset()
-    ds.SOPClassUID = BasicTextSRStorage
-    ds.SOPInstanceUID = generate_uid()
-    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName"):
-        setattr(ds, kw, getattr(src, kw))
-    ds.Modality = "SR"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    path = folder / "report.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_non_image_objects_set_aside(tmp_path: Path) -> None:
     files = series_files(SIEMENS_MAGNITUDE)
-    sr = _sr_in_series(tmp_path, files[0])
+    sr = sr_in_series(tmp_path, files[0])
     series = assemble_series([sr, *files])
     assert len(series.slices) == 36
     (aside,) = series.set_aside
@@ -247,13 +229,13 @@ def test_duplicate_instance_scored_once(tmp_path: Path) -> None:
 def test_attributes_from_headers_ignore_a_report_listed_first(tmp_path: Path) -> None:
     """Headers read without pixel data still tell the images from the SR (for routing)."""
     files = series_files(SIEMENS_MAGNITUDE)[:3]
-    sr = _sr_in_series(tmp_path, files[0])
+    sr = sr_in_series(tmp_path, files[0])
     attrs = series_attributes(read_headers([sr, *files]))
     assert attrs.modality == "MR" and attrs.image_type[:3] == ("ORIGINAL", "PRIMARY", "M")
 
 
 def test_series_without_images_raises_no_images(tmp_path: Path) -> None:
-    sr = _sr_in_series(tmp_path, series_files(SIEMENS_MAGNITUDE)[0])
+    sr = sr_in_series(tmp_path, series_files(SIEMENS_MAGNITUDE)[0])
     with pytest.raises(NoImages, match=r"no image to score.*no pixel data"):
         assemble_series([sr])
 

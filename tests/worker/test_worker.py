@@ -31,6 +31,7 @@ from tests.worker.conftest import (
     SIEMENS_PHASE,
     queue_series,
     series_files,
+    sr_in_series,
     store_and_queue,
     store_files,
 )
@@ -291,12 +292,10 @@ def test_new_instances_after_report_score_again_and_supersede(
 def test_series_without_images_skipped(
     tmp_path: Path, worker_settings: Settings, session_factory: sessionmaker[Session],
 ) -> None:
-    from tests.worker.test_assemble import _sr_in_series
-
     folder = tmp_path / "sr"
     folder.mkdir()
     src = series_files(SIEMENS_PHASE)[0]
-    sr = _sr_in_series(folder, src)
+    sr = sr_in_series(folder, src)
     shutil.copy(src, folder / "unused.dcm")
     series_id = store_and_queue(session_factory, worker_settings, [sr])
     # Routing runs on the headers first: an SR-only series has no image type, modality SR.
