@@ -210,12 +210,12 @@ def score(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders, NIfTI volumes.")],
     model: Annotated[
         Path | None, typer.Option("--model", "-m", help="Model bundle folder (default: as the "
-                                  "node routes the series, else [model].bundle, else the "
-                                  "shipped model).")
+                                  "node routes the series, else the config's model.bundle, "
+                                  "else the shipped model).")
     ] = None,
     estimator: Annotated[
         str | None, typer.Option("--estimator", "-e", help="importance, plain or mcmc "
-                                 "(default: [model].estimator, else the bundle's).")
+                                 "(default: the config's model.estimator, else the bundle's).")
     ] = None,
     samples: Annotated[
         int | None, typer.Option("--samples", "-n", min=1, help="Monte-Carlo samples per slice.")
