@@ -37,7 +37,7 @@ def echo(
     settings = setup(config)
     aet, host, port = parse_target(target)
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = AE(ae_title=calling_aet or settings.dicom.ae_title)
     ae.add_requested_context(Verification)

@@ -35,7 +35,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -89,6 +90,13 @@ class _AssocState:
 
 def _peer(assoc: Association) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+def _request(assoc: Association) -> A_ASSOCIATE:
+    """The A-ASSOCIATE-RQ of an acceptor association (set before any of our handlers runs)."""
+    primitive = assoc.requestor.primitive
+    assert primitive is not None
+    return primitive
 
 
 def _aet(value: str | bytes | None) -> str:
@@ -189,7 +197,9 @@ class Scp:
         # Ignored while the unrestricted service is on; kept so that the AE also describes the
         # standard classes and syntaxes it is tested with (see CONFORMANCE.md).
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, list(STORAGE_TRANSFER_SYNTAXES))
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax,
+                                         list(STORAGE_TRANSFER_SYNTAXES))
         # Access control is ours (AccessPolicy, on EVT_REQUESTED): pynetdicom's own check knows
         # no hosts and does not log the peer address.
         ae.require_calling_aet = []
@@ -205,7 +215,7 @@ class Scp:
 
     def start(self) -> tuple[str, int]:
         """Listen (in background threads); returns the bound address and port."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -221,6 +231,7 @@ class Scp:
             evt_handlers=handlers,
             ssl_context=self._ssl,
         )
+        assert self._server is not None  # block=False always returns the server
         host, port = self._server.server_address[:2]
         log.info(
             "DICOM listener ready",
@@ -257,7 +268,7 @@ class Scp:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        primitive = assoc.requestor.primitive
+        primitive = _request(assoc)
         calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
         verdict = self._policy.check(calling, called, assoc.requestor.address)
         if verdict is None:
@@ -277,7 +288,7 @@ class Scp:
     def _on_rejected(self, event: evt.Event) -> None:
         # Rejections decided by pynetdicom itself (association limit); ours are recorded above.
         assoc = event.assoc
-        primitive = assoc.requestor.primitive
+        primitive = _request(assoc)
         calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
         log.warning("association rejected: too many associations",
                     extra={"peer": _peer(assoc), "calling_aet": calling})
@@ -296,7 +307,7 @@ class Scp:
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
         calling = _aet(assoc.requestor.ae_title)
-        called = _aet(assoc.requestor.primitive.called_ae_title)
+        called = _aet(_request(assoc).called_ae_title)
         db_id = None
         try:
             with self._session_factory.begin() as session:

@@ -40,7 +40,7 @@ def upgrade(database_url: str, revision: str = "head", busy_timeout_ms: int = 30
 
 def current_revision(database_url: str) -> str | None:
     """The revision the database is at, or None for an empty database."""
-    engine = make_engine(DatabaseSettings(url=database_url))
+    engine = make_engine(DatabaseSettings(url=database_url, busy_timeout_ms=30000))
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import BigInteger, Integer, String, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from node.errors import QueueConflict
 from node.queue.models import (
@@ -81,7 +82,7 @@ def _transition(
     reason: str | None,
     actor: str,
     worker_id: str | None = None,
-    extra_where: Iterable[object] = (),
+    extra_where: Iterable[ColumnElement[bool]] = (),
     values: dict[str, object] | None = None,
 ) -> Series:
     """Move one series to ``to_status`` if it is in one of ``allowed_from`` (and, when
