@@ -378,3 +378,49 @@ def test_vaenode_echo(node: RunningNode) -> None:
     bad = subprocess.run([str(vaenode), "echo", "no-port-here", "--config",
                           str(node.config_path)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "AE@HOST:PORT" in bad.stderr
+
+
+def _make_cert(folder: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """A key and certificate (self-signed, or signed by ``ca``) made with the openssl tool."""
+    key, crt = folder / f"{name}.key", folder / f"{name}.crt"
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+               "-subj", f"/CN={name}", "-keyout", str(key)]
+    if ca is None:
+        subprocess.run(["openssl", "req", "-x509", *new_key, "-days", "2",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-out", str(crt)],
+                       check=True, capture_output=True)
+    else:
+        csr = folder / f"{name}.csr"
+        subprocess.run(["openssl", "req", *new_key, "-out", str(csr)],
+                       check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[1]),
+                        "-CAkey", str(ca[0]), "-CAcreateserial", "-days", "2", "-out", str(crt)],
+                       check=True, capture_output=True)
+    return key, crt
+
+
+def test_dicom_tls_with_client_certificates(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = _make_cert(certs, "test-ca")
+    node_key, node_crt = _make_cert(certs, "node", ca)
+    client_key, client_crt = _make_cert(certs, "client", ca)
+    stranger_key, stranger_crt = _make_cert(certs, "stranger")  # not signed by the CA
+    node = start_node(tmp_path / "node", sections={"dicom": {"tls": {
+        "enabled": True, "cert_file": str(node_crt), "key_file": str(node_key),
+        "ca_file": str(ca[1]), "require_client_cert": True}}})
+
+    def echo(*tls: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dcmtk.tool("echoscu"), "-aec", "VAENODE", *tls, "127.0.0.1",
+                               str(node.port)], env=dcmtk.env(), capture_output=True,
+                              text=True, timeout=60)
+
+    try:
+        ok = echo("+tls", str(client_key), str(client_crt), "+cf", str(ca[1]))
+        assert ok.returncode == 0, ok.stderr
+        assert echo().returncode != 0  # plain TCP to a TLS port
+        assert echo("+tls", str(stranger_key), str(stranger_crt),
+                    "+cf", str(ca[1])).returncode != 0
+        assert echo("+tla", "+cf", str(ca[1])).returncode != 0  # no client certificate
+    finally:
+        node.kill()
