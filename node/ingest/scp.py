@@ -72,6 +72,12 @@ STORAGE_TRANSFER_SYNTAXES = (
 SUCCESS = 0x0000
 FAILURE_PROCESSING = 0xC211  # PS3.4 B.2.3: Error, Cannot understand (unexpected failure)
 
+#: Pause of pynetdicom's DUL reactor loop when it has nothing to do, in seconds (pynetdicom's
+#: default: 0.001). The loop notices our C-STORE response only after that pause, so it adds up
+#: to its length to every instance; 0.2 ms measured +20% instances/s on one association, for
+#: about 4% more of a core per open, idle association (3.8% -> 8.0% measured, SCU included).
+DUL_LOOP_DELAY_S = 0.0002
+
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, source 1 = service user.
 _REJECT_PERMANENT = 0x01
 _SOURCE_USER = 0x01
@@ -306,6 +312,7 @@ class Scp:
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
+        assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
         calling = _aet(assoc.requestor.ae_title)
         called = _aet(_request(assoc).called_ae_title)
         db_id = None
