@@ -62,28 +62,38 @@ class GroupCommitter:
         self._session_factory = session_factory
         self._queue: queue.Queue[Ticket | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        # Guards the thread's life against submits: nothing is queued after the stop marker.
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start the committer thread."""
-        self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._thread = threading.Thread(target=self._run, name="ingest-commit",
+                                            daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
-        """Commit what is queued, then end the thread."""
-        if self._thread is not None:
+        """Commit what is queued, then end the thread; later submits return None."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        thread.join()
 
     @property
     def running(self) -> bool:
         return self._thread is not None
 
-    def submit(self, record: repo.InstanceRecord) -> Ticket:
-        """Queue one row. The caller must call ``file_ready`` on the ticket (in a ``finally``);
-        its future resolves once the row is committed, or with the error."""
-        ticket = Ticket(record)
-        self._queue.put(ticket)
+    def submit(self, record: repo.InstanceRecord) -> Ticket | None:
+        """Queue one row, or return None when the committer is not running (the caller then
+        commits the row itself). The caller must call ``file_ready`` on the ticket (in a
+        ``finally``); its future resolves once the row is committed, or with the error."""
+        with self._lock:
+            if self._thread is None:
+                return None
+            ticket = Ticket(record)
+            self._queue.put(ticket)
         return ticket
 
     def _run(self) -> None:

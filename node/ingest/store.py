@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import StorageSettings
 from node.errors import DiskFull, StorageFailure
-from node.ingest.commit import GroupCommitter
+from node.ingest.commit import GroupCommitter, Ticket
 from node.ingest.parse import ParsedInstance, parse_instance
 from node.queue import repo
 from node.queue.models import utcnow
@@ -136,8 +136,9 @@ class Store:
             peer_address=peer_address,
             received_at=utcnow(),
         )
-        if self._committer.running:
-            result = self._store_grouped(record, path, data)
+        ticket = self._committer.submit(record)
+        if ticket is not None:
+            result = self._store_grouped(ticket, path, data)
         else:
             self._write(path, data)
             if self._fsync:
@@ -206,11 +207,9 @@ class Store:
         except OSError as exc:
             raise StorageFailure(f"cannot write {path.relative_to(self.root)}: {exc}") from exc
 
-    def _store_grouped(self, record: repo.InstanceRecord, path: Path, data: bytes
-                       ) -> repo.RecordResult:
+    def _store_grouped(self, ticket: Ticket, path: Path, data: bytes) -> repo.RecordResult:
         """Write the file while the committer prepares the row; sync the folder while it
         commits; return when both are durable."""
-        ticket = self._committer.submit(record)
         written = False
         try:
             self._write(path, data)
