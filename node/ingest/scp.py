@@ -13,7 +13,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.uid import (
     HTJ2K,
@@ -35,6 +36,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -42,6 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DicomSettings, TlsSettings
 from node.errors import ConfigError, IngestError
+from node.ingest.meta import encode_file_meta
 from node.ingest.store import Store
 from node.queue import repo
 
@@ -373,12 +376,10 @@ class Scp:
     def _on_c_store(self, event: evt.Event) -> int:
         assoc = event.assoc
         peer = _peer(assoc)
+        calling = _aet(assoc.requestor.ae_title)
         try:
-            self._store.accept(
-                event.encoded_dataset(include_meta=True),
-                calling_aet=_aet(assoc.requestor.ae_title),
-                peer_address=peer,
-            )
+            self._store.accept(_received_file(event, calling), calling_aet=calling,
+                               peer_address=peer)
         except IngestError as exc:
             self._count(assoc, ok=False)
             log.warning(
@@ -395,6 +396,22 @@ class Scp:
             return FAILURE_PROCESSING
         self._count(assoc, ok=True)
         return SUCCESS
+
+
+def _received_file(event: evt.Event, calling_aet: str) -> bytes:
+    """The instance as a Part 10 file: our file meta, then the dataset bytes as received.
+
+    Equivalent to ``event.encoded_dataset(include_meta=True)`` (plus the sender's AE title in
+    the meta) at a fraction of its CPU, and with one copy of the dataset instead of two.
+    """
+    request = cast(C_STORE, event.request)
+    with cast(BytesIO, request.DataSet).getbuffer() as dataset:
+        return b"".join((
+            encode_file_meta(str(request.AffectedSOPClassUID),
+                             str(request.AffectedSOPInstanceUID),
+                             str(event.context.transfer_syntax), calling_aet),
+            dataset,
+        ))
 
 
 def _safe_uid(event: Any) -> str:

@@ -111,3 +111,19 @@ def test_missing_series_uid(tmp_path: Path) -> None:
     ds.save_as(buf, enforce_file_format=True)
     with pytest.raises(MissingAttribute):
         parse_instance(buf.getvalue())
+
+
+def test_encoded_file_meta_reads_back_with_pydicom() -> None:
+    from node.ingest.meta import encode_file_meta
+
+    dataset = b"\x08\x00\x18\x00UI\x0a\x001.2.3.4.5\x00"
+    raw = encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1",
+                           "SCU") + dataset
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert ds.file_meta.SourceApplicationEntityTitle == "SCU"
+    assert ds.file_meta.FileMetaInformationGroupLength == len(raw) - 132 - len(dataset) - 12
+    from tests.helpers.ingest_data import dataset_bytes
+
+    assert dataset_bytes(raw) == dataset
