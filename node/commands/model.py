@@ -84,6 +84,7 @@ def evaluate(
     mcmc_subjects: Annotated[int, typer.Option(help="Subjects also scored by mcmc.")] = 2,
     block_fraction: Annotated[float, typer.Option(help="Corrupted share of a series.")] = 0.3,
     seed: Annotated[int, typer.Option(help="Random seed of the corruptions.")] = 0,
+    records: Annotated[Path | None, typer.Option(help="records.pkl of an earlier run.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Measure a bundle on held-out subjects: clean vs TorchIO-corrupted slices."""
@@ -106,7 +107,8 @@ def evaluate(
     typer.echo(f"evaluating {bundle.name} {bundle.version} on {len(chosen)} subjects")
     cfg = EvalConfig(artifacts=artifact or ARTIFACTS, samples=samples,
                      mcmc_subjects=mcmc_subjects, block_fraction=block_fraction, seed=seed)
-    metrics = run_evaluation(bundle, chosen, reference, out, cfg, report=typer.echo)
+    metrics = run_evaluation(bundle, chosen, reference, out, cfg, report=typer.echo,
+                             records=records)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"false-positive rate at threshold: {100 * metrics['fpr_at_threshold']:.2f}%")
 
@@ -118,6 +120,8 @@ def calibrate(
     tail_weight: Annotated[float | None, typer.Option(help="Extra weight, worst 1%.")] = None,
     max_series_shift: Annotated[float | None, typer.Option(help="Shift cap, nats.")] = None,
     complexity: Annotated[bool | None, typer.Option(help="PNG correction.")] = None,
+    complexity_weight: Annotated[float | None, typer.Option(help="Weight of L(x).")] = None,
+    shift_quantile: Annotated[float | None, typer.Option(help="Series shift quantile.")] = None,
     series_relative: Annotated[bool | None, typer.Option(help="Series shift.")] = None,
     samples: Annotated[int | None, typer.Option(help="Default Monte-Carlo samples.")] = None,
     target_fpr: Annotated[float | None, typer.Option(help="False-positive rate.")] = None,
@@ -130,7 +134,8 @@ def calibrate(
 
     changes = {k: v for k, v in {"tail_weight": tail_weight, "max_series_shift": max_series_shift,
                                  "complexity": complexity, "series_relative": series_relative,
-                                 "samples": samples}.items() if v is not None}
+                                 "samples": samples, "complexity_weight": complexity_weight,
+                                 "shift_quantile": shift_quantile}.items() if v is not None}
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     recalibrate(bundle, _load_volumes(data), out, changes, target_fpr, command)

@@ -391,11 +391,24 @@ def run_evaluation(
     out_dir: Path,
     cfg: EvalConfig,
     report: Callable[[str], None] | None = None,
+    records: Path | None = None,
 ) -> dict[str, Any]:
-    """Collect, measure, and write ``report.md``, ``metrics.json``, ROC plots, records."""
+    """Collect, measure, and write ``report.md``, ``metrics.json``, ROC plots, records.
+
+    With ``records`` (the ``records.pkl`` of an earlier run with the same weights), nothing is
+    scored again: the per-slice components are reused and only the bundle's way of forming the
+    score and its threshold are applied (the measured speed is the earlier run's).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = collect(bundle, volumes, reference, cfg, report)
-    save_records(data, out_dir / "records.pkl")
+    if records is not None:
+        import pickle
+
+        with records.open("rb") as fh:
+            data = pickle.load(fh)
+        volumes = [v for v in volumes if v.subject in {r["subject"] for r in data["clean"]}]
+    else:
+        data = collect(bundle, volumes, reference, cfg, report)
+        save_records(data, out_dir / "records.pkl")
     metrics = rescore(data, bundle, bundle.scoring)
     metrics["speed_slices_per_s"] = data["timing"]["slices"] / max(1e-9, data["timing"]["seconds"])
     metrics["subjects"] = [v.subject for v in volumes]

@@ -9,13 +9,17 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    Delta the quantization step, log p(x) + D log Delta is the VAE's log-probability of the
    quantized slice, and ``corrected = log p(x) + D log Delta + L(x)`` is the log-likelihood
    ratio of the VAE against the codec: how much better than a generic compressor the model of
-   normal images explains this slice.
+   normal images explains this slice. ``complexity_weight`` scales L(x) (1.0: Serra et al.'s
+   ratio); a VAE whose pixel variances are wide loses less likelihood to added noise than the
+   codec loses compression, and a full-weight correction then rewards noise.
 2. Tail weighting: the 1% worst-explained pixels (largest 0.5 ((x - mean)/sigma)^2 under
    z ~ q) count ``1 + tail_weight`` times instead of once, because a ghost or a spike stripe
    spoils few pixels and a sum over 16384 of them dilutes it.
-3. Series-relative shift: the slices of one series share scanner, coil and protocol; the median
-   score of the series' foreground slices, minus the median of normal validation series,
-   is subtracted from every slice, the shift being capped at ``max_series_shift`` nats. A normal
+3. Series-relative shift: the slices of one series share scanner, coil and protocol; the
+   ``shift_quantile`` quantile of the scores of the series' foreground slices (a high quantile
+   moves less than the median when a block of slices scores low), minus the same for typical
+   normal calibration series, is subtracted from every slice, the shift being capped at
+   ``max_series_shift`` nats. A normal
    scan from another scanner (a uniformly different noise texture) moves all its slices
    together and is brought back; a scan of another body part, far beyond the cap, stays far
    below the threshold; an artifact in part of a series stands out against the rest.
@@ -48,20 +52,26 @@ class ScoreConfig:
         estimator: default marginal-likelihood estimator.
         samples: default Monte-Carlo samples per slice.
         complexity: apply the PNG complexity correction.
+        complexity_weight: weight of the code length L(x) in the correction.
         tail_weight: extra weight of the worst 1% pixels' squared standardized residuals.
         series_relative: apply the capped series shift.
         min_series_slices: fewest foreground slices for a series shift (fewer: no shift).
         max_series_shift: cap of the series shift in nats.
-        reference_median: median of per-series medians of normal validation series (nats).
+        shift_quantile: which quantile of the series' foreground scores sets the shift (0.5:
+            the median; a higher one moves less when a block of slices scores low).
+        reference_median: median over normal calibration series of each series'
+            ``shift_quantile`` quantile (nats); the name stayed from the median-only version.
     """
 
     estimator: str = "importance"
     samples: int = 8
     complexity: bool = True
+    complexity_weight: float = 1.0
     tail_weight: float = 0.0
     series_relative: bool = True
     min_series_slices: int = 8
     max_series_shift: float = 0.0
+    shift_quantile: float = 0.5
     reference_median: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +109,8 @@ def absolute_score(
     score = components["log_likelihood"].astype(np.float64).copy()
     if cfg.complexity:
         delta = clip_max / 255.0
-        score += pixels * math.log(delta) + components["png_nats"]
+        w = cfg.complexity_weight
+        score += w * (pixels * math.log(delta) + components["png_nats"])
     if cfg.tail_weight:
         worst = max(1, pixels // 100)
         score -= cfg.tail_weight * worst * components["tail"]
@@ -128,5 +139,5 @@ def series_shift(score: np.ndarray, foreground: np.ndarray, cfg: ScoreConfig) ->
     """The capped shift subtracted from every slice of one series (0.0 when not applied)."""
     if not cfg.series_relative or int(foreground.sum()) < cfg.min_series_slices:
         return 0.0
-    shift = float(np.median(score[foreground])) - cfg.reference_median
+    shift = float(np.quantile(score[foreground], cfg.shift_quantile)) - cfg.reference_median
     return float(np.clip(shift, -cfg.max_series_shift, cfg.max_series_shift))

@@ -265,7 +265,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[Volume], planes: Sequence
     Returns the calibration entry of model.json.
     """
     stacks = stack_absolute_scores(bundle, volumes, planes)
-    medians = [float(np.median(s["absolute"][s["foreground"]])) for s in stacks
+    q = bundle.scoring.shift_quantile
+    medians = [float(np.quantile(s["absolute"][s["foreground"]], q)) for s in stacks
                if s["foreground"].sum() >= bundle.scoring.min_series_slices]
     ref = float(np.median(medians)) if medians else 0.0
     scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), "reference_median": ref})
