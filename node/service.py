@@ -2,9 +2,8 @@
 
 ``vaenode serve`` builds a :class:`Service` from the settings and runs it until SIGTERM/SIGINT.
 Scheduled work comes from :data:`JOB_MODULES`: each module exposes
-``install(scheduler, settings, session_factory) -> None``. A module that does not exist (yet) is
-skipped; any other import error stops start-up, since a half-installed node would silently not
-score or not deliver.
+``install(scheduler, settings, session_factory) -> None``. An import error stops start-up: a
+half-installed node would silently not score or not deliver.
 """
 
 from __future__ import annotations
@@ -44,19 +43,10 @@ def install_jobs(
     session_factory: sessionmaker[Session],
     modules: tuple[str, ...] = JOB_MODULES,
 ) -> list[str]:
-    """Import each job module present and let it add its jobs; returns those installed."""
-    installed = []
+    """Import each job module and let it add its jobs; returns the modules installed."""
     for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            log.debug("job module not present", extra={"module": name})
-            continue
-        module.install(scheduler, settings, session_factory)
-        installed.append(name)
-    return installed
+        importlib.import_module(name).install(scheduler, settings, session_factory)
+    return list(modules)
 
 
 class Service:

@@ -18,12 +18,6 @@ _MODULES = (
 
 
 def register_all(app: typer.Typer) -> None:
-    """Register every command group that is present."""
+    """Register every command group (each imports its heavy dependencies inside its commands)."""
     for name in _MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(app)
+        importlib.import_module(name).register(app)
