@@ -50,6 +50,9 @@ def train(
     max_series_shift: Annotated[float, typer.Option(help="Cap of series shift, nats.")] = 0.0,
     complexity: Annotated[bool, typer.Option(help="PNG complexity correction.")] = True,
     augment: Annotated[bool, typer.Option(help="Normal-variation augmentation.")] = True,
+    heteroscedastic: Annotated[
+        bool, typer.Option(help="Per-pixel decoder variance (else one learned global value).")
+    ] = True,
     max_train_slices: Annotated[int | None, typer.Option(help="Cap (tiny runs).")] = None,
     name: Annotated[str, typer.Option(help="Bundle name.")] = "brain-t1",
     version: Annotated[str, typer.Option(help="Bundle version.")] = "0.1.0",
@@ -65,7 +68,8 @@ def train(
         epochs=epochs, latent_dim=latent, image_size=image_size, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, samples=samples,
         target_fpr=target_fpr, tail_weight=tail_weight, max_series_shift=max_series_shift,
-        complexity=complexity, augment=augment, max_train_slices=max_train_slices, name=name,
+        complexity=complexity, augment=augment, heteroscedastic=heteroscedastic,
+        max_train_slices=max_train_slices, name=name,
         version=version, device=device,
     )
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
