@@ -34,8 +34,39 @@ def _load_volumes(paths: list[Path]) -> list:
     return [load_nifti(p) for p in files]
 
 
+def _load_training_data(paths: list[Path]) -> list:
+    """NIfTI volumes and DICOM series (stacks assembled by the worker layer), mixed freely.
+
+    Raises:
+        ModelError: a path does not exist, or nothing usable was found; the message says what
+            was found instead (broken series and their reasons, files that are neither).
+    """
+    from node.errors import ModelError
+    from node.model.data import find_nifti, load_nifti
+    from node.worker.training_data import load_dicom_stacks
+
+    vols: list = [load_nifti(p) for p in find_nifti(paths)]
+    try:
+        dicom = load_dicom_stacks(paths)
+    except Exception as exc:  # AssemblyError for a missing path; keep one error type here
+        raise ModelError(f"cannot read training data: {exc}") from exc
+    for problem in dicom.problems:
+        typer.echo(f"skipped: {problem}", err=True)
+    if not vols and not dicom.stacks:
+        where = ", ".join(map(str, paths))
+        detail = "; ".join(dicom.problems[:3])
+        raise ModelError(
+            f"no training data under {where}: no NIfTI volume and no readable DICOM series"
+            + (f" ({detail})" if detail else "")
+            + (f"; {dicom.other_files} other file(s) ignored" if dicom.other_files else "")
+        )
+    return vols + dicom.stacks
+
+
 def train(
-    data: Annotated[list[Path], typer.Option("--data", help="NIfTI files or folders.")],
+    data: Annotated[
+        list[Path], typer.Option("--data", help="NIfTI files, DICOM series, or folders of them.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
     epochs: Annotated[int, typer.Option(help="Passes over the training slices.")] = 8,
     latent: Annotated[int, typer.Option(help="Latent attributes.")] = 128,
@@ -54,22 +85,26 @@ def train(
         bool, typer.Option(help="Per-pixel decoder variance (else one learned global value).")
     ] = True,
     max_train_slices: Annotated[int | None, typer.Option(help="Cap (tiny runs).")] = None,
+    compress: Annotated[
+        bool, typer.Option(help="Compression stage: an autoencoder first, the VAE on its features.")
+    ] = False,
+    compress_dim: Annotated[int, typer.Option(help="Feature channels of --compress.")] = 8,
     name: Annotated[str, typer.Option(help="Bundle name.")] = "brain-t1",
     version: Annotated[str, typer.Option(help="Bundle version.")] = "0.1.0",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
     config: ConfigOption = None,
 ) -> None:
-    """Train a VAE on normal volumes and write a calibrated model bundle."""
+    """Train a VAE on normal volumes and series and write a calibrated model bundle."""
     setup(config)
     from node.model.train import TrainConfig, run_training
 
-    vols = _load_volumes(data)
+    vols = _load_training_data(data)
     cfg = TrainConfig(
         epochs=epochs, latent_dim=latent, image_size=image_size, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, samples=samples,
         target_fpr=target_fpr, tail_weight=tail_weight, max_series_shift=max_series_shift,
         complexity=complexity, augment=augment, heteroscedastic=heteroscedastic,
-        max_train_slices=max_train_slices, name=name,
+        max_train_slices=max_train_slices, compress=compress, compress_dim=compress_dim, name=name,
         version=version, device=device,
     )
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -14,6 +14,10 @@ Scoring API (used by the worker and ``vaenode score``)::
 
 ``images`` is ONE stack (a series, or one orientation of it) in slice order, because the score
 is relative to its own series (see :mod:`node.model.scoring`).
+
+A bundle trained with the compression stage (:mod:`node.model.compress`) also holds the feature
+autoencoder (``feature_ae.pt``, declared under ``compression`` in ``model.json``): slices are
+encoded by it and the VAE's estimators score the feature map.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from node.errors import ModelError
 from node.model import calibrate
+from node.model.compress import FeatureAE, FeatureAEConfig
 from node.model.likelihood import ESTIMATORS, estimate
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import ScoreConfig, absolute_score, png_nats, series_shift, stack_foreground
@@ -42,6 +47,7 @@ FORMAT = "vaenode-bundle"
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
+FEATURE_WEIGHTS = "feature_ae.pt"
 DEFAULT_NAME = "brain-t1"
 
 
@@ -98,12 +104,16 @@ class SliceScores:
 
 
 class Bundle:
-    """A loaded model: the VAE in eval mode plus the settings of ``model.json``."""
+    """A loaded model: the VAE in eval mode, the optional feature autoencoder (compression
+    stage) and the settings of ``model.json``."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], model: VAE) -> None:
+    def __init__(
+        self, path: Path, meta: dict[str, Any], model: VAE, feature_ae: FeatureAE | None = None
+    ) -> None:
         self.path = path
         self.meta = meta
         self.model = model.eval()
+        self.feature_ae = feature_ae.eval() if feature_ae is not None else None
         self.preprocess = PreprocessConfig.from_dict(meta["preprocessing"])
         self.scoring = ScoreConfig.from_dict(meta["scoring"])
         cal = meta["calibration"]
@@ -147,6 +157,7 @@ class Bundle:
             raise ModelError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
         dev = resolve_device(device)
         model = self.model.to(dev)
+        ae = self.feature_ae.to(dev) if self.feature_ae is not None else None
         gen = torch.Generator(device=dev).manual_seed(seed)
         parts: dict[str, list[np.ndarray]] = {}
         starts = range(0, len(x), batch_size)
@@ -156,6 +167,8 @@ class Bundle:
             starts = tqdm(starts, desc="scoring", unit="batch")
         for start in starts:
             xb = x[start : start + batch_size].to(dev)
+            if ae is not None:  # compression stage: the VAE models the features
+                xb = ae.features(xb)
             est = estimate(model, xb, estimator, samples, generator=gen)
             for key in ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain"):
                 parts.setdefault(key, []).append(getattr(est, key).double().cpu().numpy())
@@ -168,8 +181,13 @@ class Bundle:
 
     def absolute_score(self, comp: dict[str, np.ndarray]) -> np.ndarray:
         """The score before the series shift (see :mod:`node.model.scoring`)."""
-        pixels = self.preprocess.image_size**2
-        return absolute_score(comp, self.scoring, pixels, self.preprocess.clip_max)
+        return absolute_score(comp, self.scoring, self.modelled_values, self.preprocess.clip_max)
+
+    @property
+    def modelled_values(self) -> int:
+        """Values the VAE models per slice: pixels, or feature-map entries when compressed."""
+        cfg = self.model.cfg
+        return cfg.in_channels * cfg.image_size**2
 
     def score_slices(
         self,
@@ -240,16 +258,34 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_bundle(out_dir: Path, model: VAE, meta: dict[str, Any]) -> Path:
+def save_bundle(
+    out_dir: Path, model: VAE, meta: dict[str, Any], feature_ae: FeatureAE | None = None
+) -> Path:
     """Write weights (float16, to keep the shipped bundle small) and ``model.json``.
 
     ``meta`` must hold name, version, preprocessing, scoring and calibration; format,
-    architecture and the weights' checksum are filled in here.
+    architecture and the weights' checksum are filled in here. With ``feature_ae`` (the
+    compression stage) its weights go to ``feature_ae.pt`` (float32: they are small) and
+    ``compression`` in ``model.json`` describes them.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
     weights = out_dir / WEIGHTS
     torch.save(state, weights)
+    meta = dict(meta)
+    if feature_ae is not None:
+        fweights = out_dir / FEATURE_WEIGHTS
+        torch.save({k: v.detach().cpu().float() for k, v in feature_ae.state_dict().items()},
+                   fweights)
+        meta["compression"] = {
+            **{k: v for k, v in dict(meta.get("compression") or {}).items()
+               if k not in ("type", "file", "sha256")},
+            "type": "conv-ae", **feature_ae.cfg.to_dict(),
+            "file": FEATURE_WEIGHTS, "sha256": _sha256(fweights),
+        }
+    else:
+        meta.pop("compression", None)
+        (out_dir / FEATURE_WEIGHTS).unlink(missing_ok=True)
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -305,7 +341,8 @@ def load_bundle(path: Path | None = None) -> Bundle:
             raise ModelError(f"model bundle {path}: calibration quantiles have the wrong length")
     except (TypeError, KeyError, ValueError) as exc:
         raise ModelError(f"model bundle {path}: {MODEL_JSON} has a bad entry: {exc}") from exc
-    if cfg.image_size != meta["preprocessing"].get("image_size"):
+    feature_ae = _load_feature_ae(path, meta, cfg)
+    if feature_ae is None and cfg.image_size != meta["preprocessing"].get("image_size"):
         raise ModelError(f"model bundle {path}: architecture and preprocessing image sizes differ")
     wmeta = meta.get("weights", {})
     weights = path / str(wmeta.get("file", WEIGHTS))
@@ -325,4 +362,51 @@ def load_bundle(path: Path | None = None) -> Bundle:
             f"model bundle {path}: weights do not match the architecture in {MODEL_JSON}: "
             f"{str(exc).splitlines()[0]}"
         ) from exc
-    return Bundle(path, meta, model)
+    return Bundle(path, meta, model, feature_ae=feature_ae)
+
+
+def _load_feature_ae(path: Path, meta: dict[str, Any], vae: VAEConfig) -> FeatureAE | None:
+    """The compression stage's autoencoder when ``model.json`` declares one, checked against
+    the VAE it feeds and the preprocessing grid; None for a pixel-space bundle."""
+    comp = meta.get("compression")
+    if comp is None:
+        if vae.in_channels != 1:
+            raise ModelError(
+                f"model bundle {path}: the VAE models {vae.in_channels}-channel features but "
+                f"{MODEL_JSON} declares no compression stage (feature autoencoder)"
+            )
+        return None
+    try:
+        if comp.get("type") != "conv-ae":
+            raise ModelError(f"model bundle {path}: unknown compression type {comp.get('type')!r}")
+        acfg = FeatureAEConfig.from_dict(comp)
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise ModelError(f"model bundle {path}: {MODEL_JSON} has a bad compression entry: {exc}") \
+            from exc
+    if acfg.image_size != meta["preprocessing"].get("image_size"):
+        raise ModelError(f"model bundle {path}: feature autoencoder and preprocessing image "
+                         "sizes differ")
+    if (acfg.feature_dim, acfg.side) != (vae.in_channels, vae.image_size):
+        raise ModelError(
+            f"model bundle {path}: the feature autoencoder gives {acfg.feature_dim} x "
+            f"{acfg.side} x {acfg.side} features but the VAE models {vae.in_channels} x "
+            f"{vae.image_size} x {vae.image_size}"
+        )
+    fweights = path / str(comp.get("file", FEATURE_WEIGHTS))
+    if not fweights.is_file():
+        raise ModelError(
+            f"model bundle {path}: {MODEL_JSON} declares a compression stage but the feature "
+            f"autoencoder weights file {fweights.name} is missing"
+        )
+    if "sha256" in comp and _sha256(fweights) != comp["sha256"]:
+        raise ModelError(f"model bundle {path}: {fweights.name} does not match its sha256 checksum")
+    ae = FeatureAE(acfg)
+    try:
+        state = torch.load(fweights, map_location="cpu", weights_only=True)
+        ae.load_state_dict({k: v.float() for k, v in state.items()})
+    except Exception as exc:  # torch raises several types for a corrupt or mismatched file
+        raise ModelError(
+            f"model bundle {path}: feature autoencoder weights {fweights.name} do not match the "
+            f"compression entry of {MODEL_JSON}: {str(exc).splitlines()[0]}"
+        ) from exc
+    return ae

@@ -7,7 +7,12 @@ dropped. The train/validation split is by subject: slices of one head are strong
 so a split by slice would let validation slices leak into training.
 
 This module never reads DICOM (the model layer sees arrays only); DICOM series folders are
-assembled by the worker layer and handed in as :class:`Volume` objects.
+assembled by the worker layer (:mod:`node.worker.training_data`) and handed in as
+:class:`SeriesStack` objects: the ordered 2D images of one stack with their pixel spacing.
+A stack is used in its acquisition plane only; it is not resliced into the other two planes,
+because DICOM series often have thick or gapped slices, and resliced images would look like
+nothing a scanner sends. Background-slice removal and the split by subject apply to stacks
+exactly as to the planes of a NIfTI volume.
 """
 
 from __future__ import annotations
@@ -48,6 +53,31 @@ class Volume:
     data: np.ndarray
     spacing: tuple[float, float, float]
     source: str
+
+
+@dataclass(frozen=True)
+class SeriesStack:
+    """One ordered stack of 2D images from a DICOM series, as the worker layer assembled it.
+
+    Attributes:
+        subject: identifier used to split by subject (the worker uses the Patient ID, so that
+            the series of one patient stay on one side of the split; the Series Instance UID
+            when there is no Patient ID).
+        images: 2D float arrays (modality units), all of one size, in slice order.
+        spacings: (row, col) pixel spacing in mm per image, None where unknown.
+        plane: ``axial``, ``coronal``, ``sagittal`` (from the slice normal) or ``oblique``.
+        source: the series (folder and UID), for messages.
+    """
+
+    subject: str
+    images: tuple[np.ndarray, ...]
+    spacings: tuple[tuple[float, float] | None, ...]
+    plane: str
+    source: str
+
+
+#: What training takes: NIfTI volumes and DICOM stacks, mixed freely.
+TrainingItem = Volume | SeriesStack
 
 
 @dataclass(frozen=True)
@@ -133,6 +163,28 @@ def plane_slices(volume: Volume, plane: str) -> tuple[np.ndarray, tuple[float, f
     else:
         raise ValueError(f"unknown plane {plane!r}; expected one of {PLANES}")
     return np.ascontiguousarray(stack), spacing
+
+
+def item_stacks(
+    item: TrainingItem, planes: Sequence[str] = PLANES
+) -> list[tuple[str, np.ndarray, list[tuple[float, float] | None]]]:
+    """The 2D stacks a training item contributes: (plane, ``[n, rows, cols]``, spacings).
+
+    A volume gives one stack per requested plane. A DICOM stack gives itself when its plane is
+    requested, or when it is oblique/unknown (no plane to filter it by); otherwise nothing.
+    """
+    if isinstance(item, Volume):
+        out: list[tuple[str, np.ndarray, list[tuple[float, float] | None]]] = []
+        for plane in planes:
+            stack, spacing = plane_slices(item, plane)
+            out.append((plane, stack, [spacing] * len(stack)))
+        return out
+    if item.plane in PLANES and item.plane not in planes:
+        return []
+    if not item.images:
+        return []
+    stack = np.stack([np.nan_to_num(np.asarray(im, dtype=np.float32)) for im in item.images])
+    return [(item.plane, stack, list(item.spacings))]
 
 
 def foreground_mask(stack: np.ndarray) -> np.ndarray:

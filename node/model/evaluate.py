@@ -210,7 +210,7 @@ def _score_arrays(
     rec: dict[str, Any], bundle: Bundle, cfg: ScoreConfig, qc_ref: dict[str, tuple[float, float]]
 ) -> dict[str, np.ndarray]:
     comp = rec["components"]
-    pixels = bundle.preprocess.image_size**2
+    pixels = bundle.modelled_values
     final, absolute, _ = score_from_components(comp, rec["foreground"], cfg, pixels,
                                                bundle.preprocess.clip_max)
     corrected_cfg = ScoreConfig.from_dict({**cfg.to_dict(), "tail_weight": 0.0,

@@ -14,6 +14,16 @@ Normal-variation augmentation: the eight flips/rotations by 90 degrees (DICOM se
 in-plane orientation) and a random contrast curve and gain (other scanners and protocols map
 tissue to grey levels differently). Noise and blur are NOT augmented: they are artifacts the
 model must notice.
+
+Compression stage (``compress=True``, off by default; :mod:`node.model.compress`): a plain
+autoencoder is trained first on the same (augmented) training slices, using the first
+``compress_stages`` entries of ``channels``; the VAE then uses the remaining entries on the
+autoencoder's standardized feature map. Both go into the bundle. The PNG complexity correction
+is a pixel-space code length and is switched off for a compressed bundle.
+
+Training data are :class:`~node.model.data.Volume` objects (NIfTI: sliced in three planes)
+and :class:`~node.model.data.SeriesStack` objects (DICOM stacks assembled by the worker layer:
+their own slices, in their acquisition plane). Both carry a ``subject`` for the split.
 """
 
 from __future__ import annotations
@@ -33,7 +43,15 @@ import torch
 
 from node.model import calibrate
 from node.model.bundle import Bundle, resolve_device, save_bundle
-from node.model.data import PLANES, Volume, foreground_mask, plane_slices, split_subjects
+from node.model.compress import FeatureAE, FeatureAEConfig, train_feature_ae
+from node.model.data import (
+    PLANES,
+    SeriesStack,
+    TrainingItem,
+    foreground_mask,
+    item_stacks,
+    split_subjects,
+)
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import ScoreConfig, series_shift
 from node.model.vae import VAE, VAEConfig
@@ -67,6 +85,9 @@ class TrainConfig:
     tail_weight: float = 0.0
     series_relative: bool = True
     max_series_shift: float = 0.0
+    compress: bool = False
+    compress_dim: int = 8
+    compress_stages: int = 2
     name: str = "brain-t1"
     version: str = "0.1.0"
     device: str = "auto"
@@ -91,31 +112,29 @@ class SliceSet:
 
 
 def volume_stacks(
-    volume: Volume, planes: Sequence[str]
-) -> list[tuple[str, list[np.ndarray], tuple[float, float]]]:
-    """The volume's stacks per plane: (plane, slices, (row, col) spacing)."""
-    out = []
-    for plane in planes:
-        stack, spacing = plane_slices(volume, plane)
-        out.append((plane, list(stack), spacing))
-    return out
+    volume: TrainingItem, planes: Sequence[str]
+) -> list[tuple[str, list[np.ndarray], list[tuple[float, float] | None]]]:
+    """The item's stacks per plane: (plane, slices, (row, col) spacing per slice)."""
+    return [(plane, list(stack), spacings) for plane, stack, spacings in
+            item_stacks(volume, planes)]
 
 
 def build_slices(
-    volumes: Sequence[Volume], planes: Sequence[str], pcfg: PreprocessConfig
+    volumes: Sequence[TrainingItem], planes: Sequence[str], pcfg: PreprocessConfig
 ) -> SliceSet:
-    """Foreground slices of all volumes on the model grid, scaled per stack as in scoring."""
+    """Foreground slices of all volumes/stacks on the model grid, scaled per stack as in
+    scoring."""
     xs: list[torch.Tensor] = []
     subjects: list[str] = []
     plane_of: list[str] = []
     for vol in volumes:
-        for plane in planes:
-            stack, spacing = plane_slices(vol, plane)
+        for plane, stack, spacings in item_stacks(vol, planes):
             keep = foreground_mask(stack)
             if not keep.any():
                 continue
             scale = stack_scale(list(stack), pcfg.norm_percentile)
-            x = preprocess_stack(list(stack[keep]), [spacing] * int(keep.sum()), pcfg, scale)
+            kept = [spacings[i] for i in np.flatnonzero(keep)]
+            x = preprocess_stack(list(stack[keep]), kept, pcfg, scale)
             xs.append(x.half())
             subjects += [vol.subject] * len(x)
             plane_of += [plane] * len(x)
@@ -155,8 +174,12 @@ def train_vae(
     cfg: TrainConfig,
     checkpoint: Path | None = None,
     report: Callable[[str], None] | None = None,
+    feature_ae: FeatureAE | None = None,
 ) -> tuple[VAE, dict[str, Any]]:
     """Minimize the negative ELBO on ``train_set``; returns the model and a training history.
+
+    With ``feature_ae`` (the compression stage) every batch is augmented in pixel space, then
+    encoded by the frozen autoencoder, and the VAE models the feature map.
 
     The loss is the per-slice negative ELBO (-log p(x|z) for one z ~ q(z|x), plus KL) averaged
     over the batch and divided by the pixel count (same minimum, a gradient scale that does not
@@ -169,9 +192,9 @@ def train_vae(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = resolve_device(cfg.device)
-    vcfg = VAEConfig(cfg.image_size, cfg.latent_dim, tuple(cfg.channels), cfg.heteroscedastic,
-                     cfg.sigma_min)
+    vcfg = vae_config(cfg)
     model = VAE(vcfg).to(dev)
+    encode = _feature_fn(feature_ae, dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n = len(train_set.x)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
@@ -180,7 +203,7 @@ def train_vae(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    pixels = cfg.image_size**2
+    pixels = vcfg.in_channels * vcfg.image_size**2  # modelled values per slice
     history: dict[str, Any] = {"epochs": []}
     step = 0
     t0 = time.time()
@@ -193,7 +216,7 @@ def train_vae(
             xb = train_set.x[idx].float()
             if cfg.augment:
                 xb = augment(xb, gen, 2.0)
-            xb = xb.to(dev)
+            xb = encode(xb.to(dev))
             out = model(xb)
             beta = min(1.0, (step + 1) / warm)
             loss = (out["rec"] + beta * out["kl"]).mean() / pixels
@@ -215,7 +238,7 @@ def train_vae(
         entry = {k: v / steps_per_epoch for k, v in sums.items()}
         entry["epoch"] = epoch + 1
         if val_set is not None and len(val_set.x):
-            entry["val_neg_elbo"] = validation_loss(model, val_set, dev)
+            entry["val_neg_elbo"] = validation_loss(model, val_set, dev, encode=encode)
         entry["elapsed_s"] = round(time.time() - t0, 1)
         history["epochs"].append(entry)
         say(f"epoch {epoch + 1} done: train -elbo {entry['loss']:.0f}"
@@ -229,8 +252,51 @@ def train_vae(
     return model.cpu().eval(), history
 
 
+def vae_config(cfg: TrainConfig) -> VAEConfig:
+    """The VAE's architecture: on pixels, or on the compression stage's feature map."""
+    if not cfg.compress:
+        return VAEConfig(cfg.image_size, cfg.latent_dim, tuple(cfg.channels),
+                         cfg.heteroscedastic, cfg.sigma_min)
+    ae = feature_ae_config(cfg)
+    rest = tuple(cfg.channels[cfg.compress_stages :])
+    if not rest:
+        raise ValueError(f"--compress needs more than {cfg.compress_stages} channel stages "
+                         f"(channels {list(cfg.channels)}): the VAE keeps the rest")
+    return VAEConfig(ae.side, cfg.latent_dim, rest, cfg.heteroscedastic, cfg.sigma_min,
+                     in_channels=ae.feature_dim)
+
+
+def feature_ae_config(cfg: TrainConfig) -> FeatureAEConfig:
+    """The compression stage's architecture: the first ``compress_stages`` channel stages."""
+    if cfg.compress_stages < 1 or cfg.compress_dim < 1:
+        raise ValueError("compress_stages and compress_dim must be at least 1")
+    return FeatureAEConfig(cfg.image_size, tuple(cfg.channels[: cfg.compress_stages]),
+                           cfg.compress_dim)
+
+
+def _feature_fn(
+    feature_ae: FeatureAE | None, dev: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Batch -> what the VAE models: the batch itself, or the frozen autoencoder's features."""
+    if feature_ae is None:
+        return lambda x: x
+    ae = feature_ae.to(dev).eval()
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ae.features(x)
+
+    return encode
+
+
 @torch.no_grad()
-def validation_loss(model: VAE, val_set: SliceSet, dev: torch.device, limit: int = 2048) -> float:
+def validation_loss(
+    model: VAE,
+    val_set: SliceSet,
+    dev: torch.device,
+    limit: int = 2048,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
     """Mean one-sample negative ELBO per slice on (up to ``limit``) validation slices."""
     model.eval()
     torch.manual_seed(1234)
@@ -238,27 +304,28 @@ def validation_loss(model: VAE, val_set: SliceSet, dev: torch.device, limit: int
     x = val_set.x[::step][:limit]
     total = 0.0
     for start in range(0, len(x), 128):
-        out = model(x[start : start + 128].float().to(dev))
+        xb = x[start : start + 128].float().to(dev)
+        out = model(encode(xb) if encode is not None else xb)
         total += float(out["loss"].sum())
     model.train()
     return total / len(x)
 
 
 def stack_absolute_scores(
-    bundle: Bundle, volumes: Sequence[Volume], planes: Sequence[str]
+    bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Score every stack (volume x plane) with the bundle, before any series shift."""
     out = []
     for vol in volumes:
         for plane, images, spacing in volume_stacks(vol, planes):
-            x, fg = bundle.preprocess_stack(images, [spacing] * len(images))
+            x, fg = bundle.preprocess_stack(images, spacing)
             comp = bundle.components(x)
             out.append({"subject": vol.subject, "plane": plane, "foreground": fg,
                         "absolute": bundle.absolute_score(comp), "components": comp})
     return out
 
 
-def calibrate_bundle(bundle: Bundle, volumes: Sequence[Volume], planes: Sequence[str],
+def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str],
                      target_fpr: float) -> dict[str, Any]:
     """Set the reference series median, the threshold and the normal quantiles in place.
 
@@ -298,7 +365,7 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[Volume], planes: Sequence
 
 
 def run_training(
-    volumes: Sequence[Volume],
+    volumes: Sequence[TrainingItem],
     cfg: TrainConfig,
     out_dir: Path,
     command: str = "",
@@ -306,8 +373,14 @@ def run_training(
     attribution: dict[str, Any] | None = None,
     report: Callable[[str], None] | None = None,
 ) -> Path:
-    """Everything ``vaenode train`` does: split, slice, train, calibrate, write the bundle."""
+    """Everything ``vaenode train`` does: split, slice, train, calibrate, write the bundle.
+
+    ``volumes`` mixes NIfTI volumes and DICOM stacks; several items may share a subject (the
+    stacks of one patient): the split keeps them on one side.
+    """
     say = report or log.info
+    if not volumes:
+        raise ValueError("no training volumes or series")
     subjects = [v.subject for v in volumes]
     train_ids, val_ids = split_subjects(subjects, cfg.val_fraction, cfg.seed)
     # Validation subjects: calibration half and evaluation half (by subject).
@@ -317,10 +390,14 @@ def run_training(
     n_cal = max(1, (len(shuffled) + 1) // 2) if shuffled else 0
     cal_ids = sorted(shuffled[:n_cal])
     eval_ids = sorted(shuffled[n_cal:])
-    by_id = {v.subject: v for v in volumes}
-    train_vols = [by_id[s] for s in train_ids]
-    cal_vols = [by_id[s] for s in cal_ids] or train_vols[:1]
-    [by_id[s] for s in eval_ids]
+    by_id: dict[str, list[TrainingItem]] = {}
+    for v in volumes:
+        by_id.setdefault(v.subject, []).append(v)
+    train_vols = [v for s in train_ids for v in by_id[s]]
+    cal_vols = [v for s in cal_ids for v in by_id[s]] or train_vols[:1]
+    n_dicom = sum(isinstance(v, SeriesStack) for v in volumes)
+    if n_dicom:
+        say(f"{len(volumes) - n_dicom} NIfTI volume(s), {n_dicom} DICOM stack(s)")
     pcfg = PreprocessConfig(image_size=cfg.image_size, spacing_mm=cfg.spacing_mm)
     say(f"{len(train_ids)} training subjects, {len(cal_ids)} calibration, "
         f"{len(eval_ids)} evaluation")
@@ -334,10 +411,25 @@ def run_training(
     n_val = 0 if val_set is None else len(val_set.x)
     say(f"{len(train_set.x)} training slices, {n_val} validation")
     out_dir.mkdir(parents=True, exist_ok=True)
+    feature_ae: FeatureAE | None = None
+    compression: dict[str, Any] | None = None
+    if cfg.compress:
+        acfg = feature_ae_config(cfg)
+        vae_config(cfg)  # fail before training the first stage when the VAE cannot follow
+        say(f"compression stage: autoencoder to {acfg.feature_dim} x {acfg.side} x "
+            f"{acfg.side} features")
+        gen = _seed_everything(cfg.seed)
+        feature_ae, ae_history = train_feature_ae(
+            train_set.x, acfg, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+            generator=gen, device=resolve_device(cfg.device),
+            augment=(lambda xb: augment(xb, gen, 2.0)) if cfg.augment else None, report=say,
+        )
+        compression = {"history": ae_history}
     model, history = train_vae(train_set, val_set, cfg, checkpoint=out_dir / "checkpoint.pt",
-                               report=report)
+                               report=report, feature_ae=feature_ae)
     scoring = ScoreConfig(
-        estimator=cfg.estimator, samples=cfg.samples, complexity=cfg.complexity,
+        estimator=cfg.estimator, samples=cfg.samples,
+        complexity=cfg.complexity and not cfg.compress,
         tail_weight=cfg.tail_weight, series_relative=cfg.series_relative,
         max_series_shift=cfg.max_series_shift,
     )
@@ -361,13 +453,15 @@ def run_training(
         },
         "data_attribution": attribution or {},
     }
-    bundle = Bundle(out_dir, meta, model)
+    if compression is not None:
+        meta["compression"] = compression
+    bundle = Bundle(out_dir, meta, model, feature_ae=feature_ae)
     say("calibrating the threshold on held-out normal subjects")
     calibrate_bundle(bundle, cal_vols, cfg.planes, cfg.target_fpr)
     last = history["epochs"][-1] if history["epochs"] else {}
     bundle.meta["validation"] = {"val_neg_elbo": last.get("val_neg_elbo"),
                                  "train_neg_elbo": last.get("loss")}
-    save_bundle(out_dir, bundle.model, bundle.meta)
+    save_bundle(out_dir, bundle.model, bundle.meta, feature_ae=feature_ae)
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # training state, not part of a bundle
     say(f"bundle written to {out_dir} (threshold {bundle.threshold:.1f})")
     return out_dir
@@ -375,7 +469,7 @@ def run_training(
 
 def recalibrate(
     bundle: Bundle,
-    volumes: Sequence[Volume],
+    volumes: Sequence[TrainingItem],
     out_dir: Path,
     changes: dict[str, Any],
     target_fpr: float | None = None,
@@ -400,5 +494,5 @@ def recalibrate(
         {"command": command, "changes": changes,
          "date": datetime.now(UTC).isoformat(timespec="seconds")}
     )
-    save_bundle(out_dir, bundle.model, bundle.meta)
+    save_bundle(out_dir, bundle.model, bundle.meta, feature_ae=bundle.feature_ae)
     return out_dir

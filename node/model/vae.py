@@ -37,6 +37,8 @@ class VAEConfig:
         channels: encoder channels per stride-2 stage (the decoder mirrors them).
         heteroscedastic: per-pixel decoder variance (else one learned global variance).
         sigma_min: floor of the decoder standard deviation (normalized intensity units).
+        in_channels: channels of the modelled input: 1 for pixels; the feature channels of
+            the compression stage (:mod:`node.model.compress`) when the VAE models features.
     """
 
     image_size: int = 128
@@ -44,6 +46,7 @@ class VAEConfig:
     channels: tuple[int, ...] = field(default=(16, 32, 64, 128, 256))
     heteroscedastic: bool = True
     sigma_min: float = 0.01
+    in_channels: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json``."""
@@ -65,7 +68,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        c_in = 1
+        c_in = cfg.in_channels
         for c_out in cfg.channels:
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.LeakyReLU(0.2)]
             c_in = c_out
@@ -91,7 +94,8 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = []
         for c_in, c_out in itertools.pairwise(chans):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.LeakyReLU(0.2)]
-        out_ch = 2 if cfg.heteroscedastic else 1
+        self.in_channels = cfg.in_channels
+        out_ch = cfg.in_channels * (2 if cfg.heteroscedastic else 1)
         layers.append(nn.ConvTranspose2d(chans[-1], out_ch, 4, 2, 1))
         self.body = nn.Sequential(*layers)
         self.chans0 = chans[0]
@@ -102,14 +106,15 @@ class Decoder(nn.Module):
             last = self.body[-1]
             assert isinstance(last, nn.ConvTranspose2d) and last.bias is not None
             with torch.no_grad():
-                last.bias[1] = math.log(math.expm1(0.1 - cfg.sigma_min))
+                last.bias[cfg.in_channels :] = math.log(math.expm1(0.1 - cfg.sigma_min))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.leaky_relu(self.fc(z), 0.2).view(-1, self.chans0, self.side, self.side)
         out = self.body(h)
-        mean = out[:, :1]
+        c = self.in_channels
+        mean = out[:, :c]
         if self.cfg.heteroscedastic:
-            sigma = self.cfg.sigma_min + F.softplus(out[:, 1:2])
+            sigma = self.cfg.sigma_min + F.softplus(out[:, c : 2 * c])
             log_sigma = torch.log(sigma)
         else:
             log_sigma = torch.clamp(self.log_sigma, min=math.log(self.cfg.sigma_min))
@@ -133,7 +138,7 @@ class VAE(nn.Module):
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel distribution p(x|z): (mean, log sigma), each ``[batch, 1, H, W]``."""
+        """Pixel distribution p(x|z): (mean, log sigma), each ``[batch, C, H, W]``."""
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
