@@ -65,3 +65,6 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # unless the operator asked for DEBUG.
     logging.getLogger("pynetdicom").setLevel("DEBUG" if level.upper() == "DEBUG" else "WARNING")
     logging.getLogger("apscheduler").setLevel("WARNING")
+    # Alembic announces each plugin and context at INFO on every start; migrations it applies
+    # are still logged by node.queue.migrate.
+    logging.getLogger("alembic").setLevel("DEBUG" if level.upper() == "DEBUG" else "WARNING")

@@ -6,6 +6,7 @@ The schema exists only through these revisions (no ``create_all``): ``vaenode db
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -16,6 +17,8 @@ from alembic.script import ScriptDirectory
 from node.config import DatabaseSettings
 from node.errors import ConfigError
 from node.queue.db import make_engine
+
+log = logging.getLogger(__name__)
 
 #: The repository's migrations folder; the package is installed editable from the repository.
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -35,7 +38,11 @@ def alembic_config(database_url: str, busy_timeout_ms: int = 30000) -> Config:
 
 def upgrade(database_url: str, revision: str = "head", busy_timeout_ms: int = 30000) -> None:
     """Bring the database at ``database_url`` up to ``revision`` (default: the newest)."""
+    before = current_revision(database_url)
     command.upgrade(alembic_config(database_url, busy_timeout_ms), revision)
+    after = current_revision(database_url)
+    if after != before:
+        log.info("database migrated", extra={"from_revision": before, "to_revision": after})
 
 
 def current_revision(database_url: str) -> str | None:
