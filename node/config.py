@@ -57,6 +57,7 @@ class DicomSettings(_Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     require_called_aet: bool = True
     max_associations: int = Field(16, ge=1)
+    listener_processes: int = Field(2, ge=1, le=64)
     max_pdu_bytes: int = Field(262144, ge=0)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
@@ -74,6 +75,14 @@ class DicomSettings(_Section):
             _check_ae(aet)
             out.append(f"{aet.strip()}@{host}" if host else aet.strip())
         return out
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> DicomSettings:
+        # Each listener process gets its share of max_associations (see node/ingest/listeners.py).
+        if self.max_associations < self.listener_processes:
+            raise ValueError(f"max_associations ({self.max_associations}) must be at least "
+                             f"listener_processes ({self.listener_processes})")
+        return self
 
 
 class StorageSettings(_Section):

@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
+from node.ingest.listeners import ListenerPool
 from node.ingest.scp import Scp
 from node.ingest.store import Store
 from node.queue.db import make_engine, make_session_factory
@@ -58,6 +59,7 @@ class Service:
         self.session_factory: sessionmaker[Session] | None = None
         self.scp: Scp | None = None
         self.store: Store | None = None
+        self.listeners: ListenerPool | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.dashboard: RunningDashboard | None = None
 
@@ -80,10 +82,15 @@ class Service:
             # nothing else runs yet.
             self.dashboard = start_in_thread(s, self.session_factory)
         self.store = Store(s.storage, self.session_factory)
-        self.store.recover()
-        self.store.start()
-        self.scp = Scp(s.dicom, self.store, self.session_factory)
-        address = self.scp.start()
+        self.store.recover()  # before any listener: see node/ingest/listeners.py
+        if s.dicom.listener_processes > 1:
+            # The listener processes have their own stores; this one only recovered.
+            self.listeners = ListenerPool(s, grace_s=SHUTDOWN_GRACE_S)
+            address = self.listeners.start()
+        else:
+            self.store.start()
+            self.scp = Scp(s.dicom, self.store, self.session_factory)
+            address = self.scp.start()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         installed = install_jobs(self.scheduler, s, self.session_factory)
         self.scheduler.start()
@@ -97,6 +104,8 @@ class Service:
             self.dashboard.stop()
         if self.scp is not None:
             self.scp.stop(grace_s=SHUTDOWN_GRACE_S)
+        if self.listeners is not None:
+            self.listeners.stop()
         if self.store is not None:
             self.store.close()
         if self.scheduler is not None and self.scheduler.running:
@@ -116,9 +125,10 @@ class Service:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
-        self.start()
         try:
+            self.start()
             while not stop.wait(1.0):
-                pass
+                if self.listeners is not None:
+                    self.listeners.check()  # restarts a dead one, raises if they keep dying
         finally:
             self.stop()

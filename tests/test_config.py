@@ -37,6 +37,8 @@ def test_unknown_section_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("toml", "key"), [
     ("[dicom]\nport = 70000\n", "dicom.port"),
+    ("[dicom]\nlistener_processes = 0\n", "dicom.listener_processes"),
+    ("[dicom]\nmax_associations = 2\nlistener_processes = 3\n", "dicom"),
     ("[dicom]\nae_title = \"A_TITLE_THAT_IS_TOO_LONG\"\n", "dicom.ae_title"),
     ("[dicom]\nallowed_calling_aets = [\"BAD\\\\AE\"]\n", "dicom.allowed_calling_aets"),
     ("[queue]\nseries_idle_s = -1\n", "queue.series_idle_s"),

@@ -11,16 +11,29 @@ while the sender writes and fsyncs the file, and commits only once every file of
 in place (:meth:`Ticket.file_ready`); a row whose file failed is left out and the rest is
 committed again. So the statements cost no time on the sender's path, and a row is still never
 committed before its file's name exists.
+
+With several listener processes (``[dicom].listener_processes`` > 1) each has its own committer
+and they share the database's write lock. Holding it while this process's senders write their
+files would make the other processes wait for those writes, and SQLite's busy handler waits in
+sleeps of 1, 2, 5, 10... ms. So such a committer (``lock_path`` given) waits for the batch's
+files first, and then takes an exclusive ``flock`` on ``lock_path`` around its transaction: the
+committers of the node queue in the kernel and each is woken the moment the previous one has
+committed. The lock is released by the kernel if its holder dies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,8 +71,11 @@ class Ticket:
 class GroupCommitter:
     """A thread that records instances in batches; :meth:`submit` returns a future."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(self, session_factory: sessionmaker[Session], *,
+                 lock_path: Path | None = None) -> None:
         self._session_factory = session_factory
+        self._lock_path = lock_path
+        self._lock_fd: int | None = None
         self._queue: queue.Queue[Ticket | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         # Guards the thread's life against submits: nothing is queued after the stop marker.
@@ -68,6 +84,8 @@ class GroupCommitter:
     def start(self) -> None:
         """Start the committer thread."""
         with self._lock:
+            if self._lock_path is not None and self._lock_fd is None:
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             self._thread = threading.Thread(target=self._run, name="ingest-commit",
                                             daemon=True)
             self._thread.start()
@@ -80,6 +98,9 @@ class GroupCommitter:
                 return
             self._queue.put(None)
         thread.join()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @property
     def running(self) -> bool:
@@ -114,7 +135,39 @@ class GroupCommitter:
                 batch.append(item)
             self._commit(batch)
 
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        if self._lock_fd is None:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # blocks without the GIL
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _files_first(self, batch: list[Ticket]) -> list[Ticket]:
+        """Wait for the batch's files; fail the tickets whose file failed; return the rest."""
+        deadline = time.monotonic() + FILE_WAIT_S
+        for ticket in batch:
+            ticket._ready.wait(max(0.0, deadline - time.monotonic()))
+        rest = []
+        for ticket in batch:
+            if ticket._ready.is_set() and ticket._ok:
+                rest.append(ticket)
+            else:
+                ticket.future.set_exception(FileNotWritten(ticket.record.sop_instance_uid))
+        return rest
+
     def _commit(self, batch: list[Ticket]) -> None:
+        if self._lock_fd is not None:
+            batch = self._files_first(batch)
+            if not batch:
+                return
+        with self._write_lock():
+            self._commit_locked(batch)
+
+    def _commit_locked(self, batch: list[Ticket]) -> None:
         try:
             with self._session_factory.begin() as session:
                 results = [repo.record_instance(session, p.record) for p in batch]
@@ -129,7 +182,7 @@ class GroupCommitter:
                 ticket.future.set_exception(FileNotWritten(ticket.record.sop_instance_uid))
             rest = [t for t in batch if t not in failed]
             if rest:
-                self._commit(rest)
+                self._commit_locked(rest)
             return
         except Exception as exc:
             if len(batch) == 1:
@@ -139,7 +192,7 @@ class GroupCommitter:
                 return
             # One bad row must not fail the others (or a PostgreSQL insert race): one by one.
             for pending in batch:
-                self._commit([pending])
+                self._commit_locked([pending])
             return
         for pending, result in zip(batch, results, strict=True):
             pending.future.set_result(result)

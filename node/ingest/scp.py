@@ -9,6 +9,7 @@ become A-ASSOCIATE-RJ reasons (PS3.8 9.3.4).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -40,6 +41,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DicomSettings, TlsSettings
@@ -171,6 +173,23 @@ class AccessPolicy:
         return None
 
 
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, binding with ``SO_REUSEPORT``: several listener processes
+    of one node bind the same address and port, and the kernel spreads new connections over
+    them (by a hash of the peer's address and port)."""
+
+    #: True once :meth:`Scp.listen` has called ``listen()`` and started the accept loop.
+    listening = False
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def server_activate(self) -> None:
+        """Not yet: a bound socket that does not listen gets no connections (Scp.listen)."""
+
+
 class Scp:
     """The node's Storage SCP.
 
@@ -178,12 +197,23 @@ class Scp:
         settings: the ``[dicom]`` section.
         store: where accepted instances go.
         session_factory: for association records.
+        max_associations: this SCP's limit, when it is one of several listener processes
+            (its share of ``settings.max_associations``); default: ``settings.max_associations``.
+        reuse_port: bind with ``SO_REUSEPORT`` (several listener processes on one port).
     """
 
     def __init__(
-        self, settings: DicomSettings, store: Store, session_factory: sessionmaker[Session]
+        self,
+        settings: DicomSettings,
+        store: Store,
+        session_factory: sessionmaker[Session],
+        *,
+        max_associations: int | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.max_associations = max_associations or settings.max_associations
+        self.reuse_port = reuse_port
         self._store = store
         self._session_factory = session_factory
         self._policy = AccessPolicy(settings)
@@ -191,6 +221,7 @@ class Scp:
         self._states: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._accept_thread: threading.Thread | None = None
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -213,7 +244,7 @@ class Scp:
         # no hosts and does not log the peer address.
         ae.require_calling_aet = []
         ae.require_called_aet = False
-        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.acse_timeout = self.settings.acse_timeout_s
         ae.dimse_timeout = self.settings.dimse_timeout_s
@@ -222,8 +253,14 @@ class Scp:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> tuple[str, int]:
-        """Listen (in background threads); returns the bound address and port."""
+    def start(self, *, listen: bool = True) -> tuple[str, int]:
+        """Bind and listen (in background threads); returns the bound address and port.
+
+        Args:
+            listen: False binds only (``reuse_port`` SCPs); :meth:`listen` then starts
+                accepting. Lets several listener processes bind first and open the port
+                together, so that none is left out of the connections of a burst.
+        """
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -234,20 +271,44 @@ class Scp:
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.bind_address, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self._ssl,
-        )
+        address = (self.settings.bind_address, self.settings.port)
+        if self.reuse_port:
+            # AE.start_server(block=False) as pynetdicom 3.0 writes it, with our server class
+            # (its start_server takes none), in two steps: bind here, listen in listen().
+            server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self._ssl,
+                                         server_class=ReusePortAssociationServer)
+            self.ae._servers.append(server)
+            self._server = server
+            if listen:
+                self.listen()
+        else:
+            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers,
+                                                ssl_context=self._ssl)
+            self._log_ready()
         assert self._server is not None  # block=False always returns the server
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def listen(self) -> None:
+        """Start accepting on a ``reuse_port`` SCP bound by ``start(listen=False)``."""
+        server = self._server
+        assert isinstance(server, ReusePortAssociationServer) and not server.listening
+        assert server.socket is not None
+        server.socket.listen(server.request_queue_size)
+        server.listening = True
+        self._accept_thread = threading.Thread(target=make_target(server.serve_forever),
+                                               name="AcceptorServer", daemon=True)
+        self._accept_thread.start()
+        self._log_ready()
+
+    def _log_ready(self) -> None:
+        assert self._server is not None
         host, port = self._server.server_address[:2]
         log.info(
             "DICOM listener ready",
             extra={"ae_title": self.settings.ae_title, "address": f"{host}:{port}",
                    "tls": self._ssl is not None},
         )
-        return str(host), int(port)
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let in-flight associations finish (up to ``grace_s``), then close.
@@ -255,9 +316,11 @@ class Scp:
         The listening socket closes first, so a sender sees "connection refused" rather than
         an association cut mid-transfer.
         """
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        server, self._server = self._server, None
+        if isinstance(server, ReusePortAssociationServer) and not server.listening:
+            server.server_close()  # bound only: no accept loop to wait for
+        elif server is not None:
+            server.shutdown()
         deadline = time.monotonic() + grace_s
         while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)

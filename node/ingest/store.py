@@ -70,6 +70,8 @@ class Store:
         session_factory: sessions on the queue database.
         fsync: False only for throw-away benchmarks of the non-durable path; the service
             always passes True.
+        commit_lock: a file shared by the stores of several listener processes of one node;
+            see :mod:`node.ingest.commit`. None (one listener process): no such lock.
     """
 
     def __init__(
@@ -78,12 +80,13 @@ class Store:
         session_factory: sessionmaker[Session],
         *,
         fsync: bool = True,
+        commit_lock: Path | None = None,
     ) -> None:
         self.root = Path(settings.dir).resolve()
         self.min_free_bytes = settings.min_free_mb * _MB
         self._session_factory = session_factory
         self._fsync = fsync
-        self._committer = GroupCommitter(session_factory)
+        self._committer = GroupCommitter(session_factory, lock_path=commit_lock)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:

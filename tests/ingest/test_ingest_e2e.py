@@ -9,6 +9,7 @@ file (group lengths, padding), so the file itself is not what was sent.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_pydicom_data_compressed_and_unusual(node: RunningNode, reference: dcmtk
     assert rows == len({u for _, _, u in sendable}) == len(_stored(node))
 
 
-def test_four_storescu_at_once(node: RunningNode, tmp_path: Path) -> None:
+def _four_storescu_at_once(node: RunningNode, tmp_path: Path) -> None:
     folders = [tmp_path / f"src{i}" for i in range(4)]
     for i, folder in enumerate(folders):
         write_ct_series(folder, 200, seed=i)
@@ -196,6 +197,72 @@ def test_four_storescu_at_once(node: RunningNode, tmp_path: Path) -> None:
     assert len(_stored(node)) == 800
     with node.session() as s:
         assert s.execute(select(func.count()).select_from(Instance)).scalar() == 800
+        results = s.execute(select(Association.result)).scalars().all()
+    assert results == ["released"] * 4
+
+
+def _listener_pids(node: RunningNode) -> list[int]:
+    found = re.search(r"listener processes ready .*pids=([0-9,]+)", node.log_text())
+    assert found, node.log_text()
+    return [int(pid) for pid in found.group(1).split(",")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_four_storescu_at_once(tmp_path: Path, processes: int) -> None:
+    node = start_node(tmp_path / "node", sections={"dicom": {"listener_processes": processes}})
+    try:
+        _four_storescu_at_once(node, tmp_path)
+        log = node.log_text()
+        if processes == 1:
+            assert "listener processes ready" not in log
+        else:
+            assert len(_listener_pids(node)) == 2
+            assert "max_associations_each=8,8" in log
+            for index in range(processes):
+                assert re.search(rf"DICOM listener ready .*listener={index}", log), log
+        assert node.stop() == 0
+    finally:
+        node.kill()
+
+
+def test_a_dead_listener_process_is_logged_and_restarted(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "node", sections={"dicom": {"listener_processes": 2}})
+    try:
+        first, second = _listener_pids(node)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "listener process restarted" not in node.log_text():
+            assert time.monotonic() < deadline, node.log_text()
+            time.sleep(0.1)
+        assert "listener process died" in node.log_text()
+        assert _alive(second)
+        paths = write_ct_series(tmp_path / "src", 3, rows=64, columns=64)
+        for _ in range(6):  # over both processes, whichever the kernel picks
+            assert dcmtk.storescu(node.port, paths).returncode == 0
+        assert len(_stored(node)) == 3
+        assert node.stop() == 0
+        assert not _alive(second)
+    finally:
+        node.kill()
+
+
+def test_kill_9_of_the_main_process_ends_the_listener_processes(tmp_path: Path) -> None:
+    node = start_node(tmp_path / "node", sections={"dicom": {"listener_processes": 2}})
+    pids = _listener_pids(node)
+    node.kill()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "listener processes outlived the main process"
+        time.sleep(0.05)
+    assert dcmtk.echoscu(node.port).returncode != 0
 
 
 def test_access_control(tmp_path: Path) -> None:
@@ -349,9 +416,10 @@ def test_series_is_queued_after_the_idle_time(tmp_path: Path) -> None:
         node.kill()
 
 
-def test_sigterm_lets_the_transfer_finish_and_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_lets_the_transfer_finish_and_exits_0(tmp_path: Path, processes: int) -> None:
     paths = write_ct_series(tmp_path / "src", 200, rows=128, columns=128)
-    node = start_node(tmp_path / "node")
+    node = start_node(tmp_path / "node", sections={"dicom": {"listener_processes": processes}})
     sender = subprocess.Popen(dcmtk.storescu_cmd(node.port, [tmp_path / "src"]),
                               env=dcmtk.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
