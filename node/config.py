@@ -57,7 +57,7 @@ class DicomSettings(_Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     require_called_aet: bool = True
     max_associations: int = Field(16, ge=1)
-    listener_processes: int = Field(2, ge=1, le=64)
+    listener_processes: int = Field(1, ge=1, le=64)
     max_pdu_bytes: int = Field(262144, ge=0)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
