@@ -7,74 +7,22 @@ all-series outbox page and the failure count for ``/metrics``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from node.errors import AdminActionError
-from node.queue.models import OutboxEntry, Report, Series
+from node.queue.models import OutboxEntry
 from node.queue.states import DeliveryState
 from node.report import outbox as report_outbox
 
 OUTBOX_PAGE_LIMIT = 500
 
 
-@dataclass(frozen=True)
-class DeliveryRow:
-    """One report to one destination."""
-
-    series_instance_uid: str
-    series_description: str | None
-    kind: str
-    sop_instance_uid: str
-    superseded: bool
-    destination: str
-    target: str
-    state: str
-    attempts: int
-    next_attempt_at: datetime | None
-    sent_at: datetime | None
-    last_error: str | None
-    created_at: datetime
-
-
-def _rows(session: Session, where: list[ColumnElement[bool]], limit: int) -> list[DeliveryRow]:
-    stmt = (
-        select(OutboxEntry, Report, Series)
-        .join(Report, OutboxEntry.report_id == Report.id)
-        .join(Series, Report.series_id == Series.id)
-        .where(*where)
-        .order_by(OutboxEntry.created_at.desc(), OutboxEntry.id.desc())
-        .limit(limit)
-    )
-    out = []
-    for entry, report, series in session.execute(stmt):
-        state = str(entry.state)
-        out.append(
-            DeliveryRow(
-                series_instance_uid=series.series_instance_uid,
-                series_description=series.series_description,
-                kind=report.kind,
-                sop_instance_uid=report.sop_instance_uid,
-                superseded=bool(report.superseded),
-                destination=entry.destination,
-                target=f"{entry.ae_title}@{entry.host}:{entry.port}",
-                state=state,
-                attempts=entry.attempts,
-                next_attempt_at=entry.next_attempt_at if state == "pending" else None,
-                sent_at=entry.sent_at,
-                last_error=entry.last_error,
-                created_at=entry.created_at,
-            )
-        )
-    return out
-
-
-def outbox_rows(session: Session, limit: int = OUTBOX_PAGE_LIMIT) -> list[DeliveryRow]:
+def outbox_rows(
+    session: Session, limit: int = OUTBOX_PAGE_LIMIT
+) -> list[report_outbox.DeliveryRow]:
     """The newest outbox rows of every series."""
-    return _rows(session, [], limit)
+    return report_outbox.recent_deliveries(session, limit)
 
 
 def for_series(session: Session, series_instance_uid: str) -> list[report_outbox.DeliveryRow]:

@@ -229,6 +229,8 @@ def resend_series(session: Session, series_instance_uid: str) -> int:
 class DeliveryRow:
     """One delivery of one report, for ``vaenode queue show`` and the dashboard."""
 
+    series_instance_uid: str
+    series_description: str | None
     kind: str
     sop_instance_uid: str
     instance_number: int
@@ -240,36 +242,50 @@ class DeliveryRow:
     next_attempt_at: datetime | None
     sent_at: datetime | None
     last_error: str | None
+    created_at: datetime
+
+
+def _delivery_row(series: Series, report: Report, entry: OutboxEntry | None) -> DeliveryRow:
+    """A report without an outbox row (no destination configured) still shows, as such."""
+    return DeliveryRow(
+        series_instance_uid=series.series_instance_uid,
+        series_description=series.series_description,
+        kind=report.kind,
+        sop_instance_uid=report.sop_instance_uid,
+        instance_number=report.instance_number,
+        superseded=bool(report.superseded),
+        destination=entry.destination if entry else "",
+        target=f"{entry.ae_title}@{entry.host}:{entry.port}" if entry else "",
+        state=str(entry.state) if entry else "no destination",
+        attempts=entry.attempts if entry else 0,
+        next_attempt_at=(
+            entry.next_attempt_at if entry and entry.state is DeliveryState.PENDING else None
+        ),
+        sent_at=entry.sent_at if entry else None,
+        last_error=entry.last_error if entry else None,
+        created_at=entry.created_at if entry else report.created_at,
+    )
 
 
 def deliveries(session: Session, series_instance_uid: str) -> list[DeliveryRow]:
     """Every report of a series and its delivery state per destination, oldest first."""
     stmt = (
-        select(Report, OutboxEntry)
-        .join(Series, Report.series_id == Series.id)
+        select(Series, Report, OutboxEntry)
+        .join(Report, Report.series_id == Series.id)
         .outerjoin(OutboxEntry, OutboxEntry.report_id == Report.id)
         .where(Series.series_instance_uid == series_instance_uid)
         .order_by(Report.id, OutboxEntry.id)
     )
-    out: list[DeliveryRow] = []
-    for report, entry in session.execute(stmt):
-        out.append(
-            DeliveryRow(
-                kind=report.kind,
-                sop_instance_uid=report.sop_instance_uid,
-                instance_number=report.instance_number,
-                superseded=report.superseded,
-                destination=entry.destination if entry else "",
-                target=f"{entry.ae_title}@{entry.host}:{entry.port}" if entry else "",
-                state=str(entry.state) if entry else "no destination",
-                attempts=entry.attempts if entry else 0,
-                next_attempt_at=(
-                    entry.next_attempt_at
-                    if entry and entry.state is DeliveryState.PENDING
-                    else None
-                ),
-                sent_at=entry.sent_at if entry else None,
-                last_error=entry.last_error if entry else None,
-            )
-        )
-    return out
+    return [_delivery_row(*row) for row in session.execute(stmt)]
+
+
+def recent_deliveries(session: Session, limit: int) -> list[DeliveryRow]:
+    """The newest outbox rows of every series, newest first (the dashboard's outbox page)."""
+    stmt = (
+        select(Series, Report, OutboxEntry)
+        .join(Report, OutboxEntry.report_id == Report.id)
+        .join(Series, Report.series_id == Series.id)
+        .order_by(OutboxEntry.created_at.desc(), OutboxEntry.id.desc())
+        .limit(limit)
+    )
+    return [_delivery_row(*row) for row in session.execute(stmt)]
