@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -164,6 +164,10 @@ def calibrate(
     series_relative: Annotated[bool | None, typer.Option(help="Series shift.")] = None,
     samples: Annotated[int | None, typer.Option(help="Default Monte-Carlo samples.")] = None,
     target_fpr: Annotated[float | None, typer.Option(help="False-positive rate.")] = None,
+    alternative: Annotated[list[str] | None, typer.Option(
+        help="Alternative score, e.g. complexity_weight=1,tail_weight=0,max_series_shift=7000,"
+             "shift_quantile=0.75 (repeat for several; 'none' removes them). Replaces the "
+             "bundle's.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -171,14 +175,40 @@ def calibrate(
     from node.model.bundle import load_bundle
     from node.model.train import recalibrate
 
-    changes = {k: v for k, v in {"tail_weight": tail_weight, "max_series_shift": max_series_shift,
-                                 "complexity": complexity, "series_relative": series_relative,
-                                 "samples": samples, "complexity_weight": complexity_weight,
-                                 "shift_quantile": shift_quantile}.items() if v is not None}
+    given = {"tail_weight": tail_weight, "max_series_shift": max_series_shift,
+             "complexity": complexity, "series_relative": series_relative, "samples": samples,
+             "complexity_weight": complexity_weight, "shift_quantile": shift_quantile}
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if alternative:
+        changes["alternatives"] = [_parse_alternative(a) for a in alternative if a != "none"]
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     recalibrate(bundle, _load_volumes(data), out, changes, target_fpr, command)
     typer.echo(f"bundle written to {out} (threshold {bundle.threshold:.1f})")
+
+
+def _parse_alternative(text: str) -> dict[str, float]:
+    """``key=value,...`` of :class:`node.model.scoring.AlternativeScore`; exits 2 when wrong."""
+    from node.model.scoring import AlternativeScore
+
+    allowed = {"complexity_weight", "tail_weight", "max_series_shift", "shift_quantile"}
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of "
+                                     f"{', '.join(sorted(allowed))}", param_hint="--alternative")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{key}: {value!r} is not a number",
+                                     param_hint="--alternative") from None
+    missing = {"complexity_weight", "tail_weight", "max_series_shift"} - set(out)
+    if missing:
+        raise typer.BadParameter(f"{text!r} lacks {', '.join(sorted(missing))}",
+                                 param_hint="--alternative")
+    AlternativeScore(**out)
+    return out
 
 
 def register(app: typer.Typer) -> None:

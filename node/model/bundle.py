@@ -38,7 +38,13 @@ from node.model import calibrate
 from node.model.compress import FeatureAE, FeatureAEConfig
 from node.model.likelihood import ESTIMATORS, estimate
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
-from node.model.scoring import ScoreConfig, absolute_score, png_nats, series_shift, stack_foreground
+from node.model.scoring import (
+    ScoreConfig,
+    absolute_score,
+    png_nats,
+    stack_foreground,
+    stack_scores,
+)
 from node.model.vae import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -228,9 +234,8 @@ class Bundle:
             x, estimator=est, samples=n_samples, batch_size=batch_size, device=device,
             progress=progress,
         )
-        absolute = self.absolute_score(comp)
-        shift = series_shift(absolute, fg, self.scoring)
-        score = absolute - shift
+        score, absolute, shift = stack_scores(comp, fg, self.scoring, self.modelled_values,
+                                              self.preprocess.clip_max)
         abnormal = (score < thr) & fg
         conf = calibrate.confidence(score, thr, self.quantiles)
         conf = np.where(fg | abnormal, conf, np.maximum(conf, 0.0))

@@ -11,10 +11,11 @@ subjects, which the threshold never saw either):
 - position-matched AUROC compares the block's slices with the clean slices at the same
   positions of the same subjects (the ends of a series look different from its middle, and the
   block sits mid-series); the plain AUROC compares them with all clean axial slices.
-Scores compared: the bundle's score (``final``), its parts (``absolute`` before the series
-shift, ``corrected`` = complexity correction only), the raw ``importance`` and ``plain``
-estimates, ``mcmc`` (on a subset: it is slow), ``kl``, ``elbo``, the residual ``tail``, and two
-baselines: reconstruction error and the training-free quality metrics (``qc``).
+Scores compared: the bundle's score (``final``), its parts (``absolute``: the main score before
+its series shift and without alternatives; ``corrected``: the full-weight complexity correction
+alone, as Serra et al. define it), the raw ``importance`` and ``plain`` estimates, ``mcmc`` (on
+a subset: it is slow), ``kl``, ``elbo``, the residual ``tail``, and two baselines:
+reconstruction error and the training-free quality metrics (``qc``).
 
 Every per-slice component is saved (``scores.npz``), so that another way of forming the score
 can be measured without scoring again (:func:`rescore`).
@@ -36,7 +37,7 @@ from node.model.artifacts import ARTIFACTS, SEVERITIES, corrupt_volume, splice_b
 from node.model.baselines import qc_metrics, qc_reference, qc_score
 from node.model.bundle import Bundle
 from node.model.data import PLANES, Volume, plane_slices
-from node.model.scoring import ScoreConfig, absolute_score, series_shift
+from node.model.scoring import ScoreConfig, absolute_score, stack_scores
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,7 @@ def score_from_components(
     comp: dict[str, np.ndarray], fg: np.ndarray, cfg: ScoreConfig, pixels: int, clip_max: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(final, absolute, shift) of one stack under a score configuration."""
-    absolute = absolute_score(comp, cfg, pixels, clip_max)
-    shift = series_shift(absolute, fg, cfg)
-    return absolute - shift, absolute, shift
+    return stack_scores(comp, fg, cfg, pixels, clip_max)
 
 
 def collect(
@@ -214,7 +213,8 @@ def _score_arrays(
     final, absolute, _ = score_from_components(comp, rec["foreground"], cfg, pixels,
                                                bundle.preprocess.clip_max)
     corrected_cfg = ScoreConfig.from_dict({**cfg.to_dict(), "tail_weight": 0.0,
-                                           "series_relative": False, "complexity": True})
+                                           "series_relative": False, "complexity": True,
+                                           "complexity_weight": 1.0, "alternatives": ()})
     corrected = absolute_score(comp, corrected_cfg, pixels, bundle.preprocess.clip_max)
     qc = qc_score({k[3:]: v for k, v in comp.items() if k.startswith("qc_")}, qc_ref)
     return {

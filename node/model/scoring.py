@@ -61,6 +61,8 @@ class ScoreConfig:
             the median; a higher one moves less when a block of slices scores low).
         reference_median: median over normal calibration series of each series'
             ``shift_quantile`` quantile (nats); the name stayed from the median-only version.
+        alternatives: other scores whose mapped minimum with this one is the final score
+            (:class:`AlternativeScore`, item 4 of the module docstring).
     """
 
     estimator: str = "importance"
@@ -73,6 +75,7 @@ class ScoreConfig:
     max_series_shift: float = 0.0
     shift_quantile: float = 0.5
     reference_median: float = 0.0
+    alternatives: tuple[AlternativeScore, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json``."""
@@ -81,7 +84,41 @@ class ScoreConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoreConfig:
         """Inverse of :meth:`to_dict`."""
-        return cls(**data)
+        alts = tuple(a if isinstance(a, AlternativeScore) else AlternativeScore(**a)
+                     for a in data.get("alternatives", ()))
+        return cls(**{**data, "alternatives": alts})
+
+    def part(self, alt: AlternativeScore) -> ScoreConfig:
+        """The settings of one alternative as a stand-alone score (no alternatives of its own)."""
+        return ScoreConfig.from_dict({
+            **self.to_dict(), "alternatives": (), "complexity": alt.complexity_weight > 0,
+            "complexity_weight": alt.complexity_weight or 1.0, "tail_weight": alt.tail_weight,
+            "max_series_shift": alt.max_series_shift, "shift_quantile": alt.shift_quantile,
+            "reference_median": alt.reference_median,
+        })
+
+
+@dataclass(frozen=True)
+class AlternativeScore:
+    """Another weighting of the corrected log-likelihood (item 4 of the module docstring).
+
+    Attributes:
+        complexity_weight: weight of L(x); 0 turns the complexity correction off.
+        tail_weight: extra weight of the worst 1% pixels.
+        max_series_shift: cap of its series shift in nats.
+        shift_quantile: quantile of its foreground scores that sets its series shift.
+        reference_median: its typical normal series quantile (set by calibration).
+        gain: slope of the map onto the main score's scale (set by calibration).
+        offset: intercept of that map (set by calibration).
+    """
+
+    complexity_weight: float
+    tail_weight: float
+    max_series_shift: float
+    shift_quantile: float = 0.5
+    reference_median: float = 0.0
+    gain: float = 1.0
+    offset: float = 0.0
 
 
 def png_nats(x: torch.Tensor, clip_max: float) -> np.ndarray:
@@ -141,3 +178,36 @@ def series_shift(score: np.ndarray, foreground: np.ndarray, cfg: ScoreConfig) ->
         return 0.0
     shift = float(np.quantile(score[foreground], cfg.shift_quantile)) - cfg.reference_median
     return float(np.clip(shift, -cfg.max_series_shift, cfg.max_series_shift))
+
+
+def stack_scores(
+    comp: dict[str, np.ndarray], foreground: np.ndarray, cfg: ScoreConfig, pixels: int,
+    clip_max: float,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(final, absolute, shift) of one stack: the thresholded score, the main score before its
+    series shift, and that shift."""
+    absolute = absolute_score(comp, cfg, pixels, clip_max)
+    shift = series_shift(absolute, foreground, cfg)
+    final = absolute - shift
+    for alt in cfg.alternatives:
+        part = alternative_final(comp, foreground, cfg.part(alt), pixels, clip_max)
+        final = np.minimum(final, alt.offset + alt.gain * part)
+    return final, absolute, shift
+
+
+def alternative_final(
+    comp: dict[str, np.ndarray], foreground: np.ndarray, part: ScoreConfig, pixels: int,
+    clip_max: float,
+) -> np.ndarray:
+    """One stand-alone score (main or alternative) after its own series shift, unmapped."""
+    a = absolute_score(comp, part, pixels, clip_max)
+    return a - series_shift(a, foreground, part)
+
+
+def match_scales(main: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """(gain, offset) mapping ``other``'s 1st percentile and median on normal slices onto
+    ``main``'s."""
+    m01, m50 = np.quantile(main, [0.01, 0.5])
+    o01, o50 = np.quantile(other, [0.01, 0.5])
+    gain = float((m50 - m01) / max(o50 - o01, 1e-9))
+    return gain, float(m01 - gain * o01)

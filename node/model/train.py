@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from node.model.data import (
     split_subjects,
 )
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
-from node.model.scoring import ScoreConfig, series_shift
+from node.model.scoring import ScoreConfig, absolute_score, match_scales, series_shift
 from node.model.vae import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -327,23 +327,41 @@ def stack_absolute_scores(
 
 def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str],
                      target_fpr: float) -> dict[str, Any]:
-    """Set the reference series median, the threshold and the normal quantiles in place.
+    """Set the reference series quantiles, the alternatives' maps, the threshold and the normal
+    quantiles in place (see :mod:`node.model.scoring`).
 
     Returns the calibration entry of model.json.
     """
     stacks = stack_absolute_scores(bundle, volumes, planes)
-    q = bundle.scoring.shift_quantile
-    medians = [float(np.quantile(s["absolute"][s["foreground"]], q)) for s in stacks
-               if s["foreground"].sum() >= bundle.scoring.min_series_slices]
-    ref = float(np.median(medians)) if medians else 0.0
-    scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), "reference_median": ref})
-    finals = []
-    for s in stacks:
-        shift = series_shift(s["absolute"], s["foreground"], scoring)
-        finals.append(s["absolute"][s["foreground"]] - shift)
-    scores = np.concatenate(finals) if finals else np.zeros(0)
-    if scores.size == 0:
+    pixels, clip_max = bundle.modelled_values, bundle.preprocess.clip_max
+    enough = [s for s in stacks if s["foreground"].sum() >= bundle.scoring.min_series_slices]
+
+    def with_reference(part: ScoreConfig) -> tuple[ScoreConfig, list[float], np.ndarray]:
+        """``part`` with its reference quantile set, the per-series quantiles, and its
+        shifted scores on every foreground calibration slice."""
+        absolute = {id(s): absolute_score(s["components"], part, pixels, clip_max)
+                    for s in stacks}
+        meds = [float(np.quantile(absolute[id(s)][s["foreground"]], part.shift_quantile))
+                for s in enough]
+        part = ScoreConfig.from_dict({**part.to_dict(),
+                                      "reference_median": float(np.median(meds)) if meds else 0.0})
+        finals = [(absolute[id(s)] - series_shift(absolute[id(s)], s["foreground"], part))
+                  [s["foreground"]] for s in stacks]
+        return part, meds, np.concatenate(finals) if finals else np.zeros(0)
+
+    main_cfg = ScoreConfig.from_dict({**bundle.scoring.to_dict(), "alternatives": ()})
+    main_cfg, medians, main_scores = with_reference(main_cfg)
+    if main_scores.size == 0:
         raise ValueError("no foreground calibration slices")
+    alternatives = []
+    scores = main_scores
+    for alt in bundle.scoring.alternatives:
+        part, _, alt_scores = with_reference(main_cfg.part(alt))
+        gain, offset = match_scales(main_scores, alt_scores)
+        alternatives.append(replace(alt, reference_median=part.reference_median, gain=gain,
+                                    offset=offset))
+        scores = np.minimum(scores, offset + gain * alt_scores)
+    scoring = replace(main_cfg, alternatives=tuple(alternatives))
     threshold = calibrate.threshold_at_fpr(scores, target_fpr)
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
