@@ -88,6 +88,11 @@ _REJECT_PERMANENT = 0x01
 _SOURCE_USER = 0x01
 _CALLING_AET_NOT_RECOGNISED = 0x03
 _CALLED_AET_NOT_RECOGNISED = 0x07
+# Result 2 = rejected-transient (the sender may try again), source 3 = service provider
+# (presentation related), reason 2 = local limit exceeded: what pynetdicom itself sends.
+_REJECT_TRANSIENT = 0x02
+_SOURCE_PRESENTATION = 0x03
+_LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 @dataclass
@@ -219,6 +224,9 @@ class Scp:
         self._policy = AccessPolicy(settings)
         self._ssl = build_ssl_context(settings.tls) if settings.tls.enabled else None
         self._states: dict[int, _AssocState] = {}
+        # Associations that sent an A-ASSOCIATE-RQ and passed our checks, until they end: what
+        # max_associations counts (see _admit).
+        self._admitted: dict[int, Association] = {}
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self._accept_thread: threading.Thread | None = None
@@ -244,7 +252,9 @@ class Scp:
         # no hosts and does not log the peer address.
         ae.require_calling_aet = []
         ae.require_called_aet = False
-        ae.maximum_associations = self.max_associations
+        # Our limit is _admit's; pynetdicom's (which also counts connections that never sent an
+        # A-ASSOCIATE-RQ) only bounds a flood of idle connections.
+        ae.maximum_associations = 2 * self.max_associations + 8
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.acse_timeout = self.settings.acse_timeout_s
         ae.dimse_timeout = self.settings.dimse_timeout_s
@@ -343,28 +353,52 @@ class Scp:
         primitive = _request(assoc)
         calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
         verdict = self._policy.check(calling, called, assoc.requestor.address)
-        if verdict is None:
-            return
-        diagnostic, reason = verdict
+        if verdict is not None:
+            diagnostic, reason = verdict
+            self._reject(assoc, calling, called, reason,
+                         (_REJECT_PERMANENT, _SOURCE_USER, diagnostic))
+        elif not self._admit(assoc):
+            self._reject(assoc, calling, called, "too many associations",
+                         (_REJECT_TRANSIENT, _SOURCE_PRESENTATION, _LOCAL_LIMIT_EXCEEDED))
+
+    def _admit(self, assoc: Association) -> bool:
+        """Count ``assoc`` against ``max_associations`` unless the limit is reached.
+
+        Only connections that sent an A-ASSOCIATE-RQ count. pynetdicom's own limit counts every
+        connection thread, and the thread of a connection that closed before its request (a
+        monitoring probe of the port, a load balancer's health check) lives on for the ACSE
+        timeout: a probe every few seconds would keep slots taken and turn scanners away.
+        """
+        with self._lock:
+            for key in [k for k, a in self._admitted.items() if not a.is_alive()]:
+                del self._admitted[key]
+            if len(self._admitted) >= self.max_associations:
+                return False
+            self._admitted[id(assoc)] = assoc
+            return True
+
+    def _reject(self, assoc: Association, calling: str, called: str, reason: str,
+                rsd: tuple[int, int, int]) -> None:
         log.warning(
             "association rejected: %s",
             reason,
             extra={"peer": _peer(assoc), "calling_aet": calling, "called_aet": called},
         )
-        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, diagnostic)
+        assoc.acse.send_reject(*rsd)
         self._record_rejection(calling, called, _peer(assoc), reason)
         # As pynetdicom does for its own rejections: wait until the reject PDU is out and the
         # peer has closed, then end the association thread.
         assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
-        # Rejections decided by pynetdicom itself (association limit); ours are recorded above.
+        # Rejections decided by pynetdicom itself (its backstop limit on connection threads);
+        # ours are recorded by _reject.
         assoc = event.assoc
         primitive = _request(assoc)
         calling, called = _aet(primitive.calling_ae_title), _aet(primitive.called_ae_title)
-        log.warning("association rejected: too many associations",
+        log.warning("association rejected: too many connections",
                     extra={"peer": _peer(assoc), "calling_aet": calling})
-        self._record_rejection(calling, called, _peer(assoc), "too many associations")
+        self._record_rejection(calling, called, _peer(assoc), "too many connections")
 
     def _record_rejection(self, calling: str, called: str, peer: str, reason: str) -> None:
         try:
@@ -396,6 +430,7 @@ class Scp:
     def _end(self, assoc: Association, result: str) -> None:
         with self._lock:
             state = self._states.pop(id(assoc), None)
+            self._admitted.pop(id(assoc), None)
         if state is None:
             return  # already ended (released, then connection closed), or never accepted
         log.info(

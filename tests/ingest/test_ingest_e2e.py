@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -491,4 +493,72 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path) -> None:
                     "+cf", str(ca[1])).returncode != 0
         assert echo("+tla", "+cf", str(ca[1])).returncode != 0  # no client certificate
     finally:
+        node.kill()
+
+
+def test_below_the_free_space_floor_is_out_of_resources_and_nothing_is_lost(
+        tmp_path: Path) -> None:
+    """A real storescu against a node whose disk is "full" (its floor above the free space):
+    every instance gets 0xA700, nothing is written or recorded, the node keeps serving, and
+    after the floor is lowered (space freed) the sender's retry stores the whole series."""
+    series = write_ct_series(tmp_path / "src", 5, rows=64, columns=64)
+    workdir = tmp_path / "node"
+    workdir.mkdir()
+    floor_mb = shutil.disk_usage(workdir).free // (1 << 20) + 100_000
+    node = start_node(workdir, sections={"storage": {"min_free_mb": floor_mb}})
+    try:
+        # -nh: go on after a refusal, so that every instance is tried.
+        sent = dcmtk.storescu(node.port, series, called_aet=node.ae_title, extra=("-v", "-nh"))
+        out = sent.stdout + sent.stderr
+        assert out.count("Received Store Response (Refused: OutOfResources)") == 5, out
+        assert not [p for p in node.storage.rglob("*") if p.is_file()]
+        with node.session() as s:
+            assert s.execute(select(func.count()).select_from(Instance)).scalar() == 0
+        assert "storage below its free-space minimum" in node.log_text()
+        assert dcmtk.echoscu(node.port, called_aet=node.ae_title).returncode == 0
+    finally:
+        node.stop()
+    node = start_node(workdir, port=node.port, sections={"storage": {"min_free_mb": 0}})
+    try:
+        retry = dcmtk.storescu(node.port, series, called_aet=node.ae_title)
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        assert len(_stored(node)) == 5
+    finally:
+        node.kill()
+
+
+def test_too_many_associations_are_rejected_then_accepted_again(tmp_path: Path) -> None:
+    """``max_associations`` open at once: the next one is rejected (transient, local limit
+    exceeded: the sender may try again), logged and recorded; once one is released, accepted.
+    Connections that never send an association request (port probes) take no slot."""
+    node = start_node(tmp_path / "node", sections={"dicom": {"max_associations": 2}})
+    ae = AE(ae_title="HOLDSCU")
+    ae.add_requested_context(Verification)
+    probes = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(3)]
+    for probe in probes[1:]:
+        probe.close()  # closed probes linger in pynetdicom for the ACSE timeout
+    held = [ae.associate("127.0.0.1", node.port, ae_title=node.ae_title) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = dcmtk.echoscu(node.port, called_aet=node.ae_title, calling_aet="THIRDSCU")
+        out = third.stdout + third.stderr
+        assert third.returncode != 0
+        assert "Local Limit Exceeded" in out, out
+        held.pop().release()
+        deadline = time.monotonic() + 10
+        while (again := dcmtk.echoscu(node.port, called_aet=node.ae_title,
+                                      calling_aet="THIRDSCU")).returncode != 0:
+            assert time.monotonic() < deadline, again.stdout + again.stderr
+            time.sleep(0.2)
+        with node.session() as s:
+            rows = s.execute(select(Association.calling_aet, Association.result)
+                             .where(Association.calling_aet == "THIRDSCU")
+                             .order_by(Association.id)).all()
+        assert rows[0] == ("THIRDSCU", "rejected: too many associations")
+        assert rows[-1] == ("THIRDSCU", "released")
+        assert "too many associations" in node.log_text()
+    finally:
+        for a in held:
+            a.release()
+        probes[0].close()
         node.kill()
