@@ -9,18 +9,22 @@ evaluation subjects, the studyforrest or prostate series, or any test data.
    cap on the series shift is 1.25 times the largest shift these normal variants need.
 2. Artifacts: the same subjects corrupted as in ``vaenode evaluate``; for each candidate the
    position-matched AUROC per artifact. A candidate is one weighting (complexity weight 0 to
-   1, tail weight, shift quantile) or a pair of them: the main score and one alternative
-   mapped onto its scale, the final score being their minimum (``node.model.scoring``, item 4).
+   1, tail weight, shift quantile), a pair of them, or three of different complexity weights:
+   the main score and alternatives mapped onto its scale, the final score being their minimum
+   (``node.model.scoring``, item 4; the minimum ranks slices the same whichever part is the
+   main one, so the first in grid order is).
 3. Sanity: a series of pure noise (uniform, and Rician like a receive chain with no signal)
    must be flagged on every slice at the calibration threshold (1% of the normal calibration
    slices). A full-weight complexity correction alone fails this: noise is incompressible, the
    codec's code length grows more than the VAE's likelihood falls, and the series shift does
    the rest. The site variants of step 1 must stay near the 1% rate (at most 3% flagged).
+The ``motion`` column is the fraction of the moderate-motion blocks' slices flagged at that
+threshold (shown, not used in the choice).
 Among the candidates that pass 3, the one meeting the most AUROC targets (0.95 moderate, 0.80
 mild) wins, ties broken by the mean AUROC. The scored records are cached beside the bundle
 (``selection-records.pkl``). The last lines print the ``vaenode calibrate`` arguments.
 
-    .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25]
+    .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25] [--parts 3]
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ def judge(data: Any, parts: list[Part]) -> dict[str, Any]:
         full[r["foreground"]] = clean[i]
         clean_full[r["subject"]] = full
     by_cond: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    motion_block: list[np.ndarray] = []
     for i, r in enumerate(data["corrupted"]):
         s = combine([p.corrupted[i] for p in parts])
         ref = clean_full[r["subject"]]
@@ -176,6 +181,8 @@ def judge(data: Any, parts: list[Part]) -> dict[str, Any]:
         abn, norm = by_cond.setdefault(f"{r['artifact']}/{r['severity']}", ([], []))
         abn.append(s[keep])
         norm.append(ref[keep])
+        if (r["artifact"], r["severity"]) == ("motion", "moderate"):
+            motion_block.append(s[keep] < thr)
     aurocs = {c: auroc(np.concatenate(n), np.concatenate(a)) for c, (a, n) in by_cond.items()}
     noise = min(float(np.mean(combine([p.noise[i] for p in parts]) < thr))
                 for i in range(len(main.noise)))
@@ -185,7 +192,8 @@ def judge(data: Any, parts: list[Part]) -> dict[str, Any]:
     met = sum(v >= (0.95 if c.endswith("moderate") else 0.80) for c, v in aurocs.items())
     ok = noise == 1.0 and max(sites.values()) <= MAX_SITE_FLAGGED
     return {"key": (ok, met, float(np.mean(list(aurocs.values())))), "aurocs": aurocs,
-            "noise": noise, "sites": sites, "parts": parts}
+            "noise": noise, "sites": sites, "parts": parts,
+            "motion_flagged": float(np.mean(np.concatenate(motion_block)))}
 
 
 def label(parts: list[Part]) -> str:
@@ -197,7 +205,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--top", type=int, default=25, help="rows of the pair table")
+    parser.add_argument("--top", type=int, default=25, help="rows of the combination table")
+    parser.add_argument("--parts", type=int, default=3, choices=(1, 2, 3),
+                        help="most parts in a combination (main + alternatives)")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -208,24 +218,30 @@ def main() -> None:
     singles = [make_part(bundle, data, variant_comps, noise_comps, w, t, q)
                for w, t, q in itertools.product(WEIGHTS, TAILS, QUANTILES)]
     results = [judge(data, [p]) for p in singles]
-    results += [judge(data, [a, b]) for a, b in itertools.combinations(singles, 2)
-                if (a.weight, a.tail) != (b.weight, b.tail)]
+    if args.parts >= 2:
+        results += [judge(data, [a, b]) for a, b in itertools.combinations(singles, 2)
+                    if (a.weight, a.tail) != (b.weight, b.tail)]
+    if args.parts >= 3:
+        # Triples of three different complexity weights (one part per kind of artifact).
+        results += [judge(data, list(c)) for c in itertools.combinations(singles, 3)
+                    if len({p.weight for p in c}) == 3]
     names = list(results[0]["aurocs"])
-    head = f"{'main | alternative':38} {'ok':5} met  mean  site | "
+    head = f"{'main | alternatives':56} {'ok':5} met  mean  site  motion | "
     print(head + " ".join(f"{n[:14]:>14}" for n in names))
 
     def row(r: dict[str, Any]) -> str:
         ok, met, mean = r["key"]
         site = max(r["sites"].values())
-        return (f"{label(r['parts']):38} {ok!s:5} {met:3d} {mean:.3f} {site:.3f}"
+        return (f"{label(r['parts']):56} {ok!s:5} {met:3d} {mean:.3f} {site:.3f} "
+                f"{r['motion_flagged']:6.2f}"
                 " | " + " ".join(f"{r['aurocs'][n]:14.3f}" for n in names))
 
     print("single weightings:")
     for r in results[: len(singles)]:
         print(row(r))
-    print(f"best {args.top} pairs:")
-    pairs = sorted(results[len(singles):], key=lambda r: r["key"], reverse=True)
-    for r in pairs[: args.top]:
+    print(f"best {args.top} combinations:")
+    combos = sorted(results[len(singles):], key=lambda r: r["key"], reverse=True)
+    for r in combos[: args.top]:
         print(row(r))
     best = max(results, key=lambda r: r["key"])
     main_part, *alts = best["parts"]
