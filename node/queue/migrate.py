@@ -7,6 +7,7 @@ The schema exists only through these revisions (no ``create_all``): ``vaenode db
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -20,16 +21,27 @@ from node.queue.db import make_engine
 
 log = logging.getLogger(__name__)
 
-#: The repository's migrations folder; the package is installed editable from the repository.
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+#: Where the revisions are: the repository's folder (a checkout, an editable install), else the
+#: copy a regular install puts under ``<prefix>/share/vaenode`` (pyproject.toml, data-files).
+MIGRATIONS_DIRS = (
+    Path(__file__).resolve().parents[2] / "migrations",
+    Path(sys.prefix) / "share" / "vaenode" / "migrations",
+)
+
+
+def migrations_dir() -> Path:
+    """The first folder of :data:`MIGRATIONS_DIRS` that holds the revisions."""
+    for folder in MIGRATIONS_DIRS:
+        if (folder / "env.py").is_file():
+            return folder
+    raise ConfigError("migrations folder not found at "
+                      + " or ".join(str(f) for f in MIGRATIONS_DIRS))
 
 
 def alembic_config(database_url: str, busy_timeout_ms: int = 30000) -> Config:
     """An Alembic configuration pointing at our migrations and at ``database_url``."""
-    if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise ConfigError(f"migrations folder not found at {MIGRATIONS_DIR}")
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     # "%" is ConfigParser interpolation syntax; URLs with escaped passwords contain it.
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     cfg.attributes["busy_timeout_ms"] = busy_timeout_ms
