@@ -34,7 +34,7 @@ def test_wheel_install_migrates_and_loads_the_default_model(tmp_path: Path) -> N
     for name in ("node", "migrations"):
         shutil.copytree(REPO / name, src / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                   "-w", str(tmp_path / "dist"), str(src)])
     assert built.returncode == 0, built.stderr
     [wheel] = (tmp_path / "dist").glob("vaenode-*.whl")
