@@ -44,12 +44,16 @@ class DeliveryState(str, Enum):  # noqa: UP042 - stored by value like SeriesStat
     """Where one report stands with one destination (a row of the outbox).
 
     ``pending`` until a C-STORE succeeds (``sent``) or the attempts run out (``failed``, with the
-    last error kept); ``vaenode queue resend`` puts rows back to ``pending``.
+    last error kept); ``vaenode queue resend`` puts rows back to ``pending``. A row still
+    ``pending`` when a newer report of its series is stored becomes ``superseded`` and is never
+    sent: PACS gets the current report, not an outdated one after it (or a "Quality Issue" list
+    of images the new scoring calls normal).
     """
 
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+    SUPERSEDED = "superseded"
 
     def __str__(self) -> str:
         return self.value

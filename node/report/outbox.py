@@ -168,7 +168,8 @@ def mark_attempt_failed(
     with session_factory.begin() as session:
         session.execute(
             update(OutboxEntry)
-            .where(OutboxEntry.id == claimed.id)
+            # A row withdrawn meanwhile (superseded) stays withdrawn: no retry.
+            .where(OutboxEntry.id == claimed.id, OutboxEntry.state != DeliveryState.SUPERSEDED)
             .values(
                 state=state,
                 attempts=attempts,
@@ -193,6 +194,23 @@ def mark_attempt_failed(
             extra=extra,
         )
     return state
+
+
+def withdraw_superseded(session: Session, report_ids: list[int]) -> int:
+    """Mark the still-pending deliveries of superseded reports ``superseded`` (never sent).
+
+    A delivery leased by a sender right now is withdrawn as well; if its C-STORE succeeds,
+    :func:`mark_sent` records ``sent`` over it, which is what happened. Returns the rows changed.
+    """
+    if not report_ids:
+        return 0
+    result = session.execute(
+        update(OutboxEntry)
+        .where(OutboxEntry.report_id.in_(report_ids),
+               OutboxEntry.state == DeliveryState.PENDING)
+        .values(state=DeliveryState.SUPERSEDED, lease_until=None)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def resend_series(session: Session, series_instance_uid: str) -> int:

@@ -234,6 +234,7 @@ def report_series(
         prepared = _build(settings, verdict, sources, earlier)
     for old in earlier:
         old.superseded = True
+    withdrawn = outbox.withdraw_superseded(session, [r.id for r in earlier])
     sr, sr_bytes = prepared.sr
     reports = [_store(session, settings, series, "SR", sr, sr_bytes)]
     if prepared.kos is not None:
@@ -250,6 +251,7 @@ def report_series(
             "sr_sop_instance_uid": sr.SOPInstanceUID,
             "kos": prepared.kos is not None,
             "supersedes": sum(1 for r in earlier if r.kind == "SR"),
+            "withdrawn_deliveries": withdrawn,
         },
     )
     return reports

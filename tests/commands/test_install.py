@@ -39,14 +39,19 @@ def test_wheel_install_migrates_and_loads_the_default_model(tmp_path: Path) -> N
     assert built.returncode == 0, built.stderr
     [wheel] = (tmp_path / "dist").glob("vaenode-*.whl")
 
+    # The new venv's own pip: this environment's pip (even with --prefix) would uninstall the
+    # checkout's editable install first.
     venv = tmp_path / "venv"
-    assert _run([sys.executable, "-m", "venv", "--without-pip", str(venv)]).returncode == 0
+    made = _run([sys.executable, "-m", "venv", str(venv)])
+    assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
                    ).stdout.strip()
-    installed = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
-                      "--prefix", str(venv), str(wheel)])
+    installed = _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                      str(wheel)])
     assert installed.returncode == 0, installed.stderr
+    here = _run([sys.executable, "-c", "import node; print(node.__file__)"])
+    assert here.stdout.strip() == str(REPO / "node" / "__init__.py"), here.stdout + here.stderr
 
     # The dependencies come from this environment; the package only from the new install.
     env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}

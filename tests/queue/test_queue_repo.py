@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from alembic import command
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.errors import QueueConflict
 from node.queue import repo
-from node.queue.migrate import current_revision, head_revision
+from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import Instance, Series, SeriesEvent, utcnow
 from node.queue.states import SeriesState
 
@@ -228,3 +231,41 @@ def test_associations_are_recorded(session_factory: Factory) -> None:
         rows = s.execute(text("SELECT result, instance_count, failed_count FROM associations "
                               "ORDER BY id")).all()
     assert rows == [("released", 3, 1), ("rejected: not allowed", 0, 0)]
+
+
+def test_migration_0005_withdraws_pending_deliveries_of_superseded_reports(
+        tmp_path: Path) -> None:
+    """Upgrading a database that has them: pending rows of superseded reports become
+    ``superseded``, the others keep their state; the downgrade and a second upgrade work."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0004_admin")
+    now = "2026-11-26 00:00:00.000000"
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.execute("INSERT INTO series (id, study_instance_uid, series_instance_uid, "
+                   "instance_count, first_received_at, last_received_at, status, attempts, "
+                   "updated_at) VALUES (1, '1.2', '1.2.3', 1, ?, ?, 'done', 1, ?)",
+                   (now, now, now))
+        for rid, superseded in ((1, 1), (2, 0)):
+            db.execute("INSERT INTO reports (id, series_id, kind, sop_instance_uid, "
+                       "sop_class_uid, series_instance_uid, instance_number, path, created_at, "
+                       "superseded) VALUES (?, 1, 'SR', ?, '1.2.840.10008.5.1.4.1.1.88.33', "
+                       "'1.2.9', ?, 'x.dcm', ?, ?)", (rid, f"1.2.9.{rid}", rid, now, superseded))
+        for oid, rid, state in ((1, 1, "pending"), (2, 1, "sent"), (3, 2, "pending")):
+            db.execute("INSERT INTO outbox (id, report_id, destination, ae_title, host, port, "
+                       "state, attempts, next_attempt_at, created_at) VALUES "
+                       "(?, ?, 'pacs', 'PACS', '127.0.0.1', 104, ?, 0, ?, ?)",
+                       (oid, rid, state, now, now))
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+
+    def states() -> list[str]:
+        with sqlite3.connect(tmp_path / "old.db") as db:
+            return [r[0] for r in db.execute("SELECT state FROM outbox ORDER BY id")]
+
+    assert states() == ["superseded", "sent", "pending"]
+    with sqlite3.connect(tmp_path / "old.db") as db, pytest.raises(sqlite3.IntegrityError):
+        db.execute("UPDATE outbox SET state = 'bogus' WHERE id = 1")
+    command.downgrade(alembic_config(url), "0004_admin")
+    assert states() == ["failed", "sent", "pending"]
+    upgrade(url)
+    assert states() == ["failed", "sent", "pending"]

@@ -152,6 +152,48 @@ def test_pacs_down_then_up_gets_the_report_exactly_once(
     assert len(orthanc.instance_ids()) == 2
 
 
+def test_pending_deliveries_of_a_superseded_report_are_withdrawn(
+    session_factory: sessionmaker[Session],
+    settings_for: Callable[..., Settings],
+    source_files: list[Path],
+    sources: list[Dataset],
+    orthanc: Orthanc,
+) -> None:
+    """PACS down, the series is scored again (now nothing flagged) before it comes back: PACS
+    gets the new SR only, not the old SR nor the old "Quality Issue" KOS after it."""
+    settings = settings_for(
+        [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": orthanc.dicom_port}],
+        retry_base_s=0.2,
+        retry_max_s=0.5,
+    )
+    orthanc.stop()
+    add_series(session_factory, settings.storage.dir, source_files)
+    old = _report(session_factory, settings, sources)  # SR + KOS
+    assert deliver_due(session_factory, settings) == 0  # a failed attempt each: still pending
+    assert all(r.state is DeliveryState.PENDING and r.attempts == 1
+               for r in _rows(session_factory))
+    new = _report(session_factory, settings, sources, flagged=set())  # SR only
+    orthanc.start()
+    rows = _deliver_until(
+        session_factory, settings,
+        lambda rows: any(r.state is DeliveryState.SENT for r in rows), timeout_s=30,
+    )
+    by_report = {r.report_id: r.state for r in rows}
+    with session_factory() as session:
+        ids = {r.sop_instance_uid: r.id for r in session.scalars(select(Report))}
+    assert by_report == {
+        ids[old[0].sop_instance_uid]: DeliveryState.SUPERSEDED,
+        ids[old[1].sop_instance_uid]: DeliveryState.SUPERSEDED,
+        ids[new[0].sop_instance_uid]: DeliveryState.SENT,
+    }
+    assert deliver_due(session_factory, settings) == 0
+    assert [d.SOPInstanceUID for d in orthanc.reports("SR")] == [new[0].sop_instance_uid]
+    assert orthanc.reports("KO") == []
+    # resend re-delivers the current report only.
+    with session_factory.begin() as session:
+        assert outbox.resend_series(session, str(sources[0].SeriesInstanceUID)) == 1
+
+
 def test_backoff_schedule_survives_a_restart(
     tmp_path: Path,
     session_factory: sessionmaker[Session],
