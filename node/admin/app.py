@@ -27,6 +27,7 @@ from node.admin.metrics import build_registry
 from node.admin.routes import router
 from node.config import Settings
 from node.errors import ConfigError, NodeError
+from node.queue.db import make_read_session_factory
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> Fa
     app = FastAPI(title="vaenode admin", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.session_factory = session_factory
+    # Pages, metrics and health checks only read: snapshots that never wait for ingest.
+    read_factory = make_read_session_factory(session_factory.kw["bind"])
+    app.state.read_session_factory = read_factory
     app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
-    app.state.registry = build_registry(session_factory)
+    app.state.registry = build_registry(read_factory)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(router)
 

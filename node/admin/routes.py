@@ -40,12 +40,19 @@ FLAGGED_THUMBNAILS = 12
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, closed when the request is done."""
+    """One session per request, closed when the request is done (for requests that write)."""
     with request.app.state.session_factory() as session:
         yield session
 
 
+def get_read_session(request: Request) -> Iterator[Session]:
+    """A read-only session per request: a snapshot that neither waits for nor blocks ingest."""
+    with request.app.state.read_session_factory() as session:
+        yield session
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 
 def _settings(request: Request) -> Settings:
@@ -68,9 +75,9 @@ def _render(request: Request, template: str, page: str, status_code: int = 200,
 def _end_read(session: Session) -> None:
     """End the read transaction before slow work (drawing, decoding pixels).
 
-    The queue database takes its write lock at BEGIN (SQLite BEGIN IMMEDIATE, see
-    ``node/queue/db.py``), so a dashboard request that kept its transaction open while it draws
-    would make ingest wait.
+    Read sessions do not block ingest (``node/queue/db.py``), but an open SQLite snapshot keeps
+    the WAL checkpoint from passing it, and with PostgreSQL an idle open transaction holds back
+    vacuum: no reason to keep one while drawing.
     """
     session.rollback()
 
@@ -93,7 +100,7 @@ def index() -> RedirectResponse:
 @router.get("/queue", response_class=HTMLResponse, name="queue")
 def queue(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     status: str | None = None,
     modality: str | None = None,
     calling_aet: str | None = None,
@@ -129,7 +136,7 @@ def queue(
 
 
 @router.get("/series/{series_uid}", response_class=HTMLResponse, name="series_page")
-def series_page(request: Request, session: SessionDep, series_uid: str) -> HTMLResponse:
+def series_page(request: Request, session: ReadSessionDep, series_uid: str) -> HTMLResponse:
     """Everything about one series: facts, history, scores, images, deliveries, reviews."""
     series = queries.get_series(session, series_uid)
     if series is None:
@@ -161,7 +168,7 @@ def series_page(request: Request, session: SessionDep, series_uid: str) -> HTMLR
 
 
 @router.get("/series/{series_uid}/plot.png", name="series_plot")
-def series_plot(session: SessionDep, series_uid: str) -> Response:
+def series_plot(session: ReadSessionDep, series_uid: str) -> Response:
     """log p(x) per slice with the threshold line, as a PNG."""
     series = queries.get_series(session, series_uid)
     if series is None:
@@ -184,7 +191,7 @@ def series_plot(session: SessionDep, series_uid: str) -> Response:
 @router.get("/instances/{sop_uid}/thumbnail.png", name="thumbnail")
 def thumbnail(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     sop_uid: str,
     frame: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
@@ -227,7 +234,7 @@ def series_action(
 
 @router.get("/deliveries", response_class=HTMLResponse, name="deliveries")
 def deliveries_page(
-    request: Request, session: SessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
+    request: Request, session: ReadSessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
 ) -> HTMLResponse:
     """The outbox: every report and destination, attempts and the last error."""
     return _render(request, "deliveries.html", "deliveries",
@@ -236,7 +243,7 @@ def deliveries_page(
 
 @router.get("/associations", response_class=HTMLResponse, name="associations")
 def associations_page(
-    request: Request, session: SessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
+    request: Request, session: ReadSessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
 ) -> HTMLResponse:
     """Recent associations: calling AE, peer, instances, result."""
     return _render(request, "associations.html", "associations",
@@ -244,7 +251,7 @@ def associations_page(
 
 
 @router.get("/models", response_class=HTMLResponse, name="models")
-def models(request: Request, session: SessionDep) -> HTMLResponse:
+def models(request: Request, session: ReadSessionDep) -> HTMLResponse:
     """Bundles in use, thresholds, validation metrics, and live false-alarm rates."""
     bundles = models_page.bundles(_settings(request))
     slice_targets = {b.label: b.target_fpr for b in bundles if b.target_fpr is not None}
@@ -269,7 +276,7 @@ def healthz(request: Request) -> PlainTextResponse:
     settings = _settings(request)
     problems: list[str] = []
     try:
-        with request.app.state.session_factory() as session:
+        with request.app.state.read_session_factory() as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:  # a health probe reports any failure as 503, never raises
         problems.append(f"database: {type(exc).__name__}: {exc}")

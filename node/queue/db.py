@@ -5,6 +5,12 @@ SQLite is the embedded default: WAL mode (readers never block the writer), a bus
 it returns: ingest answers Success only after that) and foreign keys on. Every transaction starts
 with ``BEGIN IMMEDIATE``: the write lock is taken up front, so two writers never both read and
 then deadlock on the upgrade to a write lock, which the busy timeout cannot resolve.
+
+Sessions that only read (the dashboard's pages, its metrics, health checks) come from
+:func:`make_read_session_factory` and start with a plain (deferred) ``BEGIN`` instead: in WAL
+mode such a transaction reads a snapshot without taking the write lock, so a dashboard page
+neither waits for ingest's commits nor holds them up. They must never write (a deferred
+transaction that tries to would fail at once instead of waiting).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DatabaseSettings
+
+#: Execution option that makes an SQLite transaction start deferred (read-only sessions).
+READ_ONLY_OPTION = "vaenode_read_only"
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -58,7 +67,8 @@ def make_engine(settings: DatabaseSettings) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -67,3 +77,10 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded objects usable after commit (no expire): values are read
     once and handed on, never lazily reloaded across transactions."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reading only: with SQLite a deferred ``BEGIN`` (module docstring); with
+    another database the same sessions as :func:`make_session_factory`."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}),
+                        expire_on_commit=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin.app import start_in_thread
@@ -209,3 +209,24 @@ def test_actions_are_recorded_and_refused_when_they_do_not_apply(node) -> None: 
     assert page.count('class="action-row"') == 4 and "PACS was down" in page
     # Queued again: a review no longer applies until it is scored again.
     assert _post(url, action="confirm", reviewer="carol").status == 409
+
+
+def test_pages_are_served_while_ingest_holds_the_write_lock(node) -> None:  # type: ignore[no-untyped-def]
+    """A writer (ingest committing, a worker storing scores) holds SQLite's write lock: the
+    dashboard reads a snapshot meanwhile instead of waiting for it (or holding it up)."""
+    base, _settings, factory, siemens, prostate = node
+    with factory.begin() as writer:
+        writer.execute(text("UPDATE series SET modality = 'CT' WHERE series_instance_uid = :u"),
+                       {"u": prostate})
+        # The dashboard's busy timeout is 30 s and urllib's 30 s: a page that waited for this
+        # lock would not come back within either.
+        for path in ("/queue", f"/series/{siemens}", "/deliveries", "/associations", "/models",
+                     "/metrics", "/healthz"):
+            reply = http(f"{base}{path}")
+            assert reply.status == 200, (path, reply.status, reply.text[:300])
+        # The uncommitted change is not visible to them.
+        assert _rows(http(f"{base}/queue?modality=CT").text) == []
+    assert _rows(http(f"{base}/queue?modality=CT").text) == [prostate]
+    with factory.begin() as writer:
+        writer.execute(text("UPDATE series SET modality = 'MR' WHERE series_instance_uid = :u"),
+                       {"u": prostate})
