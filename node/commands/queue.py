@@ -42,11 +42,13 @@ def series_dict(series: Any) -> dict[str, Any]:
     }
 
 
-def _session(config: Any) -> Any:
+def _session(config: Any, *, read_only: bool = False) -> Any:
+    """A session on the configured queue database; ``read_only`` ones never wait for ingest."""
     settings = setup(config)
-    from node.queue.db import make_engine, make_session_factory
+    from node.queue.db import make_engine, make_read_session_factory, make_session_factory
 
-    return make_session_factory(make_engine(settings.database))()
+    make = make_read_session_factory if read_only else make_session_factory
+    return make(make_engine(settings.database))()
 
 
 @queue_app.command("list")
@@ -71,7 +73,7 @@ def list_cmd(
         except ValueError as exc:
             states = ", ".join(s.value for s in SeriesState)
             raise typer.BadParameter(f"unknown status {status!r}; one of {states}") from exc
-    with _session(config) as session:
+    with _session(config, read_only=True) as session:
         rows = session.execute(query).scalars().all()
     if as_json:
         for series in rows:
@@ -98,7 +100,7 @@ def show_cmd(
 
     from node.queue.models import Instance, Series, SeriesEvent
 
-    with _session(config) as session:
+    with _session(config, read_only=True) as session:
         series = session.execute(
             select(Series).where(Series.series_instance_uid == series_uid)
         ).scalar_one_or_none()
