@@ -63,16 +63,29 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> Fa
     app.include_router(router)
 
     token = settings.admin.token.strip() if settings.admin.token else None
+    limiter = auth.FailureLimiter()
+    app.state.failure_limiter = limiter
 
     @app.middleware("http")
     async def require_token(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        identity = auth.authenticate(
-            token,
-            request.headers.get("authorization"),
-            request.cookies.get(auth.COOKIE_NAME),
-        )
+        client = request.client.host if request.client else "?"
+        authorization = request.headers.get("authorization")
+        cookie = request.cookies.get(auth.COOKIE_NAME)
+        presented = auth.presented_credential(authorization, cookie)
+        login_attempt = request.method == "POST" and request.url.path == "/login"
+        if token is not None and (presented or login_attempt):
+            wait = limiter.retry_after(client)
+            if wait > 0:
+                log.warning("admin credentials refused: too many wrong ones",
+                            extra={"peer": client, "retry_after_s": round(wait)})
+                return Response("too many wrong credentials; try again later\n",
+                                status_code=429, media_type="text/plain",
+                                headers={"Retry-After": str(max(1, round(wait)))})
+        identity = auth.authenticate(token, authorization, cookie)
+        if identity is None and presented is not None and token is not None:
+            limiter.record_failure(client, presented)
         if identity is None and not auth.is_public(request.url.path):
             return _unauthorized(request)
         if request.method not in SAFE_METHODS and not auth.same_origin(

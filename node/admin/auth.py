@@ -15,6 +15,8 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import threading
+import time
 from dataclasses import dataclass
 
 from node.config import AdminSettings
@@ -152,3 +154,54 @@ def same_origin(origin: str | None, host: str | None) -> bool:
 def is_public(path: str) -> bool:
     """True for the few paths served without credentials (login, health, static files)."""
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class FailureLimiter:
+    """Refuses a client address for a while after too many wrong credentials.
+
+    ``max_failures`` different wrong credentials (login form token, Bearer, Basic or session
+    cookie) within ``window_s`` seconds from one address: that address gets 429 until the oldest
+    of them is ``window_s`` old. The same wrong credential sent again counts once (a browser
+    with a cookie from before a token change sends it with every image of a page), so only
+    guessing counts. Guessing a token online then takes years instead of hours; a person who
+    mistyped a few times is not stopped. Kept in memory (a restart forgets), per dashboard.
+    """
+
+    def __init__(self, max_failures: int = 10, window_s: float = 60.0) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> dict[str, float]:
+        seen = self._failures.setdefault(client, {})
+        for key in [k for k, at in seen.items() if at <= now - self.window_s]:
+            del seen[key]
+        return seen
+
+    def retry_after(self, client: str) -> float:
+        """Seconds until ``client`` may present credentials again; 0.0 when it may now."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._recent(client, now)
+            if len(seen) < self.max_failures:
+                if not seen:
+                    self._failures.pop(client, None)
+                return 0.0
+            return max(0.0, min(seen.values()) + self.window_s - now)
+
+    def record_failure(self, client: str, credential: str) -> None:
+        """``client`` presented ``credential`` and it was wrong."""
+        now = time.monotonic()
+        key = hashlib.sha256(credential.encode("utf-8", "replace")).hexdigest()
+        with self._lock:
+            self._recent(client, now).setdefault(key, now)
+
+
+def presented_credential(authorization: str | None, cookie: str | None) -> str | None:
+    """What a request offered as credentials (for :class:`FailureLimiter`), or None."""
+    if authorization:
+        return "authorization:" + authorization
+    if cookie:
+        return "cookie:" + cookie
+    return None

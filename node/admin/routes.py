@@ -307,6 +307,9 @@ def login(
     configured = _settings(request).admin.token
     name = name.strip()[:64]
     if not configured or not name or not hmac.compare_digest(token, configured.strip()):
+        if configured and name:
+            client = request.client.host if request.client else "?"
+            request.app.state.failure_limiter.record_failure(client, "login:" + token)
         return _render(request, "login.html", "login", status_code=401,
                        next=_safe_next(next), error="Wrong token (or no name given).")
     response = RedirectResponse(_safe_next(next), status_code=303)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from node.admin.app import create_app, start_in_thread
+from node.admin.auth import FailureLimiter
 from node.errors import ConfigError
 from tests.admin.web import http
 
@@ -75,6 +77,36 @@ def test_browser_gets_the_login_form_and_then_a_cookie(guarded) -> None:  # type
     assert "HttpOnly" in good.headers["set-cookie"]
     page = http(guarded("/queue"), headers={"Cookie": cookie})
     assert page.status == 200 and "signed in as bob" in page.text
+
+
+def test_guessing_the_token_is_stopped_mistyping_is_not(guarded) -> None:  # type: ignore[no-untyped-def]
+    """Ten different wrong tokens from one address within a minute: 429 with Retry-After, for
+    the right token and the login form too. The same wrong credential again and again (a
+    browser's cookie from before a token change) counts once."""
+    stale = "vaenode_session=bob.0123456789abcdef"
+    for _ in range(25):
+        assert http(guarded("/queue"), headers={"Cookie": stale}).status == 401
+    assert http(guarded("/queue"), headers={"Authorization": "Bearer s3cret-token"}).status == 200
+
+    for n in range(9):  # with the stale cookie: ten different wrong credentials
+        guess = {"Authorization": f"Bearer guess{n}"}
+        assert http(guarded("/metrics"), headers=guess).status == 401
+    refused = http(guarded("/queue"), headers={"Authorization": "Bearer s3cret-token"})
+    assert refused.status == 429 and int(refused.headers["retry-after"]) >= 1
+    login = http(guarded("/login"), data=urllib.parse.urlencode(
+        {"name": "bob", "token": "s3cret-token", "next": "/queue"}).encode(), follow=False)
+    assert login.status == 429
+    assert http(guarded("/healthz")).status == 200  # no credentials: not refused
+
+
+def test_failure_limiter_forgets_after_its_window() -> None:
+    limiter = FailureLimiter(max_failures=3, window_s=0.3)
+    for guess in ("a", "b", "a", "c"):
+        limiter.record_failure("10.1.1.1", guess)
+    assert limiter.retry_after("10.1.1.1") > 0
+    assert limiter.retry_after("10.1.1.2") == 0.0
+    time.sleep(0.35)
+    assert limiter.retry_after("10.1.1.1") == 0.0
 
 
 def test_login_does_not_redirect_off_site(guarded) -> None:  # type: ignore[no-untyped-def]
