@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= config/node.toml
 TORCH_VERSION ?= 2.13.0
 # System packages the tests start as real peers.
-TEST_DEBS := dcmtk orthanc dicom3tools chromium chromium-driver
+TEST_DEBS := dcmtk orthanc dicom3tools chromium chromium-driver postgresql
 TEST_TOOLS := storescu echoscu storescp dsrdump dciodvfy Orthanc chromium chromedriver
 
 .PHONY: run test install install-dev system-deps lint clean
@@ -34,6 +34,7 @@ run: install
 
 system-deps:
 	@missing=0; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
 	if [ $$missing = 1 ]; then \
 		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(TEST_DEBS); \

@@ -1,0 +1,127 @@
+"""A real PostgreSQL server for tests: a private cluster in a temp folder, on 127.0.0.1.
+
+Uses Debian's ``postgresql`` binaries (``make test`` installs the package). ``initdb`` and the
+server refuse to run as root, so as root they run as the ``postgres`` user the package creates,
+in a folder handed to it. Stopped by PID (SIGINT: PostgreSQL's fast shutdown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helpers.orthanc import free_port
+
+
+def pg_bin() -> Path | None:
+    """The newest installed PostgreSQL's binary folder, or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else None
+
+
+def _as_server_user(args: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return args
+    return ["runuser", "-u", "postgres", "--", *args]
+
+
+@dataclass
+class Postgres:
+    """A running private cluster; ``url``: SQLAlchemy URL (psycopg 3) of database ``vaenode``."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    datadir: Path
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://vaenode@127.0.0.1:{self.port}/vaenode"
+
+    def stop(self) -> None:
+        """Fast shutdown by PID, then wait for it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_postgres(workdir: Path, timeout_s: float = 60.0) -> Postgres:
+    """initdb a cluster in ``workdir`` (trust auth, user ``vaenode``), start it on a free
+    loopback port and create database ``vaenode``."""
+    binary = pg_bin()
+    if binary is None:
+        raise RuntimeError("PostgreSQL is not installed (Debian package postgresql)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    datadir, sockets = workdir / "data", workdir / "sockets"
+    sockets.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        for path in (workdir, sockets):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        # runuser keeps the caller's working folder; make sure the server user may enter it.
+        with contextlib.suppress(OSError):
+            for parent in workdir.parents:
+                if parent == Path("/"):
+                    break
+                os.chmod(parent, os.stat(parent).st_mode | 0o011)
+    init = subprocess.run(
+        _as_server_user([str(binary / "initdb"), "-D", str(datadir), "-U", "vaenode",
+                         "-A", "trust", "-E", "UTF8", "--no-sync"]),
+        capture_output=True, text=True, timeout=120, cwd=workdir,
+    )
+    if init.returncode != 0:
+        raise RuntimeError(f"initdb failed: {init.stderr or init.stdout}")
+    port = free_port()
+    log = (workdir / "postgres.log").open("ab")
+    try:
+        proc = subprocess.Popen(
+            _as_server_user([str(binary / "postgres"), "-D", str(datadir), "-p", str(port),
+                             "-c", "listen_addresses=127.0.0.1",
+                             "-c", f"unix_socket_directories={sockets}",
+                             "-c", "fsync=off", "-c", "max_connections=100"]),
+            stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        )
+    finally:
+        log.close()
+    server = Postgres(proc, port, datadir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready = subprocess.run([str(binary / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                               capture_output=True, timeout=10)
+        if ready.returncode == 0:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError("PostgreSQL did not start: "
+                               + (workdir / "postgres.log").read_text(errors="replace")[-2000:])
+        time.sleep(0.2)
+    made = subprocess.run([str(binary / "createdb"), "-h", "127.0.0.1", "-p", str(port),
+                           "-U", "vaenode", "vaenode"], capture_output=True, text=True, timeout=60)
+    if made.returncode != 0:
+        server.stop()
+        raise RuntimeError(f"createdb failed: {made.stderr}")
+    return server
+
+
+def postgres_available() -> bool:
+    """True when the binaries (and, as root, the postgres user) are there."""
+    if pg_bin() is None:
+        return False
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return False
+        return shutil.which("runuser") is not None
+    return True

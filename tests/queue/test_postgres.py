@@ -1,0 +1,77 @@
+"""The queue database on a real PostgreSQL server (private cluster on 127.0.0.1): the Alembic
+revisions both ways, and ingest through the real node with four senders at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, func, inspect, select
+
+from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
+from node.queue.models import Instance, Series
+from tests.helpers import dcmtk
+from tests.helpers.node import VAENODE, start_node
+from tests.helpers.postgres import Postgres, start_postgres
+from tests.helpers.synthetic import write_ct_series
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_migrations_up_down_and_up_again(postgres: Postgres) -> None:
+    upgrade(postgres.url)
+    assert current_revision(postgres.url) == head_revision()
+    assert {"series", "instances", "reports", "outbox", "admin_actions"} <= _tables(postgres.url)
+    command.downgrade(alembic_config(postgres.url), "base")
+    assert current_revision(postgres.url) is None
+    assert _tables(postgres.url) <= {"alembic_version"}
+    upgrade(postgres.url)
+    assert current_revision(postgres.url) == head_revision()
+
+
+def test_node_ingests_four_senders_into_postgres(postgres: Postgres, tmp_path: Path) -> None:
+    series = [write_ct_series(tmp_path / f"s{i}", 25, rows=64, columns=64, seed=i)
+              for i in range(4)]
+    node = start_node(tmp_path / "node", sections={
+        "database": {"url": postgres.url}})
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            sent = list(pool.map(
+                lambda files: dcmtk.storescu(node.port, files, called_aet=node.ae_title), series))
+        assert all(p.returncode == 0 for p in sent), [p.stderr for p in sent]
+        engine = create_engine(postgres.url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(select(func.count()).select_from(Instance)).scalar() == 100
+                counts = conn.execute(select(Series.instance_count)).scalars().all()
+        finally:
+            engine.dispose()
+        assert sorted(counts) == [25, 25, 25, 25]
+        listed = subprocess.run(
+            [str(VAENODE), "queue", "list", "--json", "--config", str(node.config_path)],
+            capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        rows = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
+        assert sorted(r["instance_count"] for r in rows) == [25, 25, 25, 25]
+    finally:
+        node.stop()
