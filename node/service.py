@@ -12,6 +12,7 @@ import importlib
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,7 @@ class Service:
             self.dashboard = start_in_thread(s, self.session_factory)
         self.store = Store(s.storage, self.session_factory)
         self.store.recover()  # before any listener: see node/ingest/listeners.py
+        started = time.time()
         if s.dicom.listener_processes > 1:
             # The listener processes have their own stores; this one only recovered.
             self.listeners = ListenerPool(s, grace_s=SHUTDOWN_GRACE_S)
@@ -91,6 +93,9 @@ class Service:
             self.store.start()
             self.scp = Scp(s.dicom, self.store, self.session_factory)
             address = self.scp.start()
+        # Temporary files of a previous run: a walk of the whole archive, so not before listening.
+        threading.Thread(target=self.store.sweep_partials, args=(started,),
+                         name="storage-sweep", daemon=True).start()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         installed = install_jobs(self.scheduler, s, self.session_factory)
         self.scheduler.start()

@@ -10,7 +10,7 @@ final folder, fsynced, and renamed into place, so a name in storage always holds
 file. Then two flushes run at once: the folder's fsync (makes the new name durable) and the
 row's commit (SQLite ``synchronous=FULL``, grouped with other associations' rows by
 :class:`~node.ingest.commit.GroupCommitter`). Success is answered after both. After a crash:
-a temporary file is removed by :meth:`Store.recover`; a complete file without a row is
+a temporary file is removed by :meth:`Store.sweep_partials`; a complete file without a row is
 harmless (the peer got no Success and sends it again, replacing it); and a row committed while
 its folder's fsync had not finished, whose name the crash lost, is found by
 :meth:`Store.recover` (such a row belongs to a ``receiving`` series: the same transaction made
@@ -39,8 +39,10 @@ from node.queue.models import utcnow
 
 log = logging.getLogger(__name__)
 
-#: Suffix of files being written; never a valid instance, removed by :meth:`Store.recover`.
+#: Suffix of files being written; never a valid instance, removed by :meth:`Store.sweep_partials`.
 PARTIAL_SUFFIX = ".part"
+#: Prefix of report files being written (node/report/service.py), swept the same way.
+REPORT_TEMP_PREFIX = ".tmp-"
 _MB = 1024 * 1024
 
 
@@ -252,18 +254,13 @@ class Store:
     # --- start-up --------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Undo what a crash left half done; returns how many files and rows were removed.
+        """Undo what a crash left half done in the database; returns the rows removed.
 
-        Removes temporary files, and rows of ``receiving`` series whose file is missing (see
-        the module docstring for why only those can be). Run before the listener starts.
+        Removes rows of ``receiving`` series whose file is missing (see the module docstring for
+        why only those can be). Reads only those rows' files, so it is quick whatever the size
+        of the archive. Run before the listener starts; :meth:`sweep_partials` removes the
+        temporary files.
         """
-        removed = 0
-        for tmp in self.root.rglob(f".*{PARTIAL_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-        if removed:
-            log.warning("removed partial files left by an interrupted transfer",
-                        extra={"count": removed, "storage": str(self.root)})
         with self._session_factory.begin() as session:
             missing = [instance_id for instance_id, rel in repo.receiving_instances(session)
                        if not (self.root / rel).is_file()]
@@ -271,4 +268,29 @@ class Store:
         if missing:
             log.warning("removed rows whose file a crash lost before it was acknowledged",
                         extra={"count": len(missing)})
-        return removed + len(missing)
+        return len(missing)
+
+    def sweep_partials(self, started_before: float) -> int:
+        """Remove temporary files (instances, reports) last written before ``started_before``
+        (a ``time.time()``); returns how many.
+
+        Temporary names start with a dot and no reader takes them for an instance, so this
+        need not finish before the listener starts: ``serve`` runs it in the background, and
+        walking a large archive does not hold up start-up. Only files older than this start
+        are removed, never one a transfer of this run is writing.
+        """
+        removed = 0
+        for tmp in self.root.rglob(".*"):
+            name = tmp.name
+            if not (name.endswith(PARTIAL_SUFFIX) or name.startswith(REPORT_TEMP_PREFIX)):
+                continue
+            try:
+                if tmp.is_file() and tmp.stat().st_mtime < started_before:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # renamed into place or removed meanwhile
+        level = logging.WARNING if removed else logging.INFO
+        log.log(level, "storage swept: %d temporary file(s) left by interrupted writes removed",
+                removed, extra={"count": removed, "storage": str(self.root)})
+        return removed

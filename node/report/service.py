@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import __version__
 from node.config import Settings
 from node.errors import ReportError
+from node.ingest.store import REPORT_TEMP_PREFIX
 from node.queue.models import Instance, Report, Series
 from node.report import outbox
 from node.report.build import ReportIdentity, build_kos, build_sr
@@ -46,7 +47,7 @@ def identity_of(settings: Settings) -> ReportIdentity:
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that the file is either absent or complete, and durable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".dcm")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=REPORT_TEMP_PREFIX, suffix=".dcm")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

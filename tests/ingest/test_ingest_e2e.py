@@ -378,6 +378,11 @@ def test_kill_9_mid_transfer_then_restart(tmp_path: Path, monkeypatch: pytest.Mo
 
     restarted = start_node(tmp_path / "node", port=node.port)
     try:
+        # The temporary files of the killed run are swept in the background after start-up.
+        deadline = time.monotonic() + 30
+        while "storage swept" not in restarted.log_text():
+            assert time.monotonic() < deadline, restarted.log_text()[-2000:]
+            time.sleep(0.1)
         assert not list(restarted.storage.rglob(f"*{PARTIAL_SUFFIX}"))
         with restarted.session() as s:
             rows = dict(s.execute(select(Instance.sop_instance_uid, Instance.path)).all())

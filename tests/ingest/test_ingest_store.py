@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 from pathlib import Path
 
 import pydicom
@@ -83,13 +85,22 @@ def test_below_free_space_minimum_is_out_of_resources(
     assert _files(huge.root) == []
 
 
-def test_recover_removes_partial_files_only(tmp_path: Path, store: Store) -> None:
+def test_sweep_removes_old_temporary_files_only(tmp_path: Path, store: Store) -> None:
     raw = write_ct_series(tmp_path / "src", 1)[0].read_bytes()
     kept = store.accept(raw).path
     partial = kept.parent / f".{kept.name}.abc{PARTIAL_SUFFIX}"
     partial.write_bytes(raw[:10])
-    assert store.recover() == 1
-    assert _files(store.root) == [kept]
+    report_tmp = store.root / "reports" / "1.2" / "1.2.3" / ".tmp-abc.dcm"
+    report_tmp.parent.mkdir(parents=True)
+    report_tmp.write_bytes(b"half a report")
+    old = time.time() - 60
+    for path in (partial, report_tmp):
+        os.utime(path, (old, old))
+    fresh = kept.parent / f".{kept.name}.def{PARTIAL_SUFFIX}"  # a transfer of this run
+    fresh.write_bytes(raw[:10])
+    assert store.recover() == 0  # rows only: every row's file is there
+    assert store.sweep_partials(started_before=time.time() - 1) == 2
+    assert sorted(_files(store.root)) == sorted([kept, fresh])
 
 
 def test_group_commit_from_many_threads(tmp_path: Path, store: Store,
