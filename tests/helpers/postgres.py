@@ -45,6 +45,15 @@ class Postgres:
     def url(self) -> str:
         return f"postgresql+psycopg://vaenode@127.0.0.1:{self.port}/vaenode"
 
+    def new_database(self, name: str) -> str:
+        """Create an empty database ``name``; returns its SQLAlchemy URL."""
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="vaenode", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://vaenode@127.0.0.1:{self.port}/{name}"
+
     def stop(self) -> None:
         """Fast shutdown by PID, then wait for it."""
         if self.proc.poll() is None:

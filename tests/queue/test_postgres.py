@@ -1,20 +1,25 @@
 """The queue database on a real PostgreSQL server (private cluster on 127.0.0.1): the Alembic
-revisions both ways, and ingest through the real node with four senders at once."""
+revisions both ways, workers claiming from one queue at once (SKIP LOCKED), and ingest through
+the real node with four senders at once."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, func, inspect, select
+from sqlalchemy.orm import sessionmaker
 
+from node.queue import repo
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
-from node.queue.models import Instance, Series
+from node.queue.models import Instance, Series, utcnow
 from tests.helpers import dcmtk
 from tests.helpers.node import VAENODE, start_node
 from tests.helpers.postgres import Postgres, start_postgres
@@ -75,3 +80,53 @@ def test_node_ingests_four_senders_into_postgres(postgres: Postgres, tmp_path: P
         assert sorted(r["instance_count"] for r in rows) == [25, 25, 25, 25]
     finally:
         node.stop()
+
+
+def test_concurrent_claims_never_share_a_series(postgres: Postgres) -> None:
+    """Four workers (own connections) drain 20 queued series: each is claimed exactly once."""
+    url = postgres.new_database("claims")
+    upgrade(url)
+    engine = create_engine(url, pool_size=8)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    try:
+        old = utcnow() - timedelta(seconds=60)
+        for i in range(20):
+            uid = f"1.2.3.{100 + i}"
+            with factory.begin() as session:
+                repo.record_instance(session, repo.InstanceRecord(
+                    study_instance_uid="1.2.3", series_instance_uid=uid,
+                    sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"1.2.3/{uid}/{uid}.1.dcm",
+                    size_bytes=100, instance_number=1, modality="CT", series_description="d",
+                    body_part="HEAD", calling_aet="SCU", peer_address="127.0.0.1:1",
+                    received_at=old))
+        with factory() as session:
+            ids = session.scalars(select(Series.id)).all()
+        for series_id in ids:
+            with factory.begin() as session:
+                repo.mark_queued(session, series_id, idle_before=utcnow())
+        claims: list[tuple[str, int]] = []
+        lock = threading.Lock()
+
+        def worker(name: str) -> None:
+            while True:
+                with factory.begin() as session:
+                    got = repo.claim_next_queued(session, name, lease_s=60)
+                if got is None:
+                    return
+                with lock:
+                    claims.append((name, got.id))
+
+        threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        claimed = [series_id for _, series_id in claims]
+        assert sorted(claimed) == sorted(ids)  # every one, once
+        with factory() as session:
+            rows = session.execute(select(Series.status, Series.worker_id)).all()
+        assert {str(status) for status, _ in rows} == {"processing"}
+        assert sorted(w for _, w in rows) == sorted(w for w, _ in claims)
+    finally:
+        engine.dispose()
