@@ -1,8 +1,9 @@
 """A real PostgreSQL server for tests: a private cluster in a temp folder, on 127.0.0.1.
 
 Uses Debian's ``postgresql`` binaries (``make test`` installs the package). ``initdb`` and the
-server refuse to run as root, so as root they run as the ``postgres`` user the package creates,
-in a folder handed to it. Stopped by PID (SIGINT: PostgreSQL's fast shutdown).
+server refuse to run as root, so as root they run as the ``postgres`` user the package creates
+(``Popen(user=...)``: the process is the server itself), in a folder handed to it. Stopped by
+PID (SIGINT: PostgreSQL's fast shutdown).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.helpers.orthanc import free_port
 
@@ -27,10 +28,13 @@ def pg_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-def _as_server_user(args: list[str]) -> list[str]:
+def _server_user() -> dict[str, Any]:
+    """Popen arguments that run a program as ``postgres`` when we are root (no wrapper process
+    in between, so the PID is the server's own)."""
     if os.geteuid() != 0:
-        return args
-    return ["runuser", "-u", "postgres", "--", *args]
+        return {}
+    user = pwd.getpwnam("postgres")
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
 
 @dataclass
@@ -78,16 +82,16 @@ def start_postgres(workdir: Path, timeout_s: float = 60.0) -> Postgres:
         user = pwd.getpwnam("postgres")
         for path in (workdir, sockets):
             os.chown(path, user.pw_uid, user.pw_gid)
-        # runuser keeps the caller's working folder; make sure the server user may enter it.
+        # The server user must be able to reach its folder through the test's temp folders.
         with contextlib.suppress(OSError):
             for parent in workdir.parents:
                 if parent == Path("/"):
                     break
                 os.chmod(parent, os.stat(parent).st_mode | 0o011)
     init = subprocess.run(
-        _as_server_user([str(binary / "initdb"), "-D", str(datadir), "-U", "vaenode",
-                         "-A", "trust", "-E", "UTF8", "--no-sync"]),
-        capture_output=True, text=True, timeout=120, cwd=workdir,
+        [str(binary / "initdb"), "-D", str(datadir), "-U", "vaenode", "-A", "trust", "-E",
+         "UTF8", "--no-sync"],
+        capture_output=True, text=True, timeout=120, cwd=workdir, **_server_user(),
     )
     if init.returncode != 0:
         raise RuntimeError(f"initdb failed: {init.stderr or init.stdout}")
@@ -95,11 +99,10 @@ def start_postgres(workdir: Path, timeout_s: float = 60.0) -> Postgres:
     log = (workdir / "postgres.log").open("ab")
     try:
         proc = subprocess.Popen(
-            _as_server_user([str(binary / "postgres"), "-D", str(datadir), "-p", str(port),
-                             "-c", "listen_addresses=127.0.0.1",
-                             "-c", f"unix_socket_directories={sockets}",
-                             "-c", "fsync=off", "-c", "max_connections=100"]),
-            stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+            [str(binary / "postgres"), "-D", str(datadir), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sockets}",
+             "-c", "fsync=off", "-c", "max_connections=100"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, **_server_user(),
         )
     finally:
         log.close()
@@ -121,16 +124,3 @@ def start_postgres(workdir: Path, timeout_s: float = 60.0) -> Postgres:
         server.stop()
         raise RuntimeError(f"createdb failed: {made.stderr}")
     return server
-
-
-def postgres_available() -> bool:
-    """True when the binaries (and, as root, the postgres user) are there."""
-    if pg_bin() is None:
-        return False
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return False
-        return shutil.which("runuser") is not None
-    return True
