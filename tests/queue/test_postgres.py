@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -21,6 +20,7 @@ from node.queue import repo
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import Instance, Series, utcnow
 from tests.helpers import dcmtk
+from tests.helpers.claims import drain_queue
 from tests.helpers.node import VAENODE, start_node
 from tests.helpers.postgres import Postgres, start_postgres
 from tests.helpers.synthetic import write_ct_series
@@ -105,23 +105,7 @@ def test_concurrent_claims_never_share_a_series(postgres: Postgres) -> None:
         for series_id in ids:
             with factory.begin() as session:
                 repo.mark_queued(session, series_id, idle_before=utcnow())
-        claims: list[tuple[str, int]] = []
-        lock = threading.Lock()
-
-        def worker(name: str) -> None:
-            while True:
-                with factory.begin() as session:
-                    got = repo.claim_next_queued(session, name, lease_s=60)
-                if got is None:
-                    return
-                with lock:
-                    claims.append((name, got.id))
-
-        threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        claims = drain_queue(factory)
         claimed = [series_id for _, series_id in claims]
         assert sorted(claimed) == sorted(ids)  # every one, once
         with factory() as session:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from node.queue import repo
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import Instance, Series, SeriesEvent, utcnow
 from node.queue.states import SeriesState
+from tests.helpers.claims import drain_queue
 
 Factory = sessionmaker[Session]
 
@@ -193,23 +193,7 @@ def test_requeue_processing_at_startup(session_factory: Factory) -> None:
 def test_concurrent_claims_never_share_a_series(session_factory: Factory) -> None:
     for i in range(20):
         _queue(session_factory, f"1.2.3.{100 + i}")
-    claims: list[int] = []
-    lock = threading.Lock()
-
-    def worker(name: str) -> None:
-        while True:
-            with session_factory.begin() as s:
-                got = repo.claim_next_queued(s, name, lease_s=60)
-            if got is None:
-                return
-            with lock:
-                claims.append(got.id)
-
-    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    claims = [series_id for _, series_id in drain_queue(session_factory)]
     assert len(claims) == 20 and len(set(claims)) == 20
 
 
