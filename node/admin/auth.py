@@ -156,6 +156,10 @@ def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
+#: Addresses the limiter keeps before it forgets those without a recent failure.
+MAX_TRACKED_CLIENTS = 10_000
+
+
 class FailureLimiter:
     """Refuses a client address for a while after too many wrong credentials.
 
@@ -195,7 +199,17 @@ class FailureLimiter:
         now = time.monotonic()
         key = hashlib.sha256(credential.encode("utf-8", "replace")).hexdigest()
         with self._lock:
+            if len(self._failures) >= MAX_TRACKED_CLIENTS:
+                # Many addresses (a scan): forget those without a recent failure (bounded memory).
+                for other in list(self._failures):
+                    if not self._recent(other, now):
+                        del self._failures[other]
             self._recent(client, now).setdefault(key, now)
+
+    def tracked_clients(self) -> int:
+        """Addresses with wrong credentials on record (for tests and metrics)."""
+        with self._lock:
+            return len(self._failures)
 
 
 def presented_credential(authorization: str | None, cookie: str | None) -> str | None:

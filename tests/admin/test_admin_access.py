@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
+from node.admin import auth as auth_module
 from node.admin.app import create_app, start_in_thread
 from node.admin.auth import FailureLimiter
 from node.errors import ConfigError
@@ -107,6 +108,16 @@ def test_failure_limiter_forgets_after_its_window() -> None:
     assert limiter.retry_after("10.1.1.2") == 0.0
     time.sleep(0.35)
     assert limiter.retry_after("10.1.1.1") == 0.0
+
+
+def test_failure_limiter_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth_module, "MAX_TRACKED_CLIENTS", 50)
+    limiter = FailureLimiter(max_failures=3, window_s=0.2)
+    for i in range(50):
+        limiter.record_failure(f"10.0.0.{i}", "guess")
+    time.sleep(0.25)  # all of them stale now
+    limiter.record_failure("10.9.9.9", "guess")
+    assert limiter.tracked_clients() == 1
 
 
 def test_login_does_not_redirect_off_site(guarded) -> None:  # type: ignore[no-untyped-def]
