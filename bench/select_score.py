@@ -48,8 +48,8 @@ from node.model.evaluate import EvalConfig, auroc, collect  # noqa: E402
 from node.model.scoring import (  # noqa: E402
     ScoreConfig,
     absolute_score,
+    alternative_final,
     match_scales,
-    series_shift,
 )
 
 IXI = ROOT.parent / "shared" / "data" / "ixi_t1"
@@ -141,8 +141,7 @@ def make_part(bundle: Bundle, data: Any, variant_comps: list, noise_comps: list,
                                  "max_series_shift": cap, "reference_median": ref})
 
     def final(comp: dict[str, np.ndarray], fg: np.ndarray) -> np.ndarray:
-        a = absolute_score(comp, cfg, pixels, clip)
-        return a - series_shift(a, fg, cfg)
+        return alternative_final(comp, fg, cfg, pixels, clip)
 
     sites: dict[str, list[np.ndarray]] = {}
     for _subject, name, comp, fg in variant_comps:

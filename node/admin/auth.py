@@ -207,7 +207,7 @@ class FailureLimiter:
             self._recent(client, now).setdefault(key, now)
 
     def tracked_clients(self) -> int:
-        """Addresses with wrong credentials on record (for tests and metrics)."""
+        """Addresses with wrong credentials on record."""
         with self._lock:
             return len(self._failures)
 

@@ -40,7 +40,6 @@ from node.model.likelihood import ESTIMATORS, estimate
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import (
     ScoreConfig,
-    absolute_score,
     png_nats,
     stack_foreground,
     stack_scores,
@@ -184,10 +183,6 @@ class Bundle:
             out = {k: np.zeros(0) for k in keys}
         out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
         return out
-
-    def absolute_score(self, comp: dict[str, np.ndarray]) -> np.ndarray:
-        """The score before the series shift (see :mod:`node.model.scoring`)."""
-        return absolute_score(comp, self.scoring, self.modelled_values, self.preprocess.clip_max)
 
     @property
     def modelled_values(self) -> int:

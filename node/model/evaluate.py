@@ -132,13 +132,6 @@ def _stack_record(
     return {"x": x, "foreground": fg, "components": comp}
 
 
-def score_from_components(
-    comp: dict[str, np.ndarray], fg: np.ndarray, cfg: ScoreConfig, pixels: int, clip_max: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """(final, absolute, shift) of one stack under a score configuration."""
-    return stack_scores(comp, fg, cfg, pixels, clip_max)
-
-
 def collect(
     bundle: Bundle,
     volumes: Sequence[Volume],
@@ -210,8 +203,8 @@ def _score_arrays(
 ) -> dict[str, np.ndarray]:
     comp = rec["components"]
     pixels = bundle.modelled_values
-    final, absolute, _ = score_from_components(comp, rec["foreground"], cfg, pixels,
-                                               bundle.preprocess.clip_max)
+    final, absolute, _ = stack_scores(comp, rec["foreground"], cfg, pixels,
+                                      bundle.preprocess.clip_max)
     corrected_cfg = ScoreConfig.from_dict({**cfg.to_dict(), "tail_weight": 0.0,
                                            "series_relative": False, "complexity": True,
                                            "complexity_weight": 1.0, "alternatives": ()})

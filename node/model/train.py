@@ -311,17 +311,17 @@ def validation_loss(
     return total / len(x)
 
 
-def stack_absolute_scores(
+def stack_components(
     bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Score every stack (volume x plane) with the bundle, before any series shift."""
+    """The estimator components of every stack (volume x plane), from which any way of forming
+    the score can be computed without running the model again."""
     out = []
     for vol in volumes:
         for plane, images, spacing in volume_stacks(vol, planes):
             x, fg = bundle.preprocess_stack(images, spacing)
-            comp = bundle.components(x)
             out.append({"subject": vol.subject, "plane": plane, "foreground": fg,
-                        "absolute": bundle.absolute_score(comp), "components": comp})
+                        "components": bundle.components(x)})
     return out
 
 
@@ -332,24 +332,22 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
 
     Returns the calibration entry of model.json.
     """
-    stacks = stack_absolute_scores(bundle, volumes, planes)
+    stacks = stack_components(bundle, volumes, planes)
     pixels, clip_max = bundle.modelled_values, bundle.preprocess.clip_max
-    enough = [s for s in stacks if s["foreground"].sum() >= bundle.scoring.min_series_slices]
 
     def with_reference(part: ScoreConfig) -> tuple[ScoreConfig, list[float], np.ndarray]:
         """``part`` with its reference quantile set, the per-series quantiles, and its
         shifted scores on every foreground calibration slice."""
-        absolute = {id(s): absolute_score(s["components"], part, pixels, clip_max)
-                    for s in stacks}
-        meds = [float(np.quantile(absolute[id(s)][s["foreground"]], part.shift_quantile))
-                for s in enough]
-        part = ScoreConfig.from_dict({**part.to_dict(),
-                                      "reference_median": float(np.median(meds)) if meds else 0.0})
-        finals = [(absolute[id(s)] - series_shift(absolute[id(s)], s["foreground"], part))
-                  [s["foreground"]] for s in stacks]
+        absolute = [absolute_score(s["components"], part, pixels, clip_max) for s in stacks]
+        meds = [float(np.quantile(a[s["foreground"]], part.shift_quantile))
+                for a, s in zip(absolute, stacks, strict=True)
+                if s["foreground"].sum() >= part.min_series_slices]
+        part = replace(part, reference_median=float(np.median(meds)) if meds else 0.0)
+        finals = [(a - series_shift(a, s["foreground"], part))[s["foreground"]]
+                  for a, s in zip(absolute, stacks, strict=True)]
         return part, meds, np.concatenate(finals) if finals else np.zeros(0)
 
-    main_cfg = ScoreConfig.from_dict({**bundle.scoring.to_dict(), "alternatives": ()})
+    main_cfg = replace(bundle.scoring, alternatives=())
     main_cfg, medians, main_scores = with_reference(main_cfg)
     if main_scores.size == 0:
         raise ValueError("no foreground calibration slices")
