@@ -164,6 +164,8 @@ def calibrate(
     series_relative: Annotated[bool | None, typer.Option(help="Series shift.")] = None,
     samples: Annotated[int | None, typer.Option(help="Default Monte-Carlo samples.")] = None,
     target_fpr: Annotated[float | None, typer.Option(help="False-positive rate.")] = None,
+    position_bins: Annotated[int | None, typer.Option(
+        min=0, help="Position reference bins per plane (0: off).")] = None,
     alternative: Annotated[list[str] | None, typer.Option(
         help="Alternative score, e.g. complexity_weight=1,tail_weight=0,max_series_shift=7000,"
              "shift_quantile=0.75 (repeat for several; 'none' removes them). Replaces the "
@@ -177,13 +179,18 @@ def calibrate(
 
     given = {"tail_weight": tail_weight, "max_series_shift": max_series_shift,
              "complexity": complexity, "series_relative": series_relative, "samples": samples,
-             "complexity_weight": complexity_weight, "shift_quantile": shift_quantile}
+             "complexity_weight": complexity_weight, "shift_quantile": shift_quantile,
+             "position_bins": position_bins}
     changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if alternative:
         changes["alternatives"] = [_parse_alternative(a) for a in alternative if a != "none"]
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    recalibrate(bundle, _load_volumes(data), out, changes, target_fpr, command)
+    try:
+        recalibrate(bundle, _load_volumes(data), out, changes, target_fpr, command)
+    except ValueError as exc:  # data that cannot calibrate these settings; nothing written
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"bundle written to {out} (threshold {bundle.threshold:.1f})")
 
 

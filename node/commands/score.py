@@ -183,7 +183,7 @@ def _score_nifti(
                 list(stack), [spacing] * len(stack), estimator=options.estimator,
                 samples=options.samples, threshold=options.threshold,
                 batch_size=options.batch_size, device=options.device,
-                progress=options.progress,
+                progress=options.progress, plane="axial",
             )
         except ModelError as exc:
             errors.append(f"{path}: {exc}")

@@ -77,8 +77,8 @@ class SliceScores:
 
     Attributes:
         log_likelihood: the thresholded score: log marginal likelihood (nats), complexity
-            corrected, tail weighted and series shifted as the bundle says (see
-            :mod:`node.model.scoring`).
+            corrected, tail weighted, series shifted and position referenced as the bundle
+            says (see :mod:`node.model.scoring`).
         kl: KL divergence of the attribute distributions to N(0, I) (match likelihood).
         elbo: evidence lower bound (nats).
         abnormal: verdict per slice (``log_likelihood < threshold`` on foreground slices).
@@ -201,6 +201,8 @@ class Bundle:
         batch_size: int = 32,
         device: str = "auto",
         progress: bool = False,
+        plane: str | None = None,
+        descending: bool = False,
     ) -> SliceScores:
         """Score one stack of 2D slices (any size and plane) and classify each slice.
 
@@ -214,6 +216,10 @@ class Bundle:
             batch_size: slices per model call.
             device: ``auto``, ``cpu``, ``cuda``...
             progress: show a progress bar.
+            plane: ``axial``, ``coronal`` or ``sagittal`` when known, for the position
+                reference (:mod:`node.model.scoring`, item 5); None: unknown, global score.
+            descending: the slices run against the plane's anatomical direction (left to
+                right, posterior to anterior, inferior to superior).
 
         Returns:
             A :class:`SliceScores` with one entry per input slice.
@@ -230,7 +236,7 @@ class Bundle:
             progress=progress,
         )
         score, absolute, shift = stack_scores(comp, fg, self.scoring, self.modelled_values,
-                                              self.preprocess.clip_max)
+                                              self.preprocess.clip_max, plane, descending)
         abnormal = (score < thr) & fg
         conf = calibrate.confidence(score, thr, self.quantiles)
         conf = np.where(fg | abnormal, conf, np.maximum(conf, 0.0))

@@ -67,6 +67,8 @@ class SeriesStack:
         spacings: (row, col) pixel spacing in mm per image, None where unknown.
         plane: ``axial``, ``coronal``, ``sagittal`` (from the slice normal) or ``oblique``.
         source: the series (folder and UID), for messages.
+        descending: the images run against the plane's anatomical direction (left to right,
+            posterior to anterior, inferior to superior, as :func:`plane_slices` orders).
     """
 
     subject: str
@@ -74,6 +76,7 @@ class SeriesStack:
     spacings: tuple[tuple[float, float] | None, ...]
     plane: str
     source: str
+    descending: bool = False
 
 
 #: What training takes: NIfTI volumes and DICOM stacks, mixed freely.
@@ -147,7 +150,8 @@ def plane_slices(volume: Volume, plane: str) -> tuple[np.ndarray, tuple[float, f
     to inferior, columns anterior to posterior.
 
     Returns:
-        (stack ``[n, rows, cols]`` ordered from R, P/A or I upwards, (row, col) spacing in mm).
+        (stack ``[n, rows, cols]`` in the voxel order of the RAS volume: left to right,
+        posterior to anterior, inferior to superior; (row, col) spacing in mm).
     """
     d = volume.data
     sx, sy, sz = volume.spacing

@@ -203,8 +203,9 @@ def _score_arrays(
 ) -> dict[str, np.ndarray]:
     comp = rec["components"]
     pixels = bundle.modelled_values
+    # Corrupted records are axial stacks; every stack runs in its plane's anatomical direction.
     final, absolute, _ = stack_scores(comp, rec["foreground"], cfg, pixels,
-                                      bundle.preprocess.clip_max)
+                                      bundle.preprocess.clip_max, rec.get("plane", "axial"))
     corrected_cfg = ScoreConfig.from_dict({**cfg.to_dict(), "tail_weight": 0.0,
                                            "series_relative": False, "complexity": True,
                                            "complexity_weight": 1.0, "alternatives": ()})

@@ -24,6 +24,23 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    together and is brought back; a scan of another body part, far beyond the cap, stays far
    below the threshold; an artifact in part of a series stands out against the rest.
 
+5. Position reference: how likely a normal slice is depends on where it lies in the head (the
+   slices near the skull base and the vertex score lower than mid-brain ones), so one global
+   threshold is set by the end slices and lets a corrupted mid-brain slice pass far above the
+   level of its normal neighbours. With ``position_bins`` > 0, the final score of a foreground
+   slice is compared with the normal calibration slices at the same relative position (among
+   the stack's foreground slices, in the plane's anatomical direction: inferior to superior,
+   posterior to anterior, left to right) of the same plane:
+   ``position_median + position_spread * (s - median_b) / spread_b``, where ``b`` is the
+   position bin, a spread is the median minus the 5th percentile, and ``position_median`` and
+   ``position_spread`` are those of all normal slices. The result stays on the
+   nats scale of the global score (a normal slice at its bin's median gets the global median),
+   so the threshold and confidence work unchanged. The threshold is then calibrated on
+   leave-one-subject-out normalized scores (each calibration subject normalized with the
+   profiles of the others), so that the noise of the profiles counts in the false-positive
+   rate instead of being fitted away. Stacks whose plane or direction is unknown, and stacks
+   with fewer than ``min_series_slices`` foreground slices, keep the global score.
+
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
 either.
@@ -34,7 +51,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,6 +80,12 @@ class ScoreConfig:
             ``shift_quantile`` quantile (nats); the name stayed from the median-only version.
         alternatives: other scores whose mapped minimum with this one is the final score
             (:class:`AlternativeScore`, item 4 of the module docstring).
+        position_bins: bins of relative slice position of the position reference (item 5;
+            0: off).
+        position_profiles: per plane, the (medians, spreads) of normal final scores per bin
+            (set by calibration).
+        position_median: median of the normal final scores, all positions and planes.
+        position_spread: their median minus their 5th percentile.
     """
 
     estimator: str = "importance"
@@ -76,6 +99,11 @@ class ScoreConfig:
     shift_quantile: float = 0.5
     reference_median: float = 0.0
     alternatives: tuple[AlternativeScore, ...] = ()
+    position_bins: int = 0
+    position_profiles: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(
+        default_factory=dict)
+    position_median: float = 0.0
+    position_spread: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json``."""
@@ -86,12 +114,15 @@ class ScoreConfig:
         """Inverse of :meth:`to_dict`."""
         alts = tuple(a if isinstance(a, AlternativeScore) else AlternativeScore(**a)
                      for a in data.get("alternatives", ()))
-        return cls(**{**data, "alternatives": alts})
+        profiles = {plane: (tuple(map(float, med)), tuple(map(float, spread)))
+                    for plane, (med, spread) in data.get("position_profiles", {}).items()}
+        return cls(**{**data, "alternatives": alts, "position_profiles": profiles})
 
     def part(self, alt: AlternativeScore) -> ScoreConfig:
         """The settings of one alternative as a stand-alone score (no alternatives of its own)."""
         return ScoreConfig.from_dict({
-            **self.to_dict(), "alternatives": (), "complexity": alt.complexity_weight > 0,
+            **self.to_dict(), "alternatives": (), "position_bins": 0,
+            "complexity": alt.complexity_weight > 0,
             "complexity_weight": alt.complexity_weight or 1.0, "tail_weight": alt.tail_weight,
             "max_series_shift": alt.max_series_shift, "shift_quantile": alt.shift_quantile,
             "reference_median": alt.reference_median,
@@ -182,17 +213,83 @@ def series_shift(score: np.ndarray, foreground: np.ndarray, cfg: ScoreConfig) ->
 
 def stack_scores(
     comp: dict[str, np.ndarray], foreground: np.ndarray, cfg: ScoreConfig, pixels: int,
-    clip_max: float,
+    clip_max: float, plane: str | None = None, descending: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(final, absolute, shift) of one stack: the thresholded score, the main score before its
-    series shift, and that shift."""
+    series shift, and that shift. ``plane`` and ``descending`` place the slices for the
+    position reference (None: unknown, no position reference)."""
     absolute = absolute_score(comp, cfg, pixels, clip_max)
     shift = series_shift(absolute, foreground, cfg)
     final = absolute - shift
     for alt in cfg.alternatives:
         part = alternative_final(comp, foreground, cfg.part(alt), pixels, clip_max)
         final = np.minimum(final, alt.offset + alt.gain * part)
+    final = position_normalized(final, foreground, cfg, plane, descending)
     return final, absolute, shift
+
+
+def relative_positions(foreground: np.ndarray, descending: bool = False) -> np.ndarray:
+    """0 to 1 along the foreground slices in the plane's anatomical direction (item 5 of the
+    module docstring); NaN for background slices. ``descending``: the stack runs the other way."""
+    pos = np.full(len(foreground), np.nan)
+    idx = np.flatnonzero(foreground)
+    if idx.size:
+        ramp = np.linspace(0.0, 1.0, idx.size)
+        pos[idx] = ramp[::-1] if descending else ramp
+    return pos
+
+
+def position_bin(positions: np.ndarray, bins: int) -> np.ndarray:
+    """The bin of each (non-NaN) relative position."""
+    return np.clip((positions * bins).astype(int), 0, bins - 1)
+
+
+def position_normalized(score: np.ndarray, foreground: np.ndarray, cfg: ScoreConfig,
+                        plane: str | None, descending: bool = False) -> np.ndarray:
+    """``score`` with each foreground slice compared with normal slices at its position
+    (item 5 of the module docstring); unchanged when that does not apply."""
+    profile = cfg.position_profiles.get(plane or "")
+    if (cfg.position_bins <= 0 or profile is None
+            or int(foreground.sum()) < cfg.min_series_slices):
+        return score
+    medians, spreads = (np.asarray(v, dtype=np.float64) for v in profile)
+    k = position_bin(relative_positions(foreground, descending)[foreground], cfg.position_bins)
+    out = np.asarray(score, dtype=np.float64).copy()
+    out[foreground] = (cfg.position_median
+                       + cfg.position_spread * (out[foreground] - medians[k]) / spreads[k])
+    return out
+
+
+def robust_level(scores: np.ndarray) -> tuple[float, float]:
+    """(median, median minus 5th percentile) of normal scores: the level and spread item 5
+    compares with (the spread floored so that a constant set cannot divide by zero)."""
+    med, q05 = np.quantile(np.asarray(scores, dtype=np.float64), [0.5, 0.05])
+    return float(med), max(float(med - q05), 1e-6)
+
+
+def fit_position_profiles(
+    stacks: Sequence[tuple[str, np.ndarray, np.ndarray]], bins: int, min_slices: int = 1
+) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per plane, the level and spread of normal final scores per position bin.
+
+    Args:
+        stacks: (plane, final scores, foreground) of normal stacks, each in its plane's
+            anatomical direction.
+        bins: position bins; a bin without slices takes the plane's overall level.
+        min_slices: fewest foreground slices of a stack that counts (as in scoring).
+    """
+    out: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+    for plane in sorted({p for p, _, fg in stacks if int(fg.sum()) >= min_slices}):
+        scores, positions = [], []
+        for p, final, fg in stacks:
+            if p == plane and int(fg.sum()) >= min_slices:
+                scores.append(final[fg])
+                positions.append(relative_positions(fg)[fg])
+        s, k = np.concatenate(scores), position_bin(np.concatenate(positions), bins)
+        overall = robust_level(s)
+        levels = [robust_level(s[k == b]) if np.any(k == b) else overall for b in range(bins)]
+        out[plane] = (tuple(m for m, _ in levels), tuple(d for _, d in levels))
+    return out
 
 
 def alternative_final(

@@ -53,7 +53,15 @@ from node.model.data import (
     split_subjects,
 )
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
-from node.model.scoring import ScoreConfig, absolute_score, match_scales, series_shift
+from node.model.scoring import (
+    ScoreConfig,
+    absolute_score,
+    fit_position_profiles,
+    match_scales,
+    position_normalized,
+    robust_level,
+    series_shift,
+)
 from node.model.vae import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
@@ -318,48 +326,60 @@ def stack_components(
     the score can be computed without running the model again."""
     out = []
     for vol in volumes:
+        descending = isinstance(vol, SeriesStack) and vol.descending
         for plane, images, spacing in volume_stacks(vol, planes):
             x, fg = bundle.preprocess_stack(images, spacing)
-            out.append({"subject": vol.subject, "plane": plane, "foreground": fg,
-                        "components": bundle.components(x)})
+            out.append({"subject": vol.subject, "plane": plane, "descending": descending,
+                        "foreground": fg, "components": bundle.components(x)})
     return out
+
+
+MIN_POSITION_SUBJECTS = 3  # leave-one-subject-out needs others to fit the profiles from
 
 
 def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str],
                      target_fpr: float) -> dict[str, Any]:
-    """Set the reference series quantiles, the alternatives' maps, the threshold and the normal
-    quantiles in place (see :mod:`node.model.scoring`).
+    """Set the reference series quantiles, the alternatives' maps, the position profiles, the
+    threshold and the normal quantiles in place (see :mod:`node.model.scoring`).
 
     Returns the calibration entry of model.json.
     """
     stacks = stack_components(bundle, volumes, planes)
     pixels, clip_max = bundle.modelled_values, bundle.preprocess.clip_max
 
-    def with_reference(part: ScoreConfig) -> tuple[ScoreConfig, list[float], np.ndarray]:
+    def with_reference(part: ScoreConfig) -> tuple[ScoreConfig, list[float], list[np.ndarray]]:
         """``part`` with its reference quantile set, the per-series quantiles, and its
-        shifted scores on every foreground calibration slice."""
+        shifted scores of every calibration stack."""
         absolute = [absolute_score(s["components"], part, pixels, clip_max) for s in stacks]
         meds = [float(np.quantile(a[s["foreground"]], part.shift_quantile))
                 for a, s in zip(absolute, stacks, strict=True)
                 if s["foreground"].sum() >= part.min_series_slices]
         part = replace(part, reference_median=float(np.median(meds)) if meds else 0.0)
-        finals = [(a - series_shift(a, s["foreground"], part))[s["foreground"]]
+        finals = [a - series_shift(a, s["foreground"], part)
                   for a, s in zip(absolute, stacks, strict=True)]
-        return part, meds, np.concatenate(finals) if finals else np.zeros(0)
+        return part, meds, finals
 
-    main_cfg = replace(bundle.scoring, alternatives=())
-    main_cfg, medians, main_scores = with_reference(main_cfg)
+    def foreground(per_stack: list[np.ndarray]) -> np.ndarray:
+        parts = [v[s["foreground"]] for v, s in zip(per_stack, stacks, strict=True)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    main_cfg = replace(bundle.scoring, alternatives=(), position_profiles={})
+    main_cfg, medians, finals = with_reference(main_cfg)
+    main_scores = foreground(finals)
     if main_scores.size == 0:
         raise ValueError("no foreground calibration slices")
     alternatives = []
-    scores = main_scores
     for alt in bundle.scoring.alternatives:
-        part, _, alt_scores = with_reference(main_cfg.part(alt))
-        gain, offset = match_scales(main_scores, alt_scores)
+        part, _, alt_finals = with_reference(main_cfg.part(alt))
+        gain, offset = match_scales(main_scores, foreground(alt_finals))
         alternatives.append(replace(alt, reference_median=part.reference_median, gain=gain,
                                     offset=offset))
-        scores = np.minimum(scores, offset + gain * alt_scores)
+        finals = [np.minimum(f, offset + gain * a) for f, a in zip(finals, alt_finals,
+                                                                    strict=True)]
     scoring = replace(main_cfg, alternatives=tuple(alternatives))
+    if scoring.position_bins > 0:
+        scoring, finals = _position_reference(scoring, stacks, finals)
+    scores = foreground(finals)
     threshold = calibrate.threshold_at_fpr(scores, target_fpr)
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
@@ -374,10 +394,39 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         "series": len(stacks),
         "subjects": sorted({v.subject for v in volumes}),
         "series_median_spread": [float(np.min(medians)), float(np.max(medians))] if medians else [],
-        "method": "target_fpr quantile of normal calibration slices (series-shifted scores)",
+        "method": "target_fpr quantile of normal calibration slices (series-shifted scores"
+                  + (", position referenced leaving each subject out)"
+                     if scoring.position_bins > 0 else ")"),
     }
     bundle.meta["calibration"] = entry
     return entry
+
+
+def _position_reference(
+    scoring: ScoreConfig, stacks: list[dict[str, Any]], finals: list[np.ndarray]
+) -> tuple[ScoreConfig, list[np.ndarray]]:
+    """The position profiles fitted on all calibration stacks, and each stack's scores
+    referenced with the profiles of the OTHER subjects (what the threshold is set on; item 5
+    of :mod:`node.model.scoring`)."""
+    subjects = sorted({s["subject"] for s in stacks})
+    if len(subjects) < MIN_POSITION_SUBJECTS:
+        raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
+                         f"calibration subjects, got {len(subjects)}")
+    # Canonical order: a stack that runs the other way is flipped for the fit.
+    canon = [(s["plane"], f[::-1] if s["descending"] else f,
+              s["foreground"][::-1] if s["descending"] else s["foreground"])
+             for s, f in zip(stacks, finals, strict=True)]
+    level, spread = robust_level(np.concatenate([f[fg] for _, f, fg in canon]))
+    scoring = replace(scoring, position_median=level, position_spread=spread)
+    held_out = []
+    for s, f in zip(stacks, finals, strict=True):
+        others = [c for c, t in zip(canon, stacks, strict=True) if t["subject"] != s["subject"]]
+        cfg = replace(scoring, position_profiles=fit_position_profiles(
+            others, scoring.position_bins, scoring.min_series_slices))
+        held_out.append(position_normalized(f, s["foreground"], cfg, s["plane"],
+                                            s["descending"]))
+    profiles = fit_position_profiles(canon, scoring.position_bins, scoring.min_series_slices)
+    return replace(scoring, position_profiles=profiles), held_out
 
 
 def run_training(

@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 
 #: Largest difference between direction cosines still counted as the same orientation.
 ORIENTATION_TOLERANCE = 1e-3
+#: LPS axis of the slice normal -> plane name (x: sagittal, y: coronal, z: axial).
+_PLANE_BY_AXIS = ("sagittal", "coronal", "axial")
+#: A normal whose largest direction cosine is below this is called oblique.
+_OBLIQUE_BELOW = 0.9
+#: Per plane, the LPS direction in which the model layer's stacks run (right, anterior,
+#: superior: the voxel order of a RAS volume, ``node.model.data.plane_slices``).
+_ANATOMICAL_DIRECTION = {"sagittal": (-1.0, 0.0, 0.0), "coronal": (0.0, -1.0, 0.0),
+                         "axial": (0.0, 0.0, 1.0)}
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: Objects that carry pixel data but are not images of the patient to judge.
 NOT_JUDGED_SOP_CLASSES: dict[str, str] = {
@@ -135,8 +143,35 @@ class Stack:
         """The (row, column) spacings, in slice order."""
         return [s.pixel_spacing for s in self.slices]
 
+    @property
+    def placement(self) -> tuple[str | None, bool]:
+        """(plane, descending) for the model's position reference: the plane, and whether the
+        stack runs against that plane's anatomical direction (left to right, posterior to
+        anterior, inferior to superior). (None, False) when the stack was not ordered by
+        position or is oblique."""
+        if self.ordered_by != "position" or self.orientation is None:
+            return None, False
+        plane = plane_of(self.orientation)
+        if plane not in _ANATOMICAL_DIRECTION:
+            return None, False
+        return plane, float(np.dot(_normal(self.orientation), _ANATOMICAL_DIRECTION[plane])) < 0
+
     def __len__(self) -> int:
         return len(self.slices)
+
+
+def plane_of(orientation: Sequence[float] | None) -> str:
+    """``axial``, ``coronal`` or ``sagittal`` from Image Orientation (Patient); ``oblique``
+    when the slice normal is far from every axis or the orientation is unknown."""
+    if orientation is None or len(orientation) != 6:
+        return "oblique"
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    norm = float(np.linalg.norm(normal))
+    if norm == 0.0:
+        return "oblique"
+    normal = np.abs(normal) / norm
+    axis = int(np.argmax(normal))
+    return _PLANE_BY_AXIS[axis] if normal[axis] >= _OBLIQUE_BELOW else "oblique"
 
 
 @dataclass(frozen=True)

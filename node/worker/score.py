@@ -106,6 +106,7 @@ def score_series(
     estimator = options.estimator or bundle.scoring.estimator
     samples = options.samples or bundle.scoring.samples
     for stack in series.stacks:
+        plane, descending = stack.placement
         scores = bundle.score_slices(
             stack.images,
             stack.pixel_spacings,
@@ -115,6 +116,8 @@ def score_series(
             batch_size=options.batch_size,
             device=options.device,
             progress=options.progress,
+            plane=plane,
+            descending=descending,
         )
         threshold, estimator, samples = scores.threshold, scores.estimator, scores.samples
         for k, sl in enumerate(stack.slices):

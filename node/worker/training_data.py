@@ -22,15 +22,9 @@ import numpy as np
 
 from node.errors import AssemblyError, NoImages
 from node.model.data import SeriesStack, is_nifti
-from node.worker.assemble import assemble_series, find_series
+from node.worker.assemble import assemble_series, find_series, plane_of
 
 log = logging.getLogger(__name__)
-
-#: LPS axis of the slice normal -> plane name (x: sagittal, y: coronal, z: axial).
-_PLANE_BY_AXIS = ("sagittal", "coronal", "axial")
-#: A normal whose largest direction cosine is below this is called oblique.
-_OBLIQUE_BELOW = 0.9
-
 
 @dataclass(frozen=True)
 class DicomTrainingData:
@@ -39,20 +33,6 @@ class DicomTrainingData:
     stacks: list[SeriesStack]
     problems: list[str]
     other_files: int
-
-
-def plane_of(orientation: Sequence[float] | None) -> str:
-    """``axial``, ``coronal`` or ``sagittal`` from Image Orientation (Patient); ``oblique``
-    when the slice normal is far from every axis or the orientation is unknown."""
-    if orientation is None or len(orientation) != 6:
-        return "oblique"
-    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-    norm = float(np.linalg.norm(normal))
-    if norm == 0.0:
-        return "oblique"
-    normal = np.abs(normal) / norm
-    axis = int(np.argmax(normal))
-    return _PLANE_BY_AXIS[axis] if normal[axis] >= _OBLIQUE_BELOW else "oblique"
 
 
 def load_dicom_stacks(paths: Iterable[Path]) -> DicomTrainingData:
@@ -86,6 +66,7 @@ def load_dicom_stacks(paths: Iterable[Path]) -> DicomTrainingData:
                     spacings=tuple(stack.pixel_spacings),
                     plane=plane_of(stack.orientation),
                     source=f"{folder} (series {found.series_instance_uid})",
+                    descending=stack.placement[1],
                 )
             )
     return DicomTrainingData(stacks, problems, other)

@@ -202,13 +202,6 @@ def test_motion_series_outside_the_block_is_rarely_flagged(flow: Flow) -> None:
     assert false <= 0.05 * others, f"{false} of {others} other slices flagged"
 
 
-# The shipped default model is not sensitive enough yet: it flagged 8 of the 15 moderate-motion
-# slices here (vaenode evaluate: 33% of moderate-motion blocks at the stored threshold). Strict:
-# this fails as soon as a model meets the target, so that the mark is then removed.
-@pytest.mark.xfail(
-    strict=True,
-    reason="default model flags ~50% of this moderate-motion block, target 80% (issue 3 open)",
-)
 def test_motion_block_is_flagged(flow: Flow) -> None:
     sr, hit, corrupted, _, _ = _motion_flags(flow)
     assert hit >= 0.8 * corrupted, f"{hit} of {corrupted} corrupted slices flagged"

@@ -19,6 +19,8 @@ def test_shipped_bundle_loads_and_is_small() -> None:
     assert b.meta["data_attribution"]["license"] == "CC BY-SA 3.0"
     assert b.meta["training"]["command"].startswith("vaenode train")
     assert b.target_fpr == 0.01
+    # The position reference covers the three planes the model serves.
+    assert set(b.scoring.position_profiles) == {"axial", "coronal", "sagittal"}
 
 
 def test_shipped_bundle_keeps_a_clean_evaluation_series_normal() -> None:
@@ -30,7 +32,7 @@ def test_shipped_bundle_keeps_a_clean_evaluation_series_normal() -> None:
     if not files:
         pytest.skip("IXI data not available")
     stack, spacing = plane_slices(load_nifti(files[0]), "axial")
-    s = b.score_slices(list(stack), [spacing] * len(stack))
+    s = b.score_slices(list(stack), [spacing] * len(stack), plane="axial")
     assert s.abnormal[s.foreground].mean() <= 0.05
     assert not s.abnormal[~s.foreground].any()
 

@@ -13,6 +13,7 @@ from pydicom.uid import RLELossless
 
 from node.errors import AssemblyError, NoImages
 from node.worker.assemble import (
+    Stack,
     assemble_series,
     find_series,
     read_headers,
@@ -140,6 +141,31 @@ def test_instance_number_fallback_without_positions(tmp_path: Path) -> None:
     (stack,) = assemble_series(shuffled(written.paths)).stacks
     assert stack.ordered_by == "instance number"
     assert [s.sop_instance_uid for s in stack.slices] == written.sop_instance_uids
+
+
+def test_placement_gives_plane_and_direction_for_the_position_reference(
+    tmp_path: Path,
+) -> None:
+    """The model's stacks run left to right, posterior to anterior, inferior to superior
+    (``plane_slices`` of a RAS volume); the worker's run along the slice normal."""
+
+    def placement(orientation: tuple[float, ...] | None, ordered_by: str = "position"):
+        return Stack((), orientation, 8, 8, None, ordered_by).placement
+
+    assert placement((1, 0, 0, 0, 1, 0)) == ("axial", False)  # normal +z: superior
+    assert placement((1, 0, 0, 0, -1, 0)) == ("axial", True)  # normal -z
+    assert placement((1, 0, 0, 0, 0, -1)) == ("coronal", True)  # normal +y: posterior
+    assert placement((-1, 0, 0, 0, 0, -1)) == ("coronal", False)
+    assert placement((0, 1, 0, 0, 0, -1)) == ("sagittal", False)  # normal -x: to the right
+    assert placement((0, -1, 0, 0, 0, -1)) == ("sagittal", True)
+    assert placement((1, 0, 0, 0, 0.7071, 0.7071)) == (None, False)  # oblique
+    assert placement(None) == (None, False)
+    assert placement((1, 0, 0, 0, 1, 0), "instance number") == (None, False)
+    # A written axial series: inferior to superior, as the model's axial stacks.
+    volume = np.arange(8 * 8 * 6, dtype=np.float32).reshape(8, 8, 6)
+    written = write_series(volume, (1.0, 1.0, 2.0), tmp_path / "s")
+    (stack,) = assemble_series(shuffled(written.paths)).stacks
+    assert stack.placement == ("axial", False)
 
 
 def test_stacks_split_by_orientation_and_size(tmp_path: Path) -> None:
