@@ -204,8 +204,13 @@ def _four_storescu_at_once(node: RunningNode, tmp_path: Path) -> None:
 
 
 def _listener_pids(node: RunningNode) -> list[int]:
-    found = re.search(r"listener processes ready .*pids=([0-9,]+)", node.log_text())
-    assert found, node.log_text()
+    # The port opens when the first child listens; the main process logs this line once every
+    # child has reported, a moment later (on a busy machine, after start_node has returned).
+    deadline = time.monotonic() + 30
+    while not (found := re.search(r"listener processes ready .*pids=([0-9,]+)",
+                                  node.log_text())):
+        assert time.monotonic() < deadline, node.log_text()
+        time.sleep(0.05)
     return [int(pid) for pid in found.group(1).split(",")]
 
 
