@@ -235,6 +235,15 @@ class Scp:
         # decompress before sending; the node must store what the modality produced. A process-
         # wide pynetdicom switch: the node's only SCP is this one.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # pynetdicom's "standard" event handlers do nothing but format INFO and DEBUG lines of
+        # the "pynetdicom" logger for every PDU and DIMSE message (for a C-STORE-RQ they read
+        # its command set back through pydicom): about 15% of the receiving reactor's CPU
+        # (cProfile, four senders), spent for nothing when that logger drops the lines, as it
+        # does unless [log].level is DEBUG (node/log.py). Bound only when it would print
+        # them; also process-wide, read when a server or association is created.
+        pynetdicom_log = logging.getLogger("pynetdicom")
+        _config.LOG_HANDLER_LEVEL = ("standard" if pynetdicom_log.isEnabledFor(logging.INFO)
+                                     else "none")
         ae = AE(ae_title=self.settings.ae_title)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # Ignored while the unrestricted service is on; kept so that the AE also describes the
