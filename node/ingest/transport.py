@@ -25,6 +25,13 @@ one ``select`` on the connection and a wake-up socket that :meth:`EventDrivenDUL
 C-STORE response at once (no pause added to either), and at most every :data:`WAIT_S`
 otherwise. In every other state (negotiation, release, abort) the loop pauses and polls as
 pynetdicom's does.
+
+And each association's DIMSE provider is a :class:`FastResponseDIMSE`: pynetdicom encodes a
+C-STORE response by filling a pydicom ``Dataset`` from the primitive and encoding it twice (once
+to learn the group length), about 0.25 ms of CPU for seven elements; the subclass packs the same
+bytes with ``struct`` (:func:`encode_c_store_rsp`) whenever the response is the plain one the node
+sends (no error comment or offending element, no handler bound to ``EVT_DIMSE_SENT``, one
+fragment), and leaves everything else to pynetdicom.
 """
 
 from __future__ import annotations
@@ -33,11 +40,16 @@ import contextlib
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 if TYPE_CHECKING:
@@ -165,9 +177,70 @@ class EventDrivenDUL(DULServiceProvider):
         return super()._is_transport_event()
 
 
+_C_STORE_RSP = 0x8001  # CommandField
+_NO_DATA_SET = 0x0101  # CommandDataSetType
+
+
+def _ui(element: int, uid: str) -> bytes:
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+
+def encode_c_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: int,
+                       status: int) -> bytes:
+    """The command set of a C-STORE-RSP without a data set, error comment or offending
+    element, Implicit VR Little Endian (PS3.7 9.3.1.2, E.1), as pynetdicom encodes it."""
+    body = b"".join((
+        _ui(0x0002, sop_class_uid),
+        _us(0x0100, _C_STORE_RSP),
+        _us(0x0120, message_id),
+        _us(0x0800, _NO_DATA_SET),
+        _us(0x0900, status),
+        _ui(0x1000, sop_instance_uid),
+    ))
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def _plain_uid(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and value.isascii()
+
+
+class FastResponseDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, sending plain C-STORE responses without pydicom."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_STORE
+            and isinstance(primitive.MessageIDBeingRespondedTo, int)
+            and isinstance(primitive.Status, int)
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and _plain_uid(primitive.AffectedSOPClassUID)
+            and _plain_uid(primitive.AffectedSOPInstanceUID)
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        ):
+            command = encode_c_store_rsp(
+                primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID,
+                primitive.MessageIDBeingRespondedTo, primitive.Status)
+            max_pdu = self.maximum_pdu_size
+            if max_pdu == 0 or len(command) <= max_pdu - 6:
+                pdata = P_DATA()
+                # Message control header 0x03: command information, last fragment.
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
+
+
 class NodeRequestHandler(RequestHandler):
-    """pynetdicom's request handler, giving each association a :class:`FastRecvSocket` and an
-    :class:`EventDrivenDUL`."""
+    """pynetdicom's request handler, giving each association a :class:`FastRecvSocket`, an
+    :class:`EventDrivenDUL` and a :class:`FastResponseDIMSE`."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -178,4 +251,6 @@ class NodeRequestHandler(RequestHandler):
         if type(dul) is DULServiceProvider and not dul.is_alive():
             dul.__class__ = EventDrivenDUL  # its own state is set up by prepare()
             dul.prepare()
+        if type(assoc.dimse) is DIMSEServiceProvider:
+            assoc.dimse.__class__ = FastResponseDIMSE  # a subclass without state of its own
         return assoc

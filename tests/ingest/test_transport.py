@@ -5,13 +5,24 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from pynetdicom import AE, evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from node.ingest.transport import EventDrivenDUL, FastRecvSocket, NodeRequestHandler
+from node.ingest.transport import (
+    EventDrivenDUL,
+    FastRecvSocket,
+    FastResponseDIMSE,
+    NodeRequestHandler,
+    encode_c_store_rsp,
+)
 
 
 def _fast_socket(sock: socket.socket) -> FastRecvSocket:
@@ -55,14 +66,15 @@ def test_recv_returns_what_it_has_when_the_peer_closes() -> None:
     ours.close()
 
 
-def test_associations_of_our_server_use_the_fast_socket_and_the_event_driven_dul() -> None:
+def test_associations_of_our_server_use_our_socket_reactor_and_dimse() -> None:
     scp = AE(ae_title="SCP")
     scp.add_supported_context(Verification)
-    seen: list[tuple[type, type]] = []
+    seen: list[tuple[type, type, type]] = []
     duls: list[Any] = []
 
     def on_echo(event: evt.Event) -> int:
-        seen.append((type(event.assoc.dul.socket), type(event.assoc.dul)))
+        seen.append((type(event.assoc.dul.socket), type(event.assoc.dul),
+                     type(event.assoc.dimse)))
         duls.append(event.assoc.dul)
         return 0x0000
 
@@ -104,5 +116,73 @@ def test_associations_of_our_server_use_the_fast_socket_and_the_event_driven_dul
         assoc.abort()
     finally:
         server.shutdown()
-    assert seen[0] == (FastRecvSocket, EventDrivenDUL)
+    assert seen[0] == (FastRecvSocket, EventDrivenDUL, FastResponseDIMSE)
     assert issubclass(FastRecvSocket, AssociationSocket)
+
+
+def _pynetdicom_c_store_rsp(rsp: C_STORE, max_pdu: int = 262144) -> list[Any]:
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    return [p.presentation_data_value_list for p in message.encode_msg(1, max_pdu)]
+
+
+def _rsp(class_uid: str, instance_uid: str, message_id: int, status: int) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageID = message_id
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = class_uid
+    rsp.AffectedSOPInstanceUID = instance_uid
+    rsp.Status = status
+    return rsp
+
+
+class _RecordingDul:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send_pdu(self, primitive: Any) -> None:
+        self.sent.append(primitive.presentation_data_value_list)
+
+
+def _fast_dimse(max_pdu: int, handlers: list[Any] | None = None) -> tuple[Any, _RecordingDul]:
+    dimse = FastResponseDIMSE.__new__(FastResponseDIMSE)
+    dul = _RecordingDul()
+    assoc = SimpleNamespace(dul=dul, is_requestor=False,
+                            requestor=SimpleNamespace(maximum_length=max_pdu),
+                            get_handlers=lambda event: handlers or [])
+    dimse._assoc = assoc  # type: ignore[attr-defined]
+    return dimse, dul
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC211, 0xB000, 0xFFFF])
+@pytest.mark.parametrize("instance_uid", [
+    "1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498." + "1" * 37,  # 64 characters
+    "1.2.826.0.1.3680043.8.498." + "1" * 36,  # 63
+])
+@pytest.mark.parametrize("message_id", [1, 2, 65535])
+def test_c_store_response_bytes_are_pynetdicoms(status: int, instance_uid: str,
+                                                message_id: int) -> None:
+    class_uid = "1.2.840.10008.5.1.4.1.1.2"
+    dimse, dul = _fast_dimse(262144)
+    dimse.send_msg(_rsp(class_uid, instance_uid, message_id, status), 1)
+    assert dul.sent == _pynetdicom_c_store_rsp(_rsp(class_uid, instance_uid, message_id, status))
+    assert encode_c_store_rsp(class_uid, instance_uid, message_id, status) == dul.sent[0][0][1][1:]
+
+
+def test_other_responses_are_left_to_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    class_uid, instance_uid = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
+    left: list[Any] = []
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg",
+                        lambda self, primitive, cx: left.append(primitive))
+    with_comment = _rsp(class_uid, instance_uid, 3, 0xC211)
+    with_comment.ErrorComment = "cannot"
+    dimse, dul = _fast_dimse(262144)
+    dimse.send_msg(with_comment, 1)  # an error comment
+    dimse.send_msg(_rsp(class_uid, "", 3, 0), 1)  # no instance UID
+    dimse.send_msg(_rsp(class_uid, instance_uid, 3, 0), 1)  # the plain one: ours
+    small, _ = _fast_dimse(64)  # would need two fragments
+    small.send_msg(_rsp(class_uid, instance_uid, 3, 0), 1)
+    logged, _ = _fast_dimse(262144, handlers=[object()])  # a handler on EVT_DIMSE_SENT
+    logged.send_msg(_rsp(class_uid, instance_uid, 3, 0), 1)
+    assert len(left) == 4
+    assert len(dul.sent) == 1
