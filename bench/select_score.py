@@ -21,7 +21,10 @@ evaluation subjects, the studyforrest or prostate series, or any test data.
 The ``motion`` column is the fraction of the moderate-motion blocks' slices flagged at that
 threshold (shown, not used in the choice).
 Among the candidates that pass 3, the one meeting the most AUROC targets (0.95 moderate, 0.80
-mild) wins, ties broken by the mean AUROC. The scored records are cached beside the bundle
+mild) wins, ties broken by the mean AUROC. The position reference (``vaenode calibrate
+--position-bins``, ``node.model.scoring`` item 5) comes on top of the chosen score and is not
+part of this comparison (its bin count was chosen by cross-validation over the calibration
+subjects, as ``node/models/README.md`` says). The scored records are cached beside the bundle
 (``selection-records.pkl``). The last lines print the ``vaenode calibrate`` arguments.
 
     .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25] [--parts 3]
