@@ -19,9 +19,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import BigInteger, Integer, String, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -190,6 +192,95 @@ _UPDATE_SERIES_SEEN = (
 )
 
 
+class _DriverSql:
+    """The statements of :func:`record_instance`'s common case as driver SQL for one dialect.
+
+    Even with statements built once, SQLAlchemy spends about 0.04 ms of CPU per execution
+    (cache key, parameter processing, result set-up): 0.20 ms per instance for the four
+    statements of an instance of a series that is receiving, against 0.09 ms through the
+    DBAPI cursor of the same connection and transaction (microbenchmark, SQLite). So that
+    case runs on the cursor; everything else (new series, a series reopened, an instance that
+    moved series) keeps the SQLAlchemy statements below. Values go through the column types'
+    own bind processors and DBAPI errors are wrapped as SQLAlchemy's (an ``IntegrityError``
+    stays one), so rows and exceptions are those of the SQLAlchemy path.
+    """
+
+    def __init__(self, dialect: Any) -> None:
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        self.select_series = f"SELECT id, status FROM series WHERE series_instance_uid = {mark}"
+        self.select_instance = (
+            f"SELECT id, series_id, path FROM instances WHERE sop_instance_uid = {mark}")
+        self.insert_instance = (
+            "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, "
+            "transfer_syntax_uid, path, size_bytes, instance_number, received_at) "
+            f"VALUES ({', '.join([mark] * 8)})")
+        self.update_instance = (
+            f"UPDATE instances SET sop_class_uid = {mark}, transfer_syntax_uid = {mark}, "
+            f"path = {mark}, size_bytes = {mark}, instance_number = {mark}, "
+            f"received_at = {mark} WHERE id = {mark}")
+        self.update_series_seen = (
+            f"UPDATE series SET instance_count = instance_count + {mark}, "
+            f"last_received_at = {mark}, updated_at = {mark}, calling_aet = {mark}, "
+            f"peer_address = {mark} WHERE id = {mark}")
+        time_type = UTCDateTime().dialect_impl(dialect)
+        self.time = time_type.bind_processor(dialect) or (lambda value: value)
+        self.error: type[Exception] = dialect.loaded_dbapi.Error
+
+    @staticmethod
+    def for_dialect(dialect: Any) -> _DriverSql | None:
+        """The statements for ``dialect``, or None when its parameter style is not handled."""
+        if dialect.paramstyle not in ("qmark", "format", "pyformat"):
+            return None
+        key = (dialect.name, dialect.driver, dialect.paramstyle)
+        found = _DRIVER_SQL.get(key)
+        if found is None:
+            found = _DRIVER_SQL[key] = _DriverSql(dialect)
+        return found
+
+
+_DRIVER_SQL: dict[tuple[str, str, str], _DriverSql] = {}
+
+
+def _record_receiving(conn: Connection, sql: _DriverSql,
+                      rec: InstanceRecord) -> RecordResult | None:
+    """:func:`record_instance` for an instance of a series that is ``receiving`` and that it is
+    new to or already part of; None (having changed nothing) in every other case."""
+    cursor = conn.connection.cursor()
+    statement, params = "", ()
+    try:
+        statement, params = sql.select_series, (rec.series_instance_uid,)
+        cursor.execute(statement, params)
+        series = cursor.fetchone()
+        if series is None or series[1] != SeriesState.RECEIVING.value:
+            return None
+        series_id = series[0]
+        statement, params = sql.select_instance, (rec.sop_instance_uid,)
+        cursor.execute(statement, params)
+        existing = cursor.fetchone()
+        if existing is not None and existing[1] != series_id:
+            return None
+        now = sql.time(rec.received_at)
+        if existing is None:
+            statement, params = sql.insert_instance, (
+                series_id, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax_uid,
+                rec.path, rec.size_bytes, rec.instance_number, now)
+        else:
+            statement, params = sql.update_instance, (
+                rec.sop_class_uid, rec.transfer_syntax_uid, rec.path, rec.size_bytes,
+                rec.instance_number, now, existing[0])
+        cursor.execute(statement, params)
+        statement, params = sql.update_series_seen, (
+            1 if existing is None else 0, now, now, rec.calling_aet, rec.peer_address, series_id)
+        cursor.execute(statement, params)
+    except sql.error as exc:
+        raise DBAPIError.instance(statement, params, exc, sql.error) from exc
+    finally:
+        cursor.close()
+    stale_path = existing[2] if existing is not None and existing[2] != rec.path else None
+    return RecordResult(series_id=series_id, new_instance=existing is None,
+                        stale_path=stale_path)
+
+
 def record_instance(session: Session, rec: InstanceRecord) -> RecordResult:
     """Upsert the series and instance rows for one stored instance, in one transaction.
 
@@ -201,6 +292,9 @@ def record_instance(session: Session, rec: InstanceRecord) -> RecordResult:
     with _transaction(session):
         # Core statements on the session's connection: this runs once per received instance.
         conn = session.connection()
+        sql = _DriverSql.for_dialect(conn.dialect)
+        if sql is not None and (done := _record_receiving(conn, sql, rec)) is not None:
+            return done
         row = conn.execute(_SELECT_SERIES, {"b_uid": rec.series_instance_uid}).first()
         if row is None:
             series_id = conn.execute(_INSERT_SERIES, {

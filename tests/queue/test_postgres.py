@@ -23,6 +23,7 @@ from tests.helpers import dcmtk
 from tests.helpers.claims import drain_queue
 from tests.helpers.node import VAENODE, start_node
 from tests.helpers.postgres import Postgres, start_postgres
+from tests.helpers.records import count_driver_path, driver_path_off, record_scenario
 from tests.helpers.synthetic import write_ct_series
 
 pytestmark = pytest.mark.e2e
@@ -114,3 +115,23 @@ def test_concurrent_claims_never_share_a_series(postgres: Postgres) -> None:
         assert sorted(w for _, w in rows) == sorted(w for w, _ in claims)
     finally:
         engine.dispose()
+
+
+def test_record_instance_driver_sql_writes_what_sqlalchemy_writes(
+        postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver-SQL path of record_instance (psycopg, %s parameters) stores the same rows."""
+    outcomes = []
+    for name, fast in (("record_fast", True), ("record_slow", False)):
+        url = postgres.new_database(name)
+        upgrade(url)
+        engine = create_engine(url)
+        try:
+            with monkeypatch.context() as m:
+                used = count_driver_path(m)
+                if not fast:
+                    driver_path_off(m)
+                outcomes.append(record_scenario(sessionmaker(engine, expire_on_commit=False)))
+                assert used[0] == (4 if fast else 0)
+        finally:
+            engine.dispose()
+    assert outcomes[0] == outcomes[1]

@@ -9,14 +9,18 @@ from pathlib import Path
 import pytest
 from alembic import command
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.config import DatabaseSettings
 from node.errors import QueueConflict
 from node.queue import repo
+from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import Instance, Series, SeriesEvent, utcnow
 from node.queue.states import SeriesState
 from tests.helpers.claims import drain_queue
+from tests.helpers.records import count_driver_path, driver_path_off, record_scenario
 
 Factory = sessionmaker[Session]
 
@@ -253,3 +257,33 @@ def test_migration_0005_withdraws_pending_deliveries_of_superseded_reports(
     assert states() == ["failed", "sent", "pending"]
     upgrade(url)
     assert states() == ["failed", "sent", "pending"]
+
+
+def _fresh_factory(tmp_path: Path, name: str) -> Factory:
+    url = f"sqlite:///{tmp_path / name}"
+    upgrade(url)
+    return make_session_factory(make_engine(DatabaseSettings(url=url)))
+
+
+def test_record_instance_driver_sql_writes_what_sqlalchemy_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    used = count_driver_path(monkeypatch)
+    fast_results, fast_rows = record_scenario(_fresh_factory(tmp_path, "fast.db"))
+    assert used[0] == 4  # the instances of a receiving series they are new to or part of
+    with monkeypatch.context() as m:
+        driver_path_off(m)
+        slow_results, slow_rows = record_scenario(_fresh_factory(tmp_path, "slow.db"))
+    assert used[0] == 4
+    assert fast_results == slow_results
+    assert fast_rows == slow_rows
+    assert fast_rows["instances"][1][-1] == "2026-01-02 03:04:09.678929"  # step 4, as before
+
+
+def test_record_instance_driver_sql_errors_are_sqlalchemy_errors(
+        session_factory: Factory) -> None:
+    _record(session_factory, "1.2.3.4", "1.2.3.4.1")
+    with session_factory.begin() as s:
+        s.execute(text("CREATE TRIGGER no_more BEFORE INSERT ON instances "
+                       "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    with pytest.raises(IntegrityError):
+        _record(session_factory, "1.2.3.4", "1.2.3.4.2")
