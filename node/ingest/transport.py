@@ -32,11 +32,20 @@ to learn the group length), about 0.25 ms of CPU for seven elements; the subclas
 bytes with ``struct`` (:func:`encode_c_store_rsp`) whenever the response is the plain one the node
 sends (no error comment or offending element, no handler bound to ``EVT_DIMSE_SENT``, one
 fragment), and leaves everything else to pynetdicom.
+
+The association thread's own loop (pynetdicom's ``Association._run_reactor``) sleeps a hard-coded
+1 ms and then asks the DIMSE provider for a message without blocking, about five times per
+instance and a thousand times a second per idle association. The subclass's ``get_msg`` waits
+instead (up to :data:`WAIT_S`) until the reactor hands the association something: a DIMSE
+message, or any primitive for the association's own checks (release, abort), both queues
+setting one event (:class:`_SignallingQueue`). The loop's checks then run as before, only less
+often while nothing happens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import select
 import socket
 import ssl
@@ -211,8 +220,47 @@ def _plain_uid(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and value.isascii()
 
 
+class _SignallingQueue(queue.Queue[Any]):
+    """A queue that also sets ``signal`` when something is put on it."""
+
+    def __init__(self, signal: threading.Event) -> None:
+        super().__init__()
+        self.signal = signal
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.signal.set()
+
+
 class FastResponseDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, sending plain C-STORE responses without pydicom."""
+    """pynetdicom's DIMSE provider, sending plain C-STORE responses without pydicom and
+    letting the association thread wait for work. Call :meth:`prepare` before the
+    association starts."""
+
+    _activity: threading.Event
+
+    def prepare(self, dul: DULServiceProvider) -> None:
+        """Replace the (still empty) message queue and ``dul``'s queue to the association
+        with queues that set one event."""
+        self._activity = threading.Event()
+        self.msg_queue = _SignallingQueue(self._activity)
+        dul.to_user_queue = _SignallingQueue(self._activity)
+
+    def get_msg(self, block: bool = False) -> Any:
+        if block:
+            return super().get_msg(block)
+        try:
+            return self.msg_queue.get_nowait()
+        except queue.Empty:
+            pass
+        # Nothing yet: wait for the reactor (a message, or a release or abort primitive for the
+        # association loop's checks) instead of returning to a 1 ms sleep.
+        self._activity.wait(WAIT_S)
+        self._activity.clear()
+        try:
+            return self.msg_queue.get_nowait()
+        except queue.Empty:
+            return None, None
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if (
@@ -251,6 +299,8 @@ class NodeRequestHandler(RequestHandler):
         if type(dul) is DULServiceProvider and not dul.is_alive():
             dul.__class__ = EventDrivenDUL  # its own state is set up by prepare()
             dul.prepare()
-        if type(assoc.dimse) is DIMSEServiceProvider:
-            assoc.dimse.__class__ = FastResponseDIMSE  # a subclass without state of its own
+        dimse = assoc.dimse
+        if type(dimse) is DIMSEServiceProvider and dimse.msg_queue.empty():
+            dimse.__class__ = FastResponseDIMSE  # its own state is set up by prepare()
+            dimse.prepare(dul)
         return assoc
