@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
+from io import BytesIO
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from node.ingest.transport import (
     EventDrivenDUL,
+    FastDIMSE,
     FastRecvSocket,
-    FastResponseDIMSE,
     NodeRequestHandler,
     encode_c_store_rsp,
 )
@@ -116,7 +121,7 @@ def test_associations_of_our_server_use_our_socket_reactor_and_dimse() -> None:
         assoc.abort()
     finally:
         server.shutdown()
-    assert seen[0] == (FastRecvSocket, EventDrivenDUL, FastResponseDIMSE)
+    assert seen[0] == (FastRecvSocket, EventDrivenDUL, FastDIMSE)
     assert issubclass(FastRecvSocket, AssociationSocket)
 
 
@@ -145,7 +150,7 @@ class _RecordingDul:
 
 
 def _fast_dimse(max_pdu: int, handlers: list[Any] | None = None) -> tuple[Any, _RecordingDul]:
-    dimse = FastResponseDIMSE.__new__(FastResponseDIMSE)
+    dimse = FastDIMSE.__new__(FastDIMSE)
     dul = _RecordingDul()
     assoc = SimpleNamespace(dul=dul, is_requestor=False,
                             requestor=SimpleNamespace(maximum_length=max_pdu),
@@ -186,3 +191,137 @@ def test_other_responses_are_left_to_pynetdicom(monkeypatch: pytest.MonkeyPatch)
     logged.send_msg(_rsp(class_uid, instance_uid, 3, 0), 1)
     assert len(left) == 4
     assert len(dul.sent) == 1
+
+
+# --- C-STORE-RQ received by FastDIMSE: what pynetdicom's own decoding gives -----------------
+
+_CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _store_rq_pdata(instance_uid: str = "1.2.3.4.5", *, message_id: int = 7, priority: int = 2,
+                    data: bytes = b"\x08\x00\x16\x00" + b"x" * 5000, max_pdu: int = 2048,
+                    class_uid: str = _CT, move: bool = False) -> list[Any]:
+    rq = C_STORE()
+    rq.MessageID = message_id
+    rq.AffectedSOPClassUID = class_uid
+    rq.AffectedSOPInstanceUID = instance_uid
+    rq.Priority = priority
+    if move:
+        rq.MoveOriginatorApplicationEntityTitle = "MOVER"
+        rq.MoveOriginatorMessageID = 3
+    rq.DataSet = BytesIO(data)
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    return list(message.encode_msg(5, max_pdu))
+
+
+def _raw_store_rq(instance_uid: bytes, *, priority: int = 2) -> list[Any]:
+    """A C-STORE-RQ whose command set is packed by hand (values pynetdicom refuses to send)."""
+    def element(tag: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", 0, tag, len(value)) + value
+    body = b"".join((
+        element(0x0002, _CT.encode() + b"\0"), element(0x0100, struct.pack("<H", 1)),
+        element(0x0110, struct.pack("<H", 9)), element(0x0700, struct.pack("<H", priority)),
+        element(0x0800, struct.pack("<H", 0x0001)), element(0x1000, instance_uid),
+    ))
+    command, data = P_DATA(), P_DATA()
+    command.presentation_data_value_list.append(
+        (5, b"\x03" + element(0x0000, struct.pack("<I", len(body))) + body))
+    data.presentation_data_value_list.append((5, b"\x02" + b"\x08\x00" * 50))
+    return [command, data]
+
+
+def _receivers(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    ae = AE()
+    stock = Association(ae, MODE_ACCEPTOR)
+    fast = Association(ae, MODE_ACCEPTOR)
+    fast.dimse.__class__ = FastDIMSE
+    fast.dimse.prepare(fast.dul)
+    return stock, fast
+
+
+def _outcome(assoc: Any, pdatas: list[Any]) -> list[Any]:
+    """What the DIMSE provider did with the P-DATA: queued messages (their context ID and
+    primitive's attributes), state-machine events, or the exception it raised."""
+    try:
+        for pdata in pdatas:
+            assoc.dimse.receive_primitive(pdata)
+    except Exception as exc:  # pynetdicom's own failures must be the same
+        return [type(exc), str(exc)]
+    out: list[Any] = []
+    while not assoc.dimse.msg_queue.empty():
+        context_id, request = assoc.dimse.msg_queue.get_nowait()
+        out.append((context_id, type(request), request.MessageID,
+                    request.AffectedSOPClassUID, type(request.AffectedSOPClassUID),
+                    request.AffectedSOPInstanceUID, request.Priority,
+                    request.MoveOriginatorApplicationEntityTitle,
+                    request.MoveOriginatorMessageID, request.DataSet.getvalue(),
+                    request.DataSet.tell(), request._context_id))
+    out.append(list(assoc.dul.event_queue.queue))
+    # A message begun and not finished (by pynetdicom, or by the fast path).
+    out.append(assoc.dimse.message is not None
+               or getattr(assoc.dimse, "_fast_pdvs", None) is not None)
+    return out
+
+
+def _merged(pdatas: list[Any]) -> list[Any]:
+    """The same PDVs, two per P-DATA."""
+    merged = []
+    for i in range(0, len(pdatas), 2):
+        pdata = P_DATA()
+        for part in pdatas[i:i + 2]:
+            pdata.presentation_data_value_list.extend(part.presentation_data_value_list)
+        merged.append(pdata)
+    return merged
+
+
+def _with_pdv(pdatas: list[Any], index: int, pdv: tuple[int, bytes]) -> list[Any]:
+    extra = P_DATA()
+    extra.presentation_data_value_list.append(pdv)
+    return [*pdatas[:index], extra, *pdatas[index:]]
+
+
+_CASES = {
+    "plain": _store_rq_pdata(),
+    "odd uid": _store_rq_pdata("1.2.3.4.56"),
+    "64-character uid": _store_rq_pdata("1.2.826.0.1.3680043.8.498." + "1" * 38),
+    "one fragment": _store_rq_pdata(max_pdu=0),
+    "high priority, message 65535": _store_rq_pdata(priority=1, message_id=65535),
+    "two per P-DATA": _merged(_store_rq_pdata()),
+    "move originator": _store_rq_pdata(move=True),
+    "uid too long": _raw_store_rq(b"1." + b"2" * 70),
+    "bad priority": _raw_store_rq(b"1.2.3.4", priority=5),
+    "uid with trailing space": _raw_store_rq(b"1.2.3.4 "),
+    "uid with two values": _raw_store_rq(b"1.2.3\\1.2.4"),
+    "uid not ascii": _raw_store_rq("1.2.3.\u00e9".encode("latin-1") + b"\0"),
+    "uid empty": _raw_store_rq(b""),
+    "uid of nulls": _raw_store_rq(b"\0\0"),
+    "command fragment in the data": _with_pdv(_store_rq_pdata(), 2, (5, b"\x03abc")),
+    "empty fragment in the data": _with_pdv(_store_rq_pdata(), 2, (5, b"")),
+    "two messages": _store_rq_pdata() + _store_rq_pdata("1.2.3.4.6", message_id=8),
+    "two messages, two PDVs per P-DATA": _merged(
+        _store_rq_pdata(max_pdu=0) + _store_rq_pdata("1.2.3.4.6", message_id=8, max_pdu=0)),
+    "plain then move originator then plain": _store_rq_pdata() + _store_rq_pdata(move=True)
+    + _store_rq_pdata("1.2.3.4.7", message_id=9),
+    "empty data set": _store_rq_pdata(data=b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_c_store_requests_are_received_as_pynetdicom_receives_them(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    stock, fast = _receivers(monkeypatch)
+    expected = _outcome(stock, _CASES[case])
+    assert _outcome(fast, _CASES[case]) == expected
+    if case == "plain":
+        assert expected[0][9] == b"\x08\x00\x16\x00" + b"x" * 5000
+
+
+def test_a_handler_on_dimse_recv_gets_pynetdicoms_message(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    _, fast = _receivers(monkeypatch)
+    seen: list[Any] = []
+    fast.bind(evt.EVT_DIMSE_RECV, lambda event: seen.append(type(event.message)))
+    _outcome(fast, _store_rq_pdata())
+    assert seen == [C_STORE_RQ]
