@@ -120,8 +120,13 @@ def start_orthanc(workdir: Path, parallel: bool):
     return port, "ORTHANC", lambda: _stop(proc), count
 
 
+#: ``[dicom].listener_processes`` of the benchmarked node (``--listener-processes``).
+LISTENER_PROCESSES = 1
+
+
 def start_vaenode(workdir: Path, parallel: bool):
-    node = start_node(workdir, sections={"log": {"level": "WARNING"}})
+    node = start_node(workdir, sections={"log": {"level": "WARNING"},
+                                         "dicom": {"listener_processes": LISTENER_PROCESSES}})
 
     def count() -> int:
         from sqlalchemy import func, select
@@ -161,7 +166,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--only", nargs="*", default=None, help="target names to run")
+    parser.add_argument("--listener-processes", type=int, default=1,
+                        help="the node's [dicom].listener_processes (default: 1, as shipped)")
     args = parser.parse_args()
+    global LISTENER_PROCESSES
+    LISTENER_PROCESSES = args.listener_processes
     targets = [t for t in TARGETS if args.only is None or t.name in args.only]
 
     root = Path(tempfile.mkdtemp(prefix="vaenode-bench-"))
@@ -193,7 +202,8 @@ def main() -> None:
             f"Ingest benchmark: {INSTANCES} CT instances 512x512 16-bit ({size_mb:.0f} MB) per "
             f"series, storescu (TCP_NODELAY=1), {args.runs} alternating runs per cell, medians.",
             f"Machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; vaenode with "
+            f"[dicom].listener_processes = {LISTENER_PROCESSES}.",
             "",
             "| target | associations | instances/s | MB/s | vs Orthanc | runs (s) |",
             "| --- | ---: | ---: | ---: | ---: | --- |",
