@@ -57,7 +57,7 @@ def main() -> None:
         plane, descending = stack.placement
         t0 = time.perf_counter()
         s = bundle.score_slices(stack.images, stack.pixel_spacings, plane=plane,
-                                descending=descending)
+                                descending=descending, slice_spacing_mm=stack.slice_spacing_mm)
         dt = (time.perf_counter() - t0) / max(1, len(stack))
         fg = s.foreground
         frac = s.abnormal[fg].mean() if fg.any() else float("nan")

@@ -169,7 +169,7 @@ def _score_nifti(
     options: ScoringOptions, min_abnormal: int | None, emit: Any,
 ) -> list[str]:
     from node.errors import ModelError
-    from node.model.data import load_nifti, plane_slices
+    from node.model.data import load_nifti, plane_slices, slice_spacing
     from node.report.content import SliceVerdict
     from node.worker.score import ScoredSeries, score_note
 
@@ -184,6 +184,7 @@ def _score_nifti(
                 samples=options.samples, threshold=options.threshold,
                 batch_size=options.batch_size, device=options.device,
                 progress=options.progress, plane="axial",
+                slice_spacing_mm=slice_spacing(volume, "axial"),
             )
         except ModelError as exc:
             errors.append(f"{path}: {exc}")

@@ -203,6 +203,7 @@ class Bundle:
         progress: bool = False,
         plane: str | None = None,
         descending: bool = False,
+        slice_spacing_mm: float | None = None,
     ) -> SliceScores:
         """Score one stack of 2D slices (any size and plane) and classify each slice.
 
@@ -220,6 +221,9 @@ class Bundle:
                 reference (:mod:`node.model.scoring`, item 5); None: unknown, global score.
             descending: the slices run against the plane's anatomical direction (left to
                 right, posterior to anterior, inferior to superior).
+            slice_spacing_mm: distance between slices along the normal, for the position
+                reference's coverage check (None: unknown, no position reference when the
+                bundle checks coverage).
 
         Returns:
             A :class:`SliceScores` with one entry per input slice.
@@ -236,7 +240,8 @@ class Bundle:
             progress=progress,
         )
         score, absolute, shift = stack_scores(comp, fg, self.scoring, self.modelled_values,
-                                              self.preprocess.clip_max, plane, descending)
+                                              self.preprocess.clip_max, plane, descending,
+                                              slice_spacing_mm)
         abnormal = (score < thr) & fg
         conf = calibrate.confidence(score, thr, self.quantiles)
         conf = np.where(fg | abnormal, conf, np.maximum(conf, 0.0))

@@ -69,6 +69,7 @@ class SeriesStack:
         source: the series (folder and UID), for messages.
         descending: the images run against the plane's anatomical direction (left to right,
             posterior to anterior, inferior to superior, as :func:`plane_slices` orders).
+        slice_spacing_mm: distance between the images along their normal, when known.
     """
 
     subject: str
@@ -77,6 +78,7 @@ class SeriesStack:
     plane: str
     source: str
     descending: bool = False
+    slice_spacing_mm: float | None = None
 
 
 #: What training takes: NIfTI volumes and DICOM stacks, mixed freely.
@@ -167,6 +169,12 @@ def plane_slices(volume: Volume, plane: str) -> tuple[np.ndarray, tuple[float, f
     else:
         raise ValueError(f"unknown plane {plane!r}; expected one of {PLANES}")
     return np.ascontiguousarray(stack), spacing
+
+
+def slice_spacing(volume: Volume, plane: str) -> float:
+    """Distance in mm between the slices :func:`plane_slices` cuts in ``plane``."""
+    sx, sy, sz = volume.spacing
+    return float({"axial": sz, "coronal": sy, "sagittal": sx}[plane])
 
 
 def item_stacks(

@@ -36,7 +36,7 @@ import numpy as np
 from node.model.artifacts import ARTIFACTS, SEVERITIES, corrupt_volume, splice_block
 from node.model.baselines import qc_metrics, qc_reference, qc_score
 from node.model.bundle import Bundle
-from node.model.data import PLANES, Volume, plane_slices
+from node.model.data import PLANES, Volume, plane_slices, slice_spacing
 from node.model.scoring import ScoreConfig, absolute_score, stack_scores
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def collect(
                 timing["seconds"] += time.perf_counter() - t0
                 timing["slices"] += len(images)
             rec = _stack_record(bundle, list(images), spacing, cfg.samples)
-            rec.update(subject=vol.subject, plane=plane)
+            rec.update(subject=vol.subject, plane=plane,
+                       slice_spacing_mm=slice_spacing(vol, plane))
             clean.append(rec)
         axial = next(r for r in clean if r["subject"] == vol.subject and r["plane"] == "axial")
         fg_idx = np.flatnonzero(axial["foreground"])
@@ -180,7 +181,7 @@ def collect(
                 block = np.zeros(len(images), dtype=bool)
                 block[start : start + length] = True
                 rec.update(subject=vol.subject, artifact=artifact, severity=severity,
-                           block=block)
+                           block=block, slice_spacing_mm=slice_spacing(vol, "axial"))
                 if severity == "moderate" and si < cfg.mcmc_subjects and cfg.mcmc_slices:
                     pick = np.flatnonzero(block)[: cfg.mcmc_slices]
                     rec["mcmc_index"] = pick
@@ -205,7 +206,8 @@ def _score_arrays(
     pixels = bundle.modelled_values
     # Corrupted records are axial stacks; every stack runs in its plane's anatomical direction.
     final, absolute, _ = stack_scores(comp, rec["foreground"], cfg, pixels,
-                                      bundle.preprocess.clip_max, rec.get("plane", "axial"))
+                                      bundle.preprocess.clip_max, rec.get("plane", "axial"),
+                                      slice_spacing_mm=rec.get("slice_spacing_mm"))
     corrected_cfg = ScoreConfig.from_dict({**cfg.to_dict(), "tail_weight": 0.0,
                                            "series_relative": False, "complexity": True,
                                            "complexity_weight": 1.0, "alternatives": ()})

@@ -38,8 +38,16 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    so the threshold and confidence work unchanged. The threshold is then calibrated on
    leave-one-subject-out normalized scores (each calibration subject normalized with the
    profiles of the others), so that the noise of the profiles counts in the false-positive
-   rate instead of being fitted away. Stacks whose plane or direction is unknown, and stacks
-   with fewer than ``min_series_slices`` foreground slices, keep the global score.
+   rate instead of being fitted away. Relative position means the same only for stacks that
+   cover the head as the calibration stacks do: a stack whose foreground slices span less
+   than ``position_min_extent_mm`` of its plane (0.8 times the calibration stacks' median
+   span; number of foreground slices times the slice spacing) keeps the global score, as do
+   stacks whose plane, direction or slice spacing is unknown and stacks with fewer than
+   ``min_series_slices`` foreground slices. That global score is put on the referenced
+   score's scale by the affine map matching its target-rate quantile and median on the normal
+   calibration slices to the referenced scores' (``fallback_gain``, ``fallback_offset``), so
+   that one threshold serves both and an unreferenced stack is flagged at about the target
+   rate too.
 
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
@@ -86,6 +94,10 @@ class ScoreConfig:
             (set by calibration).
         position_median: median of the normal final scores, all positions and planes.
         position_spread: their median minus their 5th percentile.
+        position_min_extent_mm: per plane, the least span of a stack's foreground slices (mm)
+            for the position reference (set by calibration; a plane missing here: no check).
+        fallback_gain: slope of the map of an unreferenced score onto the referenced scale.
+        fallback_offset: its intercept.
     """
 
     estimator: str = "importance"
@@ -104,6 +116,9 @@ class ScoreConfig:
         default_factory=dict)
     position_median: float = 0.0
     position_spread: float = 0.0
+    position_min_extent_mm: dict[str, float] = field(default_factory=dict)
+    fallback_gain: float = 1.0
+    fallback_offset: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json``."""
@@ -116,7 +131,10 @@ class ScoreConfig:
                      for a in data.get("alternatives", ()))
         profiles = {plane: (tuple(map(float, med)), tuple(map(float, spread)))
                     for plane, (med, spread) in data.get("position_profiles", {}).items()}
-        return cls(**{**data, "alternatives": alts, "position_profiles": profiles})
+        extents = {plane: float(v)
+                   for plane, v in data.get("position_min_extent_mm", {}).items()}
+        return cls(**{**data, "alternatives": alts, "position_profiles": profiles,
+                      "position_min_extent_mm": extents})
 
     def part(self, alt: AlternativeScore) -> ScoreConfig:
         """The settings of one alternative as a stand-alone score (no alternatives of its own)."""
@@ -214,17 +232,18 @@ def series_shift(score: np.ndarray, foreground: np.ndarray, cfg: ScoreConfig) ->
 def stack_scores(
     comp: dict[str, np.ndarray], foreground: np.ndarray, cfg: ScoreConfig, pixels: int,
     clip_max: float, plane: str | None = None, descending: bool = False,
+    slice_spacing_mm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(final, absolute, shift) of one stack: the thresholded score, the main score before its
-    series shift, and that shift. ``plane`` and ``descending`` place the slices for the
-    position reference (None: unknown, no position reference)."""
+    series shift, and that shift. ``plane``, ``descending`` and ``slice_spacing_mm`` place the
+    slices for the position reference (None: unknown, no position reference)."""
     absolute = absolute_score(comp, cfg, pixels, clip_max)
     shift = series_shift(absolute, foreground, cfg)
     final = absolute - shift
     for alt in cfg.alternatives:
         part = alternative_final(comp, foreground, cfg.part(alt), pixels, clip_max)
         final = np.minimum(final, alt.offset + alt.gain * part)
-    final = position_normalized(final, foreground, cfg, plane, descending)
+    final = position_normalized(final, foreground, cfg, plane, descending, slice_spacing_mm)
     return final, absolute, shift
 
 
@@ -245,13 +264,19 @@ def position_bin(positions: np.ndarray, bins: int) -> np.ndarray:
 
 
 def position_normalized(score: np.ndarray, foreground: np.ndarray, cfg: ScoreConfig,
-                        plane: str | None, descending: bool = False) -> np.ndarray:
+                        plane: str | None, descending: bool = False,
+                        slice_spacing_mm: float | None = None) -> np.ndarray:
     """``score`` with each foreground slice compared with normal slices at its position
     (item 5 of the module docstring); unchanged when that does not apply."""
-    profile = cfg.position_profiles.get(plane or "")
-    if (cfg.position_bins <= 0 or profile is None
-            or int(foreground.sum()) < cfg.min_series_slices):
+    if cfg.position_bins <= 0:
         return score
+    profile = cfg.position_profiles.get(plane or "")
+    n_fg = int(foreground.sum())
+    least = cfg.position_min_extent_mm.get(plane or "")
+    if (profile is None or n_fg < cfg.min_series_slices
+            or (least is not None
+                and (slice_spacing_mm is None or n_fg * slice_spacing_mm < least))):
+        return cfg.fallback_offset + cfg.fallback_gain * np.asarray(score, dtype=np.float64)
     medians, spreads = (np.asarray(v, dtype=np.float64) for v in profile)
     k = position_bin(relative_positions(foreground, descending)[foreground], cfg.position_bins)
     out = np.asarray(score, dtype=np.float64).copy()
@@ -301,10 +326,10 @@ def alternative_final(
     return a - series_shift(a, foreground, part)
 
 
-def match_scales(main: np.ndarray, other: np.ndarray) -> tuple[float, float]:
-    """(gain, offset) mapping ``other``'s 1st percentile and median on normal slices onto
-    ``main``'s."""
-    m01, m50 = np.quantile(main, [0.01, 0.5])
-    o01, o50 = np.quantile(other, [0.01, 0.5])
+def match_scales(main: np.ndarray, other: np.ndarray, low: float = 0.01) -> tuple[float, float]:
+    """(gain, offset) mapping ``other``'s ``low`` quantile (default: 1st percentile) and median
+    on normal slices onto ``main``'s."""
+    m01, m50 = np.quantile(main, [low, 0.5])
+    o01, o50 = np.quantile(other, [low, 0.5])
     gain = float((m50 - m01) / max(o50 - o01, 1e-9))
     return gain, float(m01 - gain * o01)

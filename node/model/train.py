@@ -50,6 +50,7 @@ from node.model.data import (
     TrainingItem,
     foreground_mask,
     item_stacks,
+    slice_spacing,
     split_subjects,
 )
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
@@ -329,12 +330,18 @@ def stack_components(
         descending = isinstance(vol, SeriesStack) and vol.descending
         for plane, images, spacing in volume_stacks(vol, planes):
             x, fg = bundle.preprocess_stack(images, spacing)
+            gap = (vol.slice_spacing_mm if isinstance(vol, SeriesStack)
+                   else slice_spacing(vol, plane))
             out.append({"subject": vol.subject, "plane": plane, "descending": descending,
-                        "foreground": fg, "components": bundle.components(x)})
+                         "slice_spacing_mm": gap, "foreground": fg,
+                         "components": bundle.components(x)})
     return out
 
 
 MIN_POSITION_SUBJECTS = 3  # leave-one-subject-out needs others to fit the profiles from
+#: A stack is position referenced when its foreground slices span at least this fraction of
+#: the calibration stacks' median span in its plane (scoring item 5).
+MIN_COVERAGE = 0.8
 
 
 def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str],
@@ -363,7 +370,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         parts = [v[s["foreground"]] for v, s in zip(per_stack, stacks, strict=True)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    main_cfg = replace(bundle.scoring, alternatives=(), position_profiles={})
+    main_cfg = replace(bundle.scoring, alternatives=(), position_profiles={},
+                       position_min_extent_mm={}, fallback_gain=1.0, fallback_offset=0.0)
     main_cfg, medians, finals = with_reference(main_cfg)
     main_scores = foreground(finals)
     if main_scores.size == 0:
@@ -378,7 +386,7 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
                                                                     strict=True)]
     scoring = replace(main_cfg, alternatives=tuple(alternatives))
     if scoring.position_bins > 0:
-        scoring, finals = _position_reference(scoring, stacks, finals)
+        scoring, finals = _position_reference(scoring, stacks, finals, target_fpr)
     scores = foreground(finals)
     threshold = calibrate.threshold_at_fpr(scores, target_fpr)
     bundle.scoring = scoring
@@ -403,11 +411,12 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
 
 
 def _position_reference(
-    scoring: ScoreConfig, stacks: list[dict[str, Any]], finals: list[np.ndarray]
+    scoring: ScoreConfig, stacks: list[dict[str, Any]], finals: list[np.ndarray],
+    target_fpr: float,
 ) -> tuple[ScoreConfig, list[np.ndarray]]:
     """The position profiles fitted on all calibration stacks, and each stack's scores
     referenced with the profiles of the OTHER subjects (what the threshold is set on; item 5
-    of :mod:`node.model.scoring`)."""
+    of :mod:`node.model.scoring`), and the map of unreferenced scores onto their scale."""
     subjects = sorted({s["subject"] for s in stacks})
     if len(subjects) < MIN_POSITION_SUBJECTS:
         raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
@@ -417,16 +426,28 @@ def _position_reference(
               s["foreground"][::-1] if s["descending"] else s["foreground"])
              for s, f in zip(stacks, finals, strict=True)]
     level, spread = robust_level(np.concatenate([f[fg] for _, f, fg in canon]))
-    scoring = replace(scoring, position_median=level, position_spread=spread)
+    spans: dict[str, list[float]] = {}
+    for s in stacks:
+        if s["slice_spacing_mm"] is not None:
+            spans.setdefault(s["plane"], []).append(
+                float(s["foreground"].sum()) * s["slice_spacing_mm"])
+    scoring = replace(scoring, position_median=level, position_spread=spread,
+                      position_min_extent_mm={plane: MIN_COVERAGE * float(np.median(v))
+                                              for plane, v in spans.items()})
     held_out = []
     for s, f in zip(stacks, finals, strict=True):
         others = [c for c, t in zip(canon, stacks, strict=True) if t["subject"] != s["subject"]]
         cfg = replace(scoring, position_profiles=fit_position_profiles(
             others, scoring.position_bins, scoring.min_series_slices))
         held_out.append(position_normalized(f, s["foreground"], cfg, s["plane"],
-                                            s["descending"]))
+                                            s["descending"], s["slice_spacing_mm"]))
     profiles = fit_position_profiles(canon, scoring.position_bins, scoring.min_series_slices)
-    return replace(scoring, position_profiles=profiles), held_out
+    gain, offset = match_scales(
+        np.concatenate([h[s["foreground"]] for h, s in zip(held_out, stacks, strict=True)]),
+        np.concatenate([f[s["foreground"]] for f, s in zip(finals, stacks, strict=True)]),
+        low=target_fpr)
+    return replace(scoring, position_profiles=profiles, fallback_gain=gain,
+                   fallback_offset=offset), held_out
 
 
 def run_training(

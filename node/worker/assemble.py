@@ -156,6 +156,16 @@ class Stack:
             return None, False
         return plane, float(np.dot(_normal(self.orientation), _ANATOMICAL_DIRECTION[plane])) < 0
 
+    @property
+    def slice_spacing_mm(self) -> float | None:
+        """The median distance between neighbouring slices along the normal (mm), for the
+        position reference's coverage check; None without positions or with one slice."""
+        positions = [s.position for s in self.slices]
+        if self.ordered_by != "position" or len(positions) < 2 or None in positions:
+            return None
+        gap = float(np.median(np.diff(np.asarray(positions, dtype=np.float64))))
+        return gap if gap > 0 else None
+
     def __len__(self) -> int:
         return len(self.slices)
 

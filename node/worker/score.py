@@ -118,6 +118,7 @@ def score_series(
             progress=options.progress,
             plane=plane,
             descending=descending,
+            slice_spacing_mm=stack.slice_spacing_mm,
         )
         threshold, estimator, samples = scores.threshold, scores.estimator, scores.samples
         for k, sl in enumerate(stack.slices):

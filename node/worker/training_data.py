@@ -67,6 +67,7 @@ def load_dicom_stacks(paths: Iterable[Path]) -> DicomTrainingData:
                     plane=plane_of(stack.orientation),
                     source=f"{folder} (series {found.series_instance_uid})",
                     descending=stack.placement[1],
+                    slice_spacing_mm=stack.slice_spacing_mm,
                 )
             )
     return DicomTrainingData(stacks, problems, other)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from node.model.bundle import default_bundle_path, load_bundle
-from node.model.data import load_nifti, plane_slices
+from node.model.data import load_nifti, plane_slices, slice_spacing
 from tests.helpers.tiny_bundle import IXI
 
 
@@ -31,8 +31,10 @@ def test_shipped_bundle_keeps_a_clean_evaluation_series_normal() -> None:
     files = sorted(IXI.glob(f"{subject}-*.nii.gz"))
     if not files:
         pytest.skip("IXI data not available")
-    stack, spacing = plane_slices(load_nifti(files[0]), "axial")
-    s = b.score_slices(list(stack), [spacing] * len(stack), plane="axial")
+    volume = load_nifti(files[0])
+    stack, spacing = plane_slices(volume, "axial")
+    s = b.score_slices(list(stack), [spacing] * len(stack), plane="axial",
+                       slice_spacing_mm=slice_spacing(volume, "axial"))
     assert s.abnormal[s.foreground].mean() <= 0.05
     assert not s.abnormal[~s.foreground].any()
 

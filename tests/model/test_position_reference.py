@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from node.model.bundle import load_bundle
-from node.model.data import load_nifti, plane_slices
+from node.model.data import load_nifti, plane_slices, slice_spacing
 from node.model.scoring import (
     ScoreConfig,
     fit_position_profiles,
@@ -97,9 +97,25 @@ def test_no_reference_without_a_known_plane_or_enough_slices() -> None:
     assert np.allclose(out[fg], (score[fg] - 1.0) / 2.0)
 
 
+def test_a_stack_spanning_less_than_a_head_keeps_the_global_score() -> None:
+    fg = np.ones(N_SLICES, dtype=bool)
+    cfg = ScoreConfig(position_bins=4, position_median=0.0, position_spread=1.0,
+                      position_profiles={"axial": ((1.0,) * 4, (2.0,) * 4)},
+                      position_min_extent_mm={"axial": 160.0})
+    score = np.linspace(-5, 5, N_SLICES)
+    referenced = (score - 1.0) / 2.0
+    assert np.allclose(position_normalized(score, fg, cfg, "axial", False, 4.0), referenced)
+    assert np.allclose(position_normalized(score, fg, cfg, "axial", False, 3.9), score)
+    assert np.allclose(position_normalized(score, fg, cfg, "axial"), score)  # spacing unknown
+    # A plane without a recorded span is not checked.
+    no_check = ScoreConfig(**{**cfg.__dict__, "position_min_extent_mm": {}})
+    assert np.allclose(position_normalized(score, fg, no_check, "axial"), referenced)
+
+
 def test_profiles_survive_model_json() -> None:
     cfg = ScoreConfig(position_bins=2, position_median=-5.0, position_spread=3.0,
-                      position_profiles={"axial": ((1.0, 2.0), (0.5, 0.25))})
+                      position_profiles={"axial": ((1.0, 2.0), (0.5, 0.25))},
+                      position_min_extent_mm={"axial": 168.0})
     assert ScoreConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -113,19 +129,30 @@ def test_calibration_thresholds_leave_one_subject_out_scores(tiny_bundle_path: P
     assert len(cfg.position_profiles["axial"][0]) == 4
     assert cfg.position_spread > 0
     assert "leaving each subject out" in entry["method"]
+    spans = []
+    for vol in vols:
+        images, spacing = plane_slices(vol, "axial")
+        _, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
+        spans.append(int(fg.sum()) * slice_spacing(vol, "axial"))
+    assert cfg.position_min_extent_mm == {"axial": pytest.approx(0.8 * np.median(spans))}
 
     # The scores of the calibration stacks with the final profiles (in-sample) are flagged at
     # most at the target rate: the held-out threshold is the more cautious one.
     flagged, total = 0, 0
     for vol in vols:
         images, spacing = plane_slices(vol, "axial")
+        gap = slice_spacing(vol, "axial")
         scores = bundle.score_slices(list(images), [spacing] * len(images), device="cpu",
-                                     plane="axial")
+                                     plane="axial", slice_spacing_mm=gap)
         fg = scores.foreground
         flagged += int(scores.abnormal[fg].sum())
         total += int(fg.sum())
         unplaced = bundle.score_slices(list(images), [spacing] * len(images), device="cpu")
         assert not np.allclose(unplaced.log_likelihood[fg], scores.log_likelihood[fg])
+        # Too short a span for a whole head: the global score.
+        short = bundle.score_slices(list(images), [spacing] * len(images), device="cpu",
+                                    plane="axial", slice_spacing_mm=gap / 2)
+        assert np.allclose(short.log_likelihood, unplaced.log_likelihood)
     assert total >= 50
     assert flagged / total <= 0.05 + 1.0 / total
 
@@ -142,3 +169,27 @@ def test_calibrate_refuses_too_few_subjects(tiny_bundle_path: Path, tmp_path: Pa
     assert proc.returncode == 1
     assert "needs at least 3 calibration subjects" in proc.stderr
     assert not out.exists()
+
+
+def test_unreferenced_stacks_are_mapped_onto_the_referenced_scale(
+    tiny_bundle_path: Path,
+) -> None:
+    """A stack the reference cannot place (no plane, too short) gets the global score mapped so
+    that one threshold flags it at about the target rate too."""
+    bundle = load_bundle(tiny_bundle_path)
+    bundle.scoring = replace(bundle.scoring, position_bins=4)
+    vols = [load_nifti(IXI / n) for n in SUBJECTS]
+    calibrate_bundle(bundle, vols, ("axial",), 0.05)
+    cfg = bundle.scoring
+    assert (cfg.fallback_gain, cfg.fallback_offset) != (1.0, 0.0) and cfg.fallback_gain > 0
+    score = np.linspace(-5, 5, N_SLICES)
+    fg = np.ones(N_SLICES, dtype=bool)
+    assert np.allclose(position_normalized(score, fg, cfg, None),
+                       cfg.fallback_offset + cfg.fallback_gain * score)
+    flagged, total = 0, 0
+    for vol in vols:
+        images, spacing = plane_slices(vol, "axial")
+        s = bundle.score_slices(list(images), [spacing] * len(images), device="cpu")
+        flagged += int(s.abnormal[s.foreground].sum())
+        total += int(s.foreground.sum())
+    assert flagged / total <= 0.05 + 2.0 / total

@@ -166,6 +166,8 @@ def test_placement_gives_plane_and_direction_for_the_position_reference(
     written = write_series(volume, (1.0, 1.0, 2.0), tmp_path / "s")
     (stack,) = assemble_series(shuffled(written.paths)).stacks
     assert stack.placement == ("axial", False)
+    assert stack.slice_spacing_mm == pytest.approx(2.0)
+    assert Stack((), (1, 0, 0, 0, 1, 0), 8, 8, None, "instance number").slice_spacing_mm is None
 
 
 def test_stacks_split_by_orientation_and_size(tmp_path: Path) -> None:
