@@ -48,6 +48,13 @@ def final(bundle: Bundle, cfg: ScoreConfig, comp: dict[str, np.ndarray],
     return stack_scores(comp, fg, cfg, bundle.modelled_values, bundle.preprocess.clip_max)[0]
 
 
+def unreferenced(bundle: Bundle) -> ScoreConfig:
+    """The bundle's score without any of its position reference (profiles, coverage, map):
+    whole calibration stacks only, so the coverage check has nothing to decide here."""
+    return replace(bundle.scoring, position_bins=0, position_profiles={},
+                   position_min_extent_mm={}, fallback_gain=1.0, fallback_offset=0.0)
+
+
 def referenced(cfg: ScoreConfig, fit: list[dict[str, Any]], bins: int) -> ScoreConfig:
     """``cfg`` with profiles fitted on ``fit`` (stacks in their planes' direction)."""
     level, spread = robust_level(np.concatenate([s["final"][s["foreground"]] for s in fit]))
@@ -59,7 +66,7 @@ def referenced(cfg: ScoreConfig, fit: list[dict[str, Any]], bins: int) -> ScoreC
 
 def cross_validate(bundle: Bundle, stacks: list[dict[str, Any]], records: Any,
                    bins: int) -> dict[str, float]:
-    cfg = replace(bundle.scoring, position_bins=0, position_profiles={})
+    cfg = unreferenced(bundle)
     data, variants = records
     subjects = sorted({s["subject"] for s in stacks})
     counts: dict[str, list[int]] = {}
@@ -112,7 +119,7 @@ def main() -> None:
     ids = set(bundle.meta["training"]["subjects"]["calibration"])
     vols = [load_nifti(p) for p in sorted(IXI.glob("*.nii.gz")) if p.name.split("-")[0] in ids]
     stacks = stack_components(bundle, vols, ("axial", "coronal", "sagittal"))
-    cfg = replace(bundle.scoring, position_bins=0, position_profiles={})
+    cfg = unreferenced(bundle)
     for s in stacks:
         s["final"] = final(bundle, cfg, s["components"], s["foreground"])
     with args.records.open("rb") as fh:

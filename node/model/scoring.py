@@ -267,7 +267,8 @@ def position_normalized(score: np.ndarray, foreground: np.ndarray, cfg: ScoreCon
                         plane: str | None, descending: bool = False,
                         slice_spacing_mm: float | None = None) -> np.ndarray:
     """``score`` with each foreground slice compared with normal slices at its position
-    (item 5 of the module docstring); unchanged when that does not apply."""
+    (item 5 of the module docstring); where that does not apply, ``score`` mapped onto the
+    same scale (unchanged when the bundle has no position reference)."""
     if cfg.position_bins <= 0:
         return score
     profile = cfg.position_profiles.get(plane or "")
