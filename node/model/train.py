@@ -434,13 +434,12 @@ def _position_reference(
     scoring = replace(scoring, position_median=level, position_spread=spread,
                       position_min_extent_mm={plane: MIN_COVERAGE * float(np.median(v))
                                               for plane, v in spans.items()})
-    held_out = []
-    for s, f in zip(stacks, finals, strict=True):
-        others = [c for c, t in zip(canon, stacks, strict=True) if t["subject"] != s["subject"]]
-        cfg = replace(scoring, position_profiles=fit_position_profiles(
-            others, scoring.position_bins, scoring.min_series_slices))
-        held_out.append(position_normalized(f, s["foreground"], cfg, s["plane"],
-                                            s["descending"], s["slice_spacing_mm"]))
+    without = {subject: replace(scoring, position_profiles=fit_position_profiles(
+        [c for c, t in zip(canon, stacks, strict=True) if t["subject"] != subject],
+        scoring.position_bins, scoring.min_series_slices)) for subject in subjects}
+    held_out = [position_normalized(f, s["foreground"], without[s["subject"]], s["plane"],
+                                    s["descending"], s["slice_spacing_mm"])
+                for s, f in zip(stacks, finals, strict=True)]
     profiles = fit_position_profiles(canon, scoring.position_bins, scoring.min_series_slices)
     gain, offset = match_scales(
         np.concatenate([h[s["foreground"]] for h, s in zip(held_out, stacks, strict=True)]),
