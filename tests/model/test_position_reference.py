@@ -108,7 +108,7 @@ def test_a_stack_spanning_less_than_a_head_keeps_the_global_score() -> None:
     assert np.allclose(position_normalized(score, fg, cfg, "axial", False, 3.9), score)
     assert np.allclose(position_normalized(score, fg, cfg, "axial"), score)  # spacing unknown
     # A plane without a recorded span is not checked.
-    no_check = ScoreConfig(**{**cfg.__dict__, "position_min_extent_mm": {}})
+    no_check = replace(cfg, position_min_extent_mm={})
     assert np.allclose(position_normalized(score, fg, no_check, "axial"), referenced)
 
 
