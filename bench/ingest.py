@@ -15,7 +15,21 @@ median instances/s and MB/s over the runs, and each target's ratio to Orthanc.
 
 Every tool runs with ``TCP_NODELAY=1`` (Debian's DCMTK leaves Nagle's algorithm on).
 
-Usage: ``.venv/bin/python bench/ingest.py [--runs 3] [--out bench/RESULTS-ingest.md]``
+Received files are deleted only at the end (about 0.8 GB per target and run, so ``--runs 7``
+needs about 17 GB free under the temp folder; ``--delete-each-run`` for small file systems).
+Deleting after each run adds to a cost peculiar to this build machine's file system: ext4
+without a journal skips inodes deleted within the last minute or so when it allocates one,
+reading each (``recently_deleted`` in ``fs/ext4/ialloc.c``). ``perf`` showed that scan at about
+19% of all CPU samples during a vaenode run and 10% during an Orthanc run (probably because
+Orthanc's hashed folders spread its files over more inode groups) while this script still
+deleted after each run. File systems with a journal do not do this.
+
+The 4-association figures on this machine are bound by its disk (``--disk-seconds``: the rate
+of one thread writing and fsyncing 512 KiB files after the runs); ``--root /dev/shm`` shows the
+receivers' own speed, fsync costing nothing there.
+
+Usage: ``.venv/bin/python bench/ingest.py [--runs 7] [--root DIR] [--delete-each-run]
+[--out FILE]``
 """
 
 from __future__ import annotations
@@ -163,6 +177,23 @@ def send(port: int, aec: str, folders: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def disk_ceiling(folder: Path, seconds: float) -> tuple[int, float]:
+    """Files of 512 KiB written and fsynced one after the other for ``seconds``: the rate a
+    receiver that fsyncs every instance cannot beat on this disk, whatever its CPU."""
+    folder.mkdir()
+    data = os.urandom(512 * 1024)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fd = os.open(folder / f"{count}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        count += 1
+    return count, time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -171,12 +202,21 @@ def main() -> None:
     parser.add_argument("--listener-processes", type=int, default=DEFAULT_LISTENER_PROCESSES,
                         help="the node's [dicom].listener_processes (default: "
                              f"{DEFAULT_LISTENER_PROCESSES}, as shipped)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="folder for the series and the targets' storage (default: the "
+                             "temp folder); e.g. /dev/shm to take the disk out of the comparison")
+    parser.add_argument("--delete-each-run", action="store_true",
+                        help="delete each run's received files right after it (small file "
+                             "systems such as /dev/shm); see the docstring for why not by default")
+    parser.add_argument("--disk-seconds", type=float, default=12.0,
+                        help="after the runs, write+fsync 512 KiB files for this long and print "
+                             "the rate, the disk's ceiling for durable receivers (0: skip)")
     args = parser.parse_args()
     global LISTENER_PROCESSES
     LISTENER_PROCESSES = args.listener_processes
     targets = [t for t in TARGETS if args.only is None or t.name in args.only]
 
-    root = Path(tempfile.mkdtemp(prefix="vaenode-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="vaenode-bench-", dir=args.root))
     try:
         folders = [root / f"series{i}" for i in range(PARALLEL)]
         for i, folder in enumerate(folders):
@@ -200,7 +240,8 @@ def main() -> None:
                     rate = INSTANCES * mode / seconds
                     print(f"run {run + 1} {target.name:<9} x{mode}: {rate:7.1f} instances/s",
                           file=sys.stderr, flush=True)
-                    shutil.rmtree(workdir, ignore_errors=True)
+                    if args.delete_each_run:
+                        shutil.rmtree(workdir, ignore_errors=True)
         lines = [
             f"Ingest benchmark: {INSTANCES} CT instances 512x512 16-bit ({size_mb:.0f} MB) per "
             f"series, storescu (TCP_NODELAY=1), {args.runs} alternating runs per cell, medians.",
@@ -221,6 +262,11 @@ def main() -> None:
                 lines.append(
                     f"| {target.name} | {mode} | {rate:.0f} | {size_mb * mode / median:.0f} | "
                     f"{ratio:.2f} | {', '.join(f'{t:.2f}' for t in times)} |")
+        if args.disk_seconds > 0:
+            files, seconds = disk_ceiling(root / "disk-check", args.disk_seconds)
+            lines += ["", f"Disk ceiling, after the runs: {files / seconds:.0f} files/s "
+                          f"({files * 0.5 / seconds:.0f} MiB/s), one thread writing and "
+                          f"fsyncing 512 KiB files for {seconds:.0f} s in the same file system."]
         table = "\n".join(lines)
         print(table)
         if args.out:
