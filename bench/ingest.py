@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from node.config import DEFAULT_LISTENER_PROCESSES  # noqa: E402
 from tests.helpers.node import free_port, start_node  # noqa: E402
 from tests.helpers.synthetic import write_ct_series  # noqa: E402
 
@@ -120,8 +121,9 @@ def start_orthanc(workdir: Path, parallel: bool):
     return port, "ORTHANC", lambda: _stop(proc), count
 
 
-#: ``[dicom].listener_processes`` of the benchmarked node (``--listener-processes``).
-LISTENER_PROCESSES = 1
+#: ``[dicom].listener_processes`` of the benchmarked node (``--listener-processes``; the
+#: shipped default unless given).
+LISTENER_PROCESSES = DEFAULT_LISTENER_PROCESSES
 
 
 def start_vaenode(workdir: Path, parallel: bool):
@@ -166,8 +168,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--only", nargs="*", default=None, help="target names to run")
-    parser.add_argument("--listener-processes", type=int, default=1,
-                        help="the node's [dicom].listener_processes (default: 1, as shipped)")
+    parser.add_argument("--listener-processes", type=int, default=DEFAULT_LISTENER_PROCESSES,
+                        help="the node's [dicom].listener_processes (default: "
+                             f"{DEFAULT_LISTENER_PROCESSES}, as shipped)")
     args = parser.parse_args()
     global LISTENER_PROCESSES
     LISTENER_PROCESSES = args.listener_processes

@@ -50,6 +50,11 @@ class TlsSettings(_Section):
     require_client_cert: bool = False
 
 
+#: Listener processes on the DICOM port (node/ingest/listeners.py): two use both cores of a
+#: small server when several scanners send at once (bench/RESULTS-ingest.md).
+DEFAULT_LISTENER_PROCESSES = 2
+
+
 class DicomSettings(_Section):
     ae_title: str = "VAENODE"
     bind_address: str = "0.0.0.0"
@@ -57,7 +62,7 @@ class DicomSettings(_Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     require_called_aet: bool = True
     max_associations: int = Field(16, ge=1)
-    listener_processes: int = Field(1, ge=1, le=64)
+    listener_processes: int = Field(DEFAULT_LISTENER_PROCESSES, ge=1, le=64)
     max_pdu_bytes: int = Field(262144, ge=0)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
@@ -75,6 +80,17 @@ class DicomSettings(_Section):
             _check_ae(aet)
             out.append(f"{aet.strip()}@{host}" if host else aet.strip())
         return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_processes(cls, data: Any) -> Any:
+        # A site that allows a single association gets a single listener process unless it
+        # asks for more (and then the check below names both keys).
+        if isinstance(data, dict) and "listener_processes" not in data:
+            limit = data.get("max_associations")
+            if isinstance(limit, int) and 0 < limit < DEFAULT_LISTENER_PROCESSES:
+                return {**data, "listener_processes": limit}
+        return data
 
     @model_validator(mode="after")
     def _check_processes(self) -> DicomSettings:

@@ -51,6 +51,16 @@ def test_bad_value_is_named(tmp_path: Path, toml: str, key: str) -> None:
     assert f"{key}:" in str(info.value)
 
 
+@pytest.mark.parametrize(("toml", "processes"), [
+    ("", 2),  # the default
+    ("[dicom]\nmax_associations = 1\n", 1),  # one association at a time: one process
+    ("[dicom]\nlistener_processes = 1\n", 1),
+    ("[dicom]\nmax_associations = 4\nlistener_processes = 4\n", 4),
+])
+def test_listener_processes(tmp_path: Path, toml: str, processes: int) -> None:
+    assert load_settings(_write(tmp_path, toml), environ={}).dicom.listener_processes == processes
+
+
 def test_env_overrides_file(tmp_path: Path) -> None:
     path = _write(tmp_path, "[dicom]\nport = 104\nae_title = \"FROMFILE\"\n")
     settings = load_settings(path, environ={

@@ -13,6 +13,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, cast
@@ -173,21 +174,43 @@ class AccessPolicy:
         return None
 
 
-class ReusePortAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, binding with ``SO_REUSEPORT``: several listener processes
-    of one node bind the same address and port, and the kernel spreads new connections over
-    them (by a hash of the peer's address and port)."""
+class DispatchedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server without a port of its own, in a listener process: the main
+    process accepts each connection and passes it here (:mod:`node.ingest.dispatch`), and
+    :meth:`Scp.adopt` runs it as pynetdicom's accept loop would.
 
-    #: True once :meth:`Scp.listen` has called ``listen()`` and started the accept loop.
-    listening = False
+    ``connection_ended`` (set by :class:`Scp`) is called once for every adopted connection,
+    when its association thread ends or when it fails before one starts; the main process
+    counts open connections per listener with it.
+    """
+
+    connection_ended: Any = None
 
     def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        """Nothing to bind: ``server_address`` stays the node's address, for pynetdicom."""
 
     def server_activate(self) -> None:
-        """Not yet: a bound socket that does not listen gets no connections (Scp.listen)."""
+        """Nothing to listen on."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        started = False
+        try:
+            if self.ssl_context is not None:
+                # Here, in the connection's own thread, not in the thread that receives the
+                # connections: a peer that never completes the handshake holds only itself.
+                request.settimeout(self.ae.network_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            self.finish_request(request, client_address)  # starts the association thread
+            started = True
+        except Exception:
+            log.warning("cannot start an association on a connection",
+                        extra={"peer": f"{client_address[0]}:{client_address[1]}"},
+                        exc_info=True)
+            self.shutdown_request(request)
+        finally:
+            if not started and self.connection_ended is not None:
+                self.connection_ended()
 
 
 class Scp:
@@ -199,7 +222,10 @@ class Scp:
         session_factory: for association records.
         max_associations: this SCP's limit, when it is one of several listener processes
             (its share of ``settings.max_associations``); default: ``settings.max_associations``.
-        reuse_port: bind with ``SO_REUSEPORT`` (several listener processes on one port).
+        dispatched: a listener process: no port of its own, connections come through
+            :meth:`adopt` (see :mod:`node.ingest.dispatch`).
+        connection_ended: with ``dispatched``, called once for each adopted connection when
+            it has ended.
     """
 
     def __init__(
@@ -209,11 +235,13 @@ class Scp:
         session_factory: sessionmaker[Session],
         *,
         max_associations: int | None = None,
-        reuse_port: bool = False,
+        dispatched: bool = False,
+        connection_ended: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.max_associations = max_associations or settings.max_associations
-        self.reuse_port = reuse_port
+        self.dispatched = dispatched
+        self._connection_ended = connection_ended
         self._store = store
         self._session_factory = session_factory
         self._policy = AccessPolicy(settings)
@@ -267,13 +295,12 @@ class Scp:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def start(self, *, listen: bool = True) -> tuple[str, int]:
+    def start(self, address: tuple[str, int] | None = None) -> tuple[str, int]:
         """Bind and listen (in background threads); returns the bound address and port.
 
         Args:
-            listen: False binds only (``reuse_port`` SCPs); :meth:`listen` then starts
-                accepting. Lets several listener processes bind first and open the port
-                together, so that none is left out of the connections of a burst.
+            address: the node's address, when it differs from the settings' (a dispatched
+                SCP binds nothing; this is what pynetdicom reports as the local address).
         """
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -285,39 +312,42 @@ class Scp:
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
-        address = (self.settings.bind_address, self.settings.port)
+        address = address or (self.settings.bind_address, self.settings.port)
         # AE.start_server(block=False) as pynetdicom 3.0 writes it, with our server class and
-        # request handler (its start_server takes neither); a reuse_port server in two steps:
-        # bind here, listen in listen().
+        # request handler (its start_server takes neither).
         server = self.ae.make_server(
             address, evt_handlers=handlers, ssl_context=self._ssl,
-            server_class=ReusePortAssociationServer if self.reuse_port
+            server_class=DispatchedAssociationServer if self.dispatched
             else ThreadedAssociationServer,
             request_handler=NodeRequestHandler,
         )
         self.ae._servers.append(server)
         self._server = server
-        if not self.reuse_port:
-            self._start_accepting(server)
-        elif listen:
-            self.listen()
+        if isinstance(server, DispatchedAssociationServer):
+            server.connection_ended = self._connection_ended
+        else:
+            self._accept_thread = threading.Thread(target=make_target(server.serve_forever),
+                                                   name="AcceptorServer", daemon=True)
+            self._accept_thread.start()
+        self._log_ready()
         host, port = server.server_address[:2]
         return str(host), int(port)
 
-    def listen(self) -> None:
-        """Start accepting on a ``reuse_port`` SCP bound by ``start(listen=False)``."""
+    def adopt(self, sock: socket.socket) -> None:
+        """Run an association on ``sock``, a connection the main process accepted (a
+        dispatched SCP); its own thread does the TLS handshake, if any."""
         server = self._server
-        assert isinstance(server, ReusePortAssociationServer) and not server.listening
-        assert server.socket is not None
-        server.socket.listen(server.request_queue_size)
-        server.listening = True
-        self._start_accepting(server)
-
-    def _start_accepting(self, server: ThreadedAssociationServer) -> None:
-        self._accept_thread = threading.Thread(target=make_target(server.serve_forever),
-                                               name="AcceptorServer", daemon=True)
-        self._accept_thread.start()
-        self._log_ready()
+        if not isinstance(server, DispatchedAssociationServer):
+            sock.close()
+            raise RuntimeError("adopt() needs a started, dispatched SCP")
+        try:
+            peer = sock.getpeername()[:2]
+        except OSError:  # the peer is already gone
+            sock.close()
+            if self._connection_ended is not None:
+                self._connection_ended()
+            return
+        server.process_request(sock, peer)
 
     def _log_ready(self) -> None:
         assert self._server is not None
@@ -335,8 +365,9 @@ class Scp:
         an association cut mid-transfer.
         """
         server, self._server = self._server, None
-        if isinstance(server, ReusePortAssociationServer) and not server.listening:
-            server.server_close()  # bound only: no accept loop to wait for
+        if isinstance(server, DispatchedAssociationServer):
+            server.server_close()  # no accept loop to wait for (the main process had it)
+            self.ae._servers.remove(server)
         elif server is not None:
             server.shutdown()
         deadline = time.monotonic() + grace_s

@@ -437,4 +437,15 @@ class NodeRequestHandler(RequestHandler):
         if type(dimse) is DIMSEServiceProvider and dimse.msg_queue.empty():
             dimse.__class__ = FastDIMSE  # its own state is set up by prepare()
             dimse.prepare(dul)
+        ended = getattr(self.server, "connection_ended", None)
+        if ended is not None:  # a dispatched connection (node/ingest/dispatch.py)
+            run = assoc.run
+
+            def run_then_report() -> None:
+                try:
+                    run()
+                finally:
+                    ended()
+
+            assoc.run = run_then_report  # type: ignore[method-assign]
         return assoc

@@ -235,6 +235,11 @@ def test_four_storescu_at_once(tmp_path: Path, processes: int) -> None:
             assert "max_associations_each=8,8" in log
             for index in range(processes):
                 assert re.search(rf"DICOM listener ready .*listener={index}", log), log
+            # Each connection went to the listener with fewer open (node/ingest/dispatch.py).
+            accepted = [line for line in log.splitlines() if "association accepted" in line]
+            per_listener = [sum(f"listener={index}" in line for line in accepted)
+                            for index in range(processes)]
+            assert per_listener == [2, 2], accepted
         assert node.stop() == 0
     finally:
         node.kill()
@@ -252,7 +257,7 @@ def test_a_dead_listener_process_is_logged_and_restarted(tmp_path: Path) -> None
         assert "listener process died" in node.log_text()
         assert _alive(second)
         paths = write_ct_series(tmp_path / "src", 3, rows=64, columns=64)
-        for _ in range(6):  # over both processes, whichever the kernel picks
+        for _ in range(6):  # while the dead one restarts, and after
             assert dcmtk.storescu(node.port, paths).returncode == 0
         assert len(_stored(node)) == 3
         assert node.stop() == 0
@@ -479,16 +484,18 @@ def _make_cert(folder: Path, name: str, ca: tuple[Path, Path] | None = None) -> 
     return key, crt
 
 
-def test_dicom_tls_with_client_certificates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_dicom_tls_with_client_certificates(tmp_path: Path, processes: int) -> None:
     certs = tmp_path / "certs"
     certs.mkdir()
     ca = _make_cert(certs, "test-ca")
     node_key, node_crt = _make_cert(certs, "node", ca)
     client_key, client_crt = _make_cert(certs, "client", ca)
     stranger_key, stranger_crt = _make_cert(certs, "stranger")  # not signed by the CA
-    node = start_node(tmp_path / "node", sections={"dicom": {"tls": {
-        "enabled": True, "cert_file": str(node_crt), "key_file": str(node_key),
-        "ca_file": str(ca[1]), "require_client_cert": True}}})
+    node = start_node(tmp_path / "node", sections={"dicom": {
+        "listener_processes": processes, "tls": {
+            "enabled": True, "cert_file": str(node_crt), "key_file": str(node_key),
+            "ca_file": str(ca[1]), "require_client_cert": True}}})
 
     def echo(*tls: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([dcmtk.tool("echoscu"), "-aec", "VAENODE", *tls, "127.0.0.1",
@@ -502,6 +509,10 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path) -> None:
         assert echo("+tls", str(stranger_key), str(stranger_crt),
                     "+cf", str(ca[1])).returncode != 0
         assert echo("+tla", "+cf", str(ca[1])).returncode != 0  # no client certificate
+        # Failed handshakes cost nothing lasting: the node still serves, on every listener.
+        for _ in range(processes):
+            again = echo("+tls", str(client_key), str(client_crt), "+cf", str(ca[1]))
+            assert again.returncode == 0, again.stderr
     finally:
         node.kill()
 
