@@ -122,7 +122,7 @@ def main() -> None:
         "band_rr": lambda c: -c["band_rr"],
         "pool8": lambda c: -c["pool8"],
         "pool16": lambda c: -c["pool16"],
-        **{f"pm_tail{k}": (lambda k: lambda c: -c[f"pm_tail{k}"])(k)
+        **{f"pm_tail{k}": (lambda k: lambda c: -c[f"pm_tail{k}"])(k)  # noqa: B023 (bound)
            for k in (41, 82, 164, 328, 820)},
     }
     conds = None
@@ -152,7 +152,7 @@ def main() -> None:
                  "pool16", "pm_tail41", "pm_tail820"):
         for q in (0.5, 0.75, 0.9):
             part = custom_part(bundle, data, variants, noise, name, stats[name], q)
-            res = judge(data, shipped + [part])
+            res = judge(data, [*shipped, part])
             results[f"A {name} q{q}"] = res
             show(f"A +{name} q{q} cap{part.cap:.0f}", res)
     # B: the main part plus beta * component (background / band counted 1 + beta times)
@@ -162,7 +162,7 @@ def main() -> None:
             def absfn(c, key=key, beta=beta):
                 return absolute_score(c, main_cfg, pixels, clip) + beta * c[key]
             part = custom_part(bundle, data, variants, noise, name, absfn, 0.75)
-            res = judge(data, [part] + shipped[1:])
+            res = judge(data, [part, *shipped[1:]])
             results[f"B {name} b{beta}"] = res
             show(f"B main+{beta}*{name} cap{part.cap:.0f}", res)
     with open("/tmp/helper-model/judge.pkl", "wb") as fh:

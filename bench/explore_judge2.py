@@ -78,9 +78,9 @@ def main() -> None:
     show("shipped triple", shipped)
     for r in ("", "1", "6", "10"):
         for q in (0.25, 0.5, 0.75):
-            fn = (lambda r: lambda c: c[f"bg{r}_ll"] / np.maximum(c[f"bg{r}_n"], 1))(r)
+            fn = (lambda r: lambda c: c[f"bg{r}_ll"] / np.maximum(c[f"bg{r}_n"], 1))(r)  # noqa: B023
             part = custom_part(bundle, data, variants, noise, "bg", fn, q)
-            show(f"A +bg{r or 3}_ll/n q{q} cap{part.cap:.3f}", shipped + [part])
+            show(f"A +bg{r or 3}_ll/n q{q} cap{part.cap:.3f}", [*shipped, part])
 
     def corrected(c, w):
         return c["log_likelihood"] + w * (pixels * math.log(delta) + c["png_nats"])
@@ -91,7 +91,7 @@ def main() -> None:
             def fn(c, k=k, t=t):
                 return corrected(c, 0.5) - t * k * c[f"pm_tail{k}"]
             part = custom_part(bundle, data, variants, noise, "main", fn, 0.75)
-            show(f"main tail k{k} t{t}", [part] + shipped[1:])
+            show(f"main tail k{k} t{t}", [part, *shipped[1:]])
     # a fourth part: corrected + tail-k, or the tail sum alone
     for k in (820, 1638, 3277):
         for w, t in ((0.5, 4.0), (0.5, 16.0), (None, 1.0)):
@@ -100,7 +100,7 @@ def main() -> None:
                 return base - t * k * c[f"pm_tail{k}"]
             for q in (0.5, 0.75):
                 part = custom_part(bundle, data, variants, noise, "t", fn, q)
-                show(f"A +{'tail' if w is None else f'w{w} t{t}'} k{k} q{q}", shipped + [part])
+                show(f"A +{'tail' if w is None else f'w{w} t{t}'} k{k} q{q}", [*shipped, part])
     with open("/tmp/helper-model/judge2.pkl", "wb") as fh:
         pickle.dump(out, fh)
 

@@ -38,7 +38,7 @@ def main() -> None:
              "blur/moderate", "bias/mild"]
     print("subject  " + " ".join(f"{c:>24}" for c in conds) + "   (shipped -> +bg1 q0.75)")
     per: dict[str, dict[str, list[str]]] = {}
-    for tag, parts in (("shipped", shipped), ("bg", shipped + [bg])):
+    for _tag, parts in (("shipped", shipped), ("bg", [*shipped, bg])):
         main = parts[0]
         maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean),
                                             np.concatenate(pp.clean)) for pp in parts[1:]]

@@ -99,8 +99,9 @@ def evaluate(bundle, data, variants, parts) -> dict:
     flagged = {c: float(np.mean(np.concatenate(f))) for c, (_a, _n, f) in by.items()}
     met = sum(v >= (0.95 if c.endswith("moderate") else 0.80) for c, v in aur.items())
     elsewhere = {c: float(np.mean(np.concatenate(v))) for c, v in other.items()}
-    return {"aurocs": aur, "flagged": flagged, "elsewhere": elsewhere, "threshold": thr, "sites": site_flag, "noise": noise_flag,
-            "met": met, "mean": float(np.mean(list(aur.values())))}
+    return {"aurocs": aur, "flagged": flagged, "elsewhere": elsewhere, "threshold": thr,
+            "sites": site_flag, "noise": noise_flag, "met": met,
+            "mean": float(np.mean(list(aur.values())))}
 
 
 def main() -> None:
@@ -126,18 +127,17 @@ def main() -> None:
 
     cands = {
         "shipped triple": shipped,
-        "+bg1_ll/n q0.75": shipped + [custom_part(bundle, data, variants, noise, "b", bg("1"),
-                                                  0.75)],
-        "+bg1_ll/n q0.5": shipped + [custom_part(bundle, data, variants, noise, "b", bg("1"),
-                                                 0.5)],
-        "+bg3_ll/n q0.5": shipped + [custom_part(bundle, data, variants, noise, "b", bg(""),
-                                                 0.5)],
-        "+tail k1638 q0.75": shipped + [custom_part(bundle, data, variants, noise, "t",
-                                                    tail(1638), 0.75)],
-        "+tail k820 q0.75": shipped + [custom_part(bundle, data, variants, noise, "t",
-                                                   tail(820), 0.75)],
-        "main tail k820 t16": [custom_part(bundle, data, variants, noise, "m",
-                                           main_tail(820, 16.0), 0.75)] + shipped[1:],
+        "+bg1_ll/n q0.75": (
+            [*shipped, custom_part(bundle, data, variants, noise, "b", bg("1"), 0.75)]),
+        "+bg1_ll/n q0.5": [*shipped, custom_part(bundle, data, variants, noise, "b", bg("1"), 0.5)],
+        "+bg3_ll/n q0.5": [*shipped, custom_part(bundle, data, variants, noise, "b", bg(""), 0.5)],
+        "+tail k1638 q0.75": (
+            [*shipped, custom_part(bundle, data, variants, noise, "t", tail(1638), 0.75)]),
+        "+tail k820 q0.75": (
+            [*shipped, custom_part(bundle, data, variants, noise, "t", tail(820), 0.75)]),
+        "main tail k820 t16": (
+            [custom_part(bundle, data, variants, noise, "m", main_tail(820, 16.0), 0.75),
+             *shipped[1:]]),
     }
     conds = None
     for name, parts in cands.items():

@@ -84,10 +84,10 @@ def main() -> None:
     n3 = [None, None, None]
     cands = {"shipped triple": (shipped, n3)}
     for q in (0.5, 0.75):
-        cands[f"+bg_tail820 q{q}"] = (shipped + [part(bgt, q)], n3 + [bgt])
-        cands[f"+bg_contrast q{q}"] = (shipped + [part(bgc, q)], n3 + [bgc])
-    cands["+bg1 q0.75 +tail1638 q0.75"] = (shipped + [part(bg1, 0.75), part(t1638, 0.75)],
-                                          n3 + [bg1, t1638])
+        cands[f"+bg_tail820 q{q}"] = ([*shipped, part(bgt, q)], [*n3, bgt])
+        cands[f"+bg_contrast q{q}"] = ([*shipped, part(bgc, q)], [*n3, bgc])
+    cands["+bg1 q0.75 +tail1638 q0.75"] = ([*shipped, part(bg1, 0.75), part(t1638, 0.75)],
+                                          [*n3, bg1, t1638])
     conds = [f"{r['artifact']}/{r['severity']}" for r in data["corrupted"][:12]]
     print("columns: " + " ".join(conds))
     for name, (parts, fns) in cands.items():

@@ -85,7 +85,7 @@ def main() -> None:
     cands = {"shipped triple": (shipped, fns)}
     for r, q in (("1", 0.75), ("1", 0.5), ("", 0.5)):
         part = custom_part(bundle, data, variants, noise, "b", bg(r), q)
-        cands[f"+bg{r or 3}_ll/n q{q}"] = (shipped + [part], fns + [bg(r)])
+        cands[f"+bg{r or 3}_ll/n q{q}"] = ([*shipped, part], [*fns, bg(r)])
     for name, (parts, absfns) in cands.items():
         main = parts[0]
         maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean),
