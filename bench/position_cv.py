@@ -9,7 +9,13 @@ per plane, of the site variants of ``bench/select_score.py`` flagged, and of the
 artifact blocks of its records flagged (axial, the subjects it scored). The same for the score
 without position reference (first row), with the same folds.
 
-    .venv/bin/python bench/position_cv.py --model BUNDLE --records SELECTION_RECORDS
+    .venv/bin/python bench/position_cv.py --model BUNDLE --records SELECTION_RECORDS \
+        [--extras EXTRAS]
+
+A bundle with the background part (``node.model.scoring`` item 6) needs the ``background``
+component of the cached records, which were scored before it existed: ``--extras`` takes the
+output of ``bench/explore_extras.py`` on the same records, whose ``bg1_ll / bg1_n`` is that
+component (head level 0.1, dilation 1; checked against the freshly scored clean axial stacks).
 """
 
 from __future__ import annotations
@@ -109,11 +115,36 @@ def cross_validate(bundle: Bundle, stacks: list[dict[str, Any]], records: Any,
     return {k: a / max(1, n) for k, (a, n) in counts.items()}
 
 
+def with_background(bundle: Bundle, records: Path, extras: Path,
+                    stacks: list[dict[str, Any]]) -> Any:
+    """The cached records with ``background`` = ``bg1_ll / bg1_n`` of the extras, checked on
+    the unaltered site-variant stacks against the fresh clean axial stacks' component."""
+    from bench.explore_judge import merge
+
+    part = bundle.scoring.background
+    if part is not None and (part.head_level, part.dilation) != (0.1, 1):
+        raise SystemExit("the extras hold the background at head level 0.1, dilation 1 only")
+    data, variants, _noise = merge(records, extras)
+    comps = [r["components"] for r in data["clean"] + data["corrupted"]]
+    for comp in comps + [c for _s, _n, c, _fg in variants]:
+        comp["background"] = comp["bg1_ll"] / np.maximum(comp["bg1_n"], 1)
+    fresh = {s["subject"]: s["components"]["background"] for s in stacks
+             if s["plane"] == "axial"}
+    diffs = [float(np.max(np.abs(c["background"] - fresh[subject])))
+             for subject, name, c, _fg in variants if name == "original" and subject in fresh]
+    print(f"extras' background vs fresh scoring, unaltered axial stacks: largest difference "
+          f"{max(diffs):.2e} nats/pixel over {len(diffs)} stacks")
+    return data, variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="bundle (its score settings)")
     parser.add_argument("--records", type=Path, required=True,
                         help="selection-records.pkl written by bench/select_score.py")
+    parser.add_argument("--extras", type=Path, default=None,
+                        help="bench/explore_extras.py output for the same records: their "
+                             "background component (bundles with the background part)")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
     ids = set(bundle.meta["training"]["subjects"]["calibration"])
@@ -122,8 +153,11 @@ def main() -> None:
     cfg = unreferenced(bundle)
     for s in stacks:
         s["final"] = final(bundle, cfg, s["components"], s["foreground"])
-    with args.records.open("rb") as fh:
-        records = pickle.load(fh)
+    if args.extras is not None:
+        records = with_background(bundle, args.records, args.extras, stacks)
+    else:
+        with args.records.open("rb") as fh:
+            records = pickle.load(fh)
     cols = ["clean axial", "clean coronal", "clean sagittal", "site variants", *ARTIFACTS]
     print(f"{len(vols)} calibration subjects, {FOLDS} folds; fraction flagged on held-out folds")
     print("| bins | " + " | ".join(cols) + " |")

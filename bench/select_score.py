@@ -45,6 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from node.model.artifacts import site_variants as volume_site_variants  # noqa: E402
 from node.model.bundle import Bundle, load_bundle  # noqa: E402
 from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
 from node.model.evaluate import EvalConfig, auroc, collect  # noqa: E402
@@ -63,18 +64,9 @@ MAX_SITE_FLAGGED = 0.03
 
 
 def site_variants(vol: Volume, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Normal-looking versions of a volume as another scanner/protocol might produce."""
-    from scipy.ndimage import gaussian_filter
-
-    d = vol.data.astype(np.float32)
-    hi = float(np.percentile(d, 99.5))
-    n = d / hi
-    return {
-        "gamma0.75": (n.clip(0) ** 0.75) * hi,
-        "gamma1.33": (n.clip(0) ** 1.33) * hi,
-        "smoother": gaussian_filter(d, 0.5),
-        "noisier": (n + rng.normal(0, 0.01, d.shape)).clip(0) * hi,
-    }
+    """Normal-looking versions of a volume as another scanner/protocol might produce
+    (:func:`node.model.artifacts.site_variants`, which ``vaenode calibrate`` uses too)."""
+    return volume_site_variants(vol.data, rng)
 
 
 @dataclass

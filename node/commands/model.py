@@ -170,6 +170,15 @@ def calibrate(
         help="Alternative score, e.g. complexity_weight=1,tail_weight=0,max_series_shift=7000,"
              "shift_quantile=0.75 (repeat for several; 'none' removes them). Replaces the "
              "bundle's.")] = None,
+    background_part: Annotated[str | None, typer.Option(
+        metavar="QUANTILE",
+        help="Add the background part (the decoder's mean log-likelihood outside the head, "
+             "node.model.scoring item 6) with its series shift at this quantile, e.g. 0.75; "
+             "'none' removes it. Its cap is fitted on normal site variants of the calibration "
+             "volumes unless --background-cap is given.")] = None,
+    background_cap: Annotated[float | None, typer.Option(
+        min=0.0, help="Cap of the background part's series shift (nats per pixel) instead of "
+                      "fitting it; needs --background-part.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -184,6 +193,10 @@ def calibrate(
     changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if alternative:
         changes["alternatives"] = [_parse_alternative(a) for a in alternative if a != "none"]
+    if background_part is not None:
+        changes["background"] = _parse_background(background_part, background_cap)
+    elif background_cap is not None:
+        raise typer.BadParameter("needs --background-part", param_hint="--background-cap")
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -215,6 +228,26 @@ def _parse_alternative(text: str) -> dict[str, float]:
         raise typer.BadParameter(f"{text!r} lacks {', '.join(sorted(missing))}",
                                  param_hint="--alternative")
     AlternativeScore(**out)
+    return out
+
+
+def _parse_background(quantile: str, cap: float | None) -> dict[str, float] | None:
+    """``--background-part``: a quantile in (0, 1), or 'none' (remove); exits 2 when wrong."""
+    if quantile.strip().lower() == "none":
+        if cap is not None:
+            raise typer.BadParameter("'none' takes no cap", param_hint="--background-cap")
+        return None
+    try:
+        q = float(quantile)
+    except ValueError:
+        raise typer.BadParameter(f"{quantile!r} is not a quantile or 'none'",
+                                 param_hint="--background-part") from None
+    if not 0.0 < q < 1.0:
+        raise typer.BadParameter(f"{quantile!r}: a quantile is in (0, 1)",
+                                 param_hint="--background-part")
+    out = {"shift_quantile": q}
+    if cap is not None:
+        out["max_series_shift"] = cap
     return out
 
 

@@ -110,3 +110,21 @@ def splice_block(
     index[axis] = slice(start, stop)
     out[tuple(index)] = corrupted[tuple(index)]
     return out
+
+
+def site_variants(data: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Normal-looking versions of a volume as another scanner or protocol might produce them
+    (contrast curve, a coarser resolution, a different noise floor): what a series shift cap
+    must allow (``bench/select_score.py`` step 1, the background part's cap in
+    ``vaenode calibrate``). ``rng`` draws the added noise."""
+    from scipy.ndimage import gaussian_filter
+
+    d = data.astype(np.float32)
+    hi = float(np.percentile(d, 99.5))
+    n = d / hi
+    return {
+        "gamma0.75": (n.clip(0) ** 0.75) * hi,
+        "gamma1.33": (n.clip(0) ** 1.33) * hi,
+        "smoother": gaussian_filter(d, 0.5),
+        "noisier": (n + rng.normal(0, 0.01, d.shape)).clip(0) * hi,
+    }

@@ -36,7 +36,7 @@ import torch
 from node.errors import ModelError
 from node.model import calibrate
 from node.model.compress import FeatureAE, FeatureAEConfig
-from node.model.likelihood import ESTIMATORS, estimate
+from node.model.likelihood import ESTIMATORS, background_log_likelihood, estimate
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import (
     ScoreConfig,
@@ -54,6 +54,8 @@ MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 FEATURE_WEIGHTS = "feature_ae.pt"
 DEFAULT_NAME = "brain-t1"
+#: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``).
+COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background")
 
 
 def default_bundle_path() -> Path:
@@ -155,7 +157,9 @@ class Bundle:
         progress: bool = False,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        plain, png_nats. Scores are reproducible: the Monte-Carlo draws come from ``seed``."""
+        plain, background (with the bundle's background part's head mask settings, else the
+        defaults), png_nats. Scores are reproducible: the Monte-Carlo draws come from
+        ``seed``."""
         estimator = estimator or self.scoring.estimator
         samples = samples or self.scoring.samples
         if estimator not in ESTIMATORS:
@@ -164,6 +168,9 @@ class Bundle:
         model = self.model.to(dev)
         ae = self.feature_ae.to(dev) if self.feature_ae is not None else None
         gen = torch.Generator(device=dev).manual_seed(seed)
+        bg = self.scoring.background
+        where = {} if bg is None else {"background_level": bg.head_level,
+                                        "background_dilation": bg.dilation}
         parts: dict[str, list[np.ndarray]] = {}
         starts = range(0, len(x), batch_size)
         if progress:
@@ -174,15 +181,37 @@ class Bundle:
             xb = x[start : start + batch_size].to(dev)
             if ae is not None:  # compression stage: the VAE models the features
                 xb = ae.features(xb)
-            est = estimate(model, xb, estimator, samples, generator=gen)
-            for key in ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain"):
+            est = estimate(model, xb, estimator, samples, generator=gen, **where)
+            for key in COMPONENTS:
                 parts.setdefault(key, []).append(getattr(est, key).double().cpu().numpy())
         out = {k: np.concatenate(v) for k, v in parts.items()}
         if not parts:
-            keys = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain")
-            out = {k: np.zeros(0) for k in keys}
+            out = {k: np.zeros(0) for k in COMPONENTS}
         out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
         return out
+
+    @torch.no_grad()
+    def background_values(
+        self, x: torch.Tensor, *, head_level: float, dilation: int, batch_size: int = 64,
+        device: str = "auto",
+    ) -> np.ndarray:
+        """The ``background`` component alone (:func:`background_log_likelihood` at z = the
+        posterior mean: one encode and one decode per slice, no Monte-Carlo samples), for
+        fitting the background part's cap on many series; the same values as
+        :meth:`components` gives with these mask settings."""
+        if self.feature_ae is not None:
+            raise ModelError("the background part needs a pixel-space model (this bundle has a "
+                             "compression stage)")
+        dev = resolve_device(device)
+        model = self.model.to(dev)
+        out = [np.zeros(0)]
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(dev)
+            mu, _ = model.encode(xb)
+            mean, log_sigma = model.decode(mu)
+            out.append(background_log_likelihood(xb, mean, log_sigma, head_level, dilation)
+                       .double().cpu().numpy())
+        return np.concatenate(out)
 
     @property
     def modelled_values(self) -> int:

@@ -17,7 +17,9 @@ Estimators (``name`` as used in config and model.json):
   p(x) ~ [1/N sum q_fit(z_i) / (p(z_i) p(x|z_i))]^-1.
 The ELBO (E_q[log p(x,z) - log q(z|x)]) comes free with the importance samples; the KL of the
 attribute distributions to N(0, I) is closed-form (the "match likelihood": the smaller, the
-more normal).
+more normal). The decode of the posterior mean, done once for the reconstruction error, also
+gives the background log-likelihood (:func:`background_log_likelihood`, the background part of
+:mod:`node.model.scoring`).
 
 Models only need ``encode(x) -> (mu, logvar)`` and ``decode(z) -> (mean, log_sigma)``, which
 lets the tests use a linear-Gaussian model whose log p(x) is known exactly.
@@ -30,10 +32,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from node.model.vae import LOG_2PI, gaussian_log_prob, kl_to_standard_normal
 
 ESTIMATORS = ("importance", "plain", "mcmc")
+#: Decoder-mean level (preprocessed units) above which a pixel is head, for the background.
+BACKGROUND_LEVEL = 0.1
+#: Pixels by which the head mask is dilated before the background is taken.
+BACKGROUND_DILATION = 1
 
 
 class LatentModel(Protocol):
@@ -56,6 +63,8 @@ class Estimate:
             0.5 ((x - mean) / sigma)^2 (nats per pixel); localized artifacts raise it.
         rec_error: mean squared error of the decoded posterior mean (a baseline score).
         plain: the ``plain`` estimate (eq. 2) from the same q samples, for comparison.
+        background: mean per-pixel log p(x | z = posterior mean) over the background
+            (:func:`background_log_likelihood`; nats per pixel).
     """
 
     log_likelihood: torch.Tensor
@@ -64,6 +73,31 @@ class Estimate:
     tail: torch.Tensor
     rec_error: torch.Tensor
     plain: torch.Tensor
+    background: torch.Tensor
+
+
+def background_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
+    level: float = BACKGROUND_LEVEL, dilation: int = BACKGROUND_DILATION,
+) -> torch.Tensor:
+    """Mean per-pixel Gaussian log-likelihood of ``x`` outside the head, one value per slice.
+
+    ``ll = -0.5 r^2 - log sigma - 0.5 log 2 pi`` with ``r = (x - mean) / sigma`` (the terms
+    whose sum over all pixels is log p(x|z)), averaged over the pixels where the decoder mean
+    and its square neighbourhood of ``dilation`` pixels are at most ``level``. The head mask
+    comes from the reconstruction, not from ``x``: a ghost or a motion smear in the image's
+    background does not move the mask, it lowers the likelihood there. A slice whose whole
+    grid is head scores 0.0. Images are ``[B, C, H, W]`` (the mask per channel); other shapes
+    (a model of flat vectors) get the undilated mask.
+    """
+    head = (mean > level).to(x.dtype)
+    if dilation > 0 and head.dim() == 4:
+        head = F.max_pool2d(head, 2 * dilation + 1, stride=1, padding=dilation)
+    bg = (head < 0.5).to(x.dtype)
+    r = (x - mean) * torch.exp(-log_sigma)
+    ll = -0.5 * r * r - log_sigma - 0.5 * LOG_2PI
+    n = bg.flatten(1).sum(dim=1)
+    return (ll * bg).flatten(1).sum(dim=1) / n.clamp(min=1.0)
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -113,6 +147,8 @@ def estimate(
     samples: int = 16,
     generator: torch.Generator | None = None,
     mcmc_burn_in: int = 64,
+    background_level: float = BACKGROUND_LEVEL,
+    background_dilation: int = BACKGROUND_DILATION,
 ) -> Estimate:
     """Estimate log p(x), KL, ELBO and the residual tail for a batch of slices.
 
@@ -123,6 +159,8 @@ def estimate(
         samples: Monte-Carlo samples per slice (N).
         generator: random source, for reproducible scores.
         mcmc_burn_in: Metropolis steps before samples are used (``mcmc`` only).
+        background_level: head level of :func:`background_log_likelihood`.
+        background_dilation: head dilation of :func:`background_log_likelihood`.
 
     Returns:
         An :class:`Estimate` with one value per slice.
@@ -148,9 +186,11 @@ def estimate(
         ll = plain
     else:
         ll = mcmc_log_likelihood(model, x, mu, logvar, samples, mcmc_burn_in, generator)
-    mean0, _ = model.decode(mu)
+    mean0, log_sigma0 = model.decode(mu)
     rec = ((x - mean0) ** 2).flatten(1).mean(dim=1)
-    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain)
+    background = background_log_likelihood(x, mean0, log_sigma0, background_level,
+                                           background_dilation)
+    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain, background)
 
 
 def _log_joint(model: LatentModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,12 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    scan from another scanner (a uniformly different noise texture) moves all its slices
    together and is brought back; a scan of another body part, far beyond the cap, stays far
    below the threshold; an artifact in part of a series stands out against the rest.
+4. Alternatives: other weightings of the same corrected log-likelihood (another complexity
+   weight, tail weight and series shift; :class:`AlternativeScore`), each mapped onto the main
+   score's scale by the affine map that matches its 1st percentile and median on the normal
+   calibration slices to the main score's; the final score is the minimum of the main score
+   and the mapped alternatives: a slice is abnormal when any of them finds it unusually
+   unlikely.
 
 5. Position reference: how likely a normal slice is depends on where it lies in the head (the
    slices near the skull base and the vertex score lower than mid-brain ones), so one global
@@ -49,6 +55,20 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    that one threshold serves both and an unreferenced stack is flagged at about the target
    rate too.
 
+6. Background part (optional, :class:`BackgroundPart`): the decoder's log-likelihood
+   restricted to the background. With z = the posterior mean (the decode the reconstruction
+   error already needs), the per-pixel terms of log p(x|z),
+   ``-0.5 r^2 - log sigma - 0.5 log 2 pi`` with ``r = (x - mean) / sigma``, are averaged over
+   the pixels outside the head, the head being where the decoder mean exceeds
+   ``head_level`` (0.1), dilated by ``dilation`` pixels (1): the mask comes from the
+   reconstruction, so a ghost or a motion smear in the image's air does not move it, it
+   lowers the likelihood there, where a normal slice has only noise. Summed over the whole
+   slice these pixels are drowned by the head's; averaged on their own they catch ghosting
+   and motion that spill outside the head. The part gets its own capped series shift (like
+   item 3, at its own quantile; cap 1.25 times the largest shift normal site variants of the
+   calibration subjects need) and the same affine map onto the main score's scale as an
+   alternative (item 4), and joins the minimum. Bundles without it score as before.
+
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
 either.
@@ -67,6 +87,7 @@ import torch
 from PIL import Image
 
 from node.model.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
+from node.model.likelihood import BACKGROUND_DILATION, BACKGROUND_LEVEL
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,8 @@ class ScoreConfig:
             for the position reference (set by calibration; a plane missing here: no check).
         fallback_gain: slope of the map of an unreferenced score onto the referenced scale.
         fallback_offset: its intercept.
+        background: the background part (item 6), or None (absent from ``model.json``: the
+            bundles before it score exactly as they did).
     """
 
     estimator: str = "importance"
@@ -119,10 +142,15 @@ class ScoreConfig:
     position_min_extent_mm: dict[str, float] = field(default_factory=dict)
     fallback_gain: float = 1.0
     fallback_offset: float = 0.0
+    background: BackgroundPart | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for ``model.json``."""
-        return asdict(self)
+        """Plain values for ``model.json`` (no ``background`` key when there is no such part,
+        so that a bundle without it writes the same ``model.json`` as before)."""
+        out = asdict(self)
+        if out["background"] is None:
+            del out["background"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoreConfig:
@@ -133,18 +161,57 @@ class ScoreConfig:
                     for plane, (med, spread) in data.get("position_profiles", {}).items()}
         extents = {plane: float(v)
                    for plane, v in data.get("position_min_extent_mm", {}).items()}
+        bg = data.get("background")
+        if bg is not None and not isinstance(bg, BackgroundPart):
+            bg = BackgroundPart(**bg)
         return cls(**{**data, "alternatives": alts, "position_profiles": profiles,
-                      "position_min_extent_mm": extents})
+                      "position_min_extent_mm": extents, "background": bg})
 
     def part(self, alt: AlternativeScore) -> ScoreConfig:
         """The settings of one alternative as a stand-alone score (no alternatives of its own)."""
         return ScoreConfig.from_dict({
-            **self.to_dict(), "alternatives": (), "position_bins": 0,
+            **self.to_dict(), "alternatives": (), "position_bins": 0, "background": None,
             "complexity": alt.complexity_weight > 0,
             "complexity_weight": alt.complexity_weight or 1.0, "tail_weight": alt.tail_weight,
             "max_series_shift": alt.max_series_shift, "shift_quantile": alt.shift_quantile,
             "reference_median": alt.reference_median,
         })
+
+    def background_shift_config(self) -> ScoreConfig:
+        """The series-shift settings of the background part (item 6) as a stand-alone score's
+        (only the shift fields matter: :func:`series_shift` reads them)."""
+        bg = self.background
+        if bg is None:
+            raise ValueError("this score has no background part")
+        return ScoreConfig(series_relative=self.series_relative,
+                           min_series_slices=self.min_series_slices,
+                           max_series_shift=bg.max_series_shift,
+                           shift_quantile=bg.shift_quantile,
+                           reference_median=bg.reference_median)
+
+
+@dataclass(frozen=True)
+class BackgroundPart:
+    """The background part (item 6 of the module docstring): the mean per-pixel decoder
+    log-likelihood outside the decoder-mean head mask, with its own series shift and map.
+
+    Attributes:
+        shift_quantile: quantile of its foreground values that sets its series shift.
+        max_series_shift: cap of its series shift (nats per pixel).
+        head_level: decoder-mean level above which a pixel is head (preprocessed units).
+        dilation: pixels by which the head mask is dilated.
+        reference_median: its typical normal series quantile (set by calibration).
+        gain: slope of the map onto the main score's scale (set by calibration).
+        offset: intercept of that map (set by calibration).
+    """
+
+    shift_quantile: float = 0.75
+    max_series_shift: float = 0.0
+    head_level: float = BACKGROUND_LEVEL
+    dilation: int = BACKGROUND_DILATION
+    reference_median: float = 0.0
+    gain: float = 1.0
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -243,6 +310,9 @@ def stack_scores(
     for alt in cfg.alternatives:
         part = alternative_final(comp, foreground, cfg.part(alt), pixels, clip_max)
         final = np.minimum(final, alt.offset + alt.gain * part)
+    if cfg.background is not None:
+        part = background_final(comp, foreground, cfg)
+        final = np.minimum(final, cfg.background.offset + cfg.background.gain * part)
     final = position_normalized(final, foreground, cfg, plane, descending, slice_spacing_mm)
     return final, absolute, shift
 
@@ -325,6 +395,20 @@ def alternative_final(
     """One stand-alone score (main or alternative) after its own series shift, unmapped."""
     a = absolute_score(comp, part, pixels, clip_max)
     return a - series_shift(a, foreground, part)
+
+
+def background_final(comp: dict[str, np.ndarray], foreground: np.ndarray,
+                     cfg: ScoreConfig) -> np.ndarray:
+    """The background part (item 6) after its own series shift, unmapped.
+
+    Raises:
+        ValueError: ``comp`` lacks the ``background`` component (records scored before it).
+    """
+    if "background" not in comp:
+        raise ValueError("the components lack 'background' (scored before the background part "
+                         "existed): score the slices again")
+    a = np.asarray(comp["background"], dtype=np.float64)
+    return a - series_shift(a, foreground, cfg.background_shift_config())
 
 
 def match_scales(main: np.ndarray, other: np.ndarray, low: float = 0.01) -> tuple[float, float]:

@@ -48,15 +48,19 @@ from node.model.data import (
     PLANES,
     SeriesStack,
     TrainingItem,
+    Volume,
     foreground_mask,
     item_stacks,
+    plane_slices,
     slice_spacing,
     split_subjects,
 )
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import (
+    BackgroundPart,
     ScoreConfig,
     absolute_score,
+    background_final,
     fit_position_profiles,
     match_scales,
     position_normalized,
@@ -370,7 +374,7 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         parts = [v[s["foreground"]] for v, s in zip(per_stack, stacks, strict=True)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    main_cfg = replace(bundle.scoring, alternatives=(), position_profiles={},
+    main_cfg = replace(bundle.scoring, alternatives=(), background=None, position_profiles={},
                        position_min_extent_mm={}, fallback_gain=1.0, fallback_offset=0.0)
     main_cfg, medians, finals = with_reference(main_cfg)
     main_scores = foreground(finals)
@@ -384,7 +388,26 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
                                     offset=offset))
         finals = [np.minimum(f, offset + gain * a) for f, a in zip(finals, alt_finals,
                                                                     strict=True)]
-    scoring = replace(main_cfg, alternatives=tuple(alternatives))
+    background = bundle.scoring.background
+    if background is not None:  # item 6 of node.model.scoring: like an alternative
+        values = [np.asarray(s["components"]["background"], dtype=np.float64) for s in stacks]
+        quantiles = [float(np.quantile(v[s["foreground"]], background.shift_quantile))
+                     for v, s in zip(values, stacks, strict=True)
+                     if s["foreground"].sum() >= main_cfg.min_series_slices]
+        background = replace(background, reference_median=float(np.median(quantiles))
+                             if quantiles else 0.0)
+        with_bg = replace(main_cfg, background=background)
+        bg_finals = [background_final(s["components"], s["foreground"], with_bg)
+                     for s in stacks]
+        low, mid = np.quantile(foreground(bg_finals), [0.01, 0.5])
+        if not mid > low:
+            raise ValueError("the background part does not vary on the calibration slices "
+                             "(no pixels outside the decoder's head mask?)")
+        gain, offset = match_scales(main_scores, foreground(bg_finals))
+        background = replace(background, gain=gain, offset=offset)
+        finals = [np.minimum(f, offset + gain * b) for f, b in zip(finals, bg_finals,
+                                                                   strict=True)]
+    scoring = replace(main_cfg, alternatives=tuple(alternatives), background=background)
     if scoring.position_bins > 0:
         scoring, finals = _position_reference(scoring, stacks, finals, target_fpr)
     scores = foreground(finals)
@@ -552,6 +575,50 @@ def run_training(
     return out_dir
 
 
+#: The background part's cap is this many times the largest shift normal site variants need.
+SITE_CAP_FACTOR = 1.25
+
+
+def fit_background_cap(
+    bundle: Bundle, volumes: Sequence[TrainingItem], part: BackgroundPart, seed: int = 0,
+) -> dict[str, Any]:
+    """The background part's series-shift cap, fitted as ``bench/select_score.py`` fits the
+    other parts' caps: each NIfTI calibration volume's axial stack and its normal site
+    variants (:func:`node.model.artifacts.site_variants`: contrast curves, smoothing, added
+    noise) give the ``part.shift_quantile`` quantile of their foreground background values;
+    the cap is ``SITE_CAP_FACTOR`` times the largest distance of any of them from the median
+    over the unaltered stacks.
+
+    Returns:
+        ``cap`` and, per variant name, the largest distance it needed (``needs``).
+
+    Raises:
+        ValueError: no NIfTI volume with enough foreground slices to fit it on.
+    """
+    from node.model.artifacts import site_variants
+
+    rng = np.random.default_rng(seed)
+    found: dict[str, list[float]] = {}
+    for vol in volumes:
+        if not isinstance(vol, Volume):
+            continue  # a DICOM stack has no 3D volume to alter
+        for name, data in {"original": vol.data, **site_variants(vol.data, rng)}.items():
+            images, spacing = plane_slices(Volume(vol.subject, data, vol.spacing, ""), "axial")
+            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
+            if int(fg.sum()) < bundle.scoring.min_series_slices:
+                continue
+            values = bundle.background_values(x, head_level=part.head_level,
+                                              dilation=part.dilation)
+            found.setdefault(name, []).append(float(np.quantile(values[fg],
+                                                                part.shift_quantile)))
+    if not found.get("original"):
+        raise ValueError("the background part's cap needs NIfTI calibration volumes with at "
+                         f"least {bundle.scoring.min_series_slices} foreground axial slices")
+    ref = float(np.median(found["original"]))
+    needs = {name: max(abs(v - ref) for v in vals) for name, vals in found.items()}
+    return {"cap": SITE_CAP_FACTOR * max(needs.values()), "needs": needs}
+
+
 def recalibrate(
     bundle: Bundle,
     volumes: Sequence[TrainingItem],
@@ -564,19 +631,33 @@ def recalibrate(
 
     The weights are unchanged; ``changes`` are :class:`ScoreConfig` fields (tail weight,
     series shift cap, complexity correction...). The calibration subjects are the bundle's
-    own (``training.subjects.calibration``), found among ``volumes``.
+    own (``training.subjects.calibration``), found among ``volumes``. ``changes["background"]``
+    adds the background part (a dict of :class:`BackgroundPart` fields, or None to remove
+    it); without ``max_series_shift`` its cap is fitted by :func:`fit_background_cap`.
     """
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
     cal = [v for v in volumes if v.subject in ids]
     if not cal:
         raise ValueError("none of the bundle's calibration subjects is in the given data")
+    record: dict[str, Any] = {}
+    bg_change = changes.get("background")
+    if bg_change is not None:
+        if bundle.feature_ae is not None:
+            raise ValueError("the background part needs a pixel-space model (this bundle has "
+                             "a compression stage)")
+        part = BackgroundPart(**{**bg_change, "max_series_shift": 0.0})
+        if bg_change.get("max_series_shift") is None:  # fit the cap on site variants
+            fitted = fit_background_cap(bundle, cal, part)
+            changes = {**changes, "background": {**bg_change, "max_series_shift": fitted["cap"]}}
+            record["background_cap"] = {"fitted": fitted["cap"], "factor": SITE_CAP_FACTOR,
+                                        "site_variant_needs": fitted["needs"]}
     scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), **changes})
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
     planes = bundle.meta.get("training", {}).get("config", {}).get("planes", list(PLANES))
     calibrate_bundle(bundle, cal, planes, target_fpr or bundle.target_fpr)
     bundle.meta.setdefault("training", {}).setdefault("recalibrations", []).append(
-        {"command": command, "changes": changes,
+        {"command": command, "changes": changes, **record,
          "date": datetime.now(UTC).isoformat(timespec="seconds")}
     )
     save_bundle(out_dir, bundle.model, bundle.meta, feature_ae=bundle.feature_ae)

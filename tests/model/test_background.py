@@ -1,0 +1,237 @@
+"""The background part: the decoder's log-likelihood outside the head, a fourth part of the
+minimum (node.model.scoring, item 6), and bundles without it scoring as before."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from node.model.bundle import load_bundle, save_bundle
+from node.model.data import load_nifti, plane_slices
+from node.model.likelihood import background_log_likelihood, estimate
+from node.model.scoring import (
+    BackgroundPart,
+    ScoreConfig,
+    absolute_score,
+    background_final,
+    match_scales,
+    series_shift,
+    stack_scores,
+)
+from tests.helpers.tiny_bundle import IXI, SUBJECTS
+
+REPO = Path(__file__).resolve().parents[2]
+LOG_2PI = math.log(2 * math.pi)
+
+
+def test_background_statistic_on_a_known_mask() -> None:
+    # Decoder mean: a 6 x 6 head (value 1) in a 16 x 16 grid; dilated by 1 px it covers
+    # rows/cols 4..11 (8 x 8 = 64 pixels), leaving 256 - 64 = 192 background pixels.
+    mean = torch.zeros(1, 1, 16, 16)
+    mean[..., 5:11, 5:11] = 1.0
+    log_sigma = torch.full_like(mean, math.log(0.5))
+    x = mean.clone()
+    x[..., 0, :] = 1.0  # a bright row in the background: r = 2 there
+    x[..., 7, 7] = 50.0  # inside the head: must not count
+    got = float(background_log_likelihood(x, mean, log_sigma, level=0.1, dilation=1))
+    per_pixel = -math.log(0.5) - 0.5 * LOG_2PI
+    expected = per_pixel + (-0.5 * 4.0 * 16) / 192  # 16 pixels of the top row have r = 2
+    assert got == pytest.approx(expected, rel=1e-6)
+
+    # The mask comes from the decoder mean, not the image: a ghost does not move it.
+    ghost = x.clone()
+    ghost[..., 2, 2:14] = 1.0
+    lower = float(background_log_likelihood(ghost, mean, log_sigma, level=0.1, dilation=1))
+    assert lower == pytest.approx(expected + (-0.5 * 4.0 * 12) / 192, rel=1e-6)
+
+    # Without dilation the background is 256 - 36 pixels; with no background at all: 0.0.
+    undilated = float(background_log_likelihood(mean, mean, log_sigma, level=0.1, dilation=0))
+    assert undilated == pytest.approx(per_pixel, rel=1e-6)
+    full = torch.ones(2, 1, 8, 8)
+    assert background_log_likelihood(full, full, log_sigma[..., :8, :8].expand(2, 1, 8, 8)
+                                     ).tolist() == [0.0, 0.0]
+
+
+class _Linear:
+    """A fixed decoder: mean = a square head whose brightness is z[0]; sigma 0.2."""
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = x[:, :, 4:8, 4:8].mean(dim=(1, 2, 3)).unsqueeze(1).repeat(1, 2)
+        return mu, torch.full_like(mu, -2.0)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.zeros(z.shape[0], 1, 12, 12)
+        mean[:, :, 4:8, 4:8] = z[:, :1, None, None]
+        return mean, torch.full_like(mean, math.log(0.2))
+
+
+def test_estimate_gives_the_background_at_the_posterior_mean() -> None:
+    x = torch.zeros(3, 1, 12, 12)
+    x[:, :, 4:8, 4:8] = 1.0
+    x[1, :, 0, :] = 0.4  # a ghost row in slice 1's background
+    est = estimate(_Linear(), x, "importance", 4, generator=torch.Generator().manual_seed(0))
+    mean, log_sigma = _Linear().decode(_Linear().encode(x)[0])
+    assert torch.allclose(est.background, background_log_likelihood(x, mean, log_sigma))
+    assert est.background[1] < est.background[0] == est.background[2]
+    # The statistic draws nothing: the Monte-Carlo outputs do not depend on its settings.
+    other = estimate(_Linear(), x, "importance", 4, generator=torch.Generator().manual_seed(0),
+                     background_level=0.5, background_dilation=0)
+    for key in ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain"):
+        assert torch.equal(getattr(est, key), getattr(other, key))
+
+
+def _components(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"log_likelihood": rng.normal(-1000, 50, n), "png_nats": rng.normal(800, 40, n),
+            "tail": rng.normal(3, 0.5, n), "background": rng.normal(2.0, 0.05, n)}
+
+
+def test_background_part_joins_the_minimum() -> None:
+    comp = _components(40)
+    fg = np.ones(40, dtype=bool)
+    main_cfg = ScoreConfig(complexity=True, complexity_weight=0.5, tail_weight=4.0,
+                           max_series_shift=30.0, reference_median=5.0)
+    main = absolute_score(comp, main_cfg, 100, 2.0)
+    shift = series_shift(main, fg, main_cfg)
+    bg_shift = float(np.clip(np.quantile(comp["background"], 0.75) - 2.01, -0.02, 0.02))
+    bg_final = comp["background"] - bg_shift
+    gain, offset = match_scales(main - shift, bg_final)
+    part = BackgroundPart(shift_quantile=0.75, max_series_shift=0.02, reference_median=2.01,
+                          gain=gain, offset=offset)
+    cfg = replace(main_cfg, background=part)
+    assert np.allclose(background_final(comp, fg, cfg), bg_final)
+
+    final, absolute, got_shift = stack_scores(comp, fg, cfg, 100, 2.0)
+    assert np.allclose(absolute, main) and got_shift == shift
+    assert np.allclose(final, np.minimum(main - shift, offset + gain * bg_final))
+    assert 0 < np.sum(np.isclose(final, main - shift)) < 40
+    # Without the part, the background component is ignored.
+    assert np.array_equal(stack_scores(comp, fg, main_cfg, 100, 2.0)[0], main - shift)
+    # Records scored before the part existed are refused with a clear message.
+    with pytest.raises(ValueError, match="background"):
+        stack_scores({k: v for k, v in comp.items() if k != "background"}, fg, cfg, 100, 2.0)
+
+
+def test_background_part_survives_model_json() -> None:
+    cfg = ScoreConfig(background=BackgroundPart(shift_quantile=0.75, max_series_shift=0.3,
+                                                reference_median=3.4, gain=9e4, offset=-3e5))
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["background"]["dilation"] == 1 and data["background"]["head_level"] == 0.1
+    assert ScoreConfig.from_dict(data) == cfg
+    # A part of its own (an alternative's stand-alone settings) carries no background.
+    from node.model.scoring import AlternativeScore
+
+    alt = cfg.part(AlternativeScore(complexity_weight=1.0, tail_weight=0.0,
+                                    max_series_shift=5.0))
+    assert alt.background is None
+
+
+def test_model_json_without_the_part_round_trips_unchanged(tiny_bundle_path: Path,
+                                                           tmp_path: Path) -> None:
+    shipped = json.loads((REPO / "node" / "models" / "brain-t1" / "model.json").read_text())
+    for scoring in (shipped["scoring"], json.loads(
+            (tiny_bundle_path / "model.json").read_text())["scoring"]):
+        assert "background" not in scoring
+        cfg = ScoreConfig.from_dict(scoring)
+        assert cfg.background is None
+        assert json.loads(json.dumps(cfg.to_dict())) == scoring
+
+    # Loading and saving an old bundle writes the same scoring entry, and it scores the same
+    # with or without the background component present.
+    bundle = load_bundle(tiny_bundle_path)
+    out = save_bundle(tmp_path / "copy", bundle.model, bundle.meta)
+    assert (json.loads((out / "model.json").read_text())["scoring"]
+            == json.loads((tiny_bundle_path / "model.json").read_text())["scoring"])
+    images, spacing = plane_slices(load_nifti(IXI / SUBJECTS[0]), "axial")
+    x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
+    comp = bundle.components(x, device="cpu")
+    assert "background" in comp
+    without = {k: v for k, v in comp.items() if k != "background"}
+    args = (fg, bundle.scoring, bundle.modelled_values, bundle.preprocess.clip_max)
+    for a, b in zip(stack_scores(comp, *args), stack_scores(without, *args), strict=True):
+        assert np.array_equal(a, b)
+    # The cheap pass gives the same values as the full scoring pass.
+    assert np.allclose(bundle.background_values(x, head_level=0.1, dilation=1, device="cpu"),
+                       comp["background"])
+
+
+def _calibrate(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(src), "--out", str(out)]
+    for name in SUBJECTS:
+        args += ["--data", str(IXI / name)]
+    return subprocess.run([*args, *extra], cwd=out.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "bg"
+    proc = _calibrate(tiny_bundle_path, out, "--background-part", "0.75")
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(out)
+    part = bundle.scoring.background
+    assert part is not None and part.shift_quantile == 0.75
+    assert part.max_series_shift > 0 and part.gain > 0 and part.reference_median != 0.0
+    recal = bundle.meta["training"]["recalibrations"][-1]
+    assert recal["changes"]["background"]["max_series_shift"] == part.max_series_shift
+    fitted = recal["background_cap"]
+    assert fitted["fitted"] == pytest.approx(1.25 * max(fitted["site_variant_needs"].values()))
+    assert set(fitted["site_variant_needs"]) == {"original", "gamma0.75", "gamma1.33",
+                                                 "smoother", "noisier"}
+    assert "--background-part 0.75" in recal["command"]
+
+    # The threshold holds its rate on the calibration slices, whose scores are the minimum.
+    ids = bundle.meta["training"]["subjects"]["calibration"]
+    finals, mains, backgrounds = [], [], []
+    for path in sorted(IXI.glob("*.nii.gz")):
+        if path.name.split("-")[0] not in ids:
+            continue
+        images, spacing = plane_slices(load_nifti(path), "axial")
+        scores = bundle.score_slices(list(images), [spacing] * len(images), device="cpu")
+        fg = scores.foreground
+        finals.append(scores.log_likelihood[fg])
+        mains.append((scores.extra["absolute"] - scores.series_shift)[fg])
+        bg = background_final(scores.extra, fg, bundle.scoring)
+        backgrounds.append((part.offset + part.gain * bg)[fg])
+    final, main, background = (np.concatenate(v) for v in (finals, mains, backgrounds))
+    assert final.size >= 50
+    assert np.allclose(final, np.minimum(main, background))
+    assert np.mean(final < bundle.threshold) <= bundle.target_fpr + 1.0 / final.size
+    # Mapped onto the main score's scale: 1st percentile and median matched.
+    assert np.quantile(background, [0.01, 0.5]) == pytest.approx(np.quantile(main, [0.01, 0.5]))
+
+    # A given cap is kept; recalibrating keeps the part; 'none' removes it.
+    capped = tmp_path / "capped"
+    assert _calibrate(out, capped, "--background-part", "0.5", "--background-cap",
+                      "0.25").returncode == 0
+    got = load_bundle(capped).scoring.background
+    assert got is not None and (got.shift_quantile, got.max_series_shift) == (0.5, 0.25)
+    again = tmp_path / "again"
+    assert _calibrate(capped, again).returncode == 0
+    assert load_bundle(again).scoring.background.max_series_shift == 0.25
+    plain = tmp_path / "plain"
+    assert _calibrate(again, plain, "--background-part", "none").returncode == 0
+    assert load_bundle(plain).scoring.background is None
+    assert "background" not in json.loads((plain / "model.json").read_text())["scoring"]
+
+
+@pytest.mark.parametrize("args", [("--background-part", "1.5"),
+                                  ("--background-part", "high"),
+                                  ("--background-cap", "0.2")])
+def test_calibrate_rejects_a_bad_background_option(tiny_bundle_path: Path, tmp_path: Path,
+                                                   args: tuple[str, ...]) -> None:
+    proc = _calibrate(tiny_bundle_path, tmp_path / "x", *args)
+    assert proc.returncode == 2
+    assert "--background-" in proc.stderr
+    assert not (tmp_path / "x").exists()
