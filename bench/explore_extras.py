@@ -1,4 +1,4 @@
-"""Exploration (not shipped): extra per-slice likelihood statistics on the calibration stacks
+"""Exploration (background part): extra per-slice likelihood statistics on the calibration stacks
 of ``bench/select_score.py`` (same subjects, same TorchIO corruptions, same site variants and
 pure-noise series), merged with its cached records.
 

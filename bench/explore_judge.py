@@ -1,4 +1,4 @@
-"""Exploration (not shipped): does one extra likelihood component help the shipped triple?
+"""Exploration (background part): does one extra likelihood component help the shipped triple?
 
 Reads select_score's cached records of the calibration subjects and the extras of
 ``bench/explore_extras.py`` and judges, exactly as ``bench/select_score.py`` does (series shift

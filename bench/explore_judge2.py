@@ -1,4 +1,4 @@
-"""Exploration, second round (not shipped): the two most promising components of
+"""Exploration, second round (background part): the two most promising components of
 ``bench/explore_judge.py`` in more forms, with the sanity figures per site variant and a
 leave-one-subject-out clean false-positive rate (threshold: 1% quantile of the other 7
 calibration subjects' clean slices).

@@ -1,4 +1,4 @@
-"""Exploration (not shipped): per-subject position-matched AUROC (unreferenced, as
+"""Exploration (background part): per-subject position-matched AUROC (unreferenced, as
 select_score's judge) of the shipped triple and the background candidate, to see whether the
 gain holds across the 8 calibration subjects or comes from a few.
 

@@ -1,4 +1,4 @@
-"""Exploration (not shipped): the candidates of ``explore_judge2.py`` with the position
+"""Exploration (background part): the candidates of ``explore_judge2.py`` with the position
 reference on top (10 bins, axial), leave-one-subject-out on the 8 calibration subjects of
 ``select_score.py``: each subject's clean, corrupted and site-variant axial stacks are
 referenced with profiles fitted on the other 7 subjects' clean stacks; the threshold is the 1%

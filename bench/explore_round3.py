@@ -1,4 +1,4 @@
-"""Exploration, third round (not shipped): background components meant to be less sensitive to
+"""Exploration, third round (background part): background components meant to be less sensitive to
 the noise floor, and the best background part together with a wider tail, each judged three
 ways: as select_score (unreferenced), with the LOSO position reference (explore_position), and
 on the extra site variants of explore_stress (its cached scores).

@@ -1,4 +1,4 @@
-"""Exploration (not shipped): extra normal-looking site variants, beyond select_score's four,
+"""Exploration (background part): extra normal-looking site variants, beyond select_score's four,
 that a background-restricted component could be sensitive to. Each calibration subject's
 axial volume is altered, scored (estimator components + ``explore_extras`` extras), and the
 fraction of its foreground slices flagged at the unreferenced selection threshold (1% of the

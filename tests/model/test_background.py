@@ -137,13 +137,16 @@ def test_background_part_survives_model_json() -> None:
 
 def test_model_json_without_the_part_round_trips_unchanged(tiny_bundle_path: Path,
                                                            tmp_path: Path) -> None:
+    scoring = json.loads((tiny_bundle_path / "model.json").read_text())["scoring"]
+    assert "background" not in scoring
+    cfg = ScoreConfig.from_dict(scoring)
+    assert cfg.background is None
+    assert json.loads(json.dumps(cfg.to_dict())) == scoring
+    # The shipped bundle has the part; its entry round-trips too.
     shipped = json.loads((REPO / "node" / "models" / "brain-t1" / "model.json").read_text())
-    for scoring in (shipped["scoring"], json.loads(
-            (tiny_bundle_path / "model.json").read_text())["scoring"]):
-        assert "background" not in scoring
-        cfg = ScoreConfig.from_dict(scoring)
-        assert cfg.background is None
-        assert json.loads(json.dumps(cfg.to_dict())) == scoring
+    cfg = ScoreConfig.from_dict(shipped["scoring"])
+    assert cfg.background is not None and cfg.background.gain > 0
+    assert json.loads(json.dumps(cfg.to_dict())) == shipped["scoring"]
 
     # Loading and saving an old bundle writes the same scoring entry, and it scores the same
     # with or without the background component present.
