@@ -57,6 +57,17 @@ def merge(records_path: Path, extras_path: Path):
     return data, variant_comps, noise
 
 
+def inputs():
+    """``--model BUNDLE --extras PKL`` of every exploration judge: the bundle and the merged
+    records (calibration data, site variants, noise series)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--extras", type=Path, required=True)
+    a = p.parse_args()
+    bundle = load_bundle(a.model)
+    return (bundle, *merge(a.model / "selection-records.pkl", a.extras))
+
+
 def custom_part(bundle, data, variant_comps, noise_comps, label: str,
                 absfn: Callable[[dict], np.ndarray], quantile: float) -> Part:
     """make_part with an arbitrary absolute score (higher = more normal)."""
@@ -101,12 +112,7 @@ def raw_auroc(data, fn) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--extras", type=Path, required=True)
-    a = p.parse_args()
-    bundle = load_bundle(a.model)
-    data, variants, noise = merge(a.model / "selection-records.pkl", a.extras)
+    bundle, data, variants, noise = inputs()
     pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
 
     stats: dict[str, Callable[[dict], np.ndarray]] = {

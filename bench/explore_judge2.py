@@ -16,7 +16,6 @@ Component forms (all from the decoder's Gaussian at z = posterior mean, ``explor
 
 from __future__ import annotations
 
-import argparse
 import math
 import pickle
 import sys
@@ -27,9 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.explore_judge import SHIPPED, custom_part, merge  # noqa: E402
+from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
 from bench.select_score import judge, make_part  # noqa: E402
-from node.model.bundle import load_bundle  # noqa: E402
 from node.model.scoring import match_scales  # noqa: E402
 
 
@@ -51,12 +49,7 @@ def loso_fpr(data, parts) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--extras", type=Path, required=True)
-    a = p.parse_args()
-    bundle = load_bundle(a.model)
-    data, variants, noise = merge(a.model / "selection-records.pkl", a.extras)
+    bundle, data, variants, noise = inputs()
     pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
     delta = clip / 255.0
     conds = [f"{r['artifact']}/{r['severity']}" for r in data["corrupted"][:12]]

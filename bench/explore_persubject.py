@@ -8,7 +8,6 @@ gain holds across the 8 calibration subjects or comes from a few.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,20 +16,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.explore_judge import SHIPPED, custom_part, merge  # noqa: E402
+from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
 from bench.select_score import make_part  # noqa: E402
-from node.model.bundle import load_bundle  # noqa: E402
 from node.model.evaluate import auroc  # noqa: E402
 from node.model.scoring import match_scales  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--extras", type=Path, required=True)
-    a = p.parse_args()
-    bundle = load_bundle(a.model)
-    data, variants, noise = merge(a.model / "selection-records.pkl", a.extras)
+    bundle, data, variants, noise = inputs()
     shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
     bg = custom_part(bundle, data, variants, noise, "b",
                      lambda c: c["bg1_ll"] / np.maximum(c["bg1_n"], 1), 0.75)

@@ -14,7 +14,6 @@ moderate block flagged at the threshold.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import replace
@@ -25,9 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.explore_judge import SHIPPED, custom_part, merge  # noqa: E402
+from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
 from bench.select_score import make_part  # noqa: E402
-from node.model.bundle import load_bundle  # noqa: E402
 from node.model.evaluate import auroc  # noqa: E402
 from node.model.scoring import (  # noqa: E402
     fit_position_profiles,
@@ -105,12 +103,7 @@ def evaluate(bundle, data, variants, parts) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--extras", type=Path, required=True)
-    a = p.parse_args()
-    bundle = load_bundle(a.model)
-    data, variants, noise = merge(a.model / "selection-records.pkl", a.extras)
+    bundle, data, variants, noise = inputs()
     pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
     delta = clip / 255.0
     shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
