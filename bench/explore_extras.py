@@ -35,10 +35,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.select_score import IXI, site_variants  # noqa: E402
+from bench.select_score import IXI, noise_images  # noqa: E402
 from node.model.bundle import load_bundle  # noqa: E402
-from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
+from node.model.data import load_nifti  # noqa: E402
 from node.model.evaluate import EvalConfig, collect  # noqa: E402
+from node.model.train import site_variant_stacks  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -103,11 +104,8 @@ def main() -> None:
     print("subjects", [v.subject for v in vols], flush=True)
     rng = np.random.default_rng(0)
     variants = []
-    for vol in vols:
-        for name, vdata in {"original": vol.data, **site_variants(vol, rng)}.items():
-            images, spacing = plane_slices(Volume(vol.subject, vdata, vol.spacing, ""), "axial")
-            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
-            variants.append((vol.subject, name, extras(model, x), fg))
+    for subject, name, x, fg in site_variant_stacks(bundle, vols, rng):
+        variants.append((subject, name, extras(model, x), fg))
     print(f"variants done {time.time() - t0:.0f}s", flush=True)
 
     # Same stacks as collect(): replace the estimator pass by the extras (the cached records
@@ -120,11 +118,7 @@ def main() -> None:
     bundle2 = load_bundle(a.model)
     noise = []
     for kind in ("uniform", "rician"):
-        if kind == "uniform":
-            imgs = [rng.random((120, 120)).astype(np.float32) * 1000 for _ in range(12)]
-        else:
-            imgs = [np.abs(rng.normal(0, 1, (120, 120)) + 1j * rng.normal(0, 1, (120, 120)))
-                    .astype(np.float32) for _ in range(12)]
+        imgs = noise_images(kind, rng)
         x, fg = bundle2.preprocess_stack(imgs, [(2.0, 2.0)] * len(imgs))
         comp = bundle2.components(x)
         comp.update(extras(model, x))

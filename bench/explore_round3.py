@@ -27,32 +27,9 @@ sys.path.insert(0, str(ROOT))
 from bench.explore_judge import SHIPPED, custom_part, merge  # noqa: E402
 from bench.explore_judge2 import loso_fpr  # noqa: E402
 from bench.explore_position import evaluate  # noqa: E402
+from bench.explore_stress import stress_flags  # noqa: E402
 from bench.select_score import judge, make_part  # noqa: E402
 from node.model.bundle import load_bundle  # noqa: E402
-from node.model.scoring import alternative_final, match_scales, series_shift  # noqa: E402
-
-
-def stress_flags(bundle, parts, fns, stress) -> dict[str, float]:
-    pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
-    main = parts[0]
-    maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean), np.concatenate(pp.clean))
-                           for pp in parts[1:]]
-    clean = np.concatenate([np.min([o + g * pp.clean[i] for (g, o), pp
-                                    in zip(maps, parts, strict=True)], axis=0)
-                            for i in range(len(main.clean))])
-    thr = float(np.quantile(clean, 0.01))
-    out: dict[str, list[np.ndarray]] = {}
-    for _s, name, comp, fg in stress:
-        finals = []
-        for pp, fn in zip(parts, fns, strict=True):
-            if fn is None:
-                finals.append(alternative_final(comp, fg, pp.cfg, pixels, clip))
-            else:
-                ab = fn(comp)
-                finals.append(ab - series_shift(ab, fg, pp.cfg))
-        s = np.min([o + g * f for (g, o), f in zip(maps, finals, strict=True)], axis=0)
-        out.setdefault(name, []).append(s[fg] < thr)
-    return {k: float(np.mean(np.concatenate(v))) for k, v in out.items()}
 
 
 def main() -> None:

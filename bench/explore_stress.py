@@ -48,6 +48,32 @@ def variants_of(vol: Volume, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
+def stress_flags(bundle, parts, fns, stress) -> dict[str, float]:
+    """Fraction of each stress variant's foreground slices flagged at the unreferenced
+    selection threshold (1% of the clean calibration slices) by the minimum of ``parts``
+    (``fns[i]``: the part's absolute score from components; None: a weighting)."""
+    pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
+    main = parts[0]
+    maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean), np.concatenate(pp.clean))
+                           for pp in parts[1:]]
+    clean = np.concatenate([np.min([o + g * pp.clean[i] for (g, o), pp
+                                    in zip(maps, parts, strict=True)], axis=0)
+                            for i in range(len(main.clean))])
+    thr = float(np.quantile(clean, 0.01))
+    out: dict[str, list[np.ndarray]] = {}
+    for _s, name, comp, fg in stress:
+        finals = []
+        for pp, fn in zip(parts, fns, strict=True):
+            if fn is None:
+                finals.append(alternative_final(comp, fg, pp.cfg, pixels, clip))
+            else:
+                ab = fn(comp)
+                finals.append(ab - series_shift(ab, fg, pp.cfg))
+        s = np.min([o + g * f for (g, o), f in zip(maps, finals, strict=True)], axis=0)
+        out.setdefault(name, []).append(s[fg] < thr)
+    return {k: float(np.mean(np.concatenate(v))) for k, v in out.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
@@ -57,7 +83,6 @@ def main() -> None:
     torch.set_num_threads(1)
     bundle = load_bundle(a.model)
     data, variants, noise = merge(a.model / "selection-records.pkl", a.extras)
-    pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
     if a.cache.exists():
         stress = pickle.loads(a.cache.read_bytes())
     else:
@@ -87,27 +112,8 @@ def main() -> None:
         part = custom_part(bundle, data, variants, noise, "b", bg(r), q)
         cands[f"+bg{r or 3}_ll/n q{q}"] = ([*shipped, part], [*fns, bg(r)])
     for name, (parts, absfns) in cands.items():
-        main = parts[0]
-        maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean),
-                                            np.concatenate(pp.clean)) for pp in parts[1:]]
-        clean = np.concatenate([np.min([off + g * pp.clean[i] for (g, off), pp
-                                        in zip(maps, parts, strict=True)], axis=0)
-                                for i in range(len(main.clean))])
-        thr = float(np.quantile(clean, 0.01))
-        flagged: dict[str, list[np.ndarray]] = {}
-        for _s, vname, comp, fg in stress:
-            finals = []
-            for pp, fn in zip(parts, absfns, strict=True):
-                if fn is None:
-                    f = alternative_final(comp, fg, pp.cfg, pixels, clip)
-                else:
-                    ab = fn(comp)
-                    f = ab - series_shift(ab, fg, pp.cfg)
-                finals.append(f)
-            s = np.min([off + g * f for (g, off), f in zip(maps, finals, strict=True)], axis=0)
-            flagged.setdefault(vname, []).append(s[fg] < thr)
-        print(f"{name:22} " + " ".join(f"{k} {np.mean(np.concatenate(v)):.3f}"
-                                         for k, v in flagged.items()), flush=True)
+        flagged = stress_flags(bundle, parts, absfns, stress)
+        print(f"{name:22} " + " ".join(f"{k} {v:.3f}" for k, v in flagged.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.model.artifacts import site_variants as volume_site_variants  # noqa: E402
 from node.model.bundle import Bundle, load_bundle  # noqa: E402
-from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
+from node.model.data import load_nifti  # noqa: E402
 from node.model.evaluate import EvalConfig, auroc, collect  # noqa: E402
 from node.model.scoring import (  # noqa: E402
     ScoreConfig,
@@ -55,6 +54,7 @@ from node.model.scoring import (  # noqa: E402
     alternative_final,
     match_scales,
 )
+from node.model.train import site_variant_stacks  # noqa: E402
 
 IXI = ROOT.parent / "shared" / "data" / "ixi_t1"
 WEIGHTS = (0.0, 0.5, 0.75, 1.0)
@@ -63,10 +63,13 @@ QUANTILES = (0.5, 0.75, 0.9)
 MAX_SITE_FLAGGED = 0.03
 
 
-def site_variants(vol: Volume, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Normal-looking versions of a volume as another scanner/protocol might produce
-    (:func:`node.model.artifacts.site_variants`, which ``vaenode calibrate`` uses too)."""
-    return volume_site_variants(vol.data, rng)
+def noise_images(kind: str, rng: np.random.Generator) -> list[np.ndarray]:
+    """The 12 slices of a pure-noise series (step 3): ``uniform``, or ``rician`` like a receive
+    chain with no signal."""
+    if kind == "uniform":
+        return [rng.random((120, 120)).astype(np.float32) * 1000 for _ in range(12)]
+    return [np.abs(rng.normal(0, 1, (120, 120)) + 1j * rng.normal(0, 1, (120, 120)))
+            .astype(np.float32) for _ in range(12)]
 
 
 @dataclass
@@ -94,24 +97,15 @@ def load_records(bundle: Bundle, model: Path, subjects: int) -> tuple[Any, list,
         with cache.open("rb") as fh:
             data, variant_comps = pickle.load(fh)
     else:
-        variant_comps = []
-        for vol in vols:
-            for name, vdata in {"original": vol.data, **site_variants(vol, rng)}.items():
-                images, spacing = plane_slices(Volume(vol.subject, vdata, vol.spacing, ""),
-                                               "axial")
-                x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
-                variant_comps.append((vol.subject, name, bundle.components(x), fg))
+        variant_comps = [(subject, name, bundle.components(x), fg)
+                         for subject, name, x, fg in site_variant_stacks(bundle, vols, rng)]
         data = collect(bundle, vols, vols, EvalConfig(planes=("axial",), mcmc_subjects=0,
                                                       time_scoring=False), report=print)
         with cache.open("wb") as fh:
             pickle.dump((data, variant_comps), fh)
     noise_comps = []
     for kind in ("uniform", "rician"):
-        if kind == "uniform":
-            imgs = [rng.random((120, 120)).astype(np.float32) * 1000 for _ in range(12)]
-        else:
-            imgs = [np.abs(rng.normal(0, 1, (120, 120)) + 1j * rng.normal(0, 1, (120, 120)))
-                    .astype(np.float32) for _ in range(12)]
+        imgs = noise_images(kind, rng)
         x, fg = bundle.preprocess_stack(imgs, [(2.0, 2.0)] * len(imgs))
         noise_comps.append((bundle.components(x), fg))
     return data, variant_comps, noise_comps

@@ -263,10 +263,6 @@ class ListenerPool:
                         "max_associations_each": ",".join(map(str, self.shares))})
         return address
 
-    def open_connections(self) -> dict[int, int]:
-        """Connections each listener process has open (the dispatcher's count)."""
-        return self._dispatcher.open_counts() if self._dispatcher is not None else {}
-
     def check(self) -> None:
         """Restart children that died; raise :class:`ListenerFailed` when they keep dying."""
         if self._stopping:

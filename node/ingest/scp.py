@@ -184,7 +184,7 @@ class DispatchedAssociationServer(ThreadedAssociationServer):
     counts open connections per listener with it.
     """
 
-    connection_ended: Any = None
+    connection_ended: Callable[[], None] | None = None
 
     def server_bind(self) -> None:
         """Nothing to bind: ``server_address`` stays the node's address, for pynetdicom."""

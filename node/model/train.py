@@ -32,7 +32,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -579,6 +579,22 @@ def run_training(
 SITE_CAP_FACTOR = 1.25
 
 
+def site_variant_stacks(
+    bundle: Bundle, volumes: Sequence[Volume], rng: np.random.Generator,
+) -> Iterator[tuple[str, str, torch.Tensor, np.ndarray]]:
+    """Each volume's axial stack, then those of its normal site variants
+    (:func:`node.model.artifacts.site_variants`), preprocessed for ``bundle``: (subject,
+    variant name or ``original``, slices, foreground mask). What the series-shift caps are
+    fitted on (here and in ``bench/select_score.py``); ``rng`` draws the variants' noise."""
+    from node.model.artifacts import site_variants
+
+    for vol in volumes:
+        for name, data in {"original": vol.data, **site_variants(vol.data, rng)}.items():
+            images, spacing = plane_slices(Volume(vol.subject, data, vol.spacing, ""), "axial")
+            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
+            yield vol.subject, name, x, fg
+
+
 def fit_background_cap(
     bundle: Bundle, volumes: Sequence[TrainingItem], part: BackgroundPart, seed: int = 0,
 ) -> dict[str, Any]:
@@ -595,22 +611,15 @@ def fit_background_cap(
     Raises:
         ValueError: no NIfTI volume with enough foreground slices to fit it on.
     """
-    from node.model.artifacts import site_variants
-
     rng = np.random.default_rng(seed)
     found: dict[str, list[float]] = {}
-    for vol in volumes:
-        if not isinstance(vol, Volume):
-            continue  # a DICOM stack has no 3D volume to alter
-        for name, data in {"original": vol.data, **site_variants(vol.data, rng)}.items():
-            images, spacing = plane_slices(Volume(vol.subject, data, vol.spacing, ""), "axial")
-            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
-            if int(fg.sum()) < bundle.scoring.min_series_slices:
-                continue
-            values = bundle.background_values(x, head_level=part.head_level,
-                                              dilation=part.dilation)
-            found.setdefault(name, []).append(float(np.quantile(values[fg],
-                                                                part.shift_quantile)))
+    nifti = [v for v in volumes if isinstance(v, Volume)]  # a DICOM stack has no 3D volume
+    for _subject, name, x, fg in site_variant_stacks(bundle, nifti, rng):
+        if int(fg.sum()) < bundle.scoring.min_series_slices:
+            continue
+        values = bundle.background_values(x, head_level=part.head_level,
+                                          dilation=part.dilation)
+        found.setdefault(name, []).append(float(np.quantile(values[fg], part.shift_quantile)))
     if not found.get("original"):
         raise ValueError("the background part's cap needs NIfTI calibration volumes with at "
                          f"least {bundle.scoring.min_series_slices} foreground axial slices")

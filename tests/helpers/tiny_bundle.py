@@ -8,7 +8,9 @@ mean little; its interfaces are the real ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IXI = DATA / "ixi_t1"
@@ -32,3 +34,16 @@ def make_tiny_bundle(out_dir: Path, seed: int = 0, epochs: int = 1) -> Path:
     )
     return run_training(vols, cfg, Path(out_dir), command="tests.helpers.tiny_bundle",
                         data_sources=[str(IXI / n) for n in SUBJECTS])
+
+
+def calibration_axial_scores(bundle: Any) -> Iterator[Any]:
+    """The bundle's scores (``SliceScores``) of each of its calibration subjects' axial stacks,
+    as a calibration check reads them."""
+    from node.model.data import load_nifti, plane_slices
+
+    ids = bundle.meta["training"]["subjects"]["calibration"]
+    for path in sorted(IXI.glob("*.nii.gz")):
+        if path.name.split("-")[0] not in ids:
+            continue
+        images, spacing = plane_slices(load_nifti(path), "axial")
+        yield bundle.score_slices(list(images), [spacing] * len(images), device="cpu")

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from node.model.bundle import load_bundle
-from node.model.data import load_nifti, plane_slices
 from node.model.scoring import (
     AlternativeScore,
     ScoreConfig,
@@ -23,7 +22,7 @@ from node.model.scoring import (
     series_shift,
     stack_scores,
 )
-from tests.helpers.tiny_bundle import IXI, SUBJECTS
+from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibration_axial_scores
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,13 +109,8 @@ def test_calibrate_fits_the_maps_and_holds_the_rate(tiny_bundle_path: Path,
     assert recal["changes"]["alternatives"][0]["tail_weight"] == 4.0
 
     # The threshold holds its rate on the calibration slices, whose scores are the minimum.
-    ids = bundle.meta["training"]["subjects"]["calibration"]
     finals, mains = [], []
-    for path in sorted(IXI.glob("*.nii.gz")):
-        if path.name.split("-")[0] not in ids:
-            continue
-        images, spacing = plane_slices(load_nifti(path), "axial")
-        scores = bundle.score_slices(list(images), [spacing] * len(images), device="cpu")
+    for scores in calibration_axial_scores(bundle):
         fg = scores.foreground
         finals.append(scores.log_likelihood[fg])
         mains.append((scores.extra["absolute"] - scores.series_shift)[fg])

@@ -27,7 +27,7 @@ from node.model.scoring import (
     series_shift,
     stack_scores,
 )
-from tests.helpers.tiny_bundle import IXI, SUBJECTS
+from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibration_axial_scores
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_2PI = math.log(2 * math.pi)
@@ -195,13 +195,8 @@ def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path:
     assert "--background-part 0.75" in recal["command"]
 
     # The threshold holds its rate on the calibration slices, whose scores are the minimum.
-    ids = bundle.meta["training"]["subjects"]["calibration"]
     finals, mains, backgrounds = [], [], []
-    for path in sorted(IXI.glob("*.nii.gz")):
-        if path.name.split("-")[0] not in ids:
-            continue
-        images, spacing = plane_slices(load_nifti(path), "axial")
-        scores = bundle.score_slices(list(images), [spacing] * len(images), device="cpu")
+    for scores in calibration_axial_scores(bundle):
         fg = scores.foreground
         finals.append(scores.log_likelihood[fg])
         mains.append((scores.extra["absolute"] - scores.series_shift)[fg])
