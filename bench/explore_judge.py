@@ -34,38 +34,48 @@ from node.model.scoring import ScoreConfig, absolute_score  # noqa: E402
 SHIPPED = ((0.5, 16.0, 0.75), (0.75, 4.0, 0.5), (1.0, 0.0, 0.9))
 
 
-def merge(records_path: Path, extras_path: Path):
+def merge(records_path: Path, *extras_paths: Path):
+    """select_score's cached records with the components of each extras file merged in
+    (checked to be the same stacks, in the same order)."""
     with records_path.open("rb") as fh:
         data, variant_comps = pickle.load(fh)
-    with extras_path.open("rb") as fh:
-        ex = pickle.load(fh)
-    for kind in ("clean", "corrupted"):
-        assert len(data[kind]) == len(ex["data"][kind])
-        for r, e in zip(data[kind], ex["data"][kind], strict=True):
-            assert r["subject"] == e["subject"] and r.get("artifact") == e.get("artifact")
-            assert r.get("severity") == e.get("severity")
-            assert np.array_equal(r["foreground"], e["foreground"])
-            if "block" in r:
-                assert np.array_equal(r["block"], e["block"])
-            r["components"].update({k: v for k, v in e["components"].items()
-                                    if not k.startswith("qc_")})
-    assert len(variant_comps) == len(ex["variants"])
-    for (s, n, comp, fg), (s2, n2, e, fg2) in zip(variant_comps, ex["variants"], strict=True):
-        assert (s, n) == (s2, n2) and np.array_equal(fg, fg2)
-        comp.update(e)
-    noise = ex["noise"]
+    noise = None
+    for extras_path in extras_paths:
+        with extras_path.open("rb") as fh:
+            ex = pickle.load(fh)
+        for kind in ("clean", "corrupted"):
+            assert len(data[kind]) == len(ex["data"][kind])
+            for r, e in zip(data[kind], ex["data"][kind], strict=True):
+                assert r["subject"] == e["subject"] and r.get("artifact") == e.get("artifact")
+                assert r.get("severity") == e.get("severity")
+                assert np.array_equal(r["foreground"], e["foreground"])
+                if "block" in r:
+                    assert np.array_equal(r["block"], e["block"])
+                r["components"].update({k: v for k, v in e["components"].items()
+                                        if not k.startswith("qc_")})
+        assert len(variant_comps) == len(ex["variants"])
+        for (s, n, comp, fg), (s2, n2, e, fg2) in zip(variant_comps, ex["variants"],
+                                                       strict=True):
+            assert (s, n) == (s2, n2) and np.array_equal(fg, fg2)
+            comp.update(e)
+        if noise is None:
+            noise = ex["noise"]
+        else:
+            for (comp, fg), (e, fg2) in zip(noise, ex["noise"], strict=True):
+                assert np.array_equal(fg, fg2)
+                comp.update(e)
     return data, variant_comps, noise
 
 
 def inputs():
-    """``--model BUNDLE --extras PKL`` of every exploration judge: the bundle and the merged
-    records (calibration data, site variants, noise series)."""
+    """``--model BUNDLE --extras PKL [PKL...]`` of every exploration judge: the bundle and the
+    merged records (calibration data, site variants, noise series)."""
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--extras", type=Path, required=True)
+    p.add_argument("--extras", type=Path, nargs="+", required=True)
     a = p.parse_args()
     bundle = load_bundle(a.model)
-    return (bundle, *merge(a.model / "selection-records.pkl", a.extras))
+    return (bundle, *merge(a.model / "selection-records.pkl", *a.extras))
 
 
 def custom_part(bundle, data, variant_comps, noise_comps, label: str,

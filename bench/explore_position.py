@@ -39,8 +39,9 @@ BINS = 10
 
 def evaluate(bundle, data, variants, parts) -> dict:
     main = parts[0]
-    maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean), np.concatenate(p.clean))
-                           for p in parts[1:]]
+    maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean), np.concatenate(p.clean),
+                                        getattr(p, "match_low", 0.01))
+                           for p in parts[1:]]  # match_low: spectral_judge's tighter maps
 
     def comb(arrs):
         return np.min([off + g * a for (g, off), a in zip(maps, arrs, strict=True)], axis=0)

@@ -1,0 +1,297 @@
+"""Exploration (spectral part): the shipped four parts (``bench/explore_judge.py``'s triple and
+the background part) with a fifth part from ``bench/explore_spectral.py``'s features, judged as
+``bench/explore_position.py`` judges (position reference leave-one-subject-out over the 8
+calibration subjects, 1% threshold, site variants, pure noise); each candidate part has its
+own capped series shift (1.25 x the site variants' largest need) and the map onto the main
+score's scale, like every part.
+
+    .venv/bin/python bench/explore_spectral_judge.py --round select --model /tmp/runs3/r9 \
+        --extras /tmp/helper-model/extras2.pkl /tmp/s5/spectral.pkl
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
+from bench.explore_position import evaluate  # noqa: E402
+from bench.select_score import Part, make_part  # noqa: E402
+from node.model.scoring import position_bin, relative_positions, robust_level  # noqa: E402
+
+BINS = 10
+
+ROUNDS = ("fifth", "quantiles", "every", "first", "lifted", "tight", "ratio", "onto", "add",
+          "more", "select")
+
+
+def column(key: str, minus: str | None = None, times: float = 1.0):
+    """A per-slice feature of the merged components, optionally ``- times * minus``."""
+    if minus is None:
+        return lambda c: c[key]
+    return lambda c: c[key] - times * c[minus]
+
+
+def positioned(part: Part, data, variants, onto: Part | None = None) -> Part:
+    """The part's values compared with the other calibration subjects' clean values at the
+    same relative position, (v - median_bin) / spread_bin (leave-one-subject-out, as the final
+    score's reference); the noise series (too short) against all clean slices. ``onto``: put
+    the result on that part's position profile instead (median_bin + spread_bin * z of the
+    other part), so that the minimum compares like with like at every position."""
+    subs = [r["subject"] for r in data["clean"]]
+
+    def profile(p, s):
+        v = np.concatenate([c for j, c in enumerate(p.clean) if subs[j] != s])
+        k = np.concatenate([position_bin(relative_positions(np.ones(c.size, bool)), BINS)
+                            for j, c in enumerate(p.clean) if subs[j] != s])
+        return [robust_level(v[k == b]) for b in range(BINS)]
+
+    profs = {s: profile(part, s) for s in subs}
+    targets = {s: profile(onto, s) for s in subs} if onto is not None else None
+
+    def ref(v, fg, s):
+        out = np.array(v, float)
+        k = position_bin(relative_positions(fg)[fg], BINS)
+        lv = profs[s]
+        out[fg] = (out[fg] - np.array([lv[b][0] for b in k])) / np.array([lv[b][1] for b in k])
+        if targets is not None:
+            tv = targets[s]
+            out[fg] = (np.array([tv[b][0] for b in k])
+                       + np.array([tv[b][1] for b in k]) * out[fg])
+        return out
+
+    overall = robust_level(np.concatenate(part.clean))
+    site_subj: dict[str, list[str]] = {}
+    for s, name, _c, _fg in variants:
+        site_subj.setdefault(name, []).append(s)
+    return Part(part.weight, part.tail, part.quantile, part.cap, part.cfg,
+                clean=[ref(c, np.ones(c.size, bool), subs[j]) for j, c in enumerate(part.clean)],
+                corrupted=[ref(c, r["foreground"], r["subject"])
+                           for c, r in zip(part.corrupted, data["corrupted"], strict=True)],
+                noise=[(c - overall[0]) / overall[1] for c in part.noise],
+                sites={n: [ref(c, np.ones(c.size, bool), site_subj[n][i])
+                           for i, c in enumerate(v)] for n, v in part.sites.items()})
+
+
+def positioned_first(bundle, data, variants, noise, absfn, quantile: float) -> Part:
+    """The feature compared with the other calibration subjects' clean slices at the same
+    relative position FIRST, (a - median_bin) / spread_bin, and only then shifted by its
+    series' capped ``quantile`` (cap: 1.25 x the site variants' largest need): the series
+    level is then taken from position-flat values."""
+    subs = [r["subject"] for r in data["clean"]]
+    raw = {r["subject"]: absfn(r["components"])[r["foreground"]] for r in data["clean"]}
+
+    def profile(s):
+        v = np.concatenate([raw[o] for o in subs if o != s])
+        k = np.concatenate([position_bin(relative_positions(np.ones(raw[o].size, bool)), BINS)
+                            for o in subs if o != s])
+        return [robust_level(v[k == b]) for b in range(BINS)]
+
+    profs = {s: profile(s) for s in subs}
+    overall = robust_level(np.concatenate(list(raw.values())))
+
+    def z(a, fg, s):
+        out = (np.array(a, float) - overall[0]) / overall[1]
+        if s is not None:
+            k = position_bin(relative_positions(fg)[fg], BINS)
+            lv = profs[s]
+            out[fg] = ((a[fg] - np.array([lv[b][0] for b in k]))
+                       / np.array([lv[b][1] for b in k]))
+        return out
+
+    clean_z = [z(raw[s], np.ones(raw[s].size, bool), s) for s in subs]
+    ref = float(np.median([np.quantile(c, quantile) for c in clean_z]))
+    var_z = [(name, z(absfn(c)[fg], np.ones(int(fg.sum()), bool), s))
+             for s, name, c, fg in variants]
+    cap = 1.25 * max(abs(float(np.quantile(v, quantile)) - ref) for _n, v in var_z)
+
+    def shifted(v, fg):
+        if int(fg.sum()) < bundle.scoring.min_series_slices:
+            return v
+        return v - float(np.clip(np.quantile(v[fg], quantile) - ref, -cap, cap))
+
+    sites: dict[str, list[np.ndarray]] = {}
+    for name, v in var_z:
+        sites.setdefault(name, []).append(shifted(v, np.ones(v.size, bool)))
+    corrupted = [shifted(z(absfn(r["components"]), r["foreground"], r["subject"]),
+                         r["foreground"]) for r in data["corrupted"]]
+    noise_v = [shifted(z(absfn(c)[fg], np.ones(int(fg.sum()), bool), None),
+                       np.ones(int(fg.sum()), bool)) for c, fg in noise]
+    return Part(0.0, 0.0, quantile, cap, bundle.scoring,
+                clean=[shifted(c, np.ones(c.size, bool)) for c in clean_z],
+                corrupted=corrupted, noise=noise_v, sites=sites)
+
+
+def lifted_part(bundle, data, variants, noise, absfn, quantile: float) -> Part:
+    """custom_part with a one-sided series shift: a series whose level is below the normal
+    reference is lifted (at most by the cap), one above it is left as it is (the part flags
+    only too little detail; a block that raises the feature, spikes or a bias field, must not
+    push the rest of its series down)."""
+    part = custom_part(bundle, data, variants, noise, "s", absfn, quantile)
+    cfg = part.cfg
+
+    def final(comp, fg):
+        a = absfn(comp)
+        if int(fg.sum()) < cfg.min_series_slices:
+            return a
+        return a - float(np.clip(np.quantile(a[fg], quantile) - cfg.reference_median,
+                                 -cfg.max_series_shift, 0.0))
+
+    sites: dict[str, list[np.ndarray]] = {}
+    for _s, name, comp, fg in variants:
+        sites.setdefault(name, []).append(final(comp, fg)[fg])
+    return Part(0.0, 0.0, quantile, part.cap, cfg,
+                clean=[final(r["components"], r["foreground"])[r["foreground"]]
+                       for r in data["clean"]],
+                corrupted=[final(r["components"], r["foreground"]) for r in data["corrupted"]],
+                noise=[final(c, fg)[fg] for c, fg in noise], sites=sites)
+
+
+def added(main: Part, part: Part, k: float) -> Part:
+    """The main part plus k x (the main part's clean spread) x the other part's values."""
+    beta = k * robust_level(np.concatenate(main.clean))[1]
+
+    def plus(a, b):
+        return [x + beta * y for x, y in zip(a, b, strict=True)]
+
+    return Part(main.weight, main.tail, main.quantile, main.cap, main.cfg,
+                clean=plus(main.clean, part.clean), corrupted=plus(main.corrupted, part.corrupted),
+                noise=plus(main.noise, part.noise),
+                sites={n: plus(v, part.sites[n]) for n, v in main.sites.items()})
+
+
+def select(cands: dict[str, list[Part]], bundle, data, variants) -> None:
+    """The selection rule, fixed before this grid was run: (1) pure noise flagged on every
+    slice, every site variant at most 3% flagged, and at most 5% flagged outside the block in
+    every corrupted series; (2) the most AUROC targets met (0.95 moderate, 0.80 mild); (3) ties:
+    the highest mean AUROC."""
+    rows = []
+    for name, parts in cands.items():
+        res = evaluate(bundle, data, variants, parts)
+        ok = (res["noise"] == 1.0 and max(res["sites"].values()) <= 0.03
+              and max(res["elsewhere"].values()) <= 0.05)
+        rows.append((ok, res["met"], res["mean"], name, res))
+        print(f"{name:34} ok={ok!s:5} met={res['met']:2d} mean={res['mean']:.3f} "
+              f"sites<={max(res['sites'].values()):.3f} "
+              f"elsewhere<={max(res['elsewhere'].values()):.3f} | "
+              + " ".join(f"{v:.3f}" for v in res["aurocs"].values()), flush=True)
+    best = max(rows, key=lambda r: r[:3])
+    print(f"chosen: {best[3]} (ok={best[0]}, met={best[1]}, mean={best[2]:.3f})")
+
+
+def main() -> None:
+    """``--round NAME`` (logs in ``bench/explore-logs/spectral-rounds.log`` in this order):
+    fifth (a fifth part, plain and positioned), quantiles (lower shift quantiles), every (every
+    part positioned), first (positioned before the series shift), lifted (one-sided shift),
+    tight (maps at lower quantiles), ratio (scale-free features), onto (on the main part's
+    profile), add / more (added to the main part), select (the grid and the rule)."""
+    round_ = "fifth"
+    if "--round" in sys.argv:
+        i = sys.argv.index("--round")
+        round_ = sys.argv[i + 1]
+        del sys.argv[i : i + 2]
+    if round_ not in ROUNDS:
+        raise SystemExit(f"--round: one of {ROUNDS}")
+    bundle, data, variants, noise = inputs()
+    triple = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
+    shipped = [*triple, custom_part(bundle, data, variants, noise, "b",
+                                    lambda c: c["bg1_ll"] / np.maximum(c["bg1_n"], 1), 0.75)]
+    cands = {"shipped (triple + bg1 q0.75)": shipped}
+
+    def lp(fn, q):  # one-sided shift, then positioned
+        return positioned(lifted_part(bundle, data, variants, noise, fn, q), data, variants)
+
+    plain = {k: column(k) for k in ("r_hf0.375", "r_hf0.4375", "r_hf0.5", "d_hf0.4375",
+                                    "d_hf0.5", "x_hf0.4375", "x_hf0.5")}
+    mids = {"r_hf0.4375-r_mid": column("r_hf0.4375", "r_mid"),
+            "x_hf0.4375-x_mid": column("x_hf0.4375", "x_mid")}
+    levels = {**{f"{k}-2x_level": column(k, "x_level", 2.0)
+                 for k in ("d_hf0.5", "d_hf0.4375", "x_hf0.5")},
+              **{f"{k}-x_level": column(k, "x_level") for k in ("d_hf0.5", "r_hf0.5")}}
+    four = {k: plain[k] for k in ("r_hf0.4375", "r_hf0.5", "d_hf0.5", "x_hf0.5")}
+    if round_ == "fifth":
+        for name, fn in {**plain, **mids}.items():
+            for q in (0.5, 0.75):
+                part = custom_part(bundle, data, variants, noise, "s", fn, q)
+                cands[f"+{name} q{q} cap{part.cap:.3f}"] = [*shipped, part]
+                cands[f"+{name} q{q} positioned"] = [*shipped, positioned(part, data, variants)]
+    elif round_ == "quantiles":
+        for name, fn in {**{k: plain[k] for k in ("r_hf0.4375", "r_hf0.5", "x_hf0.5")},
+                         **mids}.items():
+            for q in (0.25, 0.375, 0.5):
+                part = custom_part(bundle, data, variants, noise, "s", fn, q)
+                cands[f"+{name} q{q} positioned"] = [*shipped, positioned(part, data, variants)]
+    elif round_ == "every":
+        shipped = [positioned(p, data, variants) for p in shipped]
+        cands["shipped, every part positioned"] = shipped
+        for name, fn in {**four, **mids}.items():
+            for q in (0.5, 0.75):
+                part = custom_part(bundle, data, variants, noise, "s", fn, q)
+                cands[f"+{name} q{q} positioned"] = [*shipped, positioned(part, data, variants)]
+    elif round_ == "first":
+        for name, fn in {**four, **mids}.items():
+            for q in (0.25, 0.5, 0.75):
+                part = positioned_first(bundle, data, variants, noise, fn, q)
+                cands[f"+{name} q{q} first cap{part.cap:.2f}"] = [*shipped, part]
+    elif round_ in ("lifted", "ratio"):
+        for name, fn in ({**four, **mids} if round_ == "lifted" else levels).items():
+            for q in (0.5, 0.75):
+                cands[f"+{name} q{q} lifted positioned"] = [*shipped, lp(fn, q)]
+    elif round_ == "tight":
+        for name, fn in {**{k: plain[k] for k in ("r_hf0.4375", "r_hf0.5", "d_hf0.5")},
+                         **mids}.items():
+            for q in (0.5, 0.75):
+                part = lp(fn, q)
+                for low in (0.01, 0.005, 0.002):
+                    p2 = Part(**{k: getattr(part, k) for k in part.__dataclass_fields__})
+                    p2.match_low = low  # type: ignore[attr-defined]
+                    cands[f"+{name} q{q} lifted pos. map@{low}"] = [*shipped, p2]
+    elif round_ == "onto":
+        for name, fn in {"r_hf0.5": plain["r_hf0.5"], "d_hf0.5": plain["d_hf0.5"],
+                         **levels}.items():
+            for q in (0.5, 0.75):
+                part = lifted_part(bundle, data, variants, noise, fn, q)
+                cands[f"+{name} q{q} lifted onto main"] = [
+                    *shipped, positioned(part, data, variants, onto=shipped[0])]
+    elif round_ in ("add", "more"):
+        feats = {"r_hf0.5": plain["r_hf0.5"], **levels}
+        ks = (0.25, 0.5, 1.0)
+        if round_ == "more":
+            feats = {k: feats[k] for k in ("r_hf0.5", "d_hf0.5-2x_level", "r_hf0.5-x_level")}
+            ks = (1.0, 1.5, 2.0, 3.0)
+        for name, fn in feats.items():
+            for q in (0.5, 0.75):
+                part = lp(fn, q)
+                for k in ks:
+                    cands[f"main + {k} {name} q{q} l.p."] = [
+                        added(shipped[0], part, k), *shipped[1:]]
+    else:  # select
+        for band in ("r_hf0.4375", "r_hf0.5"):
+            for q in (0.5, 0.75):
+                part = lp(plain[band], q)
+                for k in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+                    cands[f"main + {k} {band} q{q}"] = [added(shipped[0], part, k), *shipped[1:]]
+        select(cands, bundle, data, variants)
+        return
+    conds = None
+    for name, parts in cands.items():
+        res = evaluate(bundle, data, variants, parts)
+        if conds is None:
+            conds = list(res["aurocs"])
+            print("columns: " + " ".join(conds))
+        sites = " ".join(f"{k[:5]}{v:.3f}" for k, v in res["sites"].items())
+        print(f"{name:34} met={res['met']:2d} mean={res['mean']:.3f} noise={res['noise']:.2f} "
+              f"[{sites}] | " + " ".join(f"{res['aurocs'][c]:.3f}" for c in conds))
+        print(f"{'':34} flagged in block: "
+              + " ".join(f"{res['flagged'][c]:.2f}" for c in conds)
+              + " | elsewhere: " + " ".join(f"{res['elsewhere'][c]:.3f}" for c in conds),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
