@@ -179,6 +179,18 @@ def calibrate(
     background_cap: Annotated[float | None, typer.Option(
         min=0.0, help="Cap of the background part's series shift (nats per pixel) instead of "
                       "fitting it; needs --background-part.")] = None,
+    detail_part: Annotated[str | None, typer.Option(
+        metavar="QUANTILE",
+        help="Add the detail part (the finest-detail power of the decoder's residual, "
+             "node.model.scoring item 7) with its one-sided series shift at this quantile, "
+             "e.g. 0.5; 'none' removes it. Its cap is fitted on normal site variants of the "
+             "calibration volumes unless --detail-cap is given.")] = None,
+    detail_weight: Annotated[float | None, typer.Option(
+        min=0.0, help="Weight of the detail part in units of the main score's normal spread "
+                      "(default 1.0); needs --detail-part.")] = None,
+    detail_cap: Annotated[float | None, typer.Option(
+        min=0.0, help="Cap of the detail part's series lift (log power) instead of fitting "
+                      "it; needs --detail-part.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -194,9 +206,19 @@ def calibrate(
     if alternative:
         changes["alternatives"] = [_parse_alternative(a) for a in alternative if a != "none"]
     if background_part is not None:
-        changes["background"] = _parse_background(background_part, background_cap)
+        changes["background"] = _parse_part(background_part, background_cap, "background")
     elif background_cap is not None:
         raise typer.BadParameter("needs --background-part", param_hint="--background-cap")
+    if detail_part is not None:
+        changes["detail"] = _parse_part(detail_part, detail_cap, "detail")
+        if detail_weight is not None:
+            if changes["detail"] is None:
+                raise typer.BadParameter("'none' takes no weight", param_hint="--detail-weight")
+            changes["detail"]["weight_spreads"] = detail_weight
+    elif detail_cap is not None or detail_weight is not None:
+        raise typer.BadParameter("needs --detail-part",
+                                 param_hint="--detail-cap" if detail_cap is not None
+                                 else "--detail-weight")
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -231,20 +253,21 @@ def _parse_alternative(text: str) -> dict[str, float]:
     return out
 
 
-def _parse_background(quantile: str, cap: float | None) -> dict[str, float] | None:
-    """``--background-part``: a quantile in (0, 1), or 'none' (remove); exits 2 when wrong."""
+def _parse_part(quantile: str, cap: float | None, name: str) -> dict[str, float] | None:
+    """``--background-part`` / ``--detail-part`` (``name``): a quantile in (0, 1), or 'none'
+    (remove); exits 2 when wrong."""
     if quantile.strip().lower() == "none":
         if cap is not None:
-            raise typer.BadParameter("'none' takes no cap", param_hint="--background-cap")
+            raise typer.BadParameter("'none' takes no cap", param_hint=f"--{name}-cap")
         return None
     try:
         q = float(quantile)
     except ValueError:
         raise typer.BadParameter(f"{quantile!r} is not a quantile or 'none'",
-                                 param_hint="--background-part") from None
+                                 param_hint=f"--{name}-part") from None
     if not 0.0 < q < 1.0:
         raise typer.BadParameter(f"{quantile!r}: a quantile is in (0, 1)",
-                                 param_hint="--background-part")
+                                 param_hint=f"--{name}-part")
     out = {"shift_quantile": q}
     if cap is not None:
         out["max_series_shift"] = cap

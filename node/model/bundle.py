@@ -36,7 +36,16 @@ import torch
 from node.errors import ModelError
 from node.model import calibrate
 from node.model.compress import FeatureAE, FeatureAEConfig
-from node.model.likelihood import ESTIMATORS, background_log_likelihood, estimate
+from node.model.likelihood import (
+    BACKGROUND_DILATION,
+    BACKGROUND_LEVEL,
+    DETAIL_BAND,
+    DETAIL_EROSION,
+    ESTIMATORS,
+    background_log_likelihood,
+    detail_log_power,
+    estimate,
+)
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import (
     ScoreConfig,
@@ -55,7 +64,8 @@ WEIGHTS = "weights.pt"
 FEATURE_WEIGHTS = "feature_ae.pt"
 DEFAULT_NAME = "brain-t1"
 #: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``).
-COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background")
+COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background",
+              "detail")
 
 
 def default_bundle_path() -> Path:
@@ -157,9 +167,9 @@ class Bundle:
         progress: bool = False,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        plain, background (with the bundle's background part's head mask settings, else the
-        defaults), png_nats. Scores are reproducible: the Monte-Carlo draws come from
-        ``seed``."""
+        plain, background and detail (with the bundle's background and detail parts' mask
+        settings, else the defaults), png_nats. Scores are reproducible: the Monte-Carlo draws
+        come from ``seed``."""
         estimator = estimator or self.scoring.estimator
         samples = samples or self.scoring.samples
         if estimator not in ESTIMATORS:
@@ -168,9 +178,7 @@ class Bundle:
         model = self.model.to(dev)
         ae = self.feature_ae.to(dev) if self.feature_ae is not None else None
         gen = torch.Generator(device=dev).manual_seed(seed)
-        bg = self.scoring.background
-        where = {} if bg is None else {"background_level": bg.head_level,
-                                        "background_dilation": bg.dilation}
+        where = self._mask_settings()
         parts: dict[str, list[np.ndarray]] = {}
         starts = range(0, len(x), batch_size)
         if progress:
@@ -190,28 +198,48 @@ class Bundle:
         out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
         return out
 
+    def _mask_settings(self) -> dict[str, Any]:
+        """The head-mask settings of the background and detail components (the bundle's
+        parts', else the defaults of :func:`node.model.likelihood.estimate`)."""
+        out: dict[str, Any] = {}
+        bg, detail = self.scoring.background, self.scoring.detail
+        if bg is not None:
+            out.update(background_level=bg.head_level, background_dilation=bg.dilation)
+        if detail is not None:
+            out.update(detail_erosion=detail.erosion, detail_band=detail.band)
+        return out
+
     @torch.no_grad()
-    def background_values(
-        self, x: torch.Tensor, *, head_level: float, dilation: int, batch_size: int = 64,
-        device: str = "auto",
-    ) -> np.ndarray:
-        """The ``background`` component alone (:func:`background_log_likelihood` at z = the
-        posterior mean: one encode and one decode per slice, no Monte-Carlo samples), for
-        fitting the background part's cap on many series; the same values as
-        :meth:`components` gives with these mask settings."""
+    def posterior_mean_values(
+        self, x: torch.Tensor, *, batch_size: int = 64, device: str = "auto",
+        **settings: Any,
+    ) -> dict[str, np.ndarray]:
+        """The ``background`` and ``detail`` components alone (one encode and one decode per
+        slice at z = the posterior mean, no Monte-Carlo samples), for fitting those parts'
+        series-shift caps on many series; the same values as :meth:`components` gives with
+        the same mask settings (``settings``: keyword arguments of
+        :func:`node.model.likelihood.estimate` such as ``background_dilation``; default: the
+        bundle's)."""
         if self.feature_ae is not None:
-            raise ModelError("the background part needs a pixel-space model (this bundle has a "
-                             "compression stage)")
+            raise ModelError("the background and detail parts need a pixel-space model (this "
+                             "bundle has a compression stage)")
+        where = {**self._mask_settings(), **settings}
+        level = where.get("background_level", BACKGROUND_LEVEL)
         dev = resolve_device(device)
         model = self.model.to(dev)
-        out = [np.zeros(0)]
+        out: dict[str, list[np.ndarray]] = {"background": [np.zeros(0)], "detail": [np.zeros(0)]}
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(dev)
             mu, _ = model.encode(xb)
             mean, log_sigma = model.decode(mu)
-            out.append(background_log_likelihood(xb, mean, log_sigma, head_level, dilation)
-                       .double().cpu().numpy())
-        return np.concatenate(out)
+            bg = background_log_likelihood(
+                xb, mean, log_sigma, level, where.get("background_dilation", BACKGROUND_DILATION))
+            detail = detail_log_power(xb, mean, log_sigma, level,
+                                      where.get("detail_erosion", DETAIL_EROSION),
+                                      where.get("detail_band", DETAIL_BAND))
+            out["background"].append(bg.double().cpu().numpy())
+            out["detail"].append(detail.double().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in out.items()}
 
     @property
     def modelled_values(self) -> int:

@@ -58,9 +58,12 @@ from node.model.data import (
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import (
     BackgroundPart,
+    DetailPart,
     ScoreConfig,
     absolute_score,
     background_final,
+    detail_shifted,
+    detail_z,
     fit_position_profiles,
     match_scales,
     position_normalized,
@@ -374,12 +377,21 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         parts = [v[s["foreground"]] for v, s in zip(per_stack, stacks, strict=True)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    main_cfg = replace(bundle.scoring, alternatives=(), background=None, position_profiles={},
-                       position_min_extent_mm={}, fallback_gain=1.0, fallback_offset=0.0)
+    main_cfg = replace(bundle.scoring, alternatives=(), background=None, detail=None,
+                       position_profiles={}, position_min_extent_mm={}, fallback_gain=1.0,
+                       fallback_offset=0.0)
     main_cfg, medians, finals = with_reference(main_cfg)
     main_scores = foreground(finals)
     if main_scores.size == 0:
         raise ValueError("no foreground calibration slices")
+    if main_cfg.position_bins > 0:
+        main_cfg = replace(main_cfg, position_min_extent_mm=_coverage(stacks))
+    detail = bundle.scoring.detail
+    if detail is not None:  # item 7 of node.model.scoring: added to the main score
+        detail, held_out = _detail_reference(main_cfg, detail, stacks,
+                                             robust_level(main_scores)[1])
+        finals = [f + detail.weight * z for f, z in zip(finals, held_out, strict=True)]
+        main_scores = foreground(finals)
     alternatives = []
     for alt in bundle.scoring.alternatives:
         part, _, alt_finals = with_reference(main_cfg.part(alt))
@@ -407,7 +419,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         background = replace(background, gain=gain, offset=offset)
         finals = [np.minimum(f, offset + gain * b) for f, b in zip(finals, bg_finals,
                                                                    strict=True)]
-    scoring = replace(main_cfg, alternatives=tuple(alternatives), background=background)
+    scoring = replace(main_cfg, alternatives=tuple(alternatives), background=background,
+                      detail=detail)
     if scoring.position_bins > 0:
         scoring, finals = _position_reference(scoring, stacks, finals, target_fpr)
     scores = foreground(finals)
@@ -433,6 +446,70 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
     return entry
 
 
+def _coverage(stacks: list[dict[str, Any]]) -> dict[str, float]:
+    """Per plane, the least span of a stack's foreground slices (mm) for the position
+    reference: ``MIN_COVERAGE`` times the calibration stacks' median span."""
+    spans: dict[str, list[float]] = {}
+    for s in stacks:
+        if s["slice_spacing_mm"] is not None:
+            spans.setdefault(s["plane"], []).append(
+                float(s["foreground"].sum()) * s["slice_spacing_mm"])
+    return {plane: MIN_COVERAGE * float(np.median(v)) for plane, v in spans.items()}
+
+
+def _canonical(stacks: list[dict[str, Any]], values: list[np.ndarray],
+               subject: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(plane, values, foreground) of each stack in its plane's anatomical direction (a
+    stack that runs the other way flipped), for :func:`fit_position_profiles`; ``subject``:
+    leave that subject's stacks out."""
+    return [(s["plane"], v[::-1] if s["descending"] else v,
+             s["foreground"][::-1] if s["descending"] else s["foreground"])
+            for s, v in zip(stacks, values, strict=True) if s["subject"] != subject]
+
+
+def _detail_reference(
+    main_cfg: ScoreConfig, detail: DetailPart, stacks: list[dict[str, Any]],
+    main_spread: float,
+) -> tuple[DetailPart, list[np.ndarray]]:
+    """The detail part calibrated (item 7 of :mod:`node.model.scoring`): its reference
+    series quantile, its normal level and per-position profiles fitted on all calibration
+    stacks, and its weight; with each stack's z computed from the profiles of the OTHER
+    subjects (what the threshold is set on, as for the position reference)."""
+    values = [np.asarray(s["components"]["detail"], dtype=np.float64) if "detail" in
+              s["components"] else None for s in stacks]
+    if any(v is None for v in values):
+        raise ValueError("the components lack 'detail': score the calibration slices again")
+    quantiles = [float(np.quantile(v[s["foreground"]], detail.shift_quantile))
+                 for v, s in zip(values, stacks, strict=True)
+                 if s["foreground"].sum() >= main_cfg.min_series_slices]
+    detail = replace(detail, reference_median=float(np.median(quantiles)) if quantiles else 0.0,
+                     weight=detail.weight_spreads * main_spread)
+    shifted = [detail_shifted(s["components"], s["foreground"], replace(main_cfg, detail=detail))
+               for s in stacks]
+    normal = np.concatenate([v[s["foreground"]] for v, s in zip(shifted, stacks, strict=True)])
+    if not np.ptp(normal) > 0:
+        raise ValueError("the detail part does not vary on the calibration slices (no pixels "
+                         "inside the decoder's eroded head mask?)")
+    level, spread = robust_level(normal)
+    detail = replace(detail, level=level, spread=spread)
+    if main_cfg.position_bins <= 0:
+        cfg = replace(main_cfg, detail=detail)
+        return detail, [detail_z(s["components"], s["foreground"], cfg, s["plane"],
+                                 s["descending"], s["slice_spacing_mm"]) for s in stacks]
+    subjects = sorted({s["subject"] for s in stacks})
+    if len(subjects) < MIN_POSITION_SUBJECTS:
+        raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
+                         f"calibration subjects, got {len(subjects)}")
+    without = {subject: replace(main_cfg, detail=replace(detail, profiles=fit_position_profiles(
+        _canonical(stacks, shifted, subject), main_cfg.position_bins,
+        main_cfg.min_series_slices))) for subject in subjects}
+    held_out = [detail_z(s["components"], s["foreground"], without[s["subject"]], s["plane"],
+                         s["descending"], s["slice_spacing_mm"]) for s in stacks]
+    profiles = fit_position_profiles(_canonical(stacks, shifted), main_cfg.position_bins,
+                                     main_cfg.min_series_slices)
+    return replace(detail, profiles=profiles), held_out
+
+
 def _position_reference(
     scoring: ScoreConfig, stacks: list[dict[str, Any]], finals: list[np.ndarray],
     target_fpr: float,
@@ -444,22 +521,13 @@ def _position_reference(
     if len(subjects) < MIN_POSITION_SUBJECTS:
         raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
                          f"calibration subjects, got {len(subjects)}")
-    # Canonical order: a stack that runs the other way is flipped for the fit.
-    canon = [(s["plane"], f[::-1] if s["descending"] else f,
-              s["foreground"][::-1] if s["descending"] else s["foreground"])
-             for s, f in zip(stacks, finals, strict=True)]
+    canon = _canonical(stacks, finals)
     level, spread = robust_level(np.concatenate([f[fg] for _, f, fg in canon]))
-    spans: dict[str, list[float]] = {}
-    for s in stacks:
-        if s["slice_spacing_mm"] is not None:
-            spans.setdefault(s["plane"], []).append(
-                float(s["foreground"].sum()) * s["slice_spacing_mm"])
     scoring = replace(scoring, position_median=level, position_spread=spread,
-                      position_min_extent_mm={plane: MIN_COVERAGE * float(np.median(v))
-                                              for plane, v in spans.items()})
+                      position_min_extent_mm=_coverage(stacks))
     without = {subject: replace(scoring, position_profiles=fit_position_profiles(
-        [c for c, t in zip(canon, stacks, strict=True) if t["subject"] != subject],
-        scoring.position_bins, scoring.min_series_slices)) for subject in subjects}
+        _canonical(stacks, finals, subject), scoring.position_bins, scoring.min_series_slices))
+        for subject in subjects}
     held_out = [position_normalized(f, s["foreground"], without[s["subject"]], s["plane"],
                                     s["descending"], s["slice_spacing_mm"])
                 for s, f in zip(stacks, finals, strict=True)]
@@ -595,15 +663,17 @@ def site_variant_stacks(
             yield vol.subject, name, x, fg
 
 
-def fit_background_cap(
-    bundle: Bundle, volumes: Sequence[TrainingItem], part: BackgroundPart, seed: int = 0,
+def fit_site_cap(
+    bundle: Bundle, volumes: Sequence[TrainingItem], component: str, quantile: float,
+    seed: int = 0, **settings: Any,
 ) -> dict[str, Any]:
-    """The background part's series-shift cap, fitted as ``bench/select_score.py`` fits the
-    other parts' caps: each NIfTI calibration volume's axial stack and its normal site
-    variants (:func:`node.model.artifacts.site_variants`: contrast curves, smoothing, added
-    noise) give the ``part.shift_quantile`` quantile of their foreground background values;
-    the cap is ``SITE_CAP_FACTOR`` times the largest distance of any of them from the median
-    over the unaltered stacks.
+    """The series-shift cap of the background or detail part (``component``), fitted as
+    ``bench/select_score.py`` fits the other parts' caps: each NIfTI calibration volume's
+    axial stack and its normal site variants (:func:`node.model.artifacts.site_variants`:
+    contrast curves, smoothing, added noise) give the ``quantile`` quantile of their
+    foreground values of the component (computed with the mask ``settings``, keyword
+    arguments of :meth:`Bundle.posterior_mean_values`); the cap is ``SITE_CAP_FACTOR`` times
+    the largest distance of any of them from the median over the unaltered stacks.
 
     Returns:
         ``cap`` and, per variant name, the largest distance it needed (``needs``).
@@ -617,11 +687,10 @@ def fit_background_cap(
     for _subject, name, x, fg in site_variant_stacks(bundle, nifti, rng):
         if int(fg.sum()) < bundle.scoring.min_series_slices:
             continue
-        values = bundle.background_values(x, head_level=part.head_level,
-                                          dilation=part.dilation)
-        found.setdefault(name, []).append(float(np.quantile(values[fg], part.shift_quantile)))
+        values = bundle.posterior_mean_values(x, **settings)[component]
+        found.setdefault(name, []).append(float(np.quantile(values[fg], quantile)))
     if not found.get("original"):
-        raise ValueError("the background part's cap needs NIfTI calibration volumes with at "
+        raise ValueError(f"the {component} part's cap needs NIfTI calibration volumes with at "
                          f"least {bundle.scoring.min_series_slices} foreground axial slices")
     ref = float(np.median(found["original"]))
     needs = {name: max(abs(v - ref) for v in vals) for name, vals in found.items()}
@@ -641,25 +710,33 @@ def recalibrate(
     The weights are unchanged; ``changes`` are :class:`ScoreConfig` fields (tail weight,
     series shift cap, complexity correction...). The calibration subjects are the bundle's
     own (``training.subjects.calibration``), found among ``volumes``. ``changes["background"]``
-    adds the background part (a dict of :class:`BackgroundPart` fields, or None to remove
-    it); without ``max_series_shift`` its cap is fitted by :func:`fit_background_cap`.
+    and ``changes["detail"]`` add the background and detail parts (a dict of
+    :class:`BackgroundPart` / :class:`DetailPart` fields, or None to remove it); without
+    ``max_series_shift`` a part's cap is fitted by :func:`fit_site_cap`.
     """
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
     cal = [v for v in volumes if v.subject in ids]
     if not cal:
         raise ValueError("none of the bundle's calibration subjects is in the given data")
     record: dict[str, Any] = {}
-    bg_change = changes.get("background")
-    if bg_change is not None:
+    for key, part_cls, settings in (
+        ("background", BackgroundPart,
+         lambda p: {"background_level": p.head_level, "background_dilation": p.dilation}),
+        ("detail", DetailPart,
+         lambda p: {"detail_erosion": p.erosion, "detail_band": p.band}),
+    ):
+        change = changes.get(key)
+        if change is None:
+            continue
         if bundle.feature_ae is not None:
-            raise ValueError("the background part needs a pixel-space model (this bundle has "
-                             "a compression stage)")
-        part = BackgroundPart(**{**bg_change, "max_series_shift": 0.0})
-        if bg_change.get("max_series_shift") is None:  # fit the cap on site variants
-            fitted = fit_background_cap(bundle, cal, part)
-            changes = {**changes, "background": {**bg_change, "max_series_shift": fitted["cap"]}}
-            record["background_cap"] = {"fitted": fitted["cap"], "factor": SITE_CAP_FACTOR,
-                                        "site_variant_needs": fitted["needs"]}
+            raise ValueError(f"the {key} part needs a pixel-space model (this bundle has a "
+                             "compression stage)")
+        part = part_cls(**{**change, "max_series_shift": 0.0})
+        if change.get("max_series_shift") is None:  # fit the cap on site variants
+            fitted = fit_site_cap(bundle, cal, key, part.shift_quantile, **settings(part))
+            changes = {**changes, key: {**change, "max_series_shift": fitted["cap"]}}
+            record[f"{key}_cap"] = {"fitted": fitted["cap"], "factor": SITE_CAP_FACTOR,
+                                    "site_variant_needs": fitted["needs"]}
     scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), **changes})
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
