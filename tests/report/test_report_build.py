@@ -7,6 +7,7 @@ import subprocess
 from io import BytesIO
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -18,6 +19,7 @@ from pydicom.uid import (
 )
 
 from node.errors import ReportError
+from node.report import build as build_module
 from node.report.build import (
     PRIVATE_SCHEME,
     ReportIdentity,
@@ -82,6 +84,39 @@ def test_sr_has_one_group_per_image_referencing_it(sources: list[Dataset]) -> No
     assert {r.ReferencedSOPInstanceUID for r in evidence.ReferencedSOPSequence} == {
         d.SOPInstanceUID for d in sources
     }
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_sr_equals_what_the_highdicom_constructor_builds(
+    sources: list[Dataset], monkeypatch: pytest.MonkeyPatch, previous: bool
+) -> None:
+    """build_sr puts the content into a document highdicom built around its root alone (much
+    faster); the result must be what highdicom's own constructor builds from the whole tree,
+    element for element (the creation date and time aside)."""
+    verdict = make_verdict(sources, FLAGGED)
+    before = [build_sr(verdict, sources, identity=IDENTITY)] if previous else []
+    kwargs = {"identity": IDENTITY, "instance_number": 2, "previous": before,
+              "sop_instance_uid": "1.2.826.0.1.3680043.8.498.1"}
+    fast = build_sr(verdict, sources, **kwargs)
+
+    def constructor(evidence: list[Dataset], root: Dataset, **rest: object) -> Dataset:
+        return hd.sr.ComprehensiveSR(evidence=evidence, content=root, **rest)
+
+    monkeypatch.setattr(build_module, "_comprehensive_sr", constructor)
+    reference = build_sr(verdict, sources, **kwargs)
+    assert isinstance(reference, hd.sr.ComprehensiveSR)
+    clock = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"}
+
+    def plain(ds: Dataset) -> dict[str, object]:
+        ds = roundtrip(ds)
+        for item in ds.get("ContributingEquipmentSequence", []):
+            item.pop("ContributionDateTime", None)
+        return {k: v for k, v in ds.to_json_dict().items()
+                if pydicom.datadict.keyword_for_tag(int(k, 16)) not in clock}
+
+    assert plain(fast) == plain(reference)
+    assert roundtrip(fast).file_meta == roundtrip(reference).file_meta
+    assert len(fast.ContentSequence) == len(reference.ContentSequence) > 3
 
 
 def test_series_below_min_abnormal_slices_is_diagnostic(sources: list[Dataset]) -> None:
