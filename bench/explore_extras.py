@@ -26,6 +26,7 @@ import math
 import pickle
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,44 +90,58 @@ def extras(model, x: torch.Tensor, batch: int = 64) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--subjects", type=int, default=8)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args()
+def record(model_path: Path, subjects: int, out_path: Path,
+           features: Callable[[torch.nn.Module, torch.Tensor], dict[str, np.ndarray]]) -> None:
+    """Score ``features(model, x)`` on the calibration stacks of ``bench/select_score.py`` (the
+    first ``subjects`` calibration subjects: their site variants, the same TorchIO corruptions
+    as ``collect``, the pure-noise series with the bundle's components too) and pickle them to
+    ``out_path`` for ``bench/explore_judge.py``'s merge."""
     torch.set_num_threads(1)
     t0 = time.time()
-    bundle = load_bundle(a.model)
+    bundle = load_bundle(model_path)
     model = bundle.model
-    ids = bundle.meta["training"]["subjects"]["calibration"][: a.subjects]
+    ids = bundle.meta["training"]["subjects"]["calibration"][:subjects]
     vols = [load_nifti(q) for q in sorted(IXI.glob("*.nii.gz")) if q.name.split("-")[0] in ids]
     print("subjects", [v.subject for v in vols], flush=True)
     rng = np.random.default_rng(0)
     variants = []
     for subject, name, x, fg in site_variant_stacks(bundle, vols, rng):
-        variants.append((subject, name, extras(model, x), fg))
+        variants.append((subject, name, features(model, x), fg))
     print(f"variants done {time.time() - t0:.0f}s", flush=True)
 
-    # Same stacks as collect(): replace the estimator pass by the extras (the cached records
+    # Same stacks as collect(): replace the estimator pass by the features (the cached records
     # hold the estimator outputs; merged by order and checked on the foreground masks).
-    bundle.components = lambda x, **kw: extras(model, x)  # type: ignore[method-assign]
+    bundle.components = lambda x, **kw: features(model, x)  # type: ignore[method-assign]
     data = collect(bundle, vols, vols, EvalConfig(planes=("axial",), mcmc_subjects=0,
                                                   time_scoring=False), report=print)
     print(f"collect done {time.time() - t0:.0f}s", flush=True)
     rng = np.random.default_rng(0)  # the noise series as select_score builds them (cached case)
-    bundle2 = load_bundle(a.model)
+    bundle2 = load_bundle(model_path)
     noise = []
     for kind in ("uniform", "rician"):
         imgs = noise_images(kind, rng)
         x, fg = bundle2.preprocess_stack(imgs, [(2.0, 2.0)] * len(imgs))
         comp = bundle2.components(x)
-        comp.update(extras(model, x))
+        comp.update(features(model, x))
         noise.append((comp, fg))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("wb") as fh:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("wb") as fh:
         pickle.dump({"data": data, "variants": variants, "noise": noise}, fh)
     print(f"done {time.time() - t0:.0f}s", flush=True)
+
+
+def arguments() -> argparse.Namespace:
+    """``--model BUNDLE [--subjects N] --out PKL`` of the feature-recording scripts."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args()
+
+
+def main() -> None:
+    a = arguments()
+    record(a.model, a.subjects, a.out, extras)
 
 
 if __name__ == "__main__":

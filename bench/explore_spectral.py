@@ -21,10 +21,7 @@ mask (mean > 0.1) eroded by 2 px (the mask edge would leak into the spectrum):
 
 from __future__ import annotations
 
-import argparse
-import pickle
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.select_score import IXI, noise_images  # noqa: E402
-from node.model.bundle import load_bundle  # noqa: E402
-from node.model.data import load_nifti  # noqa: E402
-from node.model.evaluate import EvalConfig, collect  # noqa: E402
-from node.model.train import site_variant_stacks  # noqa: E402
+from bench.explore_extras import arguments, record  # noqa: E402
 
 CUTS = (0.25, 0.3125, 0.375, 0.4375, 0.5)
 
@@ -77,36 +70,8 @@ def spectral(model, x: torch.Tensor, batch: int = 64) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--subjects", type=int, default=8)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args()
-    t0 = time.time()
-    bundle = load_bundle(a.model)
-    model = bundle.model
-    ids = bundle.meta["training"]["subjects"]["calibration"][: a.subjects]
-    vols = [load_nifti(q) for q in sorted(IXI.glob("*.nii.gz")) if q.name.split("-")[0] in ids]
-    print("subjects", [v.subject for v in vols], flush=True)
-    rng = np.random.default_rng(0)
-    variants = [(subject, name, spectral(model, x), fg)
-                for subject, name, x, fg in site_variant_stacks(bundle, vols, rng)]
-    print(f"variants done {time.time() - t0:.0f}s", flush=True)
-    bundle.components = lambda x, **kw: spectral(model, x)  # type: ignore[method-assign]
-    data = collect(bundle, vols, vols, EvalConfig(planes=("axial",), mcmc_subjects=0,
-                                                  time_scoring=False), report=print)
-    print(f"collect done {time.time() - t0:.0f}s", flush=True)
-    rng = np.random.default_rng(0)  # the noise series as select_score builds them
-    bundle2 = load_bundle(a.model)
-    noise = []
-    for kind in ("uniform", "rician"):
-        imgs = noise_images(kind, rng)
-        x, fg = bundle2.preprocess_stack(imgs, [(2.0, 2.0)] * len(imgs))
-        noise.append((spectral(model, x), fg))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("wb") as fh:
-        pickle.dump({"data": data, "variants": variants, "noise": noise}, fh)
-    print(f"done {time.time() - t0:.0f}s", flush=True)
+    a = arguments()
+    record(a.model, a.subjects, a.out, spectral)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,14 +170,18 @@ def test_model_json_without_the_part_round_trips_unchanged(tiny_bundle_path: Pat
     assert np.allclose(cheap["detail"], comp["detail"])
 
 
-def _calibrate(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _calibrate(src: Path, out: Path, *extra: str,
+               data: Sequence[Path] = tuple(IXI / name for name in SUBJECTS),
+               ) -> subprocess.CompletedProcess[str]:
+    """``vaenode calibrate --model src --out out`` on ``data`` (default: the tiny bundle's
+    subjects) with ``extra`` options, in a subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(src), "--out", str(out)]
-    for name in SUBJECTS:
-        args += ["--data", str(IXI / name)]
+    for path in data:
+        args += ["--data", str(path)]
     return subprocess.run([*args, *extra], cwd=out.parent, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
 
 
 def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path: Path,

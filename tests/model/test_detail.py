@@ -4,9 +4,7 @@ main score (node.model.scoring, item 7), and bundles without it scoring as befor
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from node.model.scoring import (
 )
 from node.model.train import stack_components
 from tests.helpers.tiny_bundle import IXI
-from tests.model.test_background import REPO, _calibrate
+from tests.model.test_background import _calibrate
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -189,14 +187,9 @@ def _calibrate_shipped(out: Path, *extra: str, model: Path | None = None,
     """``vaenode calibrate`` of the shipped bundle (or ``model``, one made from it) on three of
     its calibration subjects (the tiny test bundle's decoder never draws a head, so it has no
     detail to calibrate)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    args = [sys.executable, "-m", "node.cli", "calibrate", "--model",
-            str(model or default_bundle_path()), "--out", str(out)]
-    for subject in load_bundle().meta["training"]["subjects"]["calibration"][:3]:
-        args += ["--data", str(next(IXI.glob(f"{subject}-*.nii.gz")))]
-    return subprocess.run([*args, *extra], cwd=out.parent, env=env, capture_output=True,
-                          text=True, timeout=900)
+    ids = load_bundle().meta["training"]["subjects"]["calibration"][:3]
+    return _calibrate(model or default_bundle_path(), out, *extra,
+                      data=[next(IXI.glob(f"{s}-*.nii.gz")) for s in ids])
 
 
 def test_calibrate_adds_the_detail_part_and_holds_the_rate(tmp_path: Path) -> None:
