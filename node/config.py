@@ -114,6 +114,9 @@ class DatabaseSettings(_Section):
 class QueueSettings(_Section):
     series_idle_s: float = Field(30.0, gt=0)
     check_interval_s: float = Field(2.0, gt=0)
+    complete_on_release: bool = True
+    release_settle_s: float = Field(2.0, ge=0)
+    release_min_instances: int = Field(2, ge=1)
 
 
 class WorkerSettings(_Section):

@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
 
@@ -51,6 +51,7 @@ from node.ingest.meta import encode_file_meta
 from node.ingest.store import Store
 from node.ingest.transport import DUL_LOOP_DELAY_S, EventDrivenDUL, NodeRequestHandler
 from node.queue import repo
+from node.queue.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class _AssocState:
     db_id: int | None
     instances: int = 0
     failed: int = 0
+    # Instances stored per Series Instance UID: noted on the series when the association is
+    # released normally (the queue's completion on release).
+    stored: dict[str, int] = field(default_factory=dict)
 
 
 def _peer(assoc: Association) -> str:
@@ -478,12 +482,16 @@ class Scp:
             result,
             extra={"peer": _peer(assoc), "instances": state.instances, "failed": state.failed},
         )
-        if state.db_id is None:
+        released = result == "released" and bool(state.stored)
+        if state.db_id is None and not released:
             return
         try:
             with self._session_factory.begin() as session:
-                repo.close_association(session, state.db_id, result=result,
-                                       instances=state.instances, failed=state.failed)
+                if state.db_id is not None:
+                    repo.close_association(session, state.db_id, result=result,
+                                           instances=state.instances, failed=state.failed)
+                if released:
+                    repo.record_release(session, state.stored, at=utcnow())
         except Exception:
             log.exception("cannot record the end of an association", extra={"peer": _peer(assoc)})
 
@@ -502,12 +510,14 @@ class Scp:
     def _on_c_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
-    def _count(self, assoc: Association, ok: bool) -> None:
+    def _count(self, assoc: Association, ok: bool, series_uid: str | None = None) -> None:
         with self._lock:
             state = self._states.get(id(assoc))
             if state is not None:
                 if ok:
                     state.instances += 1
+                    if series_uid is not None:
+                        state.stored[series_uid] = state.stored.get(series_uid, 0) + 1
                 else:
                     state.failed += 1
 
@@ -516,8 +526,8 @@ class Scp:
         peer = _peer(assoc)
         calling = _aet(assoc.requestor.ae_title)
         try:
-            self._store.accept(_received_file(event, calling), calling_aet=calling,
-                               peer_address=peer)
+            stored = self._store.accept(_received_file(event, calling), calling_aet=calling,
+                                        peer_address=peer)
         except IngestError as exc:
             self._count(assoc, ok=False)
             log.warning(
@@ -532,7 +542,7 @@ class Scp:
             log.exception("instance not stored: unexpected error",
                           extra={"peer": peer, "sop_uid": _safe_uid(event)})
             return FAILURE_PROCESSING
-        self._count(assoc, ok=True)
+        self._count(assoc, ok=True, series_uid=stored.parsed.series_instance_uid)
         return SUCCESS
 
 

@@ -102,6 +102,11 @@ class Series(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     worker_id: Mapped[str | None] = mapped_column(String(128))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The last normal release of an association that stored instances of this series, and how
+    # many of them it stored (revision 0006_series_release): a sender that released has sent
+    # what it meant to send (``[queue].complete_on_release``).
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    released_instances: Mapped[int | None] = mapped_column(Integer)
 
     # The current verdict (revision 0002_scoring); all None until the series is first scored,
     # kept when a later re-score fails so the last good verdict stays visible.

@@ -429,6 +429,27 @@ def idle_series_ids(session: Session, idle_before: datetime) -> list[int]:
         )
 
 
+def released_series_ids(session: Session, settled_before: datetime, min_instances: int
+                        ) -> list[int]:
+    """Ids of ``receiving`` series whose sender released its association normally after
+    storing at least ``min_instances`` of their instances, with nothing received since that
+    release and the last instance received before ``settled_before``."""
+    with _transaction(session):
+        return list(
+            session.execute(
+                select(Series.id)
+                .where(
+                    Series.status == SeriesState.RECEIVING,
+                    Series.released_at.is_not(None),
+                    Series.released_at >= Series.last_received_at,
+                    Series.released_instances >= min_instances,
+                    Series.last_received_at <= settled_before,
+                )
+                .order_by(Series.last_received_at)
+            ).scalars()
+        )
+
+
 def mark_queued(
     session: Session,
     series_id: int,
@@ -676,6 +697,20 @@ def close_association(
                     failed_count=failed)
             .execution_options(synchronize_session=False)
         )
+
+
+def record_release(session: Session, stored: dict[str, int], at: datetime) -> None:
+    """An association released normally after storing ``stored`` (instances per Series
+    Instance UID): noted on each series (``released_at``, ``released_instances``) for the
+    queue's completion rule (:func:`released_series_ids`)."""
+    with _transaction(session):
+        for series_uid, count in stored.items():
+            session.execute(
+                update(Series)
+                .where(Series.series_instance_uid == series_uid)
+                .values(released_at=at, released_instances=count)
+                .execution_options(synchronize_session=False)
+            )
 
 
 def record_rejected_association(
