@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -18,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 from node.queue import repo
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
-from node.queue.models import Instance, Series, utcnow
+from node.queue.models import Instance, Series, SeriesEvent, utcnow
 from tests.helpers import dcmtk
 from tests.helpers.claims import drain_queue
 from tests.helpers.node import VAENODE, start_node
@@ -79,6 +80,21 @@ def test_node_ingests_four_senders_into_postgres(postgres: Postgres, tmp_path: P
         assert listed.returncode == 0, listed.stderr
         rows = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
         assert sorted(r["instance_count"] for r in rows) == [25, 25, 25, 25]
+        # Each storescu released its association: each series is complete 2 s later, well
+        # before the 30 s idle time (the release timestamps compared in PostgreSQL).
+        engine = create_engine(postgres.url)
+        try:
+            deadline = time.monotonic() + 20
+            reasons: list[str | None] = []
+            while time.monotonic() < deadline and len(reasons) < 4:
+                with engine.connect() as conn:
+                    reasons = list(conn.execute(
+                        select(SeriesEvent.reason).where(SeriesEvent.to_status == "queued")
+                    ).scalars())
+                time.sleep(0.2)
+        finally:
+            engine.dispose()
+        assert reasons == ["association released by the sender"] * 4
     finally:
         node.stop()
 
