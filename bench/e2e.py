@@ -10,7 +10,7 @@ pick-up, scoring and reporting, and delivery. Target (issue 4): at most the seri
 + 15 s on the 2-core machine.
 
     .venv/bin/python bench/e2e.py [--runs 3] [--idle 5] [--slices 150] [--model BUNDLE]
-        [--no-release]
+        [--no-release] [--poll S]
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--idle", type=float, default=5.0, help="[queue].series_idle_s")
+    parser.add_argument("--poll", type=float, default=None,
+                        help="the queue check, worker and delivery poll intervals (default: "
+                             "the node's, 2 s each)")
     parser.add_argument("--no-release", action="store_true",
                         help="[queue].complete_on_release = false: complete after the idle "
                              "time only (the SCU releases its association after the series)")
@@ -126,12 +129,13 @@ def main() -> None:
         work = Path(tmp)
         orthanc = Orthanc(workdir=work / "orthanc", ae_title="PACS")
         orthanc.start()
+        poll = {} if args.poll is None else {"poll_interval_s": args.poll}
         node = start_node(work / "node", sections={
-            "queue": {"series_idle_s": args.idle, "check_interval_s": 0.5,
-                      "complete_on_release": not args.no_release},
-            "worker": {"enabled": True, "poll_interval_s": 0.5},
+            "queue": {"series_idle_s": args.idle, "complete_on_release": not args.no_release,
+                      **({} if args.poll is None else {"check_interval_s": args.poll})},
+            "worker": {"enabled": True, **poll},
             "model": {"bundle": str(args.model), "device": "cpu"},
-            "delivery": {"poll_interval_s": 0.5, "destinations": [
+            "delivery": {**poll, "destinations": [
                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                  "port": orthanc.dicom_port}]},
             "log": {"level": "WARNING"},
@@ -164,8 +168,9 @@ def main() -> None:
     cols = ["total", "to_queued", "to_claimed", "scoring_report", "delivery"]
     completion = ("after the idle time only" if args.no_release
                   else "on association release (2 s settle), idle time as fallback")
+    polls = "node defaults" if args.poll is None else f"{args.poll:g} s"
     print(f"\n{args.slices}-slice series, idle time {args.idle:.1f} s, complete {completion}, "
-          f"model {args.model.name}, {args.runs} runs (seconds)")
+          f"poll intervals {polls}, model {args.model.name}, {args.runs} runs (seconds)")
     print(f"{'run':<8}" + "".join(f"{c:>16}" for c in cols))
     for i, r in enumerate(rows, 1):
         print(f"{i:<8}" + "".join(f"{r[c]:>16.2f}" for c in cols))

@@ -3,7 +3,9 @@
 ``vaenode serve`` builds a :class:`Service` from the settings and runs it until SIGTERM/SIGINT.
 Scheduled work comes from :data:`JOB_MODULES`: each module exposes
 ``install(scheduler, settings, session_factory) -> None``. An import error stops start-up: a
-half-installed node would silently not score or not deliver.
+half-installed node would silently not score or not deliver. A job whose run handed work on
+(series queued, series scored) wakes the job that takes it (:data:`WAKES`), instead of leaving
+it to that job's next poll: up to a poll interval saved at each hand-over.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import logging
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +40,10 @@ log = logging.getLogger(__name__)
 #: Modules whose ``install(scheduler, settings, session_factory)`` adds scheduled jobs.
 JOB_MODULES = ("node.queue.jobs", "node.worker.jobs", "node.report.jobs")
 
+#: A run of the first module's job that returns something truthy (series queued, series
+#: scored) runs the second module's job at once.
+WAKES = (("node.queue.jobs", "node.worker.jobs"), ("node.worker.jobs", "node.report.jobs"))
+
 #: Longest wait for in-flight associations at shutdown, in seconds.
 SHUTDOWN_GRACE_S = 60.0
 
@@ -48,7 +57,26 @@ def install_jobs(
     """Import each job module and let it add its jobs; returns the modules installed."""
     for name in modules:
         importlib.import_module(name).install(scheduler, settings, session_factory)
+    wake_on_hand_over(scheduler, [(importlib.import_module(a).JOB_ID,
+                                   importlib.import_module(b).JOB_ID)
+                                  for a, b in WAKES if a in modules and b in modules])
     return list(modules)
+
+
+def wake_on_hand_over(scheduler: BaseScheduler, pairs: list[tuple[str, str]]) -> None:
+    """When a run of the first job of a pair returns something truthy, run the second now
+    (if it is installed: a disabled worker has no job)."""
+    wakes = dict(pairs)
+
+    def on_executed(event: JobExecutionEvent) -> None:
+        target = wakes.get(event.job_id)
+        if target is None or not event.retval:
+            return
+        job = scheduler.get_job(target)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+
+    scheduler.add_listener(on_executed, EVENT_JOB_EXECUTED)
 
 
 class Service:
