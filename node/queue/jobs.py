@@ -8,8 +8,10 @@ DICOM has no "end of series" message; the node takes a series as complete when e
   for ``release_settle_s`` seconds since: a scanner that sends a series and releases has sent
   it, and the technologist sees the verdict seconds after the last image instead of half a
   minute. A sender that opens one association per image never triggers the rule (one
-  instance each); one that sends a series in several associations gets it scored after the
-  first and again after the next (a new instance reopens a scored series, and the new report
+  instance each); one that sends a series in several associations one after the other is
+  not cut short either (the next association's instances arrive within the settle time, after
+  the release); one that pauses longer than the settle time between them gets the series
+  scored after each part (a new instance reopens a scored series, and the new report
   supersedes the earlier one).
 """
 
