@@ -416,17 +416,7 @@ def drop_instances(session: Session, instance_ids: list[int]) -> None:
 
 def idle_series_ids(session: Session, idle_before: datetime) -> list[int]:
     """Ids of ``receiving`` series whose last instance arrived before ``idle_before``."""
-    with _transaction(session):
-        return list(
-            session.execute(
-                select(Series.id)
-                .where(
-                    Series.status == SeriesState.RECEIVING,
-                    Series.last_received_at <= idle_before,
-                )
-                .order_by(Series.last_received_at)
-            ).scalars()
-        )
+    return _receiving_ids(session, Series.last_received_at <= idle_before)
 
 
 def released_series_ids(session: Session, settled_before: datetime, min_instances: int
@@ -434,17 +424,22 @@ def released_series_ids(session: Session, settled_before: datetime, min_instance
     """Ids of ``receiving`` series whose sender released its association normally after
     storing at least ``min_instances`` of their instances, with nothing received since that
     release and the last instance received before ``settled_before``."""
+    return _receiving_ids(
+        session,
+        Series.released_at.is_not(None),
+        Series.released_at >= Series.last_received_at,
+        Series.released_instances >= min_instances,
+        Series.last_received_at <= settled_before,
+    )
+
+
+def _receiving_ids(session: Session, *conditions: ColumnElement[bool]) -> list[int]:
+    """Ids of ``receiving`` series meeting ``conditions``, the longest waiting first."""
     with _transaction(session):
         return list(
             session.execute(
                 select(Series.id)
-                .where(
-                    Series.status == SeriesState.RECEIVING,
-                    Series.released_at.is_not(None),
-                    Series.released_at >= Series.last_received_at,
-                    Series.released_instances >= min_instances,
-                    Series.last_received_at <= settled_before,
-                )
+                .where(Series.status == SeriesState.RECEIVING, *conditions)
                 .order_by(Series.last_received_at)
             ).scalars()
         )
