@@ -446,33 +446,37 @@ def _series_uid(path: Path) -> str:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_released_series_is_queued_without_the_idle_time(tmp_path: Path,
                                                              processes: int) -> None:
-    """storescu releases its association after the last instance: the series is queued a
-    settle time later, not after the (here 10-minute) idle time; an aborted association and
-    a one-instance association are not taken as the end of their series."""
+    """storescu releases its association after the last instance: its series (here two in one
+    association) are queued a settle time later, not after the (here 10-minute) idle time; an
+    aborted association and a one-instance association are not taken as the end of their
+    series."""
     node = start_node(tmp_path / "node", sections={
         "queue": {"series_idle_s": 600.0, "check_interval_s": 0.2, "release_settle_s": 0.5},
         "dicom": {"listener_processes": processes},
         "worker": {"enabled": False}})
     try:
         released = write_ct_series(tmp_path / "released", 5)
+        released2 = write_ct_series(tmp_path / "released2", 3)
         aborted = write_ct_series(tmp_path / "aborted", 5)
         single = write_ct_series(tmp_path / "single", 1)
         assert dcmtk.storescu(node.port, aborted, extra=["--abort"]).returncode == 0
         assert dcmtk.storescu(node.port, single).returncode == 0
-        assert dcmtk.storescu(node.port, released).returncode == 0
+        assert dcmtk.storescu(node.port, [*released, *released2]).returncode == 0
+        done = {_series_uid(released[0]), _series_uid(released2[0])}
         deadline = time.monotonic() + 30
         while (time.monotonic() < deadline
-               and _statuses(node).get(_series_uid(released[0])) is not SeriesState.QUEUED):
+               and {u for u, st in _statuses(node).items() if st is SeriesState.QUEUED} != done):
             time.sleep(0.2)
         time.sleep(1.5)  # three settle times more for the other two to (wrongly) follow
         assert _statuses(node) == {_series_uid(released[0]): SeriesState.QUEUED,
+                                   _series_uid(released2[0]): SeriesState.QUEUED,
                                    _series_uid(aborted[0]): SeriesState.RECEIVING,
                                    _series_uid(single[0]): SeriesState.RECEIVING}
         with node.session() as s:
-            reason = s.execute(select(SeriesEvent.reason)
-                               .where(SeriesEvent.to_status == "queued")).scalar_one()
+            reasons = s.execute(select(SeriesEvent.reason)
+                                .where(SeriesEvent.to_status == "queued")).scalars().all()
             results = sorted(s.execute(select(Association.result)).scalars())
-        assert reason == "association released by the sender"
+        assert reasons == ["association released by the sender"] * 2
         # storescu's A-ABORT may be seen as the abort or as the connection closing first.
         assert results.count("released") == 2
         assert set(results) - {"released"} <= {"aborted", "connection closed"}
