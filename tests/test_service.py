@@ -6,9 +6,16 @@ import importlib
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import Session, sessionmaker
 
+from node.config import Settings
+from node.queue.db import make_engine, make_session_factory
+from node.queue.migrate import upgrade
+from node.report import jobs as report_jobs
 from node.service import JOB_MODULES, WAKES, wake_on_hand_over
 
 
@@ -61,3 +68,44 @@ def test_every_wake_pairs_two_installed_job_modules() -> None:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def test_a_woken_delivery_job_does_not_overlap_a_running_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The delivery job runs once at a time; a wake while it runs returns at once, without
+    APScheduler's "maximum number of running instances" warning. (The real delivery run is
+    slowed down by a wrapper, as a slow PACS would.)"""
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    upgrade(url)
+    settings = Settings.model_validate({"database": {"url": url},
+                                        "delivery": {"poll_interval_s": 3600}})
+    engine = make_engine(settings.database)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    real = report_jobs.deliver_due
+
+    def slow_delivery(session_factory: sessionmaker[Session], s: Settings) -> int:
+        calls.append(1)
+        entered.set()
+        release.wait(10)
+        return real(session_factory, s)
+
+    monkeypatch.setattr(report_jobs, "deliver_due", slow_delivery)
+    try:
+        report_jobs.install(scheduler, settings, make_session_factory(engine))
+        with caplog.at_level("WARNING", logger="apscheduler"):
+            scheduler.start()  # the job's first run starts now and waits in slow_delivery
+            assert entered.wait(10)
+            for _ in range(3):  # woken while it runs
+                scheduler.get_job(report_jobs.JOB_ID).modify(next_run_time=_now())
+                time.sleep(0.3)
+            release.set()
+            time.sleep(0.5)
+        assert calls == [1]
+        assert not [r for r in caplog.records if "maximum number" in r.getMessage()]
+    finally:
+        release.set()
+        scheduler.shutdown(wait=True)
+        engine.dispose()

@@ -1,13 +1,15 @@
 """The delivery job of ``vaenode serve``: send due outbox rows, record each attempt.
 
-Runs every ``[delivery].poll_interval_s`` seconds; one run at a time (APScheduler
-``max_instances=1``). Each row is claimed, sent and recorded on its own, so one unreachable PACS
-delays only its own rows.
+Runs every ``[delivery].poll_interval_s`` seconds, and at once when the worker has scored a
+series (``node.service.WAKES``); one run at a time (a run that finds another under way returns).
+Each row is claimed, sent and recorded on its own, so one unreachable PACS delays only its own
+rows.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy.orm import Session, sessionmaker
@@ -93,13 +95,24 @@ def install(
     scheduler: BaseScheduler, settings: Settings, session_factory: sessionmaker[Session]
 ) -> None:
     """Add the delivery job to the service's scheduler."""
+    running = threading.Lock()
+
+    def tick() -> int:
+        # A run woken while another delivers (node.service.WAKES) returns at once, instead of
+        # APScheduler warning "maximum number of running instances" (hence two instances).
+        if not running.acquire(blocking=False):
+            return 0
+        try:
+            return deliver_due(session_factory, settings)
+        finally:
+            running.release()
+
     scheduler.add_job(
-        deliver_due,
+        tick,
         "interval",
         seconds=settings.delivery.poll_interval_s,
-        args=(session_factory, settings),
         id=JOB_ID,
-        max_instances=1,
+        max_instances=2,
         coalesce=True,
         replace_existing=True,
         next_run_time=utcnow(),
