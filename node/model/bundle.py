@@ -63,7 +63,8 @@ MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 FEATURE_WEIGHTS = "feature_ae.pt"
 DEFAULT_NAME = "brain-t1"
-#: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``).
+#: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``; ``detail``
+#: only when asked for or used by the bundle).
 COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background",
               "detail")
 
@@ -165,11 +166,12 @@ class Bundle:
         device: str = "auto",
         seed: int = 0,
         progress: bool = False,
+        detail: bool | None = None,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        plain, background and detail (with the bundle's background and detail parts' mask
-        settings, else the defaults), png_nats. Scores are reproducible: the Monte-Carlo draws
-        come from ``seed``."""
+        plain, background, detail (with ``detail``; default: when the bundle has a detail part)
+        and png_nats, the background and detail with the bundle's parts' mask settings, else
+        the defaults. Scores are reproducible: the Monte-Carlo draws come from ``seed``."""
         estimator = estimator or self.scoring.estimator
         samples = samples or self.scoring.samples
         if estimator not in ESTIMATORS:
@@ -179,6 +181,8 @@ class Bundle:
         ae = self.feature_ae.to(dev) if self.feature_ae is not None else None
         gen = torch.Generator(device=dev).manual_seed(seed)
         where = self._mask_settings()
+        keys = [k for k in COMPONENTS if k != "detail"
+                or (self.scoring.detail is not None if detail is None else detail)]
         parts: dict[str, list[np.ndarray]] = {}
         starts = range(0, len(x), batch_size)
         if progress:
@@ -189,12 +193,13 @@ class Bundle:
             xb = x[start : start + batch_size].to(dev)
             if ae is not None:  # compression stage: the VAE models the features
                 xb = ae.features(xb)
-            est = estimate(model, xb, estimator, samples, generator=gen, **where)
-            for key in COMPONENTS:
+            est = estimate(model, xb, estimator, samples, generator=gen,
+                           detail="detail" in keys, **where)
+            for key in keys:
                 parts.setdefault(key, []).append(getattr(est, key).double().cpu().numpy())
         out = {k: np.concatenate(v) for k, v in parts.items()}
         if not parts:
-            out = {k: np.zeros(0) for k in COMPONENTS}
+            out = {k: np.zeros(0) for k in keys}
         out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
         return out
 

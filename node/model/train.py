@@ -384,7 +384,7 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
     main_scores = foreground(finals)
     if main_scores.size == 0:
         raise ValueError("no foreground calibration slices")
-    if main_cfg.position_bins > 0:
+    if main_cfg.position_bins > 0:  # the coverage check of items 5 and 7
         main_cfg = replace(main_cfg, position_min_extent_mm=_coverage(stacks))
     detail = bundle.scoring.detail
     if detail is not None:  # item 7 of node.model.scoring: added to the main score
@@ -516,15 +516,15 @@ def _position_reference(
 ) -> tuple[ScoreConfig, list[np.ndarray]]:
     """The position profiles fitted on all calibration stacks, and each stack's scores
     referenced with the profiles of the OTHER subjects (what the threshold is set on; item 5
-    of :mod:`node.model.scoring`), and the map of unreferenced scores onto their scale."""
+    of :mod:`node.model.scoring`), and the map of unreferenced scores onto their scale.
+    ``scoring`` carries the coverage check already (``_coverage``, set by the caller)."""
     subjects = sorted({s["subject"] for s in stacks})
     if len(subjects) < MIN_POSITION_SUBJECTS:
         raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
                          f"calibration subjects, got {len(subjects)}")
     canon = _canonical(stacks, finals)
     level, spread = robust_level(np.concatenate([f[fg] for _, f, fg in canon]))
-    scoring = replace(scoring, position_median=level, position_spread=spread,
-                      position_min_extent_mm=_coverage(stacks))
+    scoring = replace(scoring, position_median=level, position_spread=spread)
     without = {subject: replace(scoring, position_profiles=fit_position_profiles(
         _canonical(stacks, finals, subject), scoring.position_bins, scoring.min_series_slices))
         for subject in subjects}
