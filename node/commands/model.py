@@ -191,6 +191,12 @@ def calibrate(
     detail_cap: Annotated[float | None, typer.Option(
         min=0.0, help="Cap of the detail part's series lift (log power) instead of fitting "
                       "it; needs --detail-part.")] = None,
+    detail_step: Annotated[str | None, typer.Option(
+        metavar="SETTINGS",
+        help="Add the detail step part (each slice's finest-detail power of the decoder's "
+             "residual against its own series' robust straight line, node.model.scoring "
+             "item 8): 'default', or KEY=VALUE,... of tukey_c, tukey_c_high (0: a symmetric "
+             "fit), positioned (true/false); 'none' removes it.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -219,6 +225,8 @@ def calibrate(
         raise typer.BadParameter("needs --detail-part",
                                  param_hint="--detail-cap" if detail_cap is not None
                                  else "--detail-weight")
+    if detail_step is not None:
+        changes["detail_step"] = _parse_detail_step(detail_step)
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -250,6 +258,33 @@ def _parse_alternative(text: str) -> dict[str, float]:
         raise typer.BadParameter(f"{text!r} lacks {', '.join(sorted(missing))}",
                                  param_hint="--alternative")
     AlternativeScore(**out)
+    return out
+
+
+def _parse_detail_step(text: str) -> dict[str, Any] | None:
+    """``--detail-step``: 'none', 'default' or KEY=VALUE,... of
+    :class:`node.model.scoring.DetailStepPart`'s settings; exits 2 when wrong."""
+    word = text.strip().lower()
+    if word in ("none", "default"):
+        return None if word == "none" else {}
+    out: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or key not in ("tukey_c", "tukey_c_high", "positioned"):
+                raise ValueError("expected KEY=VALUE with KEY one of positioned, tukey_c, "
+                                 "tukey_c_high, or 'default' or 'none'")
+            if key == "positioned":
+                if value.lower() not in ("true", "false"):
+                    raise ValueError("positioned is true or false")
+                out[key] = value.lower() == "true"
+            else:
+                number = float(value)
+                if not number >= 0.0:
+                    raise ValueError(f"{key} is a number >= 0")
+                out[key] = None if key == "tukey_c_high" and number == 0.0 else number
+        except ValueError as exc:
+            raise typer.BadParameter(f"{item!r}: {exc}", param_hint="--detail-step") from None
     return out
 
 

@@ -169,7 +169,7 @@ class Bundle:
         detail: bool | None = None,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        plain, background, detail (with ``detail``; default: when the bundle has a detail part)
+        plain, background, detail (with ``detail``; default: when a part of the bundle reads it)
         and png_nats, the background and detail with the bundle's parts' mask settings, else
         the defaults. Scores are reproducible: the Monte-Carlo draws come from ``seed``."""
         estimator = estimator or self.scoring.estimator
@@ -182,7 +182,7 @@ class Bundle:
         gen = torch.Generator(device=dev).manual_seed(seed)
         where = self._mask_settings()
         keys = [k for k in COMPONENTS if k != "detail"
-                or (self.scoring.detail is not None if detail is None else detail)]
+                or (self.scoring.uses_detail if detail is None else detail)]
         parts: dict[str, list[np.ndarray]] = {}
         starts = range(0, len(x), batch_size)
         if progress:
@@ -207,7 +207,8 @@ class Bundle:
         """The head-mask settings of the background and detail components (the bundle's
         parts', else the defaults of :func:`node.model.likelihood.estimate`)."""
         out: dict[str, Any] = {}
-        bg, detail = self.scoring.background, self.scoring.detail
+        bg = self.scoring.background
+        detail = self.scoring.detail or self.scoring.detail_step  # same settings (ScoreConfig)
         if bg is not None:
             out.update(background_level=bg.head_level, background_dilation=bg.dilation)
         if detail is not None:

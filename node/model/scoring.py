@@ -94,6 +94,26 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    series, whose detail varies along the series unlike the calibration scanner's
    (``node/models/README.md``).
 
+8. Detail step part (optional, :class:`DetailStepPart`): the ``detail`` component of item 7
+   compared with the slice's OWN SERIES instead of with other subjects. A straight line is
+   fitted robustly to it along the series' foreground slices (:func:`series_trend_residuals`:
+   Siegel's repeated-median line, then Tukey-biweight reweighting, by default dropping
+   slices far above the line more readily than slices below it), so that a block of up to
+   about a third of the slices does not pull the line; each slice's residual from the line
+   is divided by the spread of normal calibration residuals (with ``positioned``, the spread
+   at its relative position: item 5's bins), giving z, and only z below 0 counts (a slice
+   with LESS detail than its series' trend; a block that raises it, spikes or noise, is left
+   to the other parts). The part joins the minimum like item 6, mapped onto the main score's
+   scale. Why the series' own line: another scanner's detail differs from the calibration
+   scanner's in level and in how it changes from the skull base to the vertex (item 7
+   flagged the lower brain of such a series); a straight trend along the series is the
+   series' own, whereas a block of blurred or moved slices departs from it. What it cannot
+   see: a whole series blurred or moved from its first slice to its last (items 1-6 judge
+   that), and series of fewer than ``min_series_slices`` foreground slices (z = 0). The
+   shipped bundle does not use it: a block that RAISES the detail (a bias field, spikes)
+   still tilts the line under the rest of its series, whose slices were then flagged too
+   often (``node/models/README.md``).
+
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
 either.
@@ -152,6 +172,7 @@ class ScoreConfig:
         background: the background part (item 6), or None (absent from ``model.json``: the
             bundles before it score exactly as they did).
         detail: the detail part (item 7), or None (likewise).
+        detail_step: the detail step part (item 8), or None (likewise).
     """
 
     estimator: str = "importance"
@@ -174,12 +195,26 @@ class ScoreConfig:
     fallback_offset: float = 0.0
     background: BackgroundPart | None = None
     detail: DetailPart | None = None
+    detail_step: DetailStepPart | None = None
+
+    def __post_init__(self) -> None:
+        d, step = self.detail, self.detail_step
+        if d is not None and step is not None and (d.band, d.erosion) != (step.band,
+                                                                          step.erosion):
+            raise ValueError("the detail and detail step parts share the 'detail' component: "
+                             "give them the same band and erosion")
+
+    @property
+    def uses_detail(self) -> bool:
+        """Whether a part reads the ``detail`` component (items 7 and 8)."""
+        return self.detail is not None or self.detail_step is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for ``model.json`` (no ``background`` or ``detail`` key when there is
-        no such part, so that a bundle without it writes the same ``model.json`` as before)."""
+        """Plain values for ``model.json`` (no ``background``, ``detail`` or ``detail_step``
+        key when there is no such part, so that a bundle without it writes the same
+        ``model.json`` as before)."""
         out = asdict(self)
-        for key in ("background", "detail"):
+        for key in ("background", "detail", "detail_step"):
             if out[key] is None:
                 del out[key]
         return out
@@ -198,14 +233,18 @@ class ScoreConfig:
         detail = data.get("detail")
         if detail is not None and not isinstance(detail, DetailPart):
             detail = DetailPart(**{**detail, "profiles": _profiles(detail.get("profiles", {}))})
+        step = data.get("detail_step")
+        if step is not None and not isinstance(step, DetailStepPart):
+            step = DetailStepPart(**{**step, "profiles": _profiles(step.get("profiles", {}))})
         return cls(**{**data, "alternatives": alts, "position_profiles": profiles,
-                      "position_min_extent_mm": extents, "background": bg, "detail": detail})
+                      "position_min_extent_mm": extents, "background": bg, "detail": detail,
+                      "detail_step": step})
 
     def part(self, alt: AlternativeScore) -> ScoreConfig:
         """The settings of one alternative as a stand-alone score (no alternatives of its own)."""
         return ScoreConfig.from_dict({
             **self.to_dict(), "alternatives": (), "position_bins": 0, "background": None,
-            "detail": None,
+            "detail": None, "detail_step": None,
             "complexity": alt.complexity_weight > 0,
             "complexity_weight": alt.complexity_weight or 1.0, "tail_weight": alt.tail_weight,
             "max_series_shift": alt.max_series_shift, "shift_quantile": alt.shift_quantile,
@@ -289,6 +328,49 @@ class DetailPart:
     profiles: Profiles = field(default_factory=dict)
     level: float = 0.0
     spread: float = 1.0
+
+
+#: Tukey's biweight constant of the series trend (item 8): 95% efficiency under normal noise.
+TUKEY_C = 4.685
+#: The constant for residuals above the trend (item 8; chosen on the calibration subjects,
+#: ``bench/explore-logs/asym-select.log``).
+TUKEY_C_HIGH = 2.5
+
+
+@dataclass(frozen=True)
+class DetailStepPart:
+    """The detail step part (item 8 of the module docstring): the ``detail`` component's
+    residual from its series' own robust straight line, in normal spreads, below 0 only,
+    joining the minimum.
+
+    Attributes:
+        erosion: pixels by which the head mask is eroded (the ``detail`` component's).
+        band: lowest spatial frequency of the band (cycles per pixel, radius; likewise).
+        tukey_c: the biweight's tuning constant (0: Siegel's line alone).
+        tukey_c_high: the constant for residuals above the line (None: ``tukey_c``, a
+            symmetric fit); see :func:`series_trend_residuals`.
+        positioned: divide by the spread of normal residuals at the slice's position (item
+            5's bins, ``profiles``) instead of by one spread for all positions.
+        level: median of the normal calibration residuals (set by calibration).
+        spread: their median minus their 5th percentile (set by calibration; with
+            ``positioned``, for stacks item 5 does not reference).
+        profiles: with ``positioned``, per plane, the (medians, spreads) of the normal
+            residuals per position bin (set by calibration; the bins of item 5; the spreads
+            are used, the level is ``level`` everywhere: the series' own line sets it).
+        gain: slope of the map onto the main score's scale (set by calibration).
+        offset: intercept of that map (set by calibration).
+    """
+
+    erosion: int = DETAIL_EROSION
+    band: float = DETAIL_BAND
+    tukey_c: float = TUKEY_C
+    tukey_c_high: float | None = TUKEY_C_HIGH
+    positioned: bool = False
+    level: float = 0.0
+    spread: float = 1.0
+    profiles: Profiles = field(default_factory=dict)
+    gain: float = 1.0
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -393,6 +475,10 @@ def stack_scores(
     if cfg.background is not None:
         part = background_final(comp, foreground, cfg)
         final = np.minimum(final, cfg.background.offset + cfg.background.gain * part)
+    step = cfg.detail_step
+    if step is not None:
+        part = detail_step_z(comp, foreground, cfg, plane, descending, slice_spacing_mm)
+        final = np.minimum(final, step.offset + step.gain * part)
     final = position_normalized(final, foreground, cfg, plane, descending, slice_spacing_mm)
     return final, absolute, shift
 
@@ -519,10 +605,7 @@ def detail_shifted(comp: dict[str, np.ndarray], foreground: np.ndarray,
     part = cfg.detail
     if part is None:
         raise ValueError("this score has no detail part")
-    if "detail" not in comp:
-        raise ValueError("the components lack 'detail' (scored before the detail part "
-                         "existed): score the slices again")
-    v = np.asarray(comp["detail"], dtype=np.float64)
+    v = _detail_values(comp)
     if not cfg.series_relative or int(foreground.sum()) < cfg.min_series_slices:
         return v.copy()
     lift = float(np.quantile(v[foreground], part.shift_quantile)) - part.reference_median
@@ -544,6 +627,97 @@ def detail_z(comp: dict[str, np.ndarray], foreground: np.ndarray, cfg: ScoreConf
         medians, spreads = (np.asarray(a, dtype=np.float64) for a in part.profiles[plane or ""])
         z[foreground] = (v[foreground] - medians[k]) / spreads[k]
     return z
+
+
+def _detail_values(comp: dict[str, np.ndarray]) -> np.ndarray:
+    """The ``detail`` component as float64.
+
+    Raises:
+        ValueError: ``comp`` lacks it (records scored before the detail parts existed).
+    """
+    if "detail" not in comp:
+        raise ValueError("the components lack 'detail' (scored before the detail part "
+                         "existed): score the slices again")
+    return np.asarray(comp["detail"], dtype=np.float64)
+
+
+def series_trend_residuals(values: np.ndarray, foreground: np.ndarray,
+                           tukey_c: float = TUKEY_C, tukey_c_high: float | None = None,
+                           ) -> np.ndarray:
+    """Each foreground value minus its series' robust straight line along the relative
+    position (item 8); 0.0 for background slices, and everywhere when fewer than 3 foreground
+    slices.
+
+    The line starts as Siegel's repeated median (the median over slices of the median slope
+    to every other slice, then the median intercept), which holds while fewer than half the
+    slices depart from it, and is refined by 10 iterations of Tukey-biweight weighted least
+    squares with the residuals' scale from their median absolute deviation (``tukey_c`` 0:
+    no refinement). ``tukey_c_high``: residuals above the line get this (smaller) constant
+    instead, and the scale comes from the residuals below the line only (their median
+    distance from it), so that a block of slices that RAISES the value (spikes, noise, a bias
+    field in the detail) is dropped from the fit rather than lifting the line under the rest
+    of the series."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.zeros(v.size)
+    idx = np.flatnonzero(foreground)
+    if idx.size < 3:
+        return out
+    p = np.linspace(0.0, 1.0, idx.size)
+    y = v[idx]
+    dp = p[None, :] - p[:, None]
+    np.fill_diagonal(dp, np.nan)
+    slope = float(np.median(np.nanmedian((y[None, :] - y[:, None]) / dp, axis=1)))
+    r = y - slope * p
+    r -= np.median(r)
+    basis = np.stack([p, np.ones_like(p)], axis=1)
+    for _ in range(10 if tukey_c > 0 else 0):
+        if tukey_c_high is None:
+            scale = 1.4826 * float(np.median(np.abs(r - np.median(r)))) + 1e-9
+            u = r / (tukey_c * scale)
+        else:
+            below = r[r <= 0.0]
+            scale = 1.4826 * float(np.median(-below)) + 1e-9 if below.size else 1e-9
+            u = r / (np.where(r > 0.0, tukey_c_high, tukey_c) * scale)
+        w = np.sqrt(np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0))
+        beta = np.linalg.lstsq(basis * w[:, None], y * w, rcond=None)[0]
+        r = y - basis @ beta
+    out[idx] = r
+    return out
+
+
+def detail_step_residuals(comp: dict[str, np.ndarray], foreground: np.ndarray,
+                          cfg: ScoreConfig) -> np.ndarray | None:
+    """The ``detail`` component's residuals from its series' line (item 8), or None when the
+    series has fewer than ``min_series_slices`` foreground slices (no line is fitted)."""
+    part = cfg.detail_step
+    if part is None:
+        raise ValueError("this score has no detail step part")
+    values = _detail_values(comp)
+    if int(foreground.sum()) < cfg.min_series_slices:
+        return None
+    return series_trend_residuals(values, foreground, part.tukey_c, part.tukey_c_high)
+
+
+def detail_step_z(comp: dict[str, np.ndarray], foreground: np.ndarray, cfg: ScoreConfig,
+                  plane: str | None, descending: bool = False,
+                  slice_spacing_mm: float | None = None) -> np.ndarray:
+    """The detail step part's value of every slice (item 8): min(0, z), z the residual from
+    the series' line against normal residuals at its position (or all normal residuals where
+    item 5 does not reference the stack, or the part is not ``positioned``); 0 on background
+    slices and short series."""
+    part = cfg.detail_step
+    residuals = detail_step_residuals(comp, foreground, cfg)
+    z = np.zeros(len(foreground))
+    if residuals is None:
+        return z
+    assert part is not None
+    spread = np.full(len(foreground), part.spread)
+    k = (reference_bins(foreground, cfg, plane, part.profiles, descending, slice_spacing_mm)
+         if part.positioned else None)
+    if k is not None:
+        spread[foreground] = np.asarray(part.profiles[plane or ""][1], dtype=np.float64)[k]
+    z[foreground] = (residuals[foreground] - part.level) / spread[foreground]
+    return np.minimum(z, 0.0)
 
 
 def match_scales(main: np.ndarray, other: np.ndarray, low: float = 0.01) -> tuple[float, float]:

@@ -59,10 +59,13 @@ from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scal
 from node.model.scoring import (
     BackgroundPart,
     DetailPart,
+    DetailStepPart,
     ScoreConfig,
     absolute_score,
     background_final,
     detail_shifted,
+    detail_step_residuals,
+    detail_step_z,
     detail_z,
     fit_position_profiles,
     match_scales,
@@ -378,8 +381,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         return np.concatenate(parts) if parts else np.zeros(0)
 
     main_cfg = replace(bundle.scoring, alternatives=(), background=None, detail=None,
-                       position_profiles={}, position_min_extent_mm={}, fallback_gain=1.0,
-                       fallback_offset=0.0)
+                       detail_step=None, position_profiles={}, position_min_extent_mm={},
+                       fallback_gain=1.0, fallback_offset=0.0)
     main_cfg, medians, finals = with_reference(main_cfg)
     main_scores = foreground(finals)
     if main_scores.size == 0:
@@ -419,8 +422,14 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         background = replace(background, gain=gain, offset=offset)
         finals = [np.minimum(f, offset + gain * b) for f, b in zip(finals, bg_finals,
                                                                    strict=True)]
+    step = bundle.scoring.detail_step
+    if step is not None:  # item 8 of node.model.scoring: like the background part
+        step, step_z = _detail_step_reference(main_cfg, step, stacks)
+        gain, offset = match_scales(main_scores, foreground(step_z))
+        step = replace(step, gain=gain, offset=offset)
+        finals = [np.minimum(f, offset + gain * z) for f, z in zip(finals, step_z, strict=True)]
     scoring = replace(main_cfg, alternatives=tuple(alternatives), background=background,
-                      detail=detail)
+                      detail=detail, detail_step=step)
     if scoring.position_bins > 0:
         scoring, finals = _position_reference(scoring, stacks, finals, target_fpr)
     scores = foreground(finals)
@@ -508,6 +517,50 @@ def _detail_reference(
     profiles = fit_position_profiles(_canonical(stacks, shifted), main_cfg.position_bins,
                                      main_cfg.min_series_slices)
     return replace(detail, profiles=profiles), held_out
+
+
+def _detail_step_reference(
+    main_cfg: ScoreConfig, step: DetailStepPart, stacks: list[dict[str, Any]],
+) -> tuple[DetailStepPart, list[np.ndarray]]:
+    """The detail step part calibrated (item 8 of :mod:`node.model.scoring`): the level and
+    spread of the normal residuals from each series' line, and (``positioned``) their
+    per-position spreads, fitted on all calibration stacks, with each stack's values then
+    computed from the spreads of the OTHER subjects (what the map and the threshold are set
+    on, as for item 7)."""
+    cfg = replace(main_cfg, detail_step=step)
+    residuals = [detail_step_residuals(s["components"], s["foreground"], cfg) for s in stacks]
+    used = [(s, r) for s, r in zip(stacks, residuals, strict=True) if r is not None]
+    if not used:
+        raise ValueError("the detail step part needs calibration stacks of at least "
+                         f"{main_cfg.min_series_slices} foreground slices")
+    normal = np.concatenate([r[s["foreground"]] for s, r in used])
+    if not np.ptp(normal) > 0:
+        raise ValueError("the detail step part does not vary on the calibration slices (no "
+                         "pixels inside the decoder's eroded head mask?)")
+    level, spread = robust_level(normal)
+    step = replace(step, level=level, spread=spread)
+    filled = [np.zeros(len(s["foreground"])) if r is None else r
+              for s, r in zip(stacks, residuals, strict=True)]
+
+    def values(profiles_of: Any) -> list[np.ndarray]:
+        return [detail_step_z(s["components"], s["foreground"],
+                              replace(main_cfg, detail_step=replace(step, profiles=profiles_of(s))),
+                              s["plane"], s["descending"], s["slice_spacing_mm"])
+                for s in stacks]
+
+    if main_cfg.position_bins <= 0 or not step.positioned:
+        return step, values(lambda s: {})
+    subjects = sorted({s["subject"] for s in stacks})
+    if len(subjects) < MIN_POSITION_SUBJECTS:
+        raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
+                         f"calibration subjects, got {len(subjects)}")
+    without = {subject: fit_position_profiles(_canonical(stacks, filled, subject),
+                                              main_cfg.position_bins, main_cfg.min_series_slices)
+               for subject in subjects}
+    held_out = values(lambda s: without[s["subject"]])
+    profiles = fit_position_profiles(_canonical(stacks, filled), main_cfg.position_bins,
+                                     main_cfg.min_series_slices)
+    return replace(step, profiles=profiles), held_out
 
 
 def _position_reference(
@@ -709,16 +762,20 @@ def recalibrate(
 
     The weights are unchanged; ``changes`` are :class:`ScoreConfig` fields (tail weight,
     series shift cap, complexity correction...). The calibration subjects are the bundle's
-    own (``training.subjects.calibration``), found among ``volumes``. ``changes["background"]``
-    and ``changes["detail"]`` add the background and detail parts (a dict of
-    :class:`BackgroundPart` / :class:`DetailPart` fields, or None to remove it); without
-    ``max_series_shift`` a part's cap is fitted by :func:`fit_site_cap`.
+    own (``training.subjects.calibration``), found among ``volumes``. ``changes["background"]``,
+    ``changes["detail"]`` and ``changes["detail_step"]`` add the background, detail and
+    detail step parts (a dict of :class:`BackgroundPart` / :class:`DetailPart` /
+    :class:`DetailStepPart` fields, or None to remove it); without ``max_series_shift`` the
+    cap of the background or detail part is fitted by :func:`fit_site_cap`.
     """
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
     cal = [v for v in volumes if v.subject in ids]
     if not cal:
         raise ValueError("none of the bundle's calibration subjects is in the given data")
     record: dict[str, Any] = {}
+    if changes.get("detail_step") is not None and bundle.feature_ae is not None:
+        raise ValueError("the detail_step part needs a pixel-space model (this bundle has a "
+                         "compression stage)")
     for key, part_cls, settings in (
         ("background", BackgroundPart,
          lambda p: {"background_level": p.head_level, "background_dilation": p.dilation}),
