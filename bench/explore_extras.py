@@ -91,16 +91,18 @@ def extras(model, x: torch.Tensor, batch: int = 64) -> dict[str, np.ndarray]:
 
 
 def record(model_path: Path, subjects: int, out_path: Path,
-           features: Callable[[torch.nn.Module, torch.Tensor], dict[str, np.ndarray]]) -> None:
+           features: Callable[[torch.nn.Module, torch.Tensor], dict[str, np.ndarray]],
+           skip: int = 0) -> None:
     """Score ``features(model, x)`` on the calibration stacks of ``bench/select_score.py`` (the
     first ``subjects`` calibration subjects: their site variants, the same TorchIO corruptions
     as ``collect``, the pure-noise series with the bundle's components too) and pickle them to
-    ``out_path`` for ``bench/explore_judge.py``'s merge."""
+    ``out_path`` for ``bench/explore_judge.py``'s merge; ``skip``: leave out the first
+    calibration subjects, as ``select_score.load_records`` does)."""
     torch.set_num_threads(1)
     t0 = time.time()
     bundle = load_bundle(model_path)
     model = bundle.model
-    ids = bundle.meta["training"]["subjects"]["calibration"][:subjects]
+    ids = bundle.meta["training"]["subjects"]["calibration"][skip : skip + subjects]
     vols = [load_nifti(q) for q in sorted(IXI.glob("*.nii.gz")) if q.name.split("-")[0] in ids]
     print("subjects", [v.subject for v in vols], flush=True)
     rng = np.random.default_rng(0)
@@ -131,17 +133,20 @@ def record(model_path: Path, subjects: int, out_path: Path,
 
 
 def arguments() -> argparse.Namespace:
-    """``--model BUNDLE [--subjects N] --out PKL`` of the feature-recording scripts."""
+    """``--model BUNDLE [--subjects N] [--skip K] --out PKL`` of the feature-recording
+    scripts."""
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--skip", type=int, default=0, help="leave out the first K calibration "
+                   "subjects")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
 
 
 def main() -> None:
     a = arguments()
-    record(a.model, a.subjects, a.out, extras)
+    record(a.model, a.subjects, a.out, extras, a.skip)
 
 
 if __name__ == "__main__":

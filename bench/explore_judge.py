@@ -68,14 +68,16 @@ def merge(records_path: Path, *extras_paths: Path):
 
 
 def inputs():
-    """``--model BUNDLE --extras PKL [PKL...]`` of every exploration judge: the bundle and the
-    merged records (calibration data, site variants, noise series)."""
+    """``--model BUNDLE --extras PKL [PKL...] [--records NAME]`` of every exploration judge:
+    the bundle and the merged records (calibration data, site variants, noise series;
+    ``--records``: another cache file of ``select_score.load_records`` in the model folder)."""
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--extras", type=Path, nargs="+", required=True)
+    p.add_argument("--records", default="selection-records.pkl")
     a = p.parse_args()
     bundle = load_bundle(a.model)
-    return (bundle, *merge(a.model / "selection-records.pkl", *a.extras))
+    return (bundle, *merge(a.model / a.records, *a.extras))
 
 
 def custom_part(bundle, data, variant_comps, noise_comps, label: str,

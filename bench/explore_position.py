@@ -73,6 +73,7 @@ def evaluate(bundle, data, variants, parts, extra=None) -> dict:
     base = replace(bundle.scoring, position_bins=BINS, position_min_extent_mm={},
                    alternatives=())
     ref_clean, ref_corr, ref_sites = {}, {}, {n: [] for n in site_names}
+    site_keys: dict[tuple[str, int], np.ndarray] = {}
     for i, s in enumerate(subs):
         fit = [("axial", c, np.ones(c.size, bool)) for j, c in enumerate(clean) if subs[j] != s]
         level, spread = robust_level(np.concatenate([c for _, c, _ in fit]))
@@ -89,6 +90,7 @@ def evaluate(bundle, data, variants, parts, extra=None) -> dict:
                     v = sites[n][k]
                     ref_sites[n].append(position_normalized(v, np.ones(v.size, bool), cfg,
                                                             "axial"))
+                    site_keys[(n, k)] = ref_sites[n][-1]
     allref = np.concatenate([ref_clean[s] for s in subs])
     thr = float(np.quantile(allref, 0.01))
     gain, off = match_scales(allref, np.concatenate(clean))
@@ -114,7 +116,17 @@ def evaluate(bundle, data, variants, parts, extra=None) -> dict:
     elsewhere = {c: float(np.mean(np.concatenate(v))) for c, v in other.items()}
     return {"aurocs": aur, "flagged": flagged, "elsewhere": elsewhere, "threshold": thr,
             "sites": site_flag, "noise": noise_flag, "met": met,
-            "mean": float(np.mean(list(aur.values())))}
+            "mean": float(np.mean(list(aur.values()))),
+            # the referenced scores themselves (clean: by subject, foreground slices;
+            # corrupted: by index, all slices; sites: by (name, index); noise: mapped)
+            "scores": {"clean": ref_clean, "corrupted": ref_corr, "sites": site_keys,
+                       "noise": [off + gain * v for v in noise], "all_clean": allref},
+            # the same before the position reference (the minimum of the parts)
+            "unreferenced": {"clean": dict(zip(subs, clean, strict=True)),
+                             "corrupted": dict(enumerate(corr)),
+                             "sites": {(n, k): v for n in site_names
+                                       for k, v in enumerate(sites[n])},
+                             "noise": noise, "all_clean": np.concatenate(clean)}}
 
 
 def main() -> None:

@@ -71,7 +71,7 @@ def spectral(model, x: torch.Tensor, batch: int = 64) -> dict[str, np.ndarray]:
 
 def main() -> None:
     a = arguments()
-    record(a.model, a.subjects, a.out, spectral)
+    record(a.model, a.subjects, a.out, spectral, a.skip)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from node.model.scoring import (  # noqa: E402
 BINS = 10
 
 ROUNDS = ("fifth", "quantiles", "every", "first", "lifted", "tight", "ratio", "onto", "add",
-          "more", "select", "trend", "trend-select", "asym-select")
+          "more", "select", "trend", "trend-select", "asym-select", "guarded",
+          "guarded-check")
 
 
 def column(key: str, minus: str | None = None, times: float = 1.0):
@@ -251,6 +252,60 @@ def trend_part(bundle, data, variants, noise, absfn, degree: int, top: float | N
                 noise=[fgz(c, fg, None) for c, fg in noise], sites=sites)
 
 
+def guarded_part(bundle, data, variants, noise, absfn, scores: dict, cut: float,
+                 tukey_c_high: float | None, positioned: bool) -> Part:
+    """The node's detail step part (straight line, ``tukey_c`` 4.685) with the line fitted
+    only on the slices whose referenced score without the part (``scores``: the ``scores``
+    of :func:`bench.explore_position.evaluate` for the shipped parts) is at least ``cut``:
+    slices the other parts already find unusual do not tilt it."""
+    subs = [r["subject"] for r in data["clean"]]
+
+    def res(comp, fg, ref_fg):
+        fit = np.zeros(fg.size, dtype=bool)
+        fit[np.flatnonzero(fg)[ref_fg >= cut]] = True
+        e = series_trend_residuals(absfn(comp), fg, 4.685, tukey_c_high, fit)
+        return e
+
+    clean_e = {r["subject"]: res(r["components"], r["foreground"],
+                                 scores["clean"][r["subject"]])[r["foreground"]]
+               for r in data["clean"]}
+    overall = robust_level(np.concatenate(list(clean_e.values())))
+
+    def prof(s):
+        v = np.concatenate([clean_e[o] for o in subs if o != s])
+        k = np.concatenate([position_bin(relative_positions(np.ones(clean_e[o].size, bool)),
+                                         BINS) for o in subs if o != s])
+        return [robust_level(v[k == b]) for b in range(BINS)]
+
+    profs = {s: prof(s) for s in subs} if positioned else {}
+
+    def z(e, fg, s):
+        out = np.zeros(e.size)
+        if not positioned or s is None:
+            out[fg] = (e[fg] - overall[0]) / overall[1]
+        else:
+            k = position_bin(relative_positions(fg)[fg], BINS)
+            out[fg] = (e[fg] - overall[0]) / np.array([profs[s][b][1] for b in k])
+        return np.minimum(out, 0.0)
+
+    sites: dict[str, list[np.ndarray]] = {}
+    for s, name, comp, fg in variants:
+        k = len(sites.setdefault(name, []))
+        sites[name].append(z(res(comp, fg, scores["sites"][(name, k)]), fg, s)[fg])
+    corrupted = []
+    for k, r in enumerate(data["corrupted"]):
+        fg = r["foreground"]
+        corrupted.append(z(res(r["components"], fg, scores["corrupted"][k][fg]), fg,
+                           r["subject"]))
+    return Part(0.0, 0.0, 0.0, 0.0, bundle.scoring,
+                clean=[z(res(r["components"], r["foreground"], scores["clean"][r["subject"]]),
+                         r["foreground"], r["subject"])[r["foreground"]] for r in data["clean"]],
+                corrupted=corrupted,
+                noise=[z(res(c, fg, v), fg, None)[fg]
+                       for (c, fg), v in zip(noise, scores["noise"], strict=True)],
+                sites=sites)
+
+
 def added(main: Part, part: Part, k: float) -> Part:
     """The main part plus k x (the main part's clean spread) x the other part's values."""
     beta = k * robust_level(np.concatenate(main.clean))[1]
@@ -394,6 +449,59 @@ def main() -> None:
                                           profile, smooth, c)
                         cands[f"+{band} {profile} sm{smooth} c{c}"] = [*shipped, part]
         select(cands, bundle, data, variants, base)
+        return
+    elif round_ == "guarded":
+        ref = evaluate(bundle, data, variants, shipped)
+        print(f"{'shipped':34} met={ref['met']:2d} mean={ref['mean']:.3f} | "
+              + " ".join(f"{v:.3f}" for v in ref["aurocs"].values()))
+        print(f"{'':34} elsewhere: " + " ".join(f"{v:.3f}" for v in ref["elsewhere"].values()))
+        for key in ("scores", "unreferenced"):  # the guard referenced or not
+            for q in (0.01, 0.02, 0.05, 0.1, 0.2):
+                cut = float(np.quantile(ref[key]["all_clean"], q))
+                for c_high in (None, 2.5):
+                    for by_position in (False, True):
+                        part = guarded_part(bundle, data, variants, noise, plain["r_hf0.5"],
+                                            ref[key], cut, c_high, by_position)
+                        res = evaluate(bundle, data, variants, [*shipped, part])
+                        d = max(res["elsewhere"][c] - v for c, v in ref["elsewhere"].items())
+                        print(f"{key[:5]} cut q{q} high{c_high} pos{by_position!s:5} "
+                              f"met={res['met']:2d} mean={res['mean']:.3f} "
+                              f"sites<={max(res['sites'].values()):.3f} "
+                              f"noise={res['noise']:.2f} d_else<={d:+.3f} | "
+                              + " ".join(f"{v:.3f}" for v in res["aurocs"].values()))
+                        print(f"{'':34} elsewhere: "
+                              + " ".join(f"{v:.3f}" for v in res["elsewhere"].values()),
+                              flush=True)
+        return
+    elif round_ == "guarded-check":
+        # The settings chosen on the 8 selection subjects (guarded.log, the rule of
+        # trend-preregistration.md), re-fitted and judged on another set of calibration
+        # subjects (--records / --extras of those), against the shipped score there.
+        ref = evaluate(bundle, data, variants, shipped)
+        cut = float(np.quantile(ref["unreferenced"]["all_clean"], 0.02))
+        part = guarded_part(bundle, data, variants, noise, plain["r_hf0.5"],
+                            ref["unreferenced"], cut, None, True)
+        res = evaluate(bundle, data, variants, [*shipped, part])
+        print("columns: " + " ".join(ref["aurocs"]))
+        for name, r in (("shipped", ref), ("guarded q0.02 symmetric positioned", res)):
+            print(f"{name:34} met={r['met']:2d} mean={r['mean']:.3f} noise={r['noise']:.2f} "
+                  f"sites<={max(r['sites'].values()):.3f} | "
+                  + " ".join(f"{v:.3f}" for v in r["aurocs"].values()))
+            print(f"{'':34} flagged in block: "
+                  + " ".join(f"{v:.2f}" for v in r["flagged"].values())
+                  + " | elsewhere: " + " ".join(f"{v:.3f}" for v in r["elsewhere"].values()))
+        checks = {
+            "(a) noise flagged on every slice, site variants <= 3%":
+                res["noise"] == 1.0 and max(res["sites"].values()) <= 0.03,
+            "(b) no 'elsewhere' more than 2 pp above the shipped score's":
+                all(res["elsewhere"][c] <= v + 0.02 for c, v in ref["elsewhere"].items()),
+            "(c) no AUROC more than 0.05 below the shipped score's":
+                all(res["aurocs"][c] >= v - 0.05 for c, v in ref["aurocs"].items()),
+            "(d) more targets met than the shipped score": res["met"] > ref["met"],
+        }
+        for text, ok in checks.items():
+            print(f"{text}: {'yes' if ok else 'NO'}")
+        print("check passed" if all(checks.values()) else "check FAILED")
         return
     elif round_ == "asym-select":
         ref = evaluate(bundle, data, variants, shipped)

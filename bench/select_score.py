@@ -87,12 +87,22 @@ class Part:
     sites: dict[str, list[np.ndarray]]  # per site variant name, foreground slices per stack
 
 
-def load_records(bundle: Bundle, model: Path, subjects: int) -> tuple[Any, list, list]:
-    """Scored calibration stacks: clean, corrupted, site variants (cached) and pure noise."""
-    ids = bundle.meta["training"]["subjects"]["calibration"][:subjects]
+def records_name(subjects: int, skip: int) -> str:
+    """The cache file of :func:`load_records` in the model folder."""
+    if skip == 0:
+        return "selection-records.pkl"
+    return f"selection-records-{skip}-{skip + subjects}.pkl"
+
+
+def load_records(bundle: Bundle, model: Path, subjects: int, skip: int = 0,
+                 ) -> tuple[Any, list, list]:
+    """Scored calibration stacks: clean, corrupted, site variants (cached) and pure noise;
+    ``skip``: leave out the first calibration subjects (another cache file: a second set of
+    calibration subjects for checking a choice made on the first)."""
+    ids = bundle.meta["training"]["subjects"]["calibration"][skip : skip + subjects]
     vols = [load_nifti(p) for p in sorted(IXI.glob("*.nii.gz")) if p.name.split("-")[0] in ids]
     rng = np.random.default_rng(0)
-    cache = model / "selection-records.pkl"
+    cache = model / records_name(subjects, skip)
     if cache.exists():
         with cache.open("rb") as fh:
             data, variant_comps = pickle.load(fh)

@@ -196,7 +196,8 @@ def calibrate(
         help="Add the detail step part (each slice's finest-detail power of the decoder's "
              "residual against its own series' robust straight line, node.model.scoring "
              "item 8): 'default', or KEY=VALUE,... of tukey_c, tukey_c_high (0: a symmetric "
-             "fit), positioned (true/false); 'none' removes it.")] = None,
+             "fit), positioned (true/false), guard_quantile (0: no guard); 'none' removes "
+             "it.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -271,18 +272,21 @@ def _parse_detail_step(text: str) -> dict[str, Any] | None:
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, sep, value = item.partition("=")
         try:
-            if not sep or key not in ("tukey_c", "tukey_c_high", "positioned"):
-                raise ValueError("expected KEY=VALUE with KEY one of positioned, tukey_c, "
-                                 "tukey_c_high, or 'default' or 'none'")
+            if not sep or key not in ("tukey_c", "tukey_c_high", "positioned",
+                                      "guard_quantile"):
+                raise ValueError("expected KEY=VALUE with KEY one of guard_quantile, "
+                                 "positioned, tukey_c, tukey_c_high, or 'default' or 'none'")
             if key == "positioned":
                 if value.lower() not in ("true", "false"):
                     raise ValueError("positioned is true or false")
                 out[key] = value.lower() == "true"
             else:
                 number = float(value)
-                if not number >= 0.0:
-                    raise ValueError(f"{key} is a number >= 0")
-                out[key] = None if key == "tukey_c_high" and number == 0.0 else number
+                if not number >= 0.0 or (key == "guard_quantile" and not number < 1.0):
+                    raise ValueError(f"{key} is a number >= 0"
+                                     + (" and < 1" if key == "guard_quantile" else ""))
+                zero_is_none = key in ("tukey_c_high", "guard_quantile")
+                out[key] = None if zero_is_none and number == 0.0 else number
         except ValueError as exc:
             raise typer.BadParameter(f"{item!r}: {exc}", param_hint="--detail-step") from None
     return out

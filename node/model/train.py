@@ -424,7 +424,7 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
                                                                    strict=True)]
     step = bundle.scoring.detail_step
     if step is not None:  # item 8 of node.model.scoring: like the background part
-        step, step_z = _detail_step_reference(main_cfg, step, stacks)
+        step, step_z = _detail_step_reference(main_cfg, step, stacks, finals)
         gain, offset = match_scales(main_scores, foreground(step_z))
         step = replace(step, gain=gain, offset=offset)
         finals = [np.minimum(f, offset + gain * z) for f, z in zip(finals, step_z, strict=True)]
@@ -521,14 +521,21 @@ def _detail_reference(
 
 def _detail_step_reference(
     main_cfg: ScoreConfig, step: DetailStepPart, stacks: list[dict[str, Any]],
+    others: list[np.ndarray],
 ) -> tuple[DetailStepPart, list[np.ndarray]]:
-    """The detail step part calibrated (item 8 of :mod:`node.model.scoring`): the level and
-    spread of the normal residuals from each series' line, and (``positioned``) their
-    per-position spreads, fitted on all calibration stacks, with each stack's values then
-    computed from the spreads of the OTHER subjects (what the map and the threshold are set
-    on, as for item 7)."""
+    """The detail step part calibrated (item 8 of :mod:`node.model.scoring`): the guard's cut
+    (the ``guard_quantile`` of ``others``, the minimum of the other parts, on the foreground
+    calibration slices), the level and spread of the normal residuals from each series'
+    line, and (``positioned``) their per-position spreads, fitted on all calibration stacks,
+    with each stack's values then computed from the spreads of the OTHER subjects (what the
+    map and the threshold are set on, as for item 7)."""
+    if step.guard_quantile is not None:
+        normal = np.concatenate([o[s["foreground"]] for o, s in zip(others, stacks,
+                                                                     strict=True)])
+        step = replace(step, guard_cut=float(np.quantile(normal, step.guard_quantile)))
     cfg = replace(main_cfg, detail_step=step)
-    residuals = [detail_step_residuals(s["components"], s["foreground"], cfg) for s in stacks]
+    residuals = [detail_step_residuals(s["components"], s["foreground"], cfg, o)
+                 for s, o in zip(stacks, others, strict=True)]
     used = [(s, r) for s, r in zip(stacks, residuals, strict=True) if r is not None]
     if not used:
         raise ValueError("the detail step part needs calibration stacks of at least "
@@ -545,8 +552,8 @@ def _detail_step_reference(
     def values(profiles_of: Any) -> list[np.ndarray]:
         return [detail_step_z(s["components"], s["foreground"],
                               replace(main_cfg, detail_step=replace(step, profiles=profiles_of(s))),
-                              s["plane"], s["descending"], s["slice_spacing_mm"])
-                for s in stacks]
+                              s["plane"], s["descending"], s["slice_spacing_mm"], o)
+                for s, o in zip(stacks, others, strict=True)]
 
     if main_cfg.position_bins <= 0 or not step.positioned:
         return step, values(lambda s: {})

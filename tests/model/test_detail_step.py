@@ -79,6 +79,34 @@ def test_the_asymmetric_fit_is_not_lifted_by_a_raised_block() -> None:
     assert np.median(lowered[35:65]) < -0.25 and np.median(lowered[rest]) >= 0.0
 
 
+def test_the_guard_keeps_slices_the_other_parts_flag_out_of_the_fit() -> None:
+    # A raised block (a bias field) that the other parts flag: fitted to the slices they
+    # find ordinary, even the symmetric line stays under the rest of the series.
+    rng = np.random.default_rng(8)
+    values = -2.0 - np.linspace(0.0, 1.0, 100) + rng.normal(0.0, 0.15, 100)
+    values[35:65] += 0.5
+    others = np.zeros(100)
+    others[35:65] = -10.0  # what the other parts give the block
+    comp, fg = {"detail": values}, np.ones(100, dtype=bool)
+    rest = np.r_[0:35, 65:100]
+    cfg = _config(tukey_c_high=None, guard_cut=-5.0)
+    guarded = detail_step_residuals(comp, fg, cfg, others)
+    assert guarded is not None and abs(np.median(guarded[rest])) < 0.03
+    assert np.median(guarded[35:65]) > 0.45  # still scored (and above the line: z = 0)
+    unguarded = detail_step_residuals(comp, fg, cfg)  # no minimum of the others given
+    assert unguarded is not None and np.median(unguarded[rest]) < -0.08
+    # The same through stack_scores, which hands the part the minimum of the others.
+    full = {"log_likelihood": np.where(np.arange(100) // 35 == 1, -2000.0, -1000.0),
+            "tail": np.zeros(100), "png_nats": np.zeros(100), "detail": values}
+    final, _, _ = stack_scores(full, fg, replace(cfg, detail_step=replace(
+        cfg.detail_step, guard_cut=-1500.0)), 64, 2.0)
+    plain, _, _ = stack_scores(full, fg, replace(cfg, detail_step=None), 64, 2.0)
+    at_cut = replace(cfg, detail_step=replace(cfg.detail_step, guard_cut=-1500.0))
+    z = detail_step_z(full, fg, at_cut, None, others=plain)
+    assert np.array_equal(final, np.minimum(plain, -50.0 + 1000.0 * z))
+    assert not np.array_equal(z, detail_step_z(full, fg, at_cut, None))  # the guard acted
+
+
 def test_residuals_with_noise_background_slices_and_short_series() -> None:
     values = _line(-1.0, -2.0, noise=0.05, seed=1)
     fg = np.ones(N, dtype=bool)
@@ -95,7 +123,7 @@ def test_residuals_with_noise_background_slices_and_short_series() -> None:
 
 def _config(**step: object) -> ScoreConfig:
     part = DetailStepPart(**{"level": 0.1, "spread": 0.5, "gain": 1000.0, "offset": -50.0,
-                             **step})
+                             "positioned": False, **step})
     return ScoreConfig(complexity=False, series_relative=False, min_series_slices=8,
                        detail_step=part)
 
@@ -158,7 +186,10 @@ def test_stack_scores_take_the_minimum_with_the_mapped_part() -> None:
 
 
 def test_config_round_trip_absence_and_shared_component_settings() -> None:
-    assert (DetailStepPart().tukey_c_high, DetailStepPart().positioned) == (2.5, False)
+    default = DetailStepPart()
+    assert (default.tukey_c_high, default.positioned, default.guard_quantile) == (None, True,
+                                                                                  0.02)
+    assert default.guard_cut is None  # set by calibration
     cfg = _config(profiles={"axial": ((0.0, 1.0), (1.0, 1.0))})
     assert ScoreConfig.from_dict(json.loads(json.dumps(
         replace(cfg, detail_step=DetailStepPart(tukey_c_high=None)).to_dict()))
@@ -186,7 +217,9 @@ def test_calibrate_adds_the_detail_step_part(tmp_path: Path) -> None:
     bundle = load_bundle(out)
     part = bundle.scoring.detail_step
     assert part is not None and part.spread > 0 and part.gain > 0
-    assert (part.tukey_c_high, part.positioned, part.profiles) == (2.5, False, {})
+    assert (part.tukey_c_high, part.positioned, part.guard_quantile) == (None, True, 0.02)
+    assert set(part.profiles) == {"axial", "coronal", "sagittal"}
+    assert all(min(spreads) > 0 for _med, spreads in part.profiles.values())
     assert bundle.scoring.detail is None  # the part needs no item 7
 
     # The level and spread are those of the calibration stacks' residuals from their lines.
@@ -194,31 +227,37 @@ def test_calibrate_adds_the_detail_step_part(tmp_path: Path) -> None:
             for s in bundle.meta["training"]["subjects"]["calibration"][:3]]
     stacks = stack_components(bundle, vols, ("axial", "coronal", "sagittal"))
     assert all("detail" in st["components"] for st in stacks)
-    res = [detail_step_residuals(st["components"], st["foreground"], bundle.scoring)
-           for st in stacks]
+    # The guard's cut: the 2nd percentile of the other parts' minimum on these slices.
+    without = replace(bundle.scoring, detail_step=None, position_bins=0)
+    others = [stack_scores(st["components"], st["foreground"], without,
+                           bundle.modelled_values, bundle.preprocess.clip_max)[0]
+              for st in stacks]
+    assert part.guard_cut == pytest.approx(float(np.quantile(np.concatenate(
+        [o[st["foreground"]] for o, st in zip(others, stacks, strict=True)]), 0.02)))
+    res = [detail_step_residuals(st["components"], st["foreground"], bundle.scoring, o)
+           for st, o in zip(stacks, others, strict=True)]
     normal = np.concatenate([r[st["foreground"]] for r, st in zip(res, stacks, strict=True)
                              if r is not None])
     assert (part.level, part.spread) == pytest.approx(robust_level(normal))
     values = np.concatenate([detail_step_z(st["components"], st["foreground"], bundle.scoring,
                                            st["plane"], st["descending"],
-                                           st["slice_spacing_mm"])[st["foreground"]]
-                             for st in stacks])
+                                           st["slice_spacing_mm"], o)[st["foreground"]]
+                             for st, o in zip(stacks, others, strict=True)])
     assert np.all(values <= 0.0) and np.mean(values < 0.0) > 0.3
 
-    # Recalibrating keeps it; other settings (the symmetric, positioned first candidate of
-    # node/models/README.md) and 'none' replace it.
+    # Recalibrating keeps it; other settings (the first candidate of node/models/README.md:
+    # no guard) and 'none' replace it.
     again = tmp_path / "again"
     assert _calibrate_shipped(again, model=out).returncode == 0
     kept = load_bundle(again).scoring.detail_step
     assert kept is not None and kept.spread == pytest.approx(part.spread)
     first = tmp_path / "first"
-    proc = _calibrate_shipped(first, "--detail-step", "tukey_c_high=0,positioned=true",
-                              model=out)
+    proc = _calibrate_shipped(first, "--detail-step",
+                              "tukey_c_high=2.5,positioned=false,guard_quantile=0", model=out)
     assert proc.returncode == 0, proc.stderr
-    sym = load_bundle(first).scoring.detail_step
-    assert sym is not None and (sym.tukey_c_high, sym.positioned) == (None, True)
-    assert set(sym.profiles) == {"axial", "coronal", "sagittal"}
-    assert all(min(spreads) > 0 for _med, spreads in sym.profiles.values())
+    asym = load_bundle(first).scoring.detail_step
+    assert asym is not None and (asym.tukey_c_high, asym.positioned) == (2.5, False)
+    assert (asym.guard_quantile, asym.guard_cut, asym.profiles) == (None, None, {})
     gone = tmp_path / "gone"
     assert _calibrate_shipped(gone, "--detail-step", "none", model=out).returncode == 0
     assert "detail_step" not in json.loads((gone / "model.json").read_text())["scoring"]
@@ -233,7 +272,7 @@ def test_calibrate_refuses_a_detail_step_part_that_cannot_vary(tiny_bundle_path:
 
 
 @pytest.mark.parametrize("value", ["on", "tukey_c=-1", "positioned=maybe", "tukey_c_high=x",
-                                   "band=0.25"])
+                                   "band=0.25", "guard_quantile=1"])
 def test_calibrate_rejects_bad_detail_step_settings(tiny_bundle_path: Path, tmp_path: Path,
                                                     value: str) -> None:
     proc = _calibrate(tiny_bundle_path, tmp_path / "x", "--detail-step", value)
