@@ -37,38 +37,27 @@ from node.model.scoring import (  # noqa: E402
 BINS = 10
 
 
-def evaluate(bundle, data, variants, parts, extra=None) -> dict:
-    """``extra``: (part, k), k x (the combined clean scores' spread) x the part's values added
-    to the minimum of ``parts`` (``bench/explore_spectral_judge.py``'s trend rounds)."""
+def evaluate(bundle, data, variants, parts) -> dict:
+    """The judged figures of the minimum of ``parts`` (and, under ``scores`` and
+    ``unreferenced``, its values with and without the position reference, which
+    ``bench/explore_spectral_judge.py``'s guarded rounds fit on)."""
     main = parts[0]
     maps = [(1.0, 0.0)] + [match_scales(np.concatenate(main.clean), np.concatenate(p.clean),
                                         getattr(p, "match_low", 0.01))
                            for p in parts[1:]]  # match_low: spectral_judge's tighter maps
 
-    def minimum(arrs):
+    def comb(arrs):
         return np.min([off + g * a for (g, off), a in zip(maps, arrs, strict=True)], axis=0)
 
-    xp, beta = None, 0.0
-    if extra is not None:
-        xp, k = extra
-        beta = k * robust_level(np.concatenate(
-            [minimum([p.clean[i] for p in parts]) for i in range(len(main.clean))]))[1]
-
-    def comb(kind, i, name=None):
-        def pick(p):
-            return getattr(p, kind)[i] if name is None else p.sites[name][i]
-
-        out = minimum([pick(p) for p in parts])
-        return out if xp is None else out + beta * pick(xp)
-
-    clean = [comb("clean", i) for i in range(len(main.clean))]  # fg only
-    corr = [comb("corrupted", i) for i in range(len(main.corrupted))]
+    clean = [comb([p.clean[i] for p in parts]) for i in range(len(main.clean))]  # fg only
+    corr = [comb([p.corrupted[i] for p in parts]) for i in range(len(main.corrupted))]
     site_names = list(main.sites)
     site_subj: dict[str, list[str]] = {}
     for s, name, _c, _fg in variants:
         site_subj.setdefault(name, []).append(s)
-    sites = {n: [comb("sites", i, n) for i in range(len(main.sites[n]))] for n in site_names}
-    noise = [comb("noise", i) for i in range(len(main.noise))]
+    sites = {n: [comb([p.sites[n][i] for p in parts]) for i in range(len(main.sites[n]))]
+             for n in site_names}
+    noise = [comb([p.noise[i] for p in parts]) for i in range(len(main.noise))]
     subs = [r["subject"] for r in data["clean"]]
     base = replace(bundle.scoring, position_bins=BINS, position_min_extent_mm={},
                    alternatives=())

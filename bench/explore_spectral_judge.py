@@ -190,23 +190,30 @@ def trend_residuals(v: np.ndarray, fg: np.ndarray, degree: int, tukey_c: float =
 
 def trend_part(bundle, data, variants, noise, absfn, degree: int, top: float | None = 0.0,
                profile: str = "none", smooth: int = 1, tukey_c: float = 4.685,
-               tukey_c_high: float | None = None) -> Part:
+               tukey_c_high: float | None = None,
+               guard: tuple[dict, float] | None = None) -> Part:
     """The feature's residual from its series' own robust trend, in units of the clean
     calibration residuals' spread (median minus 5th percentile), capped above at ``top``
     (0: only less detail than the series' trend counts; None: both ways). A smooth trend along
     the series (another scanner's detail profile) is the series' own; a block that departs
-    from it is not. ``profile``: "none" (one level and spread), "spread" (the spread of the
-    residuals of the other calibration subjects at the same relative position, 10 bins) or
-    "level" (their level and spread there). ``smooth``: the residual averaged over that many
-    neighbouring foreground slices; ``tukey_c``: see :func:`trend_residuals`; ``tukey_c_high``
-    (straight line only): the node's asymmetric fit,
-    :func:`node.model.scoring.series_trend_residuals`."""
+    from it is not. ``profile``: "none" (one spread) or "spread" (the spread of the residuals
+    of the other calibration subjects at the same relative position, 10 bins). ``smooth``: the
+    residual averaged over that many neighbouring foreground slices. A straight line
+    (``degree`` 1) is the node's :func:`node.model.scoring.series_trend_residuals`
+    (``tukey_c``, ``tukey_c_high``); ``guard`` (scores, cut): it is fitted only to the slices
+    whose score without the part (``scores``: ``scores`` or ``unreferenced`` of
+    :func:`bench.explore_position.evaluate` for the shipped parts) is at least ``cut``."""
     subs = [r["subject"] for r in data["clean"]]
 
-    def res(comp, fg):
-        if tukey_c_high is not None:
-            assert degree == 1
-            e = series_trend_residuals(absfn(comp), fg, tukey_c, tukey_c_high)
+    def res(comp, fg, kind, key):
+        if degree == 1:
+            fit = None
+            if guard is not None:
+                scores, cut = guard
+                ref = scores[kind][key]
+                fit = np.zeros(fg.size, dtype=bool)
+                fit[np.flatnonzero(fg)[(ref[fg] if ref.size == fg.size else ref) >= cut]] = True
+            e = series_trend_residuals(absfn(comp), fg, tukey_c, tukey_c_high, fit)
             e[~fg] = np.nan
         else:
             e = trend_residuals(absfn(comp), fg, degree, tukey_c)
@@ -216,8 +223,8 @@ def trend_part(bundle, data, variants, noise, absfn, degree: int, top: float | N
             e[fg] = np.convolve(v, k, "same") / np.convolve(np.ones(v.size), k, "same")
         return e
 
-    clean_e = {r["subject"]: res(r["components"], r["foreground"])[r["foreground"]]
-               for r in data["clean"]}
+    clean_e = {r["subject"]: res(r["components"], r["foreground"], "clean",
+                                 r["subject"])[r["foreground"]] for r in data["clean"]}
     overall = robust_level(np.concatenate(list(clean_e.values())))
 
     def prof(s):
@@ -234,76 +241,32 @@ def trend_part(bundle, data, variants, noise, absfn, degree: int, top: float | N
             out[fg] = (e[fg] - overall[0]) / overall[1]
         else:
             k = position_bin(relative_positions(fg)[fg], BINS)
-            lv = profs[s]
-            lvl = np.array([lv[b][0] for b in k]) if profile == "level" else overall[0]
-            out[fg] = (e[fg] - lvl) / np.array([lv[b][1] for b in k])
+            out[fg] = (e[fg] - overall[0]) / np.array([profs[s][b][1] for b in k])
         return out if top is None else np.minimum(out, top)
-
-    def fgz(comp, fg, s):
-        return z(res(comp, fg), fg, s)[fg]
 
     sites: dict[str, list[np.ndarray]] = {}
     for s, name, comp, fg in variants:
-        sites.setdefault(name, []).append(fgz(comp, fg, s))
+        i = len(sites.setdefault(name, []))
+        sites[name].append(z(res(comp, fg, "sites", (name, i)), fg, s)[fg])
     return Part(0.0, 0.0, 0.0, 0.0, bundle.scoring,
-                clean=[fgz(r["components"], r["foreground"], r["subject"]) for r in data["clean"]],
-                corrupted=[z(res(r["components"], r["foreground"]), r["foreground"], r["subject"])
-                           for r in data["corrupted"]],
-                noise=[fgz(c, fg, None) for c, fg in noise], sites=sites)
+                clean=[z(res(r["components"], r["foreground"], "clean", r["subject"]),
+                         r["foreground"], r["subject"])[r["foreground"]] for r in data["clean"]],
+                corrupted=[z(res(r["components"], r["foreground"], "corrupted", k),
+                             r["foreground"], r["subject"])
+                           for k, r in enumerate(data["corrupted"])],
+                noise=[z(res(c, fg, "noise", i), fg, None)[fg]
+                       for i, (c, fg) in enumerate(noise)],
+                sites=sites)
 
 
 def guarded_part(bundle, data, variants, noise, absfn, scores: dict, cut: float,
                  tukey_c_high: float | None, positioned: bool) -> Part:
-    """The node's detail step part (straight line, ``tukey_c`` 4.685) with the line fitted
-    only on the slices whose referenced score without the part (``scores``: the ``scores``
-    of :func:`bench.explore_position.evaluate` for the shipped parts) is at least ``cut``:
+    """The node's detail step part (straight line, ``tukey_c`` 4.685, below 0 only) with the
+    line fitted only to the slices the shipped parts' ``scores`` put at least at ``cut``:
     slices the other parts already find unusual do not tilt it."""
-    subs = [r["subject"] for r in data["clean"]]
-
-    def res(comp, fg, ref_fg):
-        fit = np.zeros(fg.size, dtype=bool)
-        fit[np.flatnonzero(fg)[ref_fg >= cut]] = True
-        e = series_trend_residuals(absfn(comp), fg, 4.685, tukey_c_high, fit)
-        return e
-
-    clean_e = {r["subject"]: res(r["components"], r["foreground"],
-                                 scores["clean"][r["subject"]])[r["foreground"]]
-               for r in data["clean"]}
-    overall = robust_level(np.concatenate(list(clean_e.values())))
-
-    def prof(s):
-        v = np.concatenate([clean_e[o] for o in subs if o != s])
-        k = np.concatenate([position_bin(relative_positions(np.ones(clean_e[o].size, bool)),
-                                         BINS) for o in subs if o != s])
-        return [robust_level(v[k == b]) for b in range(BINS)]
-
-    profs = {s: prof(s) for s in subs} if positioned else {}
-
-    def z(e, fg, s):
-        out = np.zeros(e.size)
-        if not positioned or s is None:
-            out[fg] = (e[fg] - overall[0]) / overall[1]
-        else:
-            k = position_bin(relative_positions(fg)[fg], BINS)
-            out[fg] = (e[fg] - overall[0]) / np.array([profs[s][b][1] for b in k])
-        return np.minimum(out, 0.0)
-
-    sites: dict[str, list[np.ndarray]] = {}
-    for s, name, comp, fg in variants:
-        k = len(sites.setdefault(name, []))
-        sites[name].append(z(res(comp, fg, scores["sites"][(name, k)]), fg, s)[fg])
-    corrupted = []
-    for k, r in enumerate(data["corrupted"]):
-        fg = r["foreground"]
-        corrupted.append(z(res(r["components"], fg, scores["corrupted"][k][fg]), fg,
-                           r["subject"]))
-    return Part(0.0, 0.0, 0.0, 0.0, bundle.scoring,
-                clean=[z(res(r["components"], r["foreground"], scores["clean"][r["subject"]]),
-                         r["foreground"], r["subject"])[r["foreground"]] for r in data["clean"]],
-                corrupted=corrupted,
-                noise=[z(res(c, fg, v), fg, None)[fg]
-                       for (c, fg), v in zip(noise, scores["noise"], strict=True)],
-                sites=sites)
+    return trend_part(bundle, data, variants, noise, absfn, 1, 0.0,
+                      "spread" if positioned else "none", 1, 4.685, tukey_c_high,
+                      (scores, cut))
 
 
 def added(main: Part, part: Part, k: float) -> Part:

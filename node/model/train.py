@@ -60,6 +60,7 @@ from node.model.scoring import (
     BackgroundPart,
     DetailPart,
     DetailStepPart,
+    Profiles,
     ScoreConfig,
     absolute_score,
     background_final,
@@ -476,6 +477,26 @@ def _canonical(stacks: list[dict[str, Any]], values: list[np.ndarray],
             for s, v in zip(stacks, values, strict=True) if s["subject"] != subject]
 
 
+def _subject_profiles(
+    cfg: ScoreConfig, stacks: list[dict[str, Any]], values: list[np.ndarray],
+) -> tuple[dict[str, Profiles], Profiles]:
+    """Position profiles of ``values`` (item 5's bins): per calibration subject, those fitted
+    on the OTHER subjects' stacks (what a subject's own values are referenced with when the
+    threshold is set, so that the profiles' noise counts), and those of all stacks (stored).
+
+    Raises:
+        ValueError: fewer than ``MIN_POSITION_SUBJECTS`` subjects.
+    """
+    subjects = sorted({s["subject"] for s in stacks})
+    if len(subjects) < MIN_POSITION_SUBJECTS:
+        raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
+                         f"calibration subjects, got {len(subjects)}")
+    bins, least = cfg.position_bins, cfg.min_series_slices
+    without = {subject: fit_position_profiles(_canonical(stacks, values, subject), bins, least)
+               for subject in subjects}
+    return without, fit_position_profiles(_canonical(stacks, values), bins, least)
+
+
 def _detail_reference(
     main_cfg: ScoreConfig, detail: DetailPart, stacks: list[dict[str, Any]],
     main_spread: float,
@@ -505,17 +526,10 @@ def _detail_reference(
         cfg = replace(main_cfg, detail=detail)
         return detail, [detail_z(s["components"], s["foreground"], cfg, s["plane"],
                                  s["descending"], s["slice_spacing_mm"]) for s in stacks]
-    subjects = sorted({s["subject"] for s in stacks})
-    if len(subjects) < MIN_POSITION_SUBJECTS:
-        raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
-                         f"calibration subjects, got {len(subjects)}")
-    without = {subject: replace(main_cfg, detail=replace(detail, profiles=fit_position_profiles(
-        _canonical(stacks, shifted, subject), main_cfg.position_bins,
-        main_cfg.min_series_slices))) for subject in subjects}
-    held_out = [detail_z(s["components"], s["foreground"], without[s["subject"]], s["plane"],
-                         s["descending"], s["slice_spacing_mm"]) for s in stacks]
-    profiles = fit_position_profiles(_canonical(stacks, shifted), main_cfg.position_bins,
-                                     main_cfg.min_series_slices)
+    without, profiles = _subject_profiles(main_cfg, stacks, shifted)
+    held_out = [detail_z(s["components"], s["foreground"],
+                         replace(main_cfg, detail=replace(detail, profiles=without[s["subject"]])),
+                         s["plane"], s["descending"], s["slice_spacing_mm"]) for s in stacks]
     return replace(detail, profiles=profiles), held_out
 
 
@@ -557,17 +571,8 @@ def _detail_step_reference(
 
     if main_cfg.position_bins <= 0 or not step.positioned:
         return step, values(lambda s: {})
-    subjects = sorted({s["subject"] for s in stacks})
-    if len(subjects) < MIN_POSITION_SUBJECTS:
-        raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
-                         f"calibration subjects, got {len(subjects)}")
-    without = {subject: fit_position_profiles(_canonical(stacks, filled, subject),
-                                              main_cfg.position_bins, main_cfg.min_series_slices)
-               for subject in subjects}
-    held_out = values(lambda s: without[s["subject"]])
-    profiles = fit_position_profiles(_canonical(stacks, filled), main_cfg.position_bins,
-                                     main_cfg.min_series_slices)
-    return replace(step, profiles=profiles), held_out
+    without, profiles = _subject_profiles(main_cfg, stacks, filled)
+    return replace(step, profiles=profiles), values(lambda s: without[s["subject"]])
 
 
 def _position_reference(
@@ -578,20 +583,14 @@ def _position_reference(
     referenced with the profiles of the OTHER subjects (what the threshold is set on; item 5
     of :mod:`node.model.scoring`), and the map of unreferenced scores onto their scale.
     ``scoring`` carries the coverage check already (``_coverage``, set by the caller)."""
-    subjects = sorted({s["subject"] for s in stacks})
-    if len(subjects) < MIN_POSITION_SUBJECTS:
-        raise ValueError(f"the position reference needs at least {MIN_POSITION_SUBJECTS} "
-                         f"calibration subjects, got {len(subjects)}")
-    canon = _canonical(stacks, finals)
-    level, spread = robust_level(np.concatenate([f[fg] for _, f, fg in canon]))
+    without, profiles = _subject_profiles(scoring, stacks, finals)
+    level, spread = robust_level(np.concatenate([f[s["foreground"]]
+                                                 for f, s in zip(finals, stacks, strict=True)]))
     scoring = replace(scoring, position_median=level, position_spread=spread)
-    without = {subject: replace(scoring, position_profiles=fit_position_profiles(
-        _canonical(stacks, finals, subject), scoring.position_bins, scoring.min_series_slices))
-        for subject in subjects}
-    held_out = [position_normalized(f, s["foreground"], without[s["subject"]], s["plane"],
-                                    s["descending"], s["slice_spacing_mm"])
+    held_out = [position_normalized(f, s["foreground"],
+                                    replace(scoring, position_profiles=without[s["subject"]]),
+                                    s["plane"], s["descending"], s["slice_spacing_mm"])
                 for s, f in zip(stacks, finals, strict=True)]
-    profiles = fit_position_profiles(canon, scoring.position_bins, scoring.min_series_slices)
     gain, offset = match_scales(
         np.concatenate([h[s["foreground"]] for h, s in zip(held_out, stacks, strict=True)]),
         np.concatenate([f[s["foreground"]] for f, s in zip(finals, stacks, strict=True)]),
