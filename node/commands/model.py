@@ -154,7 +154,8 @@ def evaluate(
 
 def calibrate(
     model: Annotated[Path, typer.Option("--model", help="Bundle to start from.")],
-    data: Annotated[list[Path], typer.Option("--data", help="NIfTI files or folders.")],
+    data: Annotated[list[Path], typer.Option(
+        "--data", help="NIfTI files or folders (with --site also DICOM series).")],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
     tail_weight: Annotated[float | None, typer.Option(help="Extra weight, worst 1%.")] = None,
     max_series_shift: Annotated[float | None, typer.Option(help="Shift cap, nats.")] = None,
@@ -198,6 +199,12 @@ def calibrate(
              "item 8): 'default', or KEY=VALUE,... of tukey_c, tukey_c_high (0: a symmetric "
              "fit), positioned (true/false), guard_quantile (0: no guard); 'none' removes "
              "it.")] = None,
+    site: Annotated[bool, typer.Option(
+        "--site",
+        help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
+             "or DICOM series folders, a DICOM series' subject being its Patient ID) instead "
+             "of the bundle's own calibration subjects; at least 3 subjects with the position "
+             "reference.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -230,8 +237,9 @@ def calibrate(
         changes["detail_step"] = _parse_detail_step(detail_step)
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    volumes = _load_training_data(data) if site else _load_volumes(data)
     try:
-        recalibrate(bundle, _load_volumes(data), out, changes, target_fpr, command)
+        recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site)
     except ValueError as exc:  # data that cannot calibrate these settings; nothing written
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -763,22 +763,27 @@ def recalibrate(
     changes: dict[str, Any],
     target_fpr: float | None = None,
     command: str = "",
+    site: bool = False,
 ) -> Path:
     """Write a copy of ``bundle`` with other score settings, calibrated again.
 
     The weights are unchanged; ``changes`` are :class:`ScoreConfig` fields (tail weight,
     series shift cap, complexity correction...). The calibration subjects are the bundle's
-    own (``training.subjects.calibration``), found among ``volumes``. ``changes["background"]``,
+    own (``training.subjects.calibration``), found among ``volumes``; with ``site``, every
+    subject of ``volumes`` (a site's own normal series: everything calibration sets, the
+    series references, the maps, the position profiles and the threshold, is then fitted on
+    them; the caps are kept unless a change adds a part without one). ``changes["background"]``,
     ``changes["detail"]`` and ``changes["detail_step"]`` add the background, detail and
     detail step parts (a dict of :class:`BackgroundPart` / :class:`DetailPart` /
     :class:`DetailStepPart` fields, or None to remove it); without ``max_series_shift`` the
     cap of the background or detail part is fitted by :func:`fit_site_cap`.
     """
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
-    cal = [v for v in volumes if v.subject in ids]
+    cal = list(volumes) if site else [v for v in volumes if v.subject in ids]
     if not cal:
-        raise ValueError("none of the bundle's calibration subjects is in the given data")
-    record: dict[str, Any] = {}
+        raise ValueError("none of the bundle's calibration subjects is in the given data"
+                         if not site else "no calibration data given")
+    record: dict[str, Any] = {"site": True} if site else {}
     if changes.get("detail_step") is not None and bundle.feature_ae is not None:
         raise ValueError("the detail_step part needs a pixel-space model (this bundle has a "
                          "compression stage)")
