@@ -203,8 +203,7 @@ def calibrate(
         "--site",
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
              "or DICOM series folders, a DICOM series' subject being its Patient ID) instead "
-             "of the bundle's own calibration subjects; at least 3 subjects with the position "
-             "reference.")] = False,
+             "of the bundle's own calibration subjects; at least 6 subjects.")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -244,6 +243,17 @@ def calibrate(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"bundle written to {out} (threshold {bundle.threshold:.1f})")
+    if site:
+        check = bundle.meta["training"]["recalibrations"][-1]["site_check"]
+        typer.echo(f"site check: a block of moderate motion over {100 * check['block'][0]:.0f}-"
+                   f"{100 * check['block'][1]:.0f}% of each of the {check['series']} series: "
+                   f"{100 * check['block_flagged']:.1f}% of its slices flagged, "
+                   f"{100 * check['elsewhere_flagged']:.1f}% of the others")
+        if check["blind"]:
+            typer.echo("warning: the site-calibrated bundle barely flags motion in these series: "
+                       "too few or too varied normal series, or images too unlike the model's "
+                       "training data for a recalibration alone (then train on the site's data)",
+                       err=True)
 
 
 def _parse_alternative(text: str) -> dict[str, float]:

@@ -350,6 +350,10 @@ def stack_components(
 
 
 MIN_POSITION_SUBJECTS = 3  # leave-one-subject-out needs others to fit the profiles from
+#: Fewest subjects of a site calibration (``recalibrate(site=True)``): with 3 IXI subjects the
+#: leave-one-subject-out profiles came from 2 subjects each, the threshold fell from -29,015
+#: (6 subjects) to -52,518 and a simulated motion block went from 57% flagged to 7%.
+SITE_MIN_SUBJECTS = 6
 #: A stack is position referenced when its foreground slices span at least this fraction of
 #: the calibration stacks' median span in its plane (scoring item 5).
 MIN_COVERAGE = 0.8
@@ -772,17 +776,23 @@ def recalibrate(
     own (``training.subjects.calibration``), found among ``volumes``; with ``site``, every
     subject of ``volumes`` (a site's own normal series: everything calibration sets, the
     series references, the maps, the position profiles and the threshold, is then fitted on
-    them; the caps are kept unless a change adds a part without one). ``changes["background"]``,
-    ``changes["detail"]`` and ``changes["detail_step"]`` add the background, detail and
-    detail step parts (a dict of :class:`BackgroundPart` / :class:`DetailPart` /
-    :class:`DetailStepPart` fields, or None to remove it); without ``max_series_shift`` the
-    cap of the background or detail part is fitted by :func:`fit_site_cap`.
+    them; the caps are kept unless a change adds a part without one), and the recalibrated
+    bundle is checked on them with a simulated motion block
+    (:func:`node.model.site_check.motion_check`, recorded as ``site_check``).
+    ``changes["background"]``, ``changes["detail"]`` and ``changes["detail_step"]`` add the
+    background, detail and detail step parts (a dict of :class:`BackgroundPart` /
+    :class:`DetailPart` / :class:`DetailStepPart` fields, or None to remove it); without
+    ``max_series_shift`` the cap of the background or detail part is fitted by
+    :func:`fit_site_cap`.
     """
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
     cal = list(volumes) if site else [v for v in volumes if v.subject in ids]
     if not cal:
-        raise ValueError("none of the bundle's calibration subjects is in the given data"
-                         if not site else "no calibration data given")
+        raise ValueError("none of the bundle's calibration subjects is in the given data")
+    if site and len({v.subject for v in cal}) < SITE_MIN_SUBJECTS:
+        raise ValueError(f"a site calibration needs normal series of at least "
+                         f"{SITE_MIN_SUBJECTS} subjects (patients), got "
+                         f"{len({v.subject for v in cal})}")
     record: dict[str, Any] = {"site": True} if site else {}
     if changes.get("detail_step") is not None and bundle.feature_ae is not None:
         raise ValueError("the detail_step part needs a pixel-space model (this bundle has a "
@@ -810,6 +820,10 @@ def recalibrate(
     bundle.meta["scoring"] = scoring.to_dict()
     planes = bundle.meta.get("training", {}).get("config", {}).get("planes", list(PLANES))
     calibrate_bundle(bundle, cal, planes, target_fpr or bundle.target_fpr)
+    if site:  # does the site-calibrated bundle still see motion in the site's own series?
+        from node.model.site_check import motion_check
+
+        record["site_check"] = motion_check(bundle, cal)
     bundle.meta.setdefault("training", {}).setdefault("recalibrations", []).append(
         {"command": command, "changes": changes, **record,
          "date": datetime.now(UTC).isoformat(timespec="seconds")}

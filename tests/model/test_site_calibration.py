@@ -12,16 +12,24 @@ import pytest
 from node.model.bundle import default_bundle_path, load_bundle
 from node.model.data import load_nifti, plane_slices
 from tests.helpers.series import write_nifti_series
-from tests.helpers.tiny_bundle import IXI, SUBJECTS
+from tests.helpers.tiny_bundle import IXI
 from tests.model.test_background import _calibrate
 
 pytestmark = pytest.mark.skipif(not IXI.is_dir(), reason=f"IXI data not found at {IXI}")
 
 
+def _site_subjects(n: int = 6) -> list[Path]:
+    """``n`` IXI volumes of the shipped bundle's TRAINING subjects (neither its calibration
+    nor its evaluation subjects), standing in for a site's normal series."""
+    held = load_bundle().meta["training"]["subjects"]
+    other = set(held["calibration"]) | set(held["evaluation"])
+    return [p for p in sorted(IXI.glob("*.nii.gz")) if p.name.split("-")[0] not in other][:n]
+
+
 def test_site_calibration_fits_everything_on_the_given_subjects(tmp_path: Path) -> None:
     shipped = load_bundle()
-    site = [IXI / name for name in SUBJECTS]
-    ids = sorted(name.split("-")[0] for name in SUBJECTS)
+    site = _site_subjects()
+    ids = sorted(p.name.split("-")[0] for p in site)
     assert not set(ids) & set(shipped.meta["training"]["subjects"]["calibration"])
     # Without --site these volumes are not the bundle's calibration subjects: refused.
     proc = _calibrate(default_bundle_path(), tmp_path / "no", data=site)
@@ -36,6 +44,11 @@ def test_site_calibration_fits_everything_on_the_given_subjects(tmp_path: Path) 
     assert meta["calibration"]["subjects"] == ids
     assert meta["training"]["recalibrations"][-1]["site"] is True
     assert meta["training"]["subjects"] == shipped.meta["training"]["subjects"]  # the split
+    # The site check: a simulated motion block in these normal series is still flagged.
+    check = meta["training"]["recalibrations"][-1]["site_check"]
+    assert check["series"] == 6 and not check["blind"]
+    assert check["block_flagged"] > 0.4 and check["elsewhere_flagged"] < 0.05
+    assert "site check:" in proc.stdout and "warning" not in proc.stderr
     # The weights and the score's settings stay; what calibration sets is the site's.
     old, new = shipped.scoring, bundle.scoring
     assert (new.complexity_weight, new.tail_weight, new.max_series_shift) == (
@@ -54,20 +67,42 @@ def test_site_calibration_fits_everything_on_the_given_subjects(tmp_path: Path) 
     assert np.mean(np.concatenate(flagged)) <= 0.03
 
 
+def test_site_check_warns_when_the_recalibrated_bundle_is_blind(tmp_path: Path) -> None:
+    # A "site" whose contrast the model never saw (gamma 0.6 on whole volumes): calibrated on
+    # it, its normal series are normal, and so is a moderate motion block in them.
+    import nibabel as nib
+
+    site = tmp_path / "gamma"
+    site.mkdir()
+    for path in _site_subjects():
+        img = nib.load(path)
+        d = np.asarray(img.dataobj, dtype=np.float32)
+        hi = float(np.percentile(d, 99.5))
+        nib.save(nib.Nifti1Image((d / hi).clip(0) ** 0.6 * hi, img.affine), site / path.name)
+    out = tmp_path / "bundle"
+    proc = _calibrate(default_bundle_path(), out, "--site", data=[site])
+    assert proc.returncode == 0, proc.stderr  # written: the admin decides, warned
+    check = load_bundle(out).meta["training"]["recalibrations"][-1]["site_check"]
+    assert check["blind"] and check["block_flagged"] < 0.25
+    assert "warning: the site-calibrated bundle barely flags motion" in proc.stderr
+
+
 def test_site_calibration_reads_dicom_series(tmp_path: Path) -> None:
     site = tmp_path / "site-dicom"
-    for i, name in enumerate(SUBJECTS):
-        write_nifti_series(IXI / name, site / f"s{i}", patient_id=f"SITE-{i}",
+    for i, path in enumerate(_site_subjects()):
+        write_nifti_series(path, site / f"s{i}", patient_id=f"SITE-{i}",
                            series_description="T1 axial (site)")
     out = tmp_path / "bundle"
     proc = _calibrate(default_bundle_path(), out, "--site", data=[site])
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "model.json").read_text())
-    assert meta["calibration"]["subjects"] == ["SITE-0", "SITE-1", "SITE-2"]
-    assert meta["calibration"]["series"] == 3  # each DICOM series in its own (axial) plane
+    assert meta["calibration"]["subjects"] == [f"SITE-{i}" for i in range(6)]
+    assert meta["calibration"]["series"] == 6  # each DICOM series in its own (axial) plane
     assert set(meta["scoring"]["position_profiles"]) == {"axial"}
-    # Two subjects are too few for the position reference: refused, nothing written.
-    proc = _calibrate(default_bundle_path(), tmp_path / "two", "--site",
-                      data=[site / "s0", site / "s1"])
-    assert proc.returncode == 1 and "at least 3" in proc.stderr
-    assert not (tmp_path / "two").exists()
+    assert meta["training"]["recalibrations"][-1]["site_check"]["series"] == 6
+    # Five subjects are too few (the leave-one-subject-out profiles get too noisy): refused
+    # before any scoring, nothing written.
+    proc = _calibrate(default_bundle_path(), tmp_path / "five", "--site",
+                      data=[site / f"s{i}" for i in range(5)])
+    assert proc.returncode == 1 and "at least 6 subjects" in proc.stderr
+    assert not (tmp_path / "five").exists()
