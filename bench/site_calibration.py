@@ -8,9 +8,10 @@ or a contrast curve with gamma 0.6 (beyond the 0.75 of the calibration's site va
 shipped bundle is calibrated with ``--site`` on 6 such volumes (calibration subjects 1-6 of
 the bundle, changed the same way; the site check of ``node.model.site_check`` is printed),
 then both bundles score 5 other changed volumes (calibration subjects 7-11; never evaluation
-subjects), clean and with a block of moderate TorchIO motion in the middle of the axial stack
-(40-55% of it), as the worker scores an axial series. Printed: the fraction of foreground
-slices flagged on the clean series, in the motion block, and outside it.
+subjects) as the worker scores an axial series, clean and with the site check's block of
+moderate TorchIO motion (:func:`node.model.site_check.motion_check`: 40-55% of the axial
+stack). Printed: the fraction of foreground slices flagged on the clean series, in the motion
+block, and outside it.
 
     .venv/bin/python bench/site_calibration.py [--model node/models/brain-t1]
 """
@@ -27,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.model.artifacts import corrupt_volume, splice_block  # noqa: E402
 from node.model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
+from node.model.site_check import motion_check  # noqa: E402
 from node.model.train import recalibrate  # noqa: E402
 
 IXI = ROOT.parent / "shared" / "data" / "ixi_t1"
@@ -49,15 +50,12 @@ def site(kind: str, vol: Volume, seed: int) -> Volume:
     return Volume(vol.subject, (n * hi).astype(np.float32), vol.spacing, vol.source)
 
 
-def flagged(bundle: Bundle, vol: Volume, block: slice | None) -> tuple[np.ndarray, np.ndarray]:
-    """(flagged, in block) per foreground axial slice."""
+def clean_flagged(bundle: Bundle, vol: Volume) -> np.ndarray:
+    """Flagged or not, per foreground slice of the volume's axial stack."""
     images, spacing = plane_slices(vol, "axial")
     s = bundle.score_slices(list(images), [spacing] * len(images), plane="axial",
                             slice_spacing_mm=float(vol.spacing[2]))
-    inside = np.zeros(len(images), dtype=bool)
-    if block is not None:
-        inside[block] = True
-    return s.abnormal[s.foreground], inside[s.foreground]
+    return s.abnormal[s.foreground]
 
 
 def main() -> None:
@@ -80,25 +78,13 @@ def main() -> None:
         print(f"  site check: block {100 * check['block_flagged']:.1f}% flagged, others "
               f"{100 * check['elsewhere_flagged']:.1f}%{' (BLIND)' if check['blind'] else ''}; "
               f"threshold {site_bundle.threshold:.1f}", flush=True)
-        results: dict[str, list[list[np.ndarray]]] = {"shipped": [[], [], []],
-                                                      "site": [[], [], []]}
-        for i, vol in enumerate(test):
-            clean = site(kind, vol, 100 + i)
-            nz = clean.data.shape[2]
-            block = slice(int(0.40 * nz), int(0.55 * nz))
-            moved = corrupt_volume(clean.data, clean.spacing, "motion", "moderate", seed=i)
-            spliced = Volume(clean.subject, splice_block(clean.data, moved, block.start,
-                                                         block.stop), clean.spacing, "")
-            for name, bundle in (("shipped", shipped), ("site", site_bundle)):
-                f, _ = flagged(bundle, clean, None)
-                g, inside = flagged(bundle, spliced, block)
-                results[name][0].append(f)
-                results[name][1].append(g[inside])
-                results[name][2].append(g[~inside])
-            print(f"  scored {vol.subject}", flush=True)
-        for name, (clean_f, in_block, elsewhere) in results.items():
-            rows.append((kind, name, *(100 * float(np.mean(np.concatenate(v)))
-                                       for v in (clean_f, in_block, elsewhere))))
+        test_site = [site(kind, vol, 100 + i) for i, vol in enumerate(test)]
+        for name, bundle in (("shipped", shipped), ("site", site_bundle)):
+            clean = np.concatenate([clean_flagged(bundle, v) for v in test_site])
+            moved = motion_check(bundle, test_site)
+            rows.append((kind, name, 100 * float(clean.mean()), 100 * moved["block_flagged"],
+                         100 * moved["elsewhere_flagged"]))
+            print(f"  scored with the {name} bundle", flush=True)
     print("\n| site | bundle | clean series flagged | motion block flagged | outside the block |")
     print("|---|---|---|---|---|")
     for kind, name, a, b, c in rows:

@@ -19,7 +19,7 @@ import numpy as np
 
 from node.model.artifacts import corrupt_volume, splice_block
 from node.model.bundle import Bundle
-from node.model.data import SeriesStack, TrainingItem, Volume, plane_slices
+from node.model.data import TrainingItem, Volume, plane_slices
 
 #: The block: this span of each stack's slices (the middle of the brain in an axial stack).
 BLOCK = (0.40, 0.55)
@@ -27,19 +27,23 @@ BLOCK = (0.40, 0.55)
 MIN_BLOCK_FLAGGED = 0.25
 
 
-def _stack(item: TrainingItem) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:
-    """The item as a volume ``[row, col, slice]`` with its voxel size, and how to score it."""
+def _stack(item: TrainingItem) -> tuple[np.ndarray, tuple[float, float, float], list, dict]:
+    """The item as a volume ``[row, col, slice]``, its voxel size, the (row, col) spacing of
+    each slice, and how to score it (plane, direction, slice spacing)."""
     if isinstance(item, Volume):
         images, (row, col) = plane_slices(item, "axial")
         gap = float(item.spacing[2])
+        spacings: list = [(row, col)] * len(images)
         where: dict[str, Any] = {"plane": "axial", "descending": False}
     else:
         images = np.stack(item.images)
         row, col = next((s for s in item.spacings if s is not None), (1.0, 1.0))
         gap = item.slice_spacing_mm or 1.0
+        spacings = list(item.spacings)
         where = {"plane": item.plane, "descending": item.descending}
     where["slice_spacing_mm"] = gap
-    return np.transpose(np.asarray(images, np.float32), (1, 2, 0)), (row, col, gap), where
+    volume = np.transpose(np.asarray(images, np.float32), (1, 2, 0))
+    return volume, (row, col, gap), spacings, where
 
 
 def motion_check(bundle: Bundle, items: Sequence[TrainingItem], seed: int = 0) -> dict[str, Any]:
@@ -53,13 +57,11 @@ def motion_check(bundle: Bundle, items: Sequence[TrainingItem], seed: int = 0) -
     """
     inside_all, outside_all = [], []
     for i, item in enumerate(items):
-        volume, spacing, where = _stack(item)
+        volume, spacing, spacings, where = _stack(item)
         n = volume.shape[2]
         start, stop = int(BLOCK[0] * n), max(int(BLOCK[1] * n), int(BLOCK[0] * n) + 1)
         moved = corrupt_volume(volume, spacing, "motion", "moderate", seed=seed + i)
         images = np.transpose(splice_block(volume, moved, start, stop), (2, 0, 1))
-        spacings = [item.spacings[k] for k in range(n)] if isinstance(item, SeriesStack) \
-            else [spacing[:2]] * n
         s = bundle.score_slices(list(images), spacings, **where)
         block = np.zeros(n, dtype=bool)
         block[start:stop] = True

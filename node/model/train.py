@@ -789,10 +789,10 @@ def recalibrate(
     cal = list(volumes) if site else [v for v in volumes if v.subject in ids]
     if not cal:
         raise ValueError("none of the bundle's calibration subjects is in the given data")
-    if site and len({v.subject for v in cal}) < SITE_MIN_SUBJECTS:
+    subjects = len({v.subject for v in cal})
+    if site and subjects < SITE_MIN_SUBJECTS:
         raise ValueError(f"a site calibration needs normal series of at least "
-                         f"{SITE_MIN_SUBJECTS} subjects (patients), got "
-                         f"{len({v.subject for v in cal})}")
+                         f"{SITE_MIN_SUBJECTS} subjects (patients), got {subjects}")
     record: dict[str, Any] = {"site": True} if site else {}
     if changes.get("detail_step") is not None and bundle.feature_ae is not None:
         raise ValueError("the detail_step part needs a pixel-space model (this bundle has a "
