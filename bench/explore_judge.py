@@ -67,17 +67,31 @@ def merge(records_path: Path, *extras_paths: Path):
     return data, variant_comps, noise
 
 
+def triple_of(calibrated: Path | None) -> tuple[tuple[float, float, float], ...]:
+    """(complexity weight, tail weight, shift quantile) of each likelihood part of a calibrated
+    bundle (main part first); ``SHIPPED`` without one. The caps are not taken: each judge sets
+    them from its own site variants, as select_score does."""
+    if calibrated is None:
+        return SHIPPED
+    s = load_bundle(calibrated).scoring
+    return ((s.complexity_weight, s.tail_weight, s.shift_quantile),
+            *((a.complexity_weight, a.tail_weight, a.shift_quantile) for a in s.alternatives))
+
+
 def inputs():
-    """``--model BUNDLE --extras PKL [PKL...] [--records NAME]`` of every exploration judge:
-    the bundle and the merged records (calibration data, site variants, noise series;
-    ``--records``: another cache file of ``select_score.load_records`` in the model folder)."""
+    """``--model BUNDLE --extras PKL [PKL...] [--records NAME] [--reference CALIBRATED]`` of
+    every exploration judge: the bundle, the merged records (calibration data, site variants,
+    noise series; ``--records``: another cache file of ``select_score.load_records`` in the
+    model folder) and the likelihood parts of the reference score (those of ``--reference``, a
+    bundle calibrated from the same weights; the session-2 triple without it)."""
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--extras", type=Path, nargs="+", required=True)
     p.add_argument("--records", default="selection-records.pkl")
+    p.add_argument("--reference", type=Path, default=None)
     a = p.parse_args()
     bundle = load_bundle(a.model)
-    return (bundle, *merge(a.model / a.records, *a.extras))
+    return (bundle, *merge(a.model / a.records, *a.extras), triple_of(a.reference))
 
 
 def custom_part(bundle, data, variant_comps, noise_comps, label: str,
@@ -124,7 +138,7 @@ def raw_auroc(data, fn) -> dict[str, float]:
 
 
 def main() -> None:
-    bundle, data, variants, noise = inputs()
+    bundle, data, variants, noise, triple = inputs()
     pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
 
     stats: dict[str, Callable[[dict], np.ndarray]] = {
@@ -152,7 +166,7 @@ def main() -> None:
             print(f"{'stat':12} " + " ".join(f"{c[:13]:>13}" for c in conds))
         print(f"{name:12} " + " ".join(f"{r[c]:13.3f}" for c in conds))
 
-    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
+    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in triple]
 
     def show(tag: str, res) -> None:
         ok, met, mean = res["key"]

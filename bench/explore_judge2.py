@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
+from bench.explore_judge import custom_part, inputs  # noqa: E402
 from bench.select_score import judge, make_part  # noqa: E402
 from node.model.scoring import match_scales  # noqa: E402
 
@@ -49,12 +49,12 @@ def loso_fpr(data, parts) -> float:
 
 
 def main() -> None:
-    bundle, data, variants, noise = inputs()
+    bundle, data, variants, noise, triple = inputs()
     pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
     delta = clip / 255.0
     conds = [f"{r['artifact']}/{r['severity']}" for r in data["corrupted"][:12]]
     print("columns: " + " ".join(c for c in conds))
-    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
+    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in triple]
     out = {}
 
     def show(tag, parts):

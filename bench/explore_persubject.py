@@ -16,15 +16,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
+from bench.explore_judge import custom_part, inputs  # noqa: E402
 from bench.select_score import make_part  # noqa: E402
 from node.model.evaluate import auroc  # noqa: E402
 from node.model.scoring import match_scales  # noqa: E402
 
 
 def main() -> None:
-    bundle, data, variants, noise = inputs()
-    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
+    bundle, data, variants, noise, triple = inputs()
+    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in triple]
     bg = custom_part(bundle, data, variants, noise, "b",
                      lambda c: c["bg1_ll"] / np.maximum(c["bg1_n"], 1), 0.75)
     conds = ["motion/mild", "motion/moderate", "ghosting/mild", "ghosting/moderate",

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
+from bench.explore_judge import custom_part, inputs  # noqa: E402
 from bench.select_score import make_part  # noqa: E402
 from node.model.evaluate import auroc  # noqa: E402
 from node.model.scoring import (  # noqa: E402
@@ -119,10 +119,10 @@ def evaluate(bundle, data, variants, parts) -> dict:
 
 
 def main() -> None:
-    bundle, data, variants, noise = inputs()
+    bundle, data, variants, noise, triple = inputs()
     pixels, clip = bundle.modelled_values, bundle.preprocess.clip_max
     delta = clip / 255.0
-    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
+    shipped = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in triple]
 
     def bg(r):
         return lambda c: c[f"bg{r}_ll"] / np.maximum(c[f"bg{r}_n"], 1)

@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.explore_judge import SHIPPED, custom_part, inputs  # noqa: E402
+from bench.explore_judge import custom_part, inputs  # noqa: E402
 from bench.explore_position import evaluate  # noqa: E402
 from bench.select_score import Part, make_part  # noqa: E402
 from node.model.scoring import (  # noqa: E402
@@ -321,8 +321,8 @@ def main() -> None:
         del sys.argv[i : i + 2]
     if round_ not in ROUNDS:
         raise SystemExit(f"--round: one of {ROUNDS}")
-    bundle, data, variants, noise = inputs()
-    triple = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in SHIPPED]
+    bundle, data, variants, noise, triple = inputs()
+    triple = [make_part(bundle, data, variants, noise, w, t, q) for w, t, q in triple]
     shipped = [*triple, custom_part(bundle, data, variants, noise, "b",
                                     lambda c: c["bg1_ll"] / np.maximum(c["bg1_n"], 1), 0.75)]
     cands = {"shipped (triple + bg1 q0.75)": shipped}
