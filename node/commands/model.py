@@ -204,6 +204,9 @@ def calibrate(
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
              "or DICOM series folders, a DICOM series' subject being its Patient ID) instead "
              "of the bundle's own calibration subjects; at least 6 subjects.")] = False,
+    version: Annotated[str | None, typer.Option(
+        help="Version of the written bundle (default: the source bundle's); its reports "
+             "carry it.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -238,11 +241,13 @@ def calibrate(
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     volumes = _load_training_data(data) if site else _load_volumes(data)
     try:
-        recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site)
+        recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site,
+                    version=version)
     except ValueError as exc:  # data that cannot calibrate these settings; nothing written
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"bundle written to {out} (threshold {bundle.threshold:.1f})")
+    typer.echo(f"bundle {bundle.name} {bundle.version} written to {out} "
+               f"(threshold {bundle.threshold:.1f})")
     if site:
         check = bundle.meta["training"]["recalibrations"][-1]["site_check"]
         typer.echo(f"site check: a block of moderate motion over {100 * check['block'][0]:.0f}-"

@@ -768,6 +768,7 @@ def recalibrate(
     target_fpr: float | None = None,
     command: str = "",
     site: bool = False,
+    version: str | None = None,
 ) -> Path:
     """Write a copy of ``bundle`` with other score settings, calibrated again.
 
@@ -783,8 +784,11 @@ def recalibrate(
     background, detail and detail step parts (a dict of :class:`BackgroundPart` /
     :class:`DetailPart` / :class:`DetailStepPart` fields, or None to remove it); without
     ``max_series_shift`` the cap of the background or detail part is fitted by
-    :func:`fit_site_cap`.
+    :func:`fit_site_cap`. ``version``: the copy's version (its reports name it, so a PACS can
+    tell findings of the recalibrated bundle from the original's); the source's is recorded.
     """
+    if version is not None and not version.strip():
+        raise ValueError("the bundle version must not be empty")
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
     cal = list(volumes) if site else [v for v in volumes if v.subject in ids]
     if not cal:
@@ -824,6 +828,9 @@ def recalibrate(
         from node.model.site_check import motion_check
 
         record["site_check"] = motion_check(bundle, cal)
+    if version is not None:
+        record["from_version"] = bundle.version
+        bundle.version = bundle.meta["version"] = version.strip()
     bundle.meta.setdefault("training", {}).setdefault("recalibrations", []).append(
         {"command": command, "changes": changes, **record,
          "date": datetime.now(UTC).isoformat(timespec="seconds")}

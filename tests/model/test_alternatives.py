@@ -82,13 +82,15 @@ def test_alternatives_survive_model_json() -> None:
     assert back == cfg
 
 
-def _calibrate(src: Path, out: Path, *alts: str) -> subprocess.CompletedProcess[str]:
+def _calibrate(src: Path, out: Path, *alts: str,
+               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
     args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(src), "--out", str(out)]
     for name in SUBJECTS:
         args += ["--data", str(IXI / name)]
     for a in alts:
         args += ["--alternative", a]
+    args += extra
     return subprocess.run(args, cwd=out.parent, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -119,10 +121,17 @@ def test_calibrate_fits_the_maps_and_holds_the_rate(tiny_bundle_path: Path,
     assert np.all(final <= main + 1e-6)
     assert np.mean(final < bundle.threshold) <= bundle.target_fpr + 1.0 / final.size
 
-    # 'none' removes them again.
+    # 'none' removes them again; --version names the new bundle and records the source's.
     plain = tmp_path / "plain"
-    assert _calibrate(out, plain, "none").returncode == 0
-    assert load_bundle(plain).scoring.alternatives == ()
+    proc = _calibrate(out, plain, "none", extra=("--version", "0.2.0-site"))
+    assert proc.returncode == 0, proc.stderr
+    again = load_bundle(plain)
+    assert again.scoring.alternatives == ()
+    assert again.version == "0.2.0-site" and bundle.version != "0.2.0-site"
+    assert again.meta["training"]["recalibrations"][-1]["from_version"] == bundle.version
+    assert f"{again.name} 0.2.0-site written to" in proc.stdout
+    # Without it the version stays.
+    assert "from_version" not in recal and load_bundle(out).version == bundle.version
 
 
 def test_calibrate_rejects_a_malformed_alternative(tiny_bundle_path: Path,
