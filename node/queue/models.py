@@ -277,7 +277,7 @@ class Report(Base):
     series_id: Mapped[int] = mapped_column(
         ForeignKey("series.id", ondelete="CASCADE"), index=True
     )
-    kind: Mapped[str] = mapped_column(String(8))  # "SR" or "KOS"
+    kind: Mapped[str] = mapped_column(String(8))  # "SR", "KOS" or "REJECT" (rejection note)
     sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))

@@ -24,6 +24,13 @@ When any image is flagged, a Key Object Selection document titled "Quality Issue
 (DCM 113010) lists the flagged images. Not "Rejected for Quality Reasons" (113001): PACS that
 follow IHE IOCM hide the images a 113001 KOS lists, and the node only advises.
 
+When a series is scored again after its "Quality Issue" KOS reached a PACS, that KOS is stale
+(the new one lists other images, or none is written because nothing is flagged any more), and
+no C-STORE can take it back. The node then sends an IHE IOCM rejection note
+(:func:`build_rejection_note`): a KOS titled "Rejected for Quality Reasons" (113001) whose only
+references are the node's own stale "Quality Issue" documents, never an image, so that a PACS
+that follows IOCM hides the stale flag; a PACS that does not shows the note beside it.
+
 Report UIDs: the SR series and the KOS series are derived from the source series UID, so that a
 later report on the same series lands in the same report series (a new instance that names its
 predecessor, PS3.3 C.17.2.3 Predecessor Documents Sequence) rather than in a new series.
@@ -73,11 +80,18 @@ SERIES_QUALITY = codes.DCM.ImagingSeriesQuality  # 130550
 CERTAINTY_OF_FINDING = codes.DCM.CertaintyOfFinding  # 111012
 THRESHOLD_VALUE = codes.DCM.ThresholdValue  # 122411
 QUALITY_ISSUE = codes.DCM.QualityIssue  # 113010, KOS document title (CID 7010)
+#: IHE IOCM rejection note title (CID 7011), used only to withdraw the node's own stale KOS.
+REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001
 
 #: Series numbers of the report series. IS values with no meaning beyond sorting report
 #: series after the acquired ones in a viewer's series list.
 SR_SERIES_NUMBER = 9901
 KOS_SERIES_NUMBER = 9902
+REJECTION_SERIES_NUMBER = 9903
+
+#: Report kinds, each in a report series of its own per source series.
+REPORT_KINDS = ("SR", "KOS", "REJECT")
+KOS_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.59"
 
 _PROCEDURE_BY_MODALITY = {
     "MR": codes.cid100.MRIUnspecifiedBodyRegion,
@@ -128,9 +142,10 @@ def report_series_uid(source_series_uid: str, kind: str) -> UID:
 
     Args:
         source_series_uid: Series Instance UID of the scored series.
-        kind: "SR" or "KOS" (SR and KOS have different modalities, hence different series).
+        kind: one of ``REPORT_KINDS`` (SR and KOS have different modalities, hence different
+            series; rejection notes get a series of their own, as IOCM expects).
     """
-    if kind not in ("SR", "KOS"):
+    if kind not in REPORT_KINDS:
         raise ValueError(f"unknown report kind {kind!r}")
     return stable_uid("report-series", kind, source_series_uid)
 
@@ -448,3 +463,56 @@ def build_kos(
     )
     _header(kos, identity, f"vaenode quality issue: {len(flagged)} images")
     return kos
+
+
+def build_rejection_note(
+    verdict: SeriesVerdict,
+    stale: Sequence[Dataset],
+    *,
+    identity: ReportIdentity,
+    instance_number: int = 1,
+    sop_instance_uid: str | None = None,
+) -> hd.ko.KeyObjectSelectionDocument:
+    """Build the IOCM rejection note that withdraws the node's own stale "Quality Issue" KOS.
+
+    Args:
+        verdict: the new verdict on the series (its model names the observer device).
+        stale: one dataset per withdrawn KOS, with its Study, Series, SOP Class and SOP
+            Instance UIDs and the patient and study attributes of the study (the new SR's
+            serve: same study).
+        identity: the node as the device observer.
+        instance_number: Instance Number of the note in its report series.
+        sop_instance_uid: the note's SOP Instance UID (new one when None).
+
+    Raises:
+        ReportError: nothing to withdraw, or a reference that is not a KOS of this study.
+    """
+    if not stale:
+        raise ReportError("a rejection note needs at least one KOS to withdraw")
+    for ds in stale:
+        if ds.SOPClassUID != KOS_SOP_CLASS_UID or ds.StudyInstanceUID != verdict.study_instance_uid:
+            raise ReportError(f"{ds.SOPInstanceUID} is not a key object selection of study "
+                              f"{verdict.study_instance_uid}")
+    content = hd.ko.KeyObjectSelection(
+        document_title=REJECTED_FOR_QUALITY_REASONS,
+        referenced_objects=list(stale),
+        observer_device_context=_observer(identity, verdict),
+        description=(
+            f"vaenode: the series was scored again (model {verdict.model_name} "
+            f"{verdict.model_version}); this withdraws {len(stale)} earlier 'Quality Issue' "
+            "selection(s) of the node, not any image"
+        ),
+    )
+    note = hd.ko.KeyObjectSelectionDocument(
+        evidence=list(stale),
+        content=content,
+        series_instance_uid=report_series_uid(verdict.series_instance_uid, "REJECT"),
+        series_number=REJECTION_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=identity.manufacturer,
+        institution_name=identity.institution_name,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    _header(note, identity, f"vaenode withdrawn quality flags: {len(stale)}")
+    return note

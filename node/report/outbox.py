@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DeliverySettings, Destination
@@ -194,6 +194,26 @@ def mark_attempt_failed(
             extra=extra,
         )
     return state
+
+
+def delivered_destinations(session: Session, report_ids: list[int]) -> dict[int, set[str]]:
+    """For each of ``report_ids`` that reached a destination, or is being sent to one right now
+    (leased), the names of those destinations; reports that reached none are left out."""
+    if not report_ids:
+        return {}
+    now = utcnow()
+    rows = session.execute(
+        select(OutboxEntry.report_id, OutboxEntry.destination).where(
+            OutboxEntry.report_id.in_(report_ids),
+            or_(OutboxEntry.state == DeliveryState.SENT,
+                and_(OutboxEntry.state == DeliveryState.PENDING,
+                     OutboxEntry.lease_until.is_not(None), OutboxEntry.lease_until > now)),
+        )
+    )
+    out: dict[int, set[str]] = {}
+    for report_id, destination in rows:
+        out.setdefault(report_id, set()).add(destination)
+    return out
 
 
 def withdraw_superseded(session: Session, report_ids: list[int]) -> int:

@@ -1,5 +1,10 @@
 """Report a scored series: build SR (+ KOS), store the files, queue their delivery.
 
+A series scored again supersedes its earlier reports: their deliveries still pending are
+withdrawn, the new SR names the earlier SRs as predecessors, and a "Quality Issue" KOS that
+already reached a destination is withdrawn there by an IOCM rejection note
+(``build.build_rejection_note``), sent to those destinations only.
+
 The worker builds the reports first (:func:`prepare_reports`, seconds of CPU, no lock held),
 then calls :func:`report_series` inside its own transaction, together with marking the series
 done, so that a series is either done with its reports queued, or not done at all: a crash in
@@ -26,12 +31,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import __version__
-from node.config import Settings
+from node.config import Destination, Settings
 from node.errors import ReportError
 from node.ingest.store import REPORT_TEMP_PREFIX
 from node.queue.models import Instance, Report, Series
 from node.report import outbox
-from node.report.build import ReportIdentity, build_kos, build_sr
+from node.report.build import ReportIdentity, build_kos, build_rejection_note, build_sr
 from node.report.content import SeriesVerdict
 
 log = logging.getLogger(__name__)
@@ -173,7 +178,13 @@ def _build(
 
 
 def _store(
-    session: Session, settings: Settings, series: Series, kind: str, doc: Dataset, data: bytes
+    session: Session,
+    settings: Settings,
+    series: Series,
+    kind: str,
+    doc: Dataset,
+    data: bytes,
+    destinations: Sequence[Destination] | None = None,
 ) -> Report:
     rel = (
         Path(REPORTS_DIR)
@@ -193,8 +204,47 @@ def _store(
         superseded=False,
     )
     session.add(report)
-    outbox.enqueue(session, report, list(settings.delivery.destinations))
+    outbox.enqueue(session, report, list(
+        settings.delivery.destinations if destinations is None else destinations))
     return report
+
+
+#: What a rejection note copies from the new SR into its references to the stale KOS (same
+#: study): the patient and study attributes the KOS document header is made from.
+_STUDY_KEYWORDS = ("SpecificCharacterSet", "StudyInstanceUID", "PatientName", "PatientID",
+                   "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+                   "StudyTime", "ReferringPhysicianName")
+
+
+def _withdraw_delivered_flags(
+    session: Session,
+    settings: Settings,
+    series: Series,
+    verdict: SeriesVerdict,
+    sr: Dataset,
+    earlier: list[Report],
+    delivered: dict[int, set[str]],
+) -> Report | None:
+    """Store and queue the rejection note of the stale KOS that reached a destination."""
+    stale = [r for r in earlier if r.id in delivered]
+    names = set().union(*delivered.values()) if delivered else set()
+    targets = [d for d in settings.delivery.destinations if d.name in names]
+    if not stale or not targets:
+        return None
+    refs = []
+    for r in stale:
+        ref = Dataset()
+        for keyword in _STUDY_KEYWORDS:
+            if keyword in sr:
+                setattr(ref, keyword, sr[keyword].value)
+        ref.SeriesInstanceUID = r.series_instance_uid
+        ref.SOPClassUID = r.sop_class_uid
+        ref.SOPInstanceUID = r.sop_instance_uid
+        refs.append(ref)
+    number = max((r.instance_number for r in earlier if r.kind == "REJECT"), default=0) + 1
+    note = build_rejection_note(verdict, refs, identity=identity_of(settings),
+                                instance_number=number)
+    return _store(session, settings, series, "REJECT", note, _encode(note), targets)
 
 
 def report_series(
@@ -207,7 +257,9 @@ def report_series(
     """Store and queue the reports of one scored series, in the caller's transaction.
 
     Earlier reports of the series are marked superseded; the new SR names the earlier SRs as
-    its predecessors and takes the next instance number in the same report series.
+    its predecessors and takes the next instance number in the same report series. When the
+    current "Quality Issue" KOS had reached destinations (or was being sent), a rejection note
+    withdrawing it is queued for those destinations.
 
     Args:
         session: the caller's session; nothing is committed here.
@@ -218,7 +270,8 @@ def report_series(
             Built here when None, or when another report of the series was stored since.
 
     Returns:
-        The new report rows: the SR, then the KOS when any image is flagged.
+        The new report rows: the SR, then the KOS when any image is flagged, then the
+        rejection note when a delivered KOS is withdrawn.
 
     Raises:
         ReportError: the series is unknown, or the reports cannot be built from the sources.
@@ -233,6 +286,8 @@ def report_series(
         if sources is None:
             sources = load_sources(session, settings, series)
         prepared = _build(settings, verdict, sources, earlier)
+    delivered = outbox.delivered_destinations(
+        session, [r.id for r in earlier if r.kind == "KOS" and not r.superseded])
     for old in earlier:
         old.superseded = True
     withdrawn = outbox.withdraw_superseded(session, [r.id for r in earlier])
@@ -241,6 +296,9 @@ def report_series(
     if prepared.kos is not None:
         kos, kos_bytes = prepared.kos
         reports.append(_store(session, settings, series, "KOS", kos, kos_bytes))
+    note = _withdraw_delivered_flags(session, settings, series, verdict, sr, earlier, delivered)
+    if note is not None:
+        reports.append(note)
     session.flush()
     log.info(
         "series reported: %d/%d images flagged, %d destination(s)",
@@ -253,6 +311,7 @@ def report_series(
             "kos": prepared.kos is not None,
             "supersedes": sum(1 for r in earlier if r.kind == "SR"),
             "withdrawn_deliveries": withdrawn,
+            "rejection_note": note.sop_instance_uid if note is not None else None,
         },
     )
     return reports

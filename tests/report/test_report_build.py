@@ -24,6 +24,7 @@ from node.report.build import (
     PRIVATE_SCHEME,
     ReportIdentity,
     build_kos,
+    build_rejection_note,
     build_sr,
     report_series_uid,
 )
@@ -145,6 +146,52 @@ def test_no_kos_when_nothing_is_flagged(sources: list[Dataset]) -> None:
     assert build_kos(make_verdict(sources, set()), sources, identity=IDENTITY) is None
 
 
+def _stale_reference(kos: Dataset, sr: Dataset) -> Dataset:
+    """A stale KOS as the report service describes it: its UIDs, the study's attributes."""
+    ref = Dataset()
+    for keyword in ("StudyInstanceUID", "PatientName", "PatientID", "PatientBirthDate",
+                    "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName"):
+        setattr(ref, keyword, sr[keyword].value)
+    ref.SeriesInstanceUID = kos.SeriesInstanceUID
+    ref.SOPClassUID = kos.SOPClassUID
+    ref.SOPInstanceUID = kos.SOPInstanceUID
+    return ref
+
+
+def test_rejection_note_withdraws_only_the_stale_kos(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, FLAGGED)
+    kos = build_kos(verdict, sources, identity=IDENTITY)
+    assert kos is not None
+    rescored = make_verdict(sources, set())
+    sr = build_sr(rescored, sources, identity=IDENTITY, instance_number=2)
+    note = roundtrip(build_rejection_note(rescored, [_stale_reference(kos, sr)],
+                                          identity=IDENTITY, instance_number=1))
+    assert note.SOPClassUID == KeyObjectSelectionDocumentStorage
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
+    # Only the stale KOS is referenced, as a composite object: never an image.
+    assert [i.ValueType for i in note.ContentSequence if "ReferencedSOPSequence" in i] == [
+        "COMPOSITE"]
+    assert kos_references(note) == [kos.SOPInstanceUID]
+    evidence = note.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == kos.SeriesInstanceUID
+    # Its own series, in the source study, with the patient of the study.
+    assert note.SeriesInstanceUID == report_series_uid(sources[0].SeriesInstanceUID, "REJECT")
+    assert note.SeriesInstanceUID not in (kos.SeriesInstanceUID, sr.SeriesInstanceUID)
+    assert note.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert note.PatientID == sources[0].PatientID
+
+
+def test_rejection_note_refuses_images_and_nothing(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, set())
+    with pytest.raises(ReportError, match="at least one"):
+        build_rejection_note(verdict, [], identity=IDENTITY)
+    with pytest.raises(ReportError, match="not a key object selection"):
+        build_rejection_note(verdict, [sources[0]], identity=IDENTITY)
+
+
 def test_new_report_supersedes_in_the_same_series(sources: list[Dataset]) -> None:
     verdict = make_verdict(sources, FLAGGED)
     first = build_sr(verdict, sources, identity=IDENTITY)
@@ -207,7 +254,8 @@ def test_verdict_counts_must_agree() -> None:
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
-def test_sr_and_kos_pass_dciodvfy_and_dsrdump(sources: list[Dataset], tmp_path: Path) -> None:
+def test_sr_kos_and_rejection_note_pass_dciodvfy_and_dsrdump(sources: list[Dataset],
+                                                            tmp_path: Path) -> None:
     verdict = make_verdict(sources, FLAGGED)
     first = build_sr(verdict, sources, identity=IDENTITY)
     docs = {
@@ -217,6 +265,12 @@ def test_sr_and_kos_pass_dciodvfy_and_dsrdump(sources: list[Dataset], tmp_path: 
         ),
         "kos.dcm": build_kos(verdict, sources, identity=IDENTITY),
     }
+    kos = docs["kos.dcm"]
+    assert kos is not None
+    docs["rejection.dcm"] = build_rejection_note(
+        verdict, [_stale_reference(kos, first)], identity=IDENTITY)
+    titles = {"sr": "Imaging Measurement Report", "kos": "Quality Issue",
+              "rejection": "Rejected for Quality Reasons"}
     for name, doc in docs.items():
         assert doc is not None
         path = tmp_path / name
@@ -227,6 +281,4 @@ def test_sr_and_kos_pass_dciodvfy_and_dsrdump(sources: list[Dataset], tmp_path: 
         assert all("99VAENODE" in w for w in warnings), warnings
         dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, check=False)
         assert dump.returncode == 0, dump.stderr
-        assert ("Imaging Measurement Report" if name.startswith("sr") else "Quality Issue") in (
-            dump.stdout
-        )
+        assert titles[name.split("-")[0].removesuffix(".dcm")] in dump.stdout

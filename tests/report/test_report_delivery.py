@@ -20,7 +20,7 @@ from node.report import outbox
 from node.report.jobs import deliver_due
 from node.report.service import report_series
 from tests.helpers.orthanc import Orthanc, free_port
-from tests.helpers.reports import add_series, make_verdict
+from tests.helpers.reports import add_series, kos_references, make_verdict
 
 FLAGGED = {7, 8, 9, 10}
 
@@ -192,6 +192,60 @@ def test_pending_deliveries_of_a_superseded_report_are_withdrawn(
     # resend re-delivers the current report only.
     with session_factory.begin() as session:
         assert outbox.resend_series(session, str(sources[0].SeriesInstanceUID)) == 1
+
+
+def test_a_delivered_quality_flag_is_withdrawn_by_a_rejection_note(
+    session_factory: sessionmaker[Session],
+    settings_for: Callable[..., Settings],
+    source_files: list[Path],
+    sources: list[Dataset],
+    orthanc: Orthanc,
+) -> None:
+    """The "Quality Issue" KOS reached the PACS; the series is scored again and nothing is
+    flagged: the PACS gets the new SR and an IOCM rejection note naming the stale KOS (only
+    it), and a destination that never got the KOS gets no note."""
+    settings = settings_for([
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": orthanc.dicom_port},
+        {"name": "later", "ae_title": "LATER", "host": "127.0.0.1", "port": free_port()},
+    ], retry_base_s=60.0)
+    series_uid = add_series(session_factory, settings.storage.dir, source_files)
+    old_sr, old_kos = _report(session_factory, settings, sources)
+    deliver_due(session_factory, settings)  # pacs: both sent; later: nobody listens, pending
+    with session_factory() as session:
+        sent = {(v.kind, v.destination): v.state for v in outbox.deliveries(session, series_uid)}
+    assert sent == {("SR", "pacs"): "sent", ("KOS", "pacs"): "sent",
+                    ("SR", "later"): "pending", ("KOS", "later"): "pending"}
+
+    rescored = _report(session_factory, settings, sources, flagged=set())
+    assert [r.kind for r in rescored] == ["SR", "REJECT"]
+    note_row = rescored[1]
+    with session_factory() as session:
+        queued = {(v.kind, v.destination, v.superseded): v.state
+                  for v in outbox.deliveries(session, series_uid)
+                  if v.sop_instance_uid in {r.sop_instance_uid for r in rescored}}
+    assert queued == {("SR", "pacs", False): "pending", ("SR", "later", False): "pending",
+                      ("REJECT", "pacs", False): "pending"}
+    assert deliver_due(session_factory, settings) == 2  # 'later' is not due yet (back-off)
+
+    kos_in_pacs = {str(d.SOPInstanceUID): d for d in orthanc.reports("KO")}
+    assert set(kos_in_pacs) == {old_kos.sop_instance_uid, note_row.sop_instance_uid}
+    note = kos_in_pacs[note_row.sop_instance_uid]
+    assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert kos_references(note) == [old_kos.sop_instance_uid]
+    assert note.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert {str(d.SOPInstanceUID) for d in orthanc.reports("SR")} == {
+        old_sr.sop_instance_uid, rescored[0].sop_instance_uid}
+
+    # Scored once more, flagged again: the stale KOS was already withdrawn, nothing more to
+    # reject, and the new KOS goes out as usual.
+    third = _report(session_factory, settings, sources)
+    assert [r.kind for r in third] == ["SR", "KOS"]
+    # And when that KOS is withdrawn in turn, the note is the next in the note series.
+    deliver_due(session_factory, settings)
+    fourth = _report(session_factory, settings, sources, flagged=set())
+    assert [r.kind for r in fourth] == ["SR", "REJECT"]
+    assert fourth[1].instance_number == 2
+    assert fourth[1].series_instance_uid == note_row.series_instance_uid
 
 
 def test_backoff_schedule_survives_a_restart(
