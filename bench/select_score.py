@@ -27,7 +27,7 @@ part of this comparison (its bin count was chosen by cross-validation over the c
 subjects, as ``node/models/README.md`` says). The scored records are cached beside the bundle
 (``selection-records.pkl``). The last lines print the ``vaenode calibrate`` arguments.
 
-    .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25] [--parts 3]
+    .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25] [--parts 3] [--sharper]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.model.bundle import Bundle, load_bundle  # noqa: E402
-from node.model.data import load_nifti  # noqa: E402
+from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
 from node.model.evaluate import EvalConfig, auroc, collect  # noqa: E402
 from node.model.scoring import (  # noqa: E402
     ScoreConfig,
@@ -92,6 +92,39 @@ def records_name(subjects: int, skip: int) -> str:
     if skip == 0:
         return "selection-records.pkl"
     return f"selection-records-{skip}-{skip + subjects}.pkl"
+
+
+def sharper(data: np.ndarray) -> np.ndarray:
+    """The "sharper" normal site variant of ``--sharper``: ``2 d - G_0.5(d)`` clipped at 0, the
+    mirror image of the "smoother" variant of ``node.model.artifacts.site_variants`` (an
+    edge-enhancing reconstruction)."""
+    from scipy.ndimage import gaussian_filter
+
+    d = data.astype(np.float32)
+    return np.clip(2.0 * d - gaussian_filter(d, 0.5), 0.0, None)
+
+
+def sharper_records(bundle: Bundle, model: Path, subjects: int, skip: int = 0) -> list:
+    """The calibration subjects' "sharper" variants, scored like the other site variants
+    (``variant_comps`` entries; cached beside the bundle)."""
+    cache = model / records_name(subjects, skip).replace("records", "sharper")
+    if cache.exists():
+        with cache.open("rb") as fh:
+            return pickle.load(fh)
+    ids = bundle.meta["training"]["subjects"]["calibration"][skip : skip + subjects]
+    out = []
+    for path in sorted(IXI.glob("*.nii.gz")):
+        if path.name.split("-")[0] not in ids:
+            continue
+        vol = load_nifti(path)
+        images, spacing = plane_slices(Volume(vol.subject, sharper(vol.data), vol.spacing, ""),
+                                       "axial")
+        x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
+        out.append((vol.subject, "sharper", bundle.components(x), fg))
+        print(f"sharper variant of {vol.subject} scored", flush=True)
+    with cache.open("wb") as fh:
+        pickle.dump(out, fh)
+    return out
 
 
 def load_records(bundle: Bundle, model: Path, subjects: int, skip: int = 0,
@@ -206,6 +239,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="rows of the combination table")
     parser.add_argument("--parts", type=int, default=3, choices=(1, 2, 3),
                         help="most parts in a combination (main + alternatives)")
+    parser.add_argument("--sharper", action="store_true",
+                        help="one more normal site variant: 2 d - G_0.5(d) (see sharper())")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -213,6 +248,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.model)
     data, variant_comps, noise_comps = load_records(bundle, args.model, args.subjects)
+    if args.sharper:
+        variant_comps = variant_comps + sharper_records(bundle, args.model, args.subjects)
     singles = [make_part(bundle, data, variant_comps, noise_comps, w, t, q)
                for w, t, q in itertools.product(WEIGHTS, TAILS, QUANTILES)]
     results = [judge(data, [p]) for p in singles]
