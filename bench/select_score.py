@@ -27,7 +27,8 @@ part of this comparison (its bin count was chosen by cross-validation over the c
 subjects, as ``node/models/README.md`` says). The scored records are cached beside the bundle
 (``selection-records.pkl``). The last lines print the ``vaenode calibrate`` arguments.
 
-    .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25] [--parts 3] [--sharper]
+    .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25] [--parts 3] \
+        [--sharper]
 """
 
 from __future__ import annotations

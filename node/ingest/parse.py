@@ -46,8 +46,13 @@ _BODY_PART = 0x00180015
 _STUDY = 0x0020000D
 _SERIES = 0x0020000E
 _INSTANCE_NUMBER = 0x00200013
+_IMAGES_IN_ACQUISITION = 0x00201002
+_NUMBER_OF_FRAMES = 0x00280008
 _WANTED = frozenset({_CHARSET, _SOP_CLASS, _SOP_INSTANCE, _MODALITY, _SERIES_DESCRIPTION,
-                     _BODY_PART, _STUDY, _SERIES, _INSTANCE_NUMBER})
+                     _BODY_PART, _STUDY, _SERIES, _INSTANCE_NUMBER, _IMAGES_IN_ACQUISITION,
+                     _NUMBER_OF_FRAMES})
+#: Above this an Images in Acquisition value is taken as garbage, not as a series to wait for.
+_MAX_DECLARED_IMAGES = 100_000
 
 # PS3.5 9.1: digits and dots, at most 64 characters. Components with a leading zero break the
 # letter of 9.1 but occur in real scanner data; they are harmless as path names, so accepted.
@@ -71,6 +76,11 @@ class ParsedInstance:
     series_description: str | None
     body_part: str | None
     instance_number: int | None
+    #: Images in Acquisition (0020,1002) of a single-frame instance: how many images its
+    #: acquisition made (None when absent, not a positive number, or a multi-frame instance,
+    #: whose frames are not instances). The queue waits for that many before it takes a
+    #: released series as complete.
+    images_in_acquisition: int | None = None
 
 
 def check_uid(value: str, name: str) -> str:
@@ -197,6 +207,17 @@ def _uid(found: dict[int, bytes], tag: int, name: str) -> str:
     return check_uid(value, name)
 
 
+def _positive_int(raw: bytes | None) -> int | None:
+    """An IS value as a positive int, None when absent or not one (IS is free text in
+    practice)."""
+    text = _text(raw)
+    try:
+        value = int(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
+
+
 def _encoding(charset: bytes | None) -> str:
     # Only what ingest needs: series description and body part, for display and routing.
     text = (charset or b"").decode("ascii", errors="replace")
@@ -266,6 +287,10 @@ def parse_instance(data: bytes) -> ParsedInstance:
         instance_number = int(number) if number is not None else None
     except ValueError:
         instance_number = None  # IS is free text in practice; ordering falls back elsewhere
+    declared = _positive_int(found.get(_IMAGES_IN_ACQUISITION))
+    frames = _positive_int(found.get(_NUMBER_OF_FRAMES))
+    if declared is not None and (declared > _MAX_DECLARED_IMAGES or (frames or 1) > 1):
+        declared = None
     return ParsedInstance(
         transfer_syntax_uid=ts,
         sop_class_uid=_uid(found, _SOP_CLASS, "SOPClassUID"),
@@ -276,4 +301,5 @@ def parse_instance(data: bytes) -> ParsedInstance:
         series_description=_clip(_text(found.get(_SERIES_DESCRIPTION), encoding), 256),
         body_part=_clip(_text(found.get(_BODY_PART), encoding), 64),
         instance_number=instance_number,
+        images_in_acquisition=declared,
     )

@@ -102,6 +102,9 @@ class _AssocState:
     # Instances stored per Series Instance UID: noted on the series when the association is
     # released normally (the queue's completion on release).
     stored: dict[str, int] = field(default_factory=dict)
+    # The largest Images in Acquisition an instance of each series declared (single-frame
+    # instances only), noted with the release: a released series short of it is not complete.
+    declared: dict[str, int] = field(default_factory=dict)
 
 
 def _peer(assoc: Association) -> str:
@@ -491,7 +494,8 @@ class Scp:
                     repo.close_association(session, state.db_id, result=result,
                                            instances=state.instances, failed=state.failed)
                 if released:
-                    repo.record_release(session, state.stored, at=utcnow())
+                    repo.record_release(session, state.stored, at=utcnow(),
+                                        declared=state.declared)
         except Exception:
             log.exception("cannot record the end of an association", extra={"peer": _peer(assoc)})
 
@@ -510,7 +514,8 @@ class Scp:
     def _on_c_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
-    def _count(self, assoc: Association, ok: bool, series_uid: str | None = None) -> None:
+    def _count(self, assoc: Association, ok: bool, series_uid: str | None = None,
+               declared: int | None = None) -> None:
         with self._lock:
             state = self._states.get(id(assoc))
             if state is not None:
@@ -518,6 +523,9 @@ class Scp:
                     state.instances += 1
                     if series_uid is not None:
                         state.stored[series_uid] = state.stored.get(series_uid, 0) + 1
+                        if declared is not None:
+                            state.declared[series_uid] = max(
+                                declared, state.declared.get(series_uid, 0))
                 else:
                     state.failed += 1
 
@@ -542,7 +550,8 @@ class Scp:
             log.exception("instance not stored: unexpected error",
                           extra={"peer": peer, "sop_uid": _safe_uid(event)})
             return FAILURE_PROCESSING
-        self._count(assoc, ok=True, series_uid=stored.parsed.series_instance_uid)
+        self._count(assoc, ok=True, series_uid=stored.parsed.series_instance_uid,
+                    declared=stored.parsed.images_in_acquisition)
         return SUCCESS
 
 

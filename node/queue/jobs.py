@@ -10,9 +10,12 @@ DICOM has no "end of series" message; the node takes a series as complete when e
   minute. A sender that opens one association per image never triggers the rule (one
   instance each); one that sends a series in several associations one after the other is
   not cut short either (the next association's instances arrive within the settle time, after
-  the release); one that pauses longer than the settle time between them gets the series
-  scored after each part (a new instance reopens a scored series, and the new report
-  supersedes the earlier one).
+  the release); one that pauses longer than the settle time between them waits for the rest
+  when the series' instances declare their count (Images in Acquisition, (0020,1002): a
+  released series holding fewer instances than the largest count declared is not complete),
+  and otherwise gets the series scored after each part (a new instance reopens a scored
+  series, and the new report supersedes the earlier one). A count that never arrives (a
+  derived series copying its source's count) costs the idle time, no more.
 """
 
 from __future__ import annotations

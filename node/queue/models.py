@@ -107,6 +107,9 @@ class Series(Base):
     # what it meant to send (``[queue].complete_on_release``).
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     released_instances: Mapped[int | None] = mapped_column(Integer)
+    #: The largest Images in Acquisition (0020,1002) the series' instances declared, noted at
+    #: each normal release: a released series with fewer instances is not taken as complete.
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
 
     # The current verdict (revision 0002_scoring); all None until the series is first scored,
     # kept when a later re-score fails so the last good verdict stays visible.

@@ -21,7 +21,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, String, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    bindparam,
+    case,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -423,13 +434,16 @@ def released_series_ids(session: Session, settled_before: datetime, min_instance
                         ) -> list[int]:
     """Ids of ``receiving`` series whose sender released its association normally after
     storing at least ``min_instances`` of their instances, with nothing received since that
-    release and the last instance received before ``settled_before``."""
+    release and the last instance received before ``settled_before``, and that hold as many
+    instances as their instances declared (Images in Acquisition), when they declared any."""
     return _receiving_ids(
         session,
         Series.released_at.is_not(None),
         Series.released_at >= Series.last_received_at,
         Series.released_instances >= min_instances,
         Series.last_received_at <= settled_before,
+        or_(Series.expected_instances.is_(None),
+            Series.instance_count >= Series.expected_instances),
     )
 
 
@@ -694,16 +708,26 @@ def close_association(
         )
 
 
-def record_release(session: Session, stored: dict[str, int], at: datetime) -> None:
+def record_release(session: Session, stored: dict[str, int], at: datetime,
+                   declared: dict[str, int] | None = None) -> None:
     """An association released normally after storing ``stored`` (instances per Series
     Instance UID): noted on each series (``released_at``, ``released_instances``) for the
-    queue's completion rule (:func:`released_series_ids`)."""
+    queue's completion rule (:func:`released_series_ids`), with the largest image count its
+    instances declared (``declared``, Images in Acquisition; ``expected_instances`` keeps the
+    largest seen over all associations)."""
+    declared = declared or {}
     with _transaction(session):
         for series_uid, count in stored.items():
+            values: dict[str, Any] = {"released_at": at, "released_instances": count}
+            if series_uid in declared:
+                n = declared[series_uid]
+                values["expected_instances"] = case(
+                    (or_(Series.expected_instances.is_(None), Series.expected_instances < n), n),
+                    else_=Series.expected_instances)
             session.execute(
                 update(Series)
                 .where(Series.series_instance_uid == series_uid)
-                .values(released_at=at, released_instances=count)
+                .values(**values)
                 .execution_options(synchronize_session=False)
             )
 

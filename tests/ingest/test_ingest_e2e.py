@@ -484,6 +484,39 @@ def test_a_released_series_is_queued_without_the_idle_time(tmp_path: Path,
         node.kill()
 
 
+def test_a_series_sent_in_parts_waits_for_its_declared_count(tmp_path: Path) -> None:
+    """A sender that stores a series in two associations with a pause longer than the settle
+    time between them: its instances declare 6 images (Images in Acquisition), so the first
+    association's release (3 of 6) does not end the series; the second's does."""
+    node = start_node(tmp_path / "node", sections={
+        "queue": {"series_idle_s": 600.0, "check_interval_s": 0.2, "release_settle_s": 0.5},
+        "worker": {"enabled": False}})
+    try:
+        paths = write_ct_series(tmp_path / "parts", 6)
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.ImagesInAcquisition = 6
+            ds.save_as(path, enforce_file_format=True)
+        uid = _series_uid(paths[0])
+        assert dcmtk.storescu(node.port, paths[:3]).returncode == 0
+        time.sleep(2.0)  # four settle times and ten checks
+        assert _statuses(node) == {uid: SeriesState.RECEIVING}
+        with node.session() as s:
+            series = s.execute(select(Series).where(Series.series_instance_uid == uid)).scalar_one()
+            assert (series.instance_count, series.expected_instances) == (3, 6)
+        assert dcmtk.storescu(node.port, paths[3:]).returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _statuses(node)[uid] is not SeriesState.QUEUED:
+            time.sleep(0.2)
+        assert _statuses(node) == {uid: SeriesState.QUEUED}
+        with node.session() as s:
+            reasons = s.execute(select(SeriesEvent.reason)
+                                .where(SeriesEvent.to_status == "queued")).scalars().all()
+        assert reasons == ["association released by the sender"]
+    finally:
+        node.kill()
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_lets_the_transfer_finish_and_exits_0(tmp_path: Path, processes: int) -> None:
     paths = write_ct_series(tmp_path / "src", 200, rows=128, columns=128)

@@ -48,8 +48,31 @@ def test_reads_the_same_uids_as_pydicom(pydicom_data: Path) -> None:
         assert parsed.series_instance_uid == ds.SeriesInstanceUID, path.name
         assert parsed.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, path.name
         assert parsed.modality == ds.get("Modality"), path.name
+        declared = ds.get("ImagesInAcquisition")
+        single = int(ds.get("NumberOfFrames") or 1) == 1
+        assert parsed.images_in_acquisition == (
+            int(declared) if declared and int(declared) > 0 and single else None), path.name
         checked += 1
     assert checked > 40
+
+
+@pytest.mark.parametrize(("value", "frames", "expected"), [
+    ("120", None, 120), (" 7 ", None, 7), ("0", None, None), ("-3", None, None),
+    ("abc", None, None), (None, None, None), ("40", "40", None), ("40", "1", 40),
+    ("1000000", None, None),
+])
+def test_images_in_acquisition(tmp_path: Path, value: str | None, frames: str | None,
+                               expected: int | None) -> None:
+    """What the queue waits for before it takes a released series as complete: a positive
+    count from a single-frame instance, nothing from anything else."""
+    path = write_ct_series(tmp_path, 1)[0]
+    ds = pydicom.dcmread(path)
+    if value is not None:  # free text, as broken senders write it: LO lets pydicom encode it
+        ds.add_new(0x00201002, "IS" if value.strip().lstrip("-").isdigit() else "LO", value)
+    if frames is not None:
+        ds.add_new(0x00280008, "IS", frames)
+    ds.save_as(path, enforce_file_format=True)
+    assert parse_instance(path.read_bytes()).images_in_acquisition == expected
 
 
 @pytest.mark.parametrize("keep", [0.999, 0.5, 0.01])

@@ -97,6 +97,47 @@ def test_a_reopened_series_waits_for_its_next_release(
     assert jobs.queue_idle_series(sf, idle_s=30, release_settle_s=2.0) == 1
 
 
+def test_a_released_series_short_of_its_declared_count_waits(
+        session_factory: sessionmaker[Session]) -> None:
+    """A sender pausing between associations: the first part's release does not end a series
+    whose instances declared more images (Images in Acquisition); the idle time still does."""
+    sf = session_factory
+    for uid in ("1.5.1", "1.5.2", "1.5.3"):
+        _add(sf, uid, age_s=5)
+    with sf.begin() as s:
+        repo.record_release(s, {"1.5.1": 12, "1.5.2": 12, "1.5.3": 12},
+                            at=utcnow() - timedelta(seconds=4.9),
+                            declared={"1.5.1": 24, "1.5.2": 1})  # 1.5.3 declared nothing
+    with sf() as s:
+        expected = dict(s.execute(select(Series.series_instance_uid,
+                                         Series.expected_instances)).all())
+    assert expected == {"1.5.1": 24, "1.5.2": 1, "1.5.3": None}
+    assert jobs.queue_idle_series(sf, idle_s=30, release_settle_s=2.0) == 2
+    assert _states(sf)["1.5.1"] is SeriesState.RECEIVING  # 1 instance of 24 here
+    # The rest arrives in a second association, which declares a smaller count: the largest
+    # declared stays; once the series holds it, its release ends it.
+    with sf.begin() as s:
+        s.execute(update(Series).where(Series.series_instance_uid == "1.5.1")
+                  .values(instance_count=23))
+    with sf.begin() as s:
+        repo.record_release(s, {"1.5.1": 12}, at=utcnow() - timedelta(seconds=4.9),
+                            declared={"1.5.1": 20})
+    assert jobs.queue_idle_series(sf, idle_s=30, release_settle_s=2.0) == 0  # 23 < 24
+    with sf.begin() as s:
+        s.execute(update(Series).where(Series.series_instance_uid == "1.5.1")
+                  .values(instance_count=24))
+    assert jobs.queue_idle_series(sf, idle_s=30, release_settle_s=2.0) == 1
+    with sf() as s:
+        assert s.scalar(select(Series.expected_instances)
+                        .where(Series.series_instance_uid == "1.5.1")) == 24
+    # Never complete by count: the idle time takes it anyway.
+    _add(sf, "1.5.4", age_s=40)
+    with sf.begin() as s:
+        repo.record_release(s, {"1.5.4": 5}, at=utcnow() - timedelta(seconds=39),
+                            declared={"1.5.4": 99})
+    assert jobs.queue_idle_series(sf, idle_s=30, release_settle_s=2.0) == 1
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_install_adds_one_interval_job(session_factory: sessionmaker[Session], on: bool) -> None:
     scheduler = BackgroundScheduler(timezone="UTC")
