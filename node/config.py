@@ -104,6 +104,8 @@ class DicomSettings(_Section):
 class StorageSettings(_Section):
     dir: Path = Path("var/storage")
     min_free_mb: int = Field(1024, ge=0)
+    retention_days: float = Field(14.0, ge=0)  # images of finished series; 0 keeps them all
+    retention_check_s: float = Field(3600.0, gt=0)
 
 
 class DatabaseSettings(_Section):

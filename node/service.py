@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Modules whose ``install(scheduler, settings, session_factory)`` adds scheduled jobs.
-JOB_MODULES = ("node.queue.jobs", "node.worker.jobs", "node.report.jobs")
+JOB_MODULES = ("node.queue.jobs", "node.worker.jobs", "node.report.jobs",
+               "node.queue.retention")
 
 #: A run of the first module's job that returns something truthy (series queued, series
 #: scored) runs the second module's job at once.

@@ -120,7 +120,7 @@ def allowed_actions(
 ) -> tuple[str, ...]:
     """The actions that apply to the series now (the page offers only these)."""
     allowed: list[str] = []
-    if SeriesState(series.status) in FINAL_STATES:
+    if SeriesState(series.status) in FINAL_STATES and repo.has_images(session, series.id):
         allowed.append(RETRY)
     if any(d.destination for d in deliveries.for_series(session, series.series_instance_uid)):
         allowed.append(RESEND)
@@ -180,6 +180,8 @@ def perform(
 def _why_not(action: str, series: Series, verdict: verdicts.Verdict | None) -> str:
     status = SeriesState(series.status)
     if action == RETRY:
+        if status in FINAL_STATES:
+            return "its images were deleted by the retention policy"
         return f"it is {status.value}; only done, skipped or failed series are re-scored"
     if action == RESEND:
         return "it has no report with a destination to deliver to"

@@ -151,7 +151,10 @@ def series_page(request: Request, session: ReadSessionDep, series_uid: str) -> H
     verdict = verdicts.series_verdict(session, series.id)
     scores = verdicts.slice_scores(session, series.id)
     flagged, normal = verdicts.pick_thumbnails(scores, FLAGGED_THUMBNAILS, NORMAL_THUMBNAILS)
+    if first is None:  # no stored image to draw (deleted by the retention policy)
+        flagged, normal = [], []
     context: dict[str, Any] = {
+        "purged_at": series.purged_at if first is None else None,
         "series": row,
         "events": queries.series_events(session, series.id),
         "verdict": verdict,

@@ -39,6 +39,8 @@ def series_dict(series: Any) -> dict[str, Any]:
         "worker_id": series.worker_id,
         "lease_until": _iso(series.lease_until),
         "updated_at": _iso(series.updated_at),
+        "expected_instances": series.expected_instances,
+        "images_deleted_at": _iso(series.purged_at),
     }
 
 

@@ -110,6 +110,8 @@ class Series(Base):
     #: The largest Images in Acquisition (0020,1002) the series' instances declared, noted at
     #: each normal release: a released series with fewer instances is not taken as complete.
     expected_instances: Mapped[int | None] = mapped_column(Integer)
+    #: When the retention job last deleted the series' images (``[storage].retention_days``).
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     # The current verdict (revision 0002_scoring); all None until the series is first scored,
     # kept when a later re-score fails so the last good verdict stays visible.

@@ -28,6 +28,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     insert,
     or_,
     select,
@@ -479,8 +480,25 @@ def mark_queued(
     )
 
 
+def has_images(session: Session, series_id: int) -> bool:
+    """Whether the series still has stored instances (the retention job may have removed
+    them: :func:`purge_images`)."""
+    return bool(session.scalar(select(exists().where(Instance.series_id == series_id))))
+
+
 def requeue(session: Session, series_id: int, *, reason: str, actor: str) -> Series:
-    """``done``/``skipped``/``failed`` -> ``queued`` with attempts reset: score it again."""
+    """``done``/``skipped``/``failed`` -> ``queued`` with attempts reset: score it again.
+
+    Raises:
+        QueueConflict: not in a final state, or its images are gone (retention).
+    """
+    with _transaction(session):
+        if not has_images(session, series_id):
+            purged = session.scalar(select(Series.purged_at).where(Series.id == series_id))
+            raise QueueConflict(
+                f"series id {series_id} has no stored images to score"
+                + (f" (removed by the retention policy at {purged:%Y-%m-%d %H:%M} UTC)"
+                   if purged is not None else ""))
     return _transition(
         session,
         series_id,
@@ -748,3 +766,49 @@ def record_rejected_association(
                 result=f"rejected: {reason}"[:128],
             )
         )
+
+
+# --- retention ------------------------------------------------------------------------------
+
+
+def _expired(cutoff: datetime) -> list[ColumnElement[bool]]:
+    return [Series.status.in_(list(FINAL_STATES)), Series.updated_at < cutoff,
+            Series.last_received_at < cutoff]
+
+
+def expired_series_ids(session: Session, cutoff: datetime, limit: int) -> list[int]:
+    """Ids of series finished (done, skipped, failed) and quiet since before ``cutoff`` that
+    still have stored images, the oldest first."""
+    with _transaction(session):
+        return list(session.scalars(
+            select(Series.id)
+            .where(*_expired(cutoff), exists().where(Instance.series_id == Series.id))
+            .order_by(Series.last_received_at, Series.id)
+            .limit(limit)))
+
+
+def purge_images(session: Session, series_id: int, cutoff: datetime, reason: str) -> list[str]:
+    """Delete the instance rows of an expired series (still finished and quiet since before
+    ``cutoff``, checked under the row lock), note ``purged_at`` and an event; returns the
+    instance files (relative paths) for the caller to delete after the commit.
+
+    Raises:
+        QueueConflict: the series is no longer expired (an instance arrived, a re-score).
+    """
+    now = utcnow()
+    with _transaction(session):
+        status = session.scalar(
+            select(Series.status).where(Series.id == series_id, *_expired(cutoff))
+            .with_for_update())
+        if status is None:
+            raise QueueConflict(f"series id {series_id} is no longer expired")
+        rows = session.execute(
+            select(Instance.id, Instance.path).where(Instance.series_id == series_id)).all()
+        session.execute(delete(Instance).where(Instance.id.in_([r.id for r in rows]))
+                        .execution_options(synchronize_session=False))
+        session.execute(update(Series).where(Series.id == series_id)
+                        .values(instance_count=0, purged_at=now)
+                        .execution_options(synchronize_session=False))
+        _event(session, series_id, SeriesState(status), SeriesState(status), reason,
+               ACTOR_SCHEDULER, now)
+    return [r.path for r in rows]

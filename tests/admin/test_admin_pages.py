@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin.app import start_in_thread
 from node.config import Settings
-from node.queue import repo
+from node.queue import repo, retention
 from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import upgrade
 from node.queue.models import AdminAction, OutboxEntry, Series, SeriesEvent, utcnow
@@ -60,8 +60,8 @@ def node(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path):  # type: 
     """Two real series: the Siemens one scored by the worker, the prostate one still
     receiving (an older day, another calling AE). Returns (base URL, settings, factory, uids).
 
-    Module-scoped (scoring takes seconds on this machine); the test that changes the state
-    (actions) runs last in this file.
+    Module-scoped (scoring takes seconds on this machine); the tests that change the state
+    (actions, then the retention job) run last in this file.
     """
     siemens = sorted(SIEMENS.glob("*.dcm"))
     prostate = sorted(PROSTATE.glob("*.dcm"))[:3]
@@ -230,3 +230,22 @@ def test_pages_are_served_while_ingest_holds_the_write_lock(node) -> None:  # ty
     with factory.begin() as writer:
         writer.execute(text("UPDATE series SET modality = 'MR' WHERE series_instance_uid = :u"),
                        {"u": prostate})
+
+
+def test_a_series_whose_images_were_deleted(node) -> None:  # type: ignore[no-untyped-def]
+    """After the retention job (runs last: it deletes the Siemens series' stored files): the
+    page says so instead of drawing thumbnails, keeps the verdict, and offers no re-score."""
+    base, settings, factory, siemens, _prostate = node
+    with factory.begin() as session:  # finished long ago
+        session.execute(update(Series).where(Series.series_instance_uid == siemens)
+                        .values(status="done"))
+    later = utcnow() + timedelta(days=settings.storage.retention_days + 1)
+    assert retention.purge_expired(factory, settings.storage.dir, settings.storage.retention_days,
+                                   now=later) == 1
+    page = http(f"{base}/series/{siemens}").text
+    assert 'id="purged"' in page and "retention policy" in page
+    assert 'class="thumb' not in page
+    assert "slices below the threshold" in page  # the verdict stays
+    assert 'id="action-retry"' not in page
+    refused = _post(f"{base}/series/{siemens}/actions", action="retry", reviewer="carol")
+    assert refused.status == 409 and "retention" in refused.text
