@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin import reviews
 from node.admin.queries import status_counts
-from node.queue.models import Instance, Series, SeriesEvent
+from node.queue import repo
+from node.queue.models import Series, SeriesEvent
 from node.queue.states import SeriesState
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class QueueCollector(Collector):
                 "vaenode_instances_received",
                 "SOP instances received and stored (a re-sent duplicate counts once).",
             )
-            instances.add_metric([], float(session.scalar(select(func.count(Instance.id))) or 0))
+            instances.add_metric([], float(repo.received_instances(session)))
             yield instances
 
             series_total = CounterMetricFamily(

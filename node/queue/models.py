@@ -110,8 +110,11 @@ class Series(Base):
     #: The largest Images in Acquisition (0020,1002) the series' instances declared, noted at
     #: each normal release: a released series with fewer instances is not taken as complete.
     expected_instances: Mapped[int | None] = mapped_column(Integer)
-    #: When the retention job last deleted the series' images (``[storage].retention_days``).
+    #: When the retention job last deleted the series' images (``[storage].retention_days``),
+    #: and how many instance rows it removed in all (so that counts of received instances,
+    #: e.g. the Prometheus counter, never go down).
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    purged_instances: Mapped[int | None] = mapped_column(Integer)
 
     # The current verdict (revision 0002_scoring); all None until the series is first scored,
     # kept when a later re-score fails so the last good verdict stays visible.

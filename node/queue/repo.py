@@ -29,6 +29,7 @@ from sqlalchemy import (
     case,
     delete,
     exists,
+    func,
     insert,
     or_,
     select,
@@ -807,8 +808,19 @@ def purge_images(session: Session, series_id: int, cutoff: datetime, reason: str
         session.execute(delete(Instance).where(Instance.id.in_([r.id for r in rows]))
                         .execution_options(synchronize_session=False))
         session.execute(update(Series).where(Series.id == series_id)
-                        .values(instance_count=0, purged_at=now)
+                        .values(instance_count=0, purged_at=now,
+                                purged_instances=func.coalesce(Series.purged_instances, 0)
+                                + len(rows))
                         .execution_options(synchronize_session=False))
         _event(session, series_id, SeriesState(status), SeriesState(status), reason,
                ACTOR_SCHEDULER, now)
     return [r.path for r in rows]
+
+
+def received_instances(session: Session) -> int:
+    """SOP instances received and stored since the database began (a re-sent duplicate
+    once), including those whose rows the retention job removed."""
+    with _transaction(session):
+        stored = session.scalar(select(func.count(Instance.id))) or 0
+        purged = session.scalar(select(func.coalesce(func.sum(Series.purged_instances), 0)))
+    return int(stored) + int(purged or 0)

@@ -60,7 +60,12 @@ def test_only_finished_and_quiet_series_lose_their_images(session_factory: Facto
     other_study = _series(sf, storage, "1.9.5", 1, SeriesState.SKIPPED, age_days=20,
                           study="1.2.8")
 
+    with sf() as s:
+        received = repo.received_instances(s)
+    assert received == 10
     assert retention.purge_expired(sf, storage, DAYS) == 3
+    with sf() as s:  # a count of received instances never goes down
+        assert repo.received_instances(s) == received
     for f in old_done + old_failed + other_study:
         assert not f.exists()
     for f in young + old_queued:
@@ -72,7 +77,7 @@ def test_only_finished_and_quiet_series_lose_their_images(session_factory: Facto
 
     purged = _row(sf, "1.9.1")
     assert purged.status is SeriesState.DONE and purged.instance_count == 0
-    assert purged.purged_at is not None
+    assert purged.purged_at is not None and purged.purged_instances == 3
     with sf() as s:
         left = set(s.scalars(select(Instance.sop_instance_uid)))
         event = s.execute(select(SeriesEvent).where(SeriesEvent.series_id == purged.id)
