@@ -444,25 +444,9 @@ def build_kos(
         f"vaenode: {len(flagged)} of {len(verdict.slices)} images below the quality threshold "
         f"(model {verdict.model_name} {verdict.model_version}); advisory, not a rejection"
     )
-    content = hd.ko.KeyObjectSelection(
-        document_title=QUALITY_ISSUE,
-        referenced_objects=objects,
-        observer_device_context=_observer(identity, verdict),
-        description=description[:1024],
-    )
-    kos = hd.ko.KeyObjectSelectionDocument(
-        evidence=objects,
-        content=content,
-        series_instance_uid=report_series_uid(verdict.series_instance_uid, "KOS"),
-        series_number=KOS_SERIES_NUMBER,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=identity.manufacturer,
-        institution_name=identity.institution_name,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-    )
-    _header(kos, identity, f"vaenode quality issue: {len(flagged)} images")
-    return kos
+    return _key_object_document(
+        verdict, identity, QUALITY_ISSUE, objects, description, "KOS", KOS_SERIES_NUMBER,
+        instance_number, sop_instance_uid, f"vaenode quality issue: {len(flagged)} images")
 
 
 def build_rejection_note(
@@ -493,26 +477,47 @@ def build_rejection_note(
         if ds.SOPClassUID != KOS_SOP_CLASS_UID or ds.StudyInstanceUID != verdict.study_instance_uid:
             raise ReportError(f"{ds.SOPInstanceUID} is not a key object selection of study "
                               f"{verdict.study_instance_uid}")
-    content = hd.ko.KeyObjectSelection(
-        document_title=REJECTED_FOR_QUALITY_REASONS,
-        referenced_objects=list(stale),
-        observer_device_context=_observer(identity, verdict),
-        description=(
-            f"vaenode: the series was scored again (model {verdict.model_name} "
-            f"{verdict.model_version}); this withdraws {len(stale)} earlier 'Quality Issue' "
-            "selection(s) of the node, not any image"
-        ),
+    description = (
+        f"vaenode: the series was scored again (model {verdict.model_name} "
+        f"{verdict.model_version}); this withdraws {len(stale)} earlier 'Quality Issue' "
+        "selection(s) of the node, not any image"
     )
-    note = hd.ko.KeyObjectSelectionDocument(
-        evidence=list(stale),
+    return _key_object_document(
+        verdict, identity, REJECTED_FOR_QUALITY_REASONS, list(stale), description, "REJECT",
+        REJECTION_SERIES_NUMBER, instance_number, sop_instance_uid,
+        f"vaenode withdrawn quality flags: {len(stale)}")
+
+
+def _key_object_document(
+    verdict: SeriesVerdict,
+    identity: ReportIdentity,
+    title: Code,
+    objects: list[Dataset],
+    description: str,
+    kind: str,
+    series_number: int,
+    instance_number: int,
+    sop_instance_uid: str | None,
+    series_description: str,
+) -> hd.ko.KeyObjectSelectionDocument:
+    """A Key Object Selection document of the node (TID 2010) titled ``title``, listing
+    ``objects``, in the report series of ``kind``."""
+    content = hd.ko.KeyObjectSelection(
+        document_title=title,
+        referenced_objects=objects,
+        observer_device_context=_observer(identity, verdict),
+        description=description[:1024],
+    )
+    doc = hd.ko.KeyObjectSelectionDocument(
+        evidence=objects,
         content=content,
-        series_instance_uid=report_series_uid(verdict.series_instance_uid, "REJECT"),
-        series_number=REJECTION_SERIES_NUMBER,
+        series_instance_uid=report_series_uid(verdict.series_instance_uid, kind),
+        series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=instance_number,
         manufacturer=identity.manufacturer,
         institution_name=identity.institution_name,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
-    _header(note, identity, f"vaenode withdrawn quality flags: {len(stale)}")
-    return note
+    _header(doc, identity, series_description)
+    return doc
