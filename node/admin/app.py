@@ -58,7 +58,7 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> Fa
     read_factory = make_read_session_factory(session_factory.kw["bind"])
     app.state.read_session_factory = read_factory
     app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
-    app.state.registry = build_registry(read_factory)
+    app.state.registry = build_registry(read_factory, settings.storage.dir)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(router)
 

@@ -10,8 +10,10 @@ asks. The values are cumulative from the start of the database, which is what a 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -69,8 +71,29 @@ def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamil
 class QueueCollector(Collector):
     """Collects every vaenode metric from the database on each scrape."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(self, session_factory: sessionmaker[Session],
+                 storage: Path | None = None) -> None:
         self._session_factory = session_factory
+        self._storage = storage
+
+    def _storage_metrics(self, session: Session) -> Iterator[Metric]:
+        """Free space where instances are stored (C-STORE is refused below
+        ``[storage].min_free_mb``) and the series whose images the retention job deleted."""
+        if self._storage is not None:
+            free = GaugeMetricFamily("vaenode_storage_free_bytes",
+                                     "Free bytes on the file system of the storage folder.")
+            try:
+                free.add_metric([], float(shutil.disk_usage(self._storage).free))
+            except OSError as exc:  # the folder vanished: no sample, the scrape still works
+                log.warning("cannot measure free space of %s: %s", self._storage, exc)
+            yield free
+        purged = CounterMetricFamily(
+            "vaenode_series_images_deleted",
+            "Series whose stored images the retention job deleted ([storage].retention_days).",
+        )
+        purged.add_metric([], float(session.scalar(
+            select(func.count(Series.id)).where(Series.purged_at.is_not(None))) or 0))
+        yield purged
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus_client on each scrape)."""
@@ -124,14 +147,17 @@ class QueueCollector(Collector):
                 confirmed.add_metric([stat.model], float(stat.confirmed))
             yield false_alarms
             yield confirmed
+            yield from self._storage_metrics(session)
 
 
-def build_registry(session_factory: sessionmaker[Session]) -> CollectorRegistry:
+def build_registry(session_factory: sessionmaker[Session],
+                   storage: Path | None = None) -> CollectorRegistry:
     """A registry of this dashboard's own (no process-global default registry).
 
     Args:
         session_factory: sessions on the queue database.
+        storage: the storage folder, for its free space (none reported without it).
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(session_factory))
+    registry.register(QueueCollector(session_factory, storage))
     return registry

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.admin import reviews
 from node.admin.metrics import SCORING_BUCKETS_S
 from node.config import DeliverySettings, Destination, Settings
-from node.queue import repo
+from node.queue import repo, retention
 from node.queue.models import Report, Series, utcnow
 from node.report import outbox
 from tests.admin.web import ScoredNode, http
@@ -129,5 +129,15 @@ def test_metrics_follow_queue_outbox_and_reviews(make_settings, session_factory_
     assert samples[("vaenode_false_alarms_total", (("model", "m 1"),))] == 1
     assert samples[("vaenode_confirmations_total", (("model", "m 1"),))] == 0
     assert samples[("vaenode_series_received_total", ())] == 1
+    assert samples[("vaenode_storage_free_bytes", ())] > 0
+    assert samples[("vaenode_series_images_deleted_total", ())] == 0
+    # The retention job deletes the series' images: the counters of what was received stay,
+    # the deleted-images counter moves.
+    later = utcnow() + timedelta(days=settings.storage.retention_days + 1)
+    assert retention.purge_expired(factory, settings.storage.dir,
+                                   settings.storage.retention_days, now=later) == 1
+    samples = _samples(http(url).text)
+    assert samples[("vaenode_series_images_deleted_total", ())] == 1
+    assert samples[("vaenode_instances_received_total", ())] == 5
     queue = http(f"http://127.0.0.1:{dash.port}/queue?status=done").text
     assert uid in queue and "flagged" in queue
