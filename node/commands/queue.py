@@ -212,6 +212,47 @@ def retry_cmd(
     typer.echo(f"series {series_uid} queued to be scored again")
 
 
+@queue_app.command("purge")
+def purge_cmd(
+    config: ConfigOption = None,
+    older_than_days: Annotated[float | None, typer.Option(
+        min=0.0, help="Finished and quiet for more than this many days (default: "
+                      "[storage].retention_days).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List the series whose images would be deleted; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete the stored images of finished series now, as the retention job does."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from node.queue import repo, retention
+    from node.queue.db import make_engine, make_session_factory
+    from node.queue.models import Series, utcnow
+
+    settings = setup(config)
+    days = settings.storage.retention_days if older_than_days is None else older_than_days
+    if days <= 0:
+        raise NodeError("retention is off ([storage].retention_days = 0): give "
+                        "--older-than-days to delete images anyway")
+    factory = make_session_factory(make_engine(settings.database))
+    if dry_run:
+        cutoff = utcnow() - timedelta(days=days)
+        with factory() as session:
+            ids = repo.expired_series_ids(session, cutoff, limit=100_000)
+            rows = session.scalars(select(Series).where(Series.id.in_(ids))
+                                   .order_by(Series.last_received_at)).all()
+            for s in rows:
+                typer.echo(f"{s.series_instance_uid}  {s.status.value:<8} "
+                           f"last received {s.last_received_at:%Y-%m-%d %H:%M}  "
+                           f"{s.instance_count} instances")
+        typer.echo(f"{len(rows)} series would lose their images (older than {days:g} days)")
+        return
+    purged = retention.purge_expired(factory, settings.storage.dir, days)
+    typer.echo(f"images of {purged} series deleted (finished and quiet for {days:g} days)")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``queue`` group to the ``vaenode`` command."""
     app.add_typer(queue_app, name="queue")

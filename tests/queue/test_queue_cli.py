@@ -8,10 +8,12 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import update
+
 from node.config import DatabaseSettings
 from node.queue import repo
 from node.queue.db import make_engine, make_session_factory
-from node.queue.models import utcnow
+from node.queue.models import Series, utcnow
 
 VAENODE = Path(sys.executable).with_name("vaenode")
 
@@ -67,3 +69,47 @@ def test_db_upgrade_then_queue_list_and_show(tmp_path: Path) -> None:
     assert detail["instances"][0]["path"] == "a/1.2.826.1/1.dcm"
     missing = _run(config, "queue", "show", "9.9.9")
     assert missing.returncode == 1 and "no series" in missing.stderr
+
+
+def test_queue_purge_lists_then_deletes_and_retry_is_refused(tmp_path: Path) -> None:
+    """An admin frees space now: --dry-run lists the finished series old enough, the real run
+    deletes their files, and a re-score of such a series is refused with the reason."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    storage = tmp_path / "storage"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n[storage]\ndir = "{storage}"\n'
+                      "retention_days = 0\n", encoding="utf-8")
+    assert _run(config, "db", "upgrade").returncode == 0
+    factory = make_session_factory(make_engine(DatabaseSettings(url=url)))
+    old = utcnow() - timedelta(days=3)
+    for uid in ("1.2.827.1", "1.2.827.2"):
+        rel = f"1.2.827/{uid}/1.dcm"
+        (storage / rel).parent.mkdir(parents=True, exist_ok=True)
+        (storage / rel).write_bytes(b"x")
+        with factory.begin() as s:
+            repo.record_instance(s, repo.InstanceRecord(
+                study_instance_uid="1.2.827", series_instance_uid=uid,
+                sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                transfer_syntax_uid="1.2.840.10008.1.2.1", path=rel, size_bytes=1,
+                instance_number=1, modality="MR", series_description=None, body_part=None,
+                calling_aet=None, peer_address=None, received_at=old))
+    with factory.begin() as s:  # the first is done (3 days ago), the second still receiving
+        s.execute(update(Series).where(Series.series_instance_uid == "1.2.827.1")
+                  .values(status="done", updated_at=old))
+
+    off = _run(config, "queue", "purge")
+    assert off.returncode == 1 and "retention is off" in off.stderr
+    listed = _run(config, "queue", "purge", "--older-than-days", "2", "--dry-run")
+    assert listed.returncode == 0, listed.stderr
+    assert "1.2.827.1" in listed.stdout and "1.2.827.2" not in listed.stdout
+    assert "1 series would lose their images" in listed.stdout
+    assert (storage / "1.2.827/1.2.827.1/1.dcm").exists()
+    assert "0 series" in _run(config, "queue", "purge", "--older-than-days", "5").stdout
+    done = _run(config, "queue", "purge", "--older-than-days", "2")
+    assert done.returncode == 0 and "images of 1 series deleted" in done.stdout
+    assert not (storage / "1.2.827/1.2.827.1").exists()
+    assert (storage / "1.2.827/1.2.827.2/1.dcm").exists()
+    shown = json.loads(_run(config, "queue", "show", "1.2.827.1", "--json").stdout)
+    assert shown["images_deleted_at"] is not None and shown["instances"] == []
+    retry = _run(config, "queue", "retry", "1.2.827.1")
+    assert retry.returncode == 1 and "retention policy" in retry.stderr
