@@ -174,6 +174,27 @@ class DeliverySettings(_Section):
     poll_interval_s: float = Field(2.0, gt=0)
 
 
+class AlertSettings(_Section):
+    # Where to POST a JSON message when a series is flagged (a messaging bridge, a display at
+    # the scanner); none by default.
+    urls: list[str] = Field(default_factory=list)
+    # The dashboard's address as people reach it, for a link in the message (optional).
+    dashboard_url: str | None = None
+    timeout_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+    retry_base_s: float = Field(10.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    poll_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.lower().startswith(("http://", "https://")):
+                raise ValueError(f"{url!r}: an alert URL starts with http:// or https://")
+        return v
+
+
 class AdminSettings(_Section):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
@@ -209,6 +230,7 @@ class Settings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 

@@ -39,11 +39,12 @@ log = logging.getLogger(__name__)
 
 #: Modules whose ``install(scheduler, settings, session_factory)`` adds scheduled jobs.
 JOB_MODULES = ("node.queue.jobs", "node.worker.jobs", "node.report.jobs",
-               "node.queue.retention")
+               "node.queue.retention", "node.alerts.jobs")
 
 #: A run of the first module's job that returns something truthy (series queued, series
 #: scored) runs the second module's job at once.
-WAKES = (("node.queue.jobs", "node.worker.jobs"), ("node.worker.jobs", "node.report.jobs"))
+WAKES = (("node.queue.jobs", "node.worker.jobs"), ("node.worker.jobs", "node.report.jobs"),
+         ("node.worker.jobs", "node.alerts.jobs"))
 
 #: Longest wait for in-flight associations at shutdown, in seconds.
 SHUTDOWN_GRACE_S = 60.0
@@ -66,16 +67,18 @@ def install_jobs(
 
 def wake_on_hand_over(scheduler: BaseScheduler, pairs: list[tuple[str, str]]) -> None:
     """When a run of the first job of a pair returns something truthy, run the second now
-    (if it is installed: a disabled worker has no job)."""
-    wakes = dict(pairs)
+    (if it is installed: a disabled worker has no job). A job may wake several."""
+    wakes: dict[str, list[str]] = {}
+    for source, target in pairs:
+        wakes.setdefault(source, []).append(target)
 
     def on_executed(event: JobExecutionEvent) -> None:
-        target = wakes.get(event.job_id)
-        if target is None or not event.retval:
+        if not event.retval:
             return
-        job = scheduler.get_job(target)
-        if job is not None:
-            job.modify(next_run_time=datetime.now(UTC))
+        for target in wakes.get(event.job_id, ()):
+            job = scheduler.get_job(target)
+            if job is not None:
+                job.modify(next_run_time=datetime.now(UTC))
 
     scheduler.add_listener(on_executed, EVENT_JOB_EXECUTED)
 

@@ -59,6 +59,22 @@ def test_a_hand_over_runs_the_next_job_at_once() -> None:
         scheduler.shutdown(wait=True)
 
 
+def test_one_job_wakes_every_target_it_hands_over_to() -> None:
+    """The worker hands a scored series to the report outbox and to the alerts alike."""
+    scheduler = BackgroundScheduler(timezone="UTC")
+    woken = {"deliver": threading.Event(), "alert": threading.Event()}
+    scheduler.add_job(lambda: 1, "interval", hours=1, id="worker")
+    for name, event in woken.items():
+        scheduler.add_job(event.set, "interval", hours=1, id=name)
+    wake_on_hand_over(scheduler, [("worker", "deliver"), ("worker", "alert")])
+    scheduler.start()
+    try:
+        scheduler.get_job("worker").modify(next_run_time=_now())
+        assert woken["deliver"].wait(10.0) and woken["alert"].wait(10.0)
+    finally:
+        scheduler.shutdown(wait=True)
+
+
 def test_every_wake_pairs_two_installed_job_modules() -> None:
     for first, second in WAKES:
         assert first in JOB_MODULES and second in JOB_MODULES

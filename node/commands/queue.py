@@ -100,7 +100,7 @@ def show_cmd(
     """Show one series: its attributes, status history and instances."""
     from sqlalchemy import select
 
-    from node.queue.models import Instance, Series, SeriesEvent
+    from node.queue.models import Alert, Instance, Series, SeriesEvent
 
     with _session(config, read_only=True) as session:
         series = session.execute(
@@ -117,6 +117,9 @@ def show_cmd(
             .order_by(Instance.instance_number, Instance.sop_instance_uid)
         ).scalars().all()
         deliveries = _deliveries(session, series_uid)
+        alerts = session.execute(
+            select(Alert).where(Alert.series_id == series.id).order_by(Alert.id)
+        ).scalars().all()
     out = series_dict(series)
     out["events"] = [
         {"at": _iso(e.at), "from": e.from_status, "to": e.to_status, "reason": e.reason,
@@ -130,11 +133,16 @@ def show_cmd(
         for i in instances
     ]
     out["deliveries"] = deliveries
+    out["alerts"] = [
+        {"url": a.url, "state": a.state, "attempts": a.attempts, "sent_at": _iso(a.sent_at),
+         "last_error": a.last_error}
+        for a in alerts
+    ]
     if as_json:
         typer.echo(json.dumps(out))
         return
     for key, value in out.items():
-        if key not in ("events", "instances"):
+        if key not in ("events", "instances", "deliveries", "alerts"):
             typer.echo(f"{key:<20} {value if value is not None else '-'}")
     typer.echo("history:")
     for e in out["events"]:
@@ -153,6 +161,9 @@ def show_cmd(
                    f"{d['destination'] or '-'} {d['target']} attempts={d['attempts']} {when}"
                    + (" (superseded)" if d["superseded"] else "")
                    + (f"\n      last error: {d['last_error']}" if d["last_error"] else ""))
+    for a in out["alerts"]:
+        typer.echo(f"alert {a['state']:<8} {a['url']} attempts={a['attempts']}"
+                   + (f" last error: {a['last_error']}" if a["last_error"] else ""))
 
 
 def _deliveries(session: Any, series_uid: str) -> list[dict[str, Any]]:

@@ -329,3 +329,27 @@ class OutboxEntry(Base):
     report: Mapped[Report] = relationship(back_populates="deliveries")
 
     __table_args__ = (Index("ix_outbox_state_next_attempt", "state", "next_attempt_at"),)
+
+
+class Alert(Base):
+    """One message about a flagged series to one alert URL (``[alerts]``), with its retry state
+    (survives restarts, like the report outbox)."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(1024))
+    payload: Mapped[str] = mapped_column(Text)
+    # "pending", "sent" or "failed" (attempts ran out)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_alerts_due", "state", "next_attempt_at"),)

@@ -22,15 +22,16 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import DeliverySettings, Destination
+from node.config import AlertSettings, DeliverySettings, Destination
 from node.queue.models import OutboxEntry, Report, Series, utcnow
 from node.queue.states import DeliveryState
 
 log = logging.getLogger(__name__)
 
 
-def backoff_s(attempts: int, settings: DeliverySettings) -> float:
-    """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
+def backoff_s(attempts: int, settings: DeliverySettings | AlertSettings) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt (1-based; report deliveries
+    and alerts alike)."""
     exponent = max(attempts - 1, 0)
     # Cap the exponent before it overflows a float for absurd attempt counts.
     return float(min(settings.retry_base_s * 2.0 ** min(exponent, 60), settings.retry_max_s))

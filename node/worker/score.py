@@ -307,6 +307,7 @@ def process_series(
             score_note=scored.score_note,
         )
         stacks = {(s.sop_instance_uid, s.frame): s.stack for s in assembled.slices}
+        from node.alerts.outbox import enqueue as enqueue_alerts
         from node.report.service import prepare_reports, report_series
 
         # Still ours? (A new instance or an expired lease takes the series away; building a
@@ -327,11 +328,12 @@ def process_series(
             )
             _store_verdict(session, current, verdict, scored.slices, stacks)
             report_series(session, settings, verdict, list(assembled.sources), prepared)
+            alerts = enqueue_alerts(session, settings.alerts, current, verdict)
         log.info(
             "series scored: %d/%d slices flagged, series %s",
             verdict.abnormal_slices, len(verdict.slices),
             "abnormal" if verdict.abnormal else "normal",
-            extra={**extra, "model": f"{bundle.name} {bundle.version}",
+            extra={**extra, "model": f"{bundle.name} {bundle.version}", "alerts": alerts,
                    "assemble_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                    "report_build_s": round(t3 - t2, 2),
                    "store_s": round(time.monotonic() - t3, 2)},

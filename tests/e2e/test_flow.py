@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from node.model.bundle import default_bundle_path
 from node.queue.models import OutboxEntry, Report, Series
+from tests.helpers.alerts import AlertReceiver
 from tests.helpers.dcmtk import storescu
 from tests.helpers.node import RunningNode, start_node
 from tests.helpers.orthanc import Orthanc
@@ -116,6 +117,7 @@ class Flow:
     clean: WrittenSeries
     motion: WrittenSeries
     workdir: Path
+    alerts: AlertReceiver
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +149,20 @@ def flow(
         severity="moderate",
         series_description="T1 axial",
     )
-    node = start_node(workdir / "node", sections=node_sections(orthanc))
+    alerts = AlertReceiver()  # a chat webhook or a display at the scanner
+    node = start_node(workdir / "node", sections=node_sections(orthanc, alerts={
+        "urls": [alerts.url], "dashboard_url": "http://qc.example:8080",
+        "poll_interval_s": 0.3}))
     try:
         send(node, clean)
         send(node, motion)
         wait("an SR for each series", lambda: reports_of(orthanc, clean, "SR")
              and reports_of(orthanc, motion, "SR"), 300, node)
         wait("the KOS of (b)", lambda: reports_of(orthanc, motion, "KO"), 60, node)
-        yield Flow(orthanc, node, clean, motion, workdir)
+        yield Flow(orthanc, node, clean, motion, workdir, alerts)
     finally:
         node.stop()
+        alerts.close()
 
 
 def test_each_series_has_one_sr_referencing_every_slice(flow: Flow) -> None:
@@ -207,6 +213,26 @@ def test_motion_block_is_flagged(flow: Flow) -> None:
     assert hit >= 0.8 * corrupted, f"{hit} of {corrupted} corrupted slices flagged"
     summary = measurement_groups(sr)[-1]
     assert summary.evaluations["Imaging Series Quality"] == "RID14"
+
+
+def test_a_flagged_series_alerts_at_once_and_a_normal_one_does_not(flow: Flow) -> None:
+    """Each series whose SR says "non-diagnostic" (the motion series) is posted once to the
+    alert URL, with a link to its dashboard page; a series the SR calls diagnostic is not."""
+    flagged = {}
+    for series in (flow.clean, flow.motion):
+        [sr] = reports_of(flow.orthanc, series, "SR")
+        quality = measurement_groups(sr)[-1].evaluations["Imaging Series Quality"]
+        flagged[series.series_instance_uid] = quality == "RID14"
+    assert flagged[flow.motion.series_instance_uid]
+    expected = sorted(uid for uid, f in flagged.items() if f)
+    wait("the alert", lambda: len(flow.alerts.messages) >= len(expected), 30, flow.node)
+    time.sleep(1.0)  # a second message (a duplicate, or the normal series) would come by now
+    assert sorted(m["series_instance_uid"] for m in flow.alerts.messages) == expected
+    msg = next(m for m in flow.alerts.messages
+               if m["series_instance_uid"] == flow.motion.series_instance_uid)
+    assert msg["event"] == "series_flagged" and msg["abnormal_slices"] >= 1
+    assert msg["dashboard_url"] == (
+        f"http://qc.example:8080/series/{flow.motion.series_instance_uid}")
 
 
 def test_kos_lists_exactly_the_flagged_images(flow: Flow) -> None:

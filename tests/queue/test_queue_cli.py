@@ -111,5 +111,8 @@ def test_queue_purge_lists_then_deletes_and_retry_is_refused(tmp_path: Path) -> 
     assert (storage / "1.2.827/1.2.827.2/1.dcm").exists()
     shown = json.loads(_run(config, "queue", "show", "1.2.827.1", "--json").stdout)
     assert shown["images_deleted_at"] is not None and shown["instances"] == []
+    assert shown["alerts"] == []
+    text = _run(config, "queue", "show", "1.2.827.1")
+    assert text.returncode == 0 and "images_deleted_at" in text.stdout, text.stderr
     retry = _run(config, "queue", "retry", "1.2.827.1")
     assert retry.returncode == 1 and "retention policy" in retry.stderr

@@ -1,0 +1,1 @@
+"""Alerts: tell people at once when a series is flagged (``[alerts]``)."""

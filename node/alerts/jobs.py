@@ -1,0 +1,75 @@
+"""The alert job of ``vaenode serve``: POST due alert messages, record each attempt.
+
+Runs every ``[alerts].poll_interval_s`` seconds and at once when the worker has scored a
+series (``node.service.WAKES``); installed only when ``[alerts].urls`` names any. One slow or
+unreachable URL costs its own timeout, not the others' messages: each row is tried once per
+run and retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.error
+import urllib.request
+
+from apscheduler.schedulers.base import BaseScheduler
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.alerts import outbox
+from node.config import AlertSettings, Settings
+from node.queue.models import utcnow
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "alerts.send"
+#: Rows per run; the rest wait for the next run.
+BATCH = 50
+
+
+def post(url: str, payload: str, timeout_s: float) -> None:
+    """POST the JSON ``payload``; raises OSError (URLError, HTTPError) unless the answer is
+    2xx."""
+    request = urllib.request.Request(
+        url, data=payload.encode("utf-8"), method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "vaenode-alerts"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as reply:  # http(s) only: config
+        reply.read()
+
+
+def send_due(session_factory: sessionmaker[Session], settings: AlertSettings) -> int:
+    """Try every due alert once; returns how many were sent."""
+    sent = 0
+    for alert in outbox.due(session_factory, lease_s=settings.timeout_s + 30.0, limit=BATCH):
+        try:
+            post(alert.url, alert.payload, settings.timeout_s)
+        except (OSError, ValueError) as exc:  # unreachable, refused, timeout, non-2xx
+            state = outbox.mark(session_factory, alert, f"{type(exc).__name__}: {exc}",
+                                settings)
+            log.warning("alert not delivered (%s): %s", state, exc,
+                        extra={"alert_id": alert.id, "url": alert.url})
+        else:
+            outbox.mark(session_factory, alert, None, settings)
+            sent += 1
+            log.info("alert sent", extra={"alert_id": alert.id, "url": alert.url})
+    return sent
+
+
+def install(scheduler: BaseScheduler, settings: Settings,
+            session_factory: sessionmaker[Session]) -> None:
+    """Add the alert job to the service's scheduler (none without alert URLs)."""
+    if not settings.alerts.urls:
+        return
+    running = threading.Lock()
+
+    def tick() -> int:
+        if not running.acquire(blocking=False):  # woken while a run is under way
+            return 0
+        try:
+            return send_due(session_factory, settings.alerts)
+        finally:
+            running.release()
+
+    scheduler.add_job(tick, "interval", seconds=settings.alerts.poll_interval_s, id=JOB_ID,
+                      max_instances=2, coalesce=True, replace_existing=True,
+                      next_run_time=utcnow())

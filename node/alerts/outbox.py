@@ -1,0 +1,118 @@
+"""The alert rows: made with the verdict, claimed, sent, retried.
+
+A flagged series' report goes to the PACS, where a radiologist reads it later; the
+technologist who could repeat the scan while the patient is still on the table needs to know
+now. So, in the same transaction that stores the verdict, each ``[alerts].urls`` entry gets a
+row with the message; the alert job posts it, retries with backoff, and gives up after
+``max_attempts`` (``failed``, with the last error). The message names the series, never the
+patient: alert channels (chat, pagers) are not where patient data belongs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import AlertSettings
+from node.queue.models import Alert, Series, utcnow
+from node.report.content import SeriesVerdict
+from node.report.outbox import backoff_s
+
+PENDING, SENT, FAILED = "pending", "sent", "failed"
+
+
+def message(series: Series, verdict: SeriesVerdict, settings: AlertSettings) -> dict[str, Any]:
+    """The JSON message about a flagged series; ``text`` is what a chat webhook shows."""
+    where = f" from {series.calling_aet}" if series.calling_aet else ""
+    name = f"'{series.series_description}'" if series.series_description else "a series"
+    link = (f"{settings.dashboard_url.rstrip('/')}/series/{verdict.series_instance_uid}"
+            if settings.dashboard_url else None)
+    text = (f"vaenode: {verdict.abnormal_slices} of {len(verdict.slices)} images of {name}"
+            f"{where} are below the quality threshold (series flagged); check before the "
+            "patient leaves" + (f": {link}" if link else "."))
+    return {
+        "event": "series_flagged",
+        "text": text,
+        "study_instance_uid": verdict.study_instance_uid,
+        "series_instance_uid": verdict.series_instance_uid,
+        "series_description": series.series_description,
+        "modality": series.modality,
+        "calling_aet": series.calling_aet,
+        "abnormal_slices": verdict.abnormal_slices,
+        "scored_slices": len(verdict.slices),
+        "min_abnormal_slices": verdict.min_abnormal_slices,
+        "model": f"{verdict.model_name} {verdict.model_version}",
+        "rule": verdict.rule,
+        "dashboard_url": link,
+        "scored_at": utcnow().isoformat(timespec="seconds"),
+    }
+
+
+def enqueue(session: Session, settings: AlertSettings, series: Series,
+            verdict: SeriesVerdict) -> int:
+    """One pending row per alert URL when the series is flagged, in the caller's transaction.
+
+    Returns:
+        How many rows were added (0 when the series is normal or no URL is configured).
+    """
+    if not verdict.abnormal or not settings.urls:
+        return 0
+    payload = json.dumps(message(series, verdict, settings))
+    session.add_all([Alert(series_id=series.id, url=url, payload=payload, state=PENDING,
+                           attempts=0, next_attempt_at=utcnow()) for url in settings.urls])
+    return len(settings.urls)
+
+
+@dataclass(frozen=True)
+class ClaimedAlert:
+    """A leased alert row, as plain values for the sender."""
+
+    id: int
+    url: str
+    payload: str
+    attempts: int
+
+
+def due(session_factory: sessionmaker[Session], lease_s: float, limit: int
+        ) -> list[ClaimedAlert]:
+    """Lease up to ``limit`` due rows (pending, due, not leased by another run)."""
+    now = utcnow()
+    lease_until = now + timedelta(seconds=lease_s)
+    out: list[ClaimedAlert] = []
+    with session_factory.begin() as session:
+        rows = session.execute(
+            select(Alert.id, Alert.url, Alert.payload, Alert.attempts)
+            .where(Alert.state == PENDING, Alert.next_attempt_at <= now,
+                   or_(Alert.lease_until.is_(None), Alert.lease_until < now))
+            .order_by(Alert.next_attempt_at, Alert.id).limit(limit)).all()
+        for row in rows:
+            taken = session.execute(
+                update(Alert).where(Alert.id == row.id, Alert.state == PENDING,
+                                    or_(Alert.lease_until.is_(None), Alert.lease_until < now))
+                .values(lease_until=lease_until))
+            if taken.rowcount == 1:  # type: ignore[attr-defined]
+                out.append(ClaimedAlert(row.id, row.url, row.payload, row.attempts))
+    return out
+
+
+def mark(session_factory: sessionmaker[Session], alert: ClaimedAlert, error: str | None,
+         settings: AlertSettings, now: datetime | None = None) -> str:
+    """Record an attempt: ``sent`` (no error), retry later, or ``failed``; returns the state."""
+    now = now or utcnow()
+    attempts = alert.attempts + 1
+    values: dict[str, Any] = {"attempts": attempts, "lease_until": None}
+    if error is None:
+        state = SENT
+        values.update(state=SENT, sent_at=now, last_error=None)
+    else:
+        state = FAILED if attempts >= settings.max_attempts else PENDING
+        values.update(state=state, last_error=error[:2000],
+                      next_attempt_at=now + timedelta(seconds=backoff_s(attempts, settings)))
+    with session_factory.begin() as session:
+        session.execute(update(Alert).where(Alert.id == alert.id).values(**values))
+    return state

@@ -1,0 +1,121 @@
+"""Alerts on flagged series: made with the verdict, posted to a real HTTP endpoint on
+loopback, retried when it fails, given up after the attempts run out."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.alerts import jobs, outbox
+from node.config import AlertSettings, DatabaseSettings
+from node.queue import repo
+from node.queue.db import make_engine, make_session_factory
+from node.queue.migrate import upgrade
+from node.queue.models import Alert, Series, utcnow
+from tests.helpers.alerts import AlertReceiver
+from tests.helpers.orthanc import free_port
+from tests.helpers.reports import make_verdict
+from tests.helpers.synthetic import write_ct_series
+
+Factory = sessionmaker[Session]
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> Iterator[Factory]:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    upgrade(url)
+    engine = make_engine(DatabaseSettings(url=url))
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def receiver() -> Iterator[AlertReceiver]:
+    r = AlertReceiver()
+    yield r
+    r.close()
+
+
+def _scored(factory: Factory, tmp_path: Path, flagged: set[int], settings: AlertSettings
+            ) -> tuple[str, int]:
+    """A stored series of 6 images and a verdict on it, alerts enqueued as the worker does."""
+    sources = [pydicom.dcmread(p) for p in write_ct_series(tmp_path / "src", 6)]
+    for d in sources:
+        with factory.begin() as s:
+            repo.record_instance(s, repo.InstanceRecord(
+                study_instance_uid=d.StudyInstanceUID, series_instance_uid=d.SeriesInstanceUID,
+                sop_instance_uid=d.SOPInstanceUID, sop_class_uid=d.SOPClassUID,
+                transfer_syntax_uid="1.2.840.10008.1.2.1", path="x", size_bytes=1,
+                instance_number=None, modality="CT", series_description="Head routine",
+                body_part=None, calling_aet="CT1", peer_address=None, received_at=utcnow()))
+    verdict = make_verdict(sources, flagged)
+    with factory.begin() as s:
+        series = s.execute(select(Series).where(
+            Series.series_instance_uid == verdict.series_instance_uid)).scalar_one()
+        added = outbox.enqueue(s, settings, series, verdict)
+    return str(sources[0].SeriesInstanceUID), added
+
+
+def _rows(factory: Factory) -> list[Alert]:
+    with factory() as s:
+        return list(s.scalars(select(Alert).order_by(Alert.id)))
+
+
+def test_a_flagged_series_is_posted_to_every_url(factory: Factory, tmp_path: Path) -> None:
+    first, second = AlertReceiver(), AlertReceiver()
+    try:
+        settings = AlertSettings(urls=[first.url, second.url],
+                                 dashboard_url="https://qc.example.org:8080/")
+        uid, added = _scored(factory, tmp_path, {1, 2, 3, 4}, settings)
+        assert added == 2
+        assert jobs.send_due(factory, settings) == 2
+        assert jobs.send_due(factory, settings) == 0  # sent once
+        for r in (first, second):
+            [msg] = r.messages
+            assert msg["content_type"] == "application/json"
+            assert msg["event"] == "series_flagged" and msg["series_instance_uid"] == uid
+            assert (msg["abnormal_slices"], msg["scored_slices"]) == (4, 6)
+            assert msg["calling_aet"] == "CT1" and msg["series_description"] == "Head routine"
+            assert msg["dashboard_url"] == f"https://qc.example.org:8080/series/{uid}"
+            assert "4 of 6 images of 'Head routine' from CT1" in msg["text"]
+            assert "Synthetic" not in json.dumps(msg)  # never the patient's name
+        assert [(a.state, a.attempts) for a in _rows(factory)] == [("sent", 1), ("sent", 1)]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_normal_series_or_no_url_makes_no_alert(factory: Factory, tmp_path: Path,
+                                                  receiver: AlertReceiver) -> None:
+    _, added = _scored(factory, tmp_path, {1}, AlertSettings(urls=[receiver.url]))
+    assert added == 0  # 1 of 6 flagged, 3 make the series abnormal
+    _, added = _scored(factory, tmp_path / "b", {1, 2, 3}, AlertSettings())
+    assert added == 0 and _rows(factory) == []
+
+
+def test_a_failing_endpoint_is_retried_then_given_up(factory: Factory, tmp_path: Path,
+                                                     receiver: AlertReceiver) -> None:
+    down = f"http://127.0.0.1:{free_port()}/hook"  # nobody listens
+    settings = AlertSettings(urls=[receiver.url, down], max_attempts=3, retry_base_s=0.5,
+                             retry_max_s=0.5, timeout_s=2.0)
+    _scored(factory, tmp_path, {0, 1, 2}, settings)
+    receiver.fail_next = 1  # answers 500 once
+    assert jobs.send_due(factory, settings) == 0
+    rows = _rows(factory)
+    assert [(a.state, a.attempts) for a in rows] == [("pending", 1), ("pending", 1)]
+    assert "500" in (rows[0].last_error or "") and rows[1].last_error
+    assert outbox.due(factory, lease_s=1.0, limit=10) == []  # not before the backoff
+    time.sleep(0.6)
+    assert jobs.send_due(factory, settings) == 1  # the webhook is back; the dead URL is not
+    time.sleep(0.6)
+    assert jobs.send_due(factory, settings) == 0
+    rows = _rows(factory)
+    assert [(a.state, a.attempts) for a in rows] == [("sent", 2), ("failed", 3)]
+    assert len(receiver.messages) == 1 and receiver.requests == 2
