@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.admin import reviews
 from node.admin.queries import status_counts
 from node.queue import repo
-from node.queue.models import Series, SeriesEvent
+from node.queue.models import Alert, Series, SeriesEvent
 from node.queue.states import SeriesState
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,15 @@ class QueueCollector(Collector):
             yield false_alarms
             yield confirmed
             yield from self._storage_metrics(session)
+
+            alerts = GaugeMetricFamily(
+                "vaenode_alerts", "Alert messages about flagged series, by state.",
+                labels=["state"])
+            by_state = dict(session.execute(
+                select(Alert.state, func.count(Alert.id)).group_by(Alert.state)).all())
+            for state in ("pending", "sent", "failed"):
+                alerts.add_metric([state], float(by_state.get(state, 0)))
+            yield alerts
 
 
 def build_registry(session_factory: sessionmaker[Session],

@@ -131,6 +131,7 @@ def test_metrics_follow_queue_outbox_and_reviews(make_settings, session_factory_
     assert samples[("vaenode_series_received_total", ())] == 1
     assert samples[("vaenode_storage_free_bytes", ())] > 0
     assert samples[("vaenode_series_images_deleted_total", ())] == 0
+    assert samples[("vaenode_alerts", (("state", "failed"),))] == 0
     # The retention job deletes the series' images: the counters of what was received stay,
     # the deleted-images counter moves.
     later = utcnow() + timedelta(days=settings.storage.retention_days + 1)
