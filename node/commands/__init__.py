@@ -12,6 +12,7 @@ _MODULES = (
     "node.commands.db",
     "node.commands.queue",
     "node.commands.echo",
+    "node.commands.alert",
     "node.commands.model",
     "node.commands.score",
 )

@@ -4,6 +4,8 @@ loopback, retried when it fails, given up after the attempts run out."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +121,27 @@ def test_a_failing_endpoint_is_retried_then_given_up(factory: Factory, tmp_path:
     rows = _rows(factory)
     assert [(a.state, a.attempts) for a in rows] == [("sent", 2), ("failed", 3)]
     assert len(receiver.messages) == 1 and receiver.requests == 2
+
+
+def test_alert_test_command_checks_every_url(tmp_path: Path, receiver: AlertReceiver) -> None:
+    """``vaenode alert-test``: what ``vaenode echo`` is for a PACS, for the alert URLs."""
+    vaenode = Path(sys.executable).with_name("vaenode")
+    down = f"http://127.0.0.1:{free_port()}/hook"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[alerts]\nurls = ["{receiver.url}"]\ntimeout_s = 3.0\n',
+                      encoding="utf-8")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(vaenode), "alert-test", "--config", str(config), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    ok = run()
+    assert ok.returncode == 0 and "delivered" in ok.stdout, ok.stderr
+    [msg] = receiver.messages
+    assert msg["event"] == "test" and "VAENODE" in msg["text"]
+    bad = run("--url", receiver.url, "--url", down)
+    assert bad.returncode == 1 and "1 of 2" in bad.stderr and down in bad.stderr
+    assert len(receiver.messages) == 2
+    config.write_text("", encoding="utf-8")
+    none = run()
+    assert none.returncode == 2 and "no alert URL" in none.stderr

@@ -1,0 +1,47 @@
+"""``vaenode alert-test``: post a test message to each alert URL, to check ``[alerts]`` the way
+``vaenode echo`` checks a PACS destination."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from node.commands.common import ConfigOption, setup
+from node.errors import ConfigError, DeliveryError
+
+
+def alert_test(
+    config: ConfigOption = None,
+    url: Annotated[list[str] | None, typer.Option(
+        "--url", help="Post to this URL instead of [alerts].urls (repeatable).")] = None,
+) -> None:
+    """Post a test message (event "test") to every alert URL; exit 1 when any fails."""
+    from node.alerts.jobs import post
+    from node.queue.models import utcnow
+
+    settings = setup(config)
+    urls = list(url or settings.alerts.urls)
+    if not urls:
+        raise ConfigError("no alert URL: set [alerts].urls or give --url")
+    text = (f"vaenode: test message from the quality-gate node {settings.dicom.ae_title}; "
+            "flagged series will be announced here.")
+    payload = json.dumps({"event": "test", "text": text,
+                          "sent_at": utcnow().isoformat(timespec="seconds")})
+    failed = []
+    for target in urls:
+        try:
+            post(target, payload, settings.alerts.timeout_s)
+        except (OSError, ValueError) as exc:
+            typer.echo(f"{target}: failed: {exc}", err=True)
+            failed.append(target)
+        else:
+            typer.echo(f"{target}: delivered")
+    if failed:
+        raise DeliveryError(f"{len(failed)} of {len(urls)} alert URL(s) did not take the message")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``alert-test`` to the ``vaenode`` command."""
+    app.command("alert-test")(alert_test)
