@@ -26,7 +26,7 @@ from node.admin.header import read_header_facts
 from node.admin.plots import plot_slice_scores
 from node.admin.thumbnails import ThumbnailError, render_thumbnail
 from node.config import Settings
-from node.queue.models import Instance
+from node.queue.models import Alert, Instance
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,10 @@ def series_page(request: Request, session: ReadSessionDep, series_uid: str) -> H
         "flagged": flagged,
         "normal": normal,
         "reports": deliveries.for_series(session, series_uid),
+        # Plain rows, not ORM objects: the read transaction ends before the page is drawn.
+        "alerts": session.execute(
+            select(Alert.url, Alert.state, Alert.attempts, Alert.sent_at, Alert.last_error)
+            .where(Alert.series_id == series.id).order_by(Alert.id)).all(),
         "actions": reviews.actions_for(session, series.id),
         "allowed": reviews.allowed_actions(session, series, verdict),
     }

@@ -23,7 +23,7 @@ from node.config import Settings
 from node.queue import repo, retention
 from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import upgrade
-from node.queue.models import AdminAction, OutboxEntry, Series, SeriesEvent, utcnow
+from node.queue.models import AdminAction, Alert, OutboxEntry, Series, SeriesEvent, utcnow
 from node.queue.states import DeliveryState
 from node.worker.score import BundleCache, process_next
 from tests.admin.web import admin_settings, http
@@ -140,6 +140,14 @@ def test_series_page_facts_history_scores_and_deliveries(node) -> None:  # type:
     assert "SR" in page and "pending" in page
     assert http(f"{base}/series/{siemens}/plot.png").headers["content-type"] == "image/png"
     assert http(f"{base}/series/1.2.3.4").status == 404
+    # No alert URL configured: no alerts table. An alert that failed shows with its error.
+    assert 'id="series-alerts"' not in page
+    with factory.begin() as session:
+        session.add(Alert(series_id=series.id, url="https://chat.example/hook", payload="{}",
+                          state="failed", attempts=5, last_error="HTTPError: HTTP Error 500"))
+    page = http(f"{base}/series/{siemens}").text
+    assert 'id="series-alerts"' in page and "https://chat.example/hook" in page
+    assert "HTTP Error 500" in page
 
 
 def test_patient_name_only_when_configured(tmp_path, node, session_factory_for,  # type: ignore[no-untyped-def]
