@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from alembic import command
 from sqlalchemy import create_engine, func, inspect, select
@@ -59,6 +60,10 @@ def test_migrations_up_down_and_up_again(postgres: Postgres) -> None:
 def test_node_ingests_four_senders_into_postgres(postgres: Postgres, tmp_path: Path) -> None:
     series = [write_ct_series(tmp_path / f"s{i}", 25, rows=64, columns=64, seed=i)
               for i in range(4)]
+    for path in series[0]:  # one series declares its image count (the count rule's SQL)
+        ds = pydicom.dcmread(path)
+        ds.ImagesInAcquisition = 25
+        ds.save_as(path, enforce_file_format=True)
     node = start_node(tmp_path / "node", sections={
         "database": {"url": postgres.url}})
     try:
@@ -92,9 +97,13 @@ def test_node_ingests_four_senders_into_postgres(postgres: Postgres, tmp_path: P
                         select(SeriesEvent.reason).where(SeriesEvent.to_status == "queued")
                     ).scalars())
                 time.sleep(0.2)
+            with engine.connect() as conn:
+                expected = conn.execute(select(Series.expected_instances)).scalars().all()
         finally:
             engine.dispose()
         assert reasons == ["association released by the sender"] * 4
+        # The declared count was noted at the release (PostgreSQL's CASE), and met.
+        assert sorted(expected, key=lambda e: e is None) == [25, None, None, None]
     finally:
         node.stop()
 
