@@ -301,7 +301,19 @@ class Report(Base):
     __table_args__ = (UniqueConstraint("sop_instance_uid", name="uq_reports_sop_instance_uid"),)
 
 
-class OutboxEntry(Base):
+class _Attempts:
+    """The retry state of something sent to a peer until it takes it: report deliveries and
+    alerts alike."""
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class OutboxEntry(_Attempts, Base):
     """One report to deliver to one destination, with its retry state (survives restarts).
 
     The destination is copied from the configuration when the row is made, so that a later
@@ -319,19 +331,13 @@ class OutboxEntry(Base):
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
     state: Mapped[DeliveryState] = mapped_column(_delivery_enum(), default=DeliveryState.PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     report: Mapped[Report] = relationship(back_populates="deliveries")
 
     __table_args__ = (Index("ix_outbox_state_next_attempt", "state", "next_attempt_at"),)
 
 
-class Alert(Base):
+class Alert(_Attempts, Base):
     """One message about a flagged series to one alert URL (``[alerts]``), with its retry state
     (survives restarts, like the report outbox)."""
 
@@ -345,11 +351,5 @@ class Alert(Base):
     payload: Mapped[str] = mapped_column(Text)
     # "pending", "sent" or "failed" (attempts ran out)
     state: Mapped[str] = mapped_column(String(16), default="pending")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_alerts_due", "state", "next_attempt_at"),)
