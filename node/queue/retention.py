@@ -93,7 +93,11 @@ def install(scheduler: BaseScheduler, settings: Settings,
     """Add the retention job to the service's scheduler (none when ``retention_days`` is 0)."""
     st = settings.storage
     if st.retention_days <= 0:
+        log.info("retention off: every received image is kept ([storage].retention_days = 0)")
         return
+    log.info("retention: images of series finished and quiet for %g days are deleted "
+             "(checked every %g s)", st.retention_days, st.retention_check_s,
+             extra={"storage": str(st.dir)})
     scheduler.add_job(
         purge_expired,
         "interval",
