@@ -37,9 +37,9 @@ BATCH = 500
 
 def _remove(storage: Path, rel: str) -> bool:
     """Delete one stored file and the folders it leaves empty (series, then study); never
-    anything outside the storage folder."""
+    anything outside the storage folder (``storage`` is resolved by the caller)."""
     path = storage / rel
-    if storage.resolve() not in path.resolve().parents:
+    if storage not in path.resolve().parents:
         log.warning("not deleting %s: outside the storage folder", rel)
         return False
     try:
@@ -70,6 +70,7 @@ def purge_expired(
     reason = f"images deleted: finished and quiet for {retention_days:g} days (retention)"
     with session_factory() as session:
         ids = repo.expired_series_ids(session, cutoff, BATCH)
+    root = storage.resolve()
     purged = 0
     for series_id in ids:
         try:
@@ -80,7 +81,7 @@ def purge_expired(
         except QueueConflict as exc:  # an instance arrived, or it is being scored again
             log.debug("series not purged: %s", exc)
             continue
-        removed = sum(_remove(storage, rel) for rel in paths)
+        removed = sum(_remove(root, rel) for rel in paths)
         purged += 1
         log.info("series images deleted (retention)",
                  extra={"series_uid": uid, "instances": len(paths), "files_removed": removed,

@@ -47,7 +47,12 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
+    generate_uid,
+)
 
 from node.errors import ReportError
 from node.report.content import SeriesVerdict, SliceVerdict
@@ -91,7 +96,6 @@ REJECTION_SERIES_NUMBER = 9903
 
 #: Report kinds, each in a report series of its own per source series.
 REPORT_KINDS = ("SR", "KOS", "REJECT")
-KOS_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.59"
 
 _PROCEDURE_BY_MODALITY = {
     "MR": codes.cid100.MRIUnspecifiedBodyRegion,
@@ -474,7 +478,8 @@ def build_rejection_note(
     if not stale:
         raise ReportError("a rejection note needs at least one KOS to withdraw")
     for ds in stale:
-        if ds.SOPClassUID != KOS_SOP_CLASS_UID or ds.StudyInstanceUID != verdict.study_instance_uid:
+        if (ds.SOPClassUID != KeyObjectSelectionDocumentStorage
+                or ds.StudyInstanceUID != verdict.study_instance_uid):
             raise ReportError(f"{ds.SOPInstanceUID} is not a key object selection of study "
                               f"{verdict.study_instance_uid}")
     description = (
