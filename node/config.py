@@ -137,23 +137,62 @@ class ModelSettings(_Section):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
 
 
+#: Series descriptions the default brain T1 rule leaves alone although their echo time is short:
+#: angiography (time of flight) and susceptibility-weighted images are not T1 anatomy.
+BRAIN_T1_EXCLUDED_DESCRIPTIONS = r"(?<![a-z])(tof|angio|mra|swi|swan)"
+
+
 class RoutingRule(_Section):
     name: str
     modality: str | None = None
-    body_part: str | None = None
+    body_part: list[str] = Field(default_factory=list)  # any of (one string: that one)
     series_description: str | None = None  # regular expression, case-insensitive search
+    exclude_series_description: str | None = None  # a match declines the series
     image_type: list[str] = Field(default_factory=list)  # all must be present
+    echo_time_ms: tuple[float, float] | None = None  # [lowest, highest], inclusive
+    repetition_time_ms: tuple[float, float] | None = None
+    acquisition_contrast: list[str] = Field(default_factory=list)  # any of (enhanced MR)
+    when_unstated: Literal["match", "skip"] = "match"
     model: Path | None = None  # None: [model].bundle
     min_abnormal_slices: int = Field(1, ge=1)
     score_derived: bool = False
 
+    @field_validator("body_part", "acquisition_contrast", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("body_part", "acquisition_contrast")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [v.strip().upper() for v in values if v.strip()]
+
+    @field_validator("echo_time_ms", "repetition_time_ms")
+    @classmethod
+    def _range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError(f"{list(value)} is not [lowest, highest] with 0 <= lowest <= highest")
+        return value
+
+
+def default_rules() -> list[RoutingRule]:
+    """The rule of the shipped brain T1 model: brain (or unstated) MR with a T1-like echo time."""
+    return [
+        RoutingRule(
+            name="brain-t1-mr",
+            modality="MR",
+            body_part=["HEAD", "BRAIN", "SKULL"],
+            echo_time_ms=(0.0, 20.0),
+            exclude_series_description=BRAIN_T1_EXCLUDED_DESCRIPTIONS,
+            min_abnormal_slices=3,
+        )
+    ]
+
 
 class RoutingSettings(_Section):
-    rules: list[RoutingRule] = Field(
-        default_factory=lambda: [
-            RoutingRule(name="brain-t1-mr", modality="MR", min_abnormal_slices=3),
-        ]
-    )
+    rules: list[RoutingRule] = Field(default_factory=default_rules)
 
 
 class Destination(_Section):

@@ -8,11 +8,12 @@ a model to load (or be blocked by a broken weights file, which the page then rep
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from node.config import Settings
+from node.config import RoutingRule, Settings
+from node.worker.routing import describe_rule
 
 # The bundle layout of node/model/bundle.py (MODEL_JSON, DEFAULT_NAME), restated rather than
 # imported: importing that module would import torch.
@@ -30,6 +31,7 @@ class BundleView:
         path: the bundle folder.
         label: "name version" (the label verdicts and review counts use), or the folder name.
         rules: routing rules that send series to this bundle.
+        rule_conditions: each of those rules' conditions in words (same order).
         threshold: the threshold in force (the configured override, else the calibrated one).
         threshold_source: "configuration" or "calibration".
         target_fpr: the slice false-positive rate the threshold was calibrated for.
@@ -54,6 +56,7 @@ class BundleView:
     description: str | None = None
     created: str | None = None
     error: str | None = None
+    rule_conditions: tuple[str, ...] = ()
 
 
 def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
@@ -94,11 +97,15 @@ def label_of(meta: dict[str, Any], path: Path) -> str:
 def bundles(settings: Settings) -> list[BundleView]:
     """Every bundle the routing rules can pick, with the rules that pick it."""
     default = Path(settings.model.bundle) if settings.model.bundle else DEFAULT_BUNDLE
-    by_path: dict[Path, list[str]] = {}
+    by_path: dict[Path, list[RoutingRule]] = {}
     for rule in settings.routing.rules:
-        by_path.setdefault(Path(rule.model) if rule.model else default, []).append(rule.name)
+        by_path.setdefault(Path(rule.model) if rule.model else default, []).append(rule)
     by_path.setdefault(default, [])
-    return [_view(path, tuple(rules), settings) for path, rules in by_path.items()]
+    return [
+        replace(_view(path, tuple(r.name for r in rules), settings),
+                rule_conditions=tuple(describe_rule(r) for r in rules))
+        for path, rules in by_path.items()
+    ]
 
 
 def _view(path: Path, rules: tuple[str, ...], settings: Settings) -> BundleView:

@@ -13,6 +13,7 @@ _MODULES = (
     "node.commands.queue",
     "node.commands.echo",
     "node.commands.alert",
+    "node.commands.route",
     "node.commands.model",
     "node.commands.score",
 )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import RTDoseStorage, SegmentationStorage
 
 from node.errors import AssemblyError, NoImages
+from node.worker.acquisition import Acquisition, functional_group_item, series_acquisition
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class SeriesAttributes:
         series_description: Series Description (0008,103E).
         image_type: Image Type (0008,0008) values, upper case (the most common among images).
         complex_component: Complex Image Component (0008,9208) of enhanced MR, when present.
+        acquisition: echo and repetition time, acquisition contrast (MR; empty otherwise;
+            :func:`node.worker.acquisition.series_acquisition`).
     """
 
     study_instance_uid: str
@@ -82,6 +85,7 @@ class SeriesAttributes:
     series_description: str | None
     image_type: tuple[str, ...]
     complex_component: str | None = None
+    acquisition: Acquisition = field(default_factory=Acquisition)
 
 
 @dataclass(frozen=True)
@@ -306,26 +310,11 @@ def series_attributes(headers: Sequence[Dataset]) -> SeriesAttributes:
         series_description=_text(first.get("SeriesDescription")),
         image_type=image_type,
         complex_component=_text(first.get("ComplexImageComponent")),
+        acquisition=series_acquisition(images),
     )
 
 
 # --- geometry --------------------------------------------------------------------------------
-
-
-def _group_item(ds: Dataset, frame_index: int | None, sequence: str) -> Dataset | None:
-    """The functional group item ``sequence`` for one frame: per-frame first, then shared."""
-    containers: list[Dataset] = []
-    if frame_index is not None and "PerFrameFunctionalGroupsSequence" in ds:
-        per_frame = ds.PerFrameFunctionalGroupsSequence
-        if frame_index < len(per_frame):
-            containers.append(per_frame[frame_index])
-    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
-        containers.append(ds.SharedFunctionalGroupsSequence[0])
-    for container in containers:
-        seq = container.get(sequence)
-        if seq is not None and len(seq):
-            return seq[0]  # type: ignore[no-any-return]
-    return None
 
 
 def _floats(value: object, count: int) -> tuple[float, ...] | None:
@@ -350,9 +339,9 @@ class _FrameInfo:
 
 def _frame_info(ds: Dataset, frame_index: int | None) -> _FrameInfo:
     """Orientation, position, spacing and rescale of one frame (or of a single-frame image)."""
-    item = _group_item(ds, frame_index, "PlaneOrientationSequence")
+    item = functional_group_item(ds, frame_index, "PlaneOrientationSequence")
     orientation = _floats((item or ds).get("ImageOrientationPatient"), 6)
-    item = _group_item(ds, frame_index, "PlanePositionSequence")
+    item = functional_group_item(ds, frame_index, "PlanePositionSequence")
     if item is not None:
         position = _floats(item.get("ImagePositionPatient"), 3)
     elif frame_index is None or frame_index == 0 or "NumberOfFrames" not in ds:
@@ -360,7 +349,7 @@ def _frame_info(ds: Dataset, frame_index: int | None) -> _FrameInfo:
         position = _floats(ds.get("ImagePositionPatient"), 3)
     else:
         position = None
-    item = _group_item(ds, frame_index, "PixelMeasuresSequence")
+    item = functional_group_item(ds, frame_index, "PixelMeasuresSequence")
     spacing_values = _floats((item or ds).get("PixelSpacing"), 2)
     if spacing_values is None:
         spacing_values = _floats(ds.get("ImagerPixelSpacing"), 2)
@@ -368,7 +357,7 @@ def _frame_info(ds: Dataset, frame_index: int | None) -> _FrameInfo:
     if spacing is not None and min(spacing) <= 0:
         spacing = None
     rescale = None
-    item = _group_item(ds, frame_index, "PixelValueTransformationSequence")
+    item = functional_group_item(ds, frame_index, "PixelValueTransformationSequence")
     if item is not None and "RescaleSlope" in item and "RescaleIntercept" in item:
         rescale = Dataset()
         rescale.RescaleSlope = item.RescaleSlope

@@ -7,8 +7,19 @@ derived and localizer images match only rules with ``score_derived = true``; a s
 rule takes is ``skipped`` with the reason.
 
 Conditions of a rule (each one that is set must hold): ``modality`` (equal, case-insensitive),
-``body_part`` (Body Part Examined, equal, case-insensitive), ``series_description`` (regular
-expression, case-insensitive search), ``image_type`` (every listed value present in Image Type).
+``body_part`` (Body Part Examined, one of the listed values, case-insensitive),
+``series_description`` (regular expression, case-insensitive search),
+``exclude_series_description`` (a match declines), ``image_type`` (every listed value present
+in Image Type), ``echo_time_ms`` and ``repetition_time_ms`` (inclusive ranges) and
+``acquisition_contrast`` (enhanced MR; one of the listed values): see
+:mod:`node.worker.acquisition`. Body part, times and contrast are often missing from headers
+(Body Part Examined is optional and many brain series lack it); ``when_unstated`` says whether
+a condition on a value the series does not state holds (``match``, the default) or declines it.
+
+The shipped default rule (:func:`node.config.default_rules`) sends the default brain T1 model
+only MR series that say they are of the head (or say nothing), with an echo time of at most
+20 ms, and not angiography or susceptibility-weighted: out of the box the node does not flag
+every knee, prostate, T2 or diffusion series of a department as a quality issue.
 """
 
 from __future__ import annotations
@@ -75,24 +86,87 @@ def _pattern(expression: str) -> re.Pattern[str]:
         return re.compile(expression, re.IGNORECASE)
     except re.error as exc:
         raise ConfigError(
-            f"routing rule: bad series_description pattern {expression!r}: {exc}"
+            f"routing rule: bad series description pattern {expression!r}: {exc}"
         ) from exc
+
+
+def _stated(rule: RoutingRule, what: str) -> str | None:
+    """The verdict on a condition the series does not state: met, or this reason."""
+    return None if rule.when_unstated == "match" else f"{what} not stated (when_unstated = skip)"
+
+
+def _in_range(value: float | None, bounds: tuple[float, float] | None, what: str,
+              rule: RoutingRule) -> str | None:
+    if bounds is None:
+        return None
+    if value is None:
+        return _stated(rule, what)
+    low, high = bounds
+    if low <= value <= high:
+        return None
+    return f"{what} {value:g} ms is outside {low:g}-{high:g} ms"
+
+
+def _one_of(value: str | None, allowed: list[str], what: str, rule: RoutingRule) -> str | None:
+    if not allowed:
+        return None
+    if value is None:
+        return _stated(rule, what)
+    if value.upper() in allowed:
+        return None
+    return f"{what} {value} is not " + (
+        allowed[0] if len(allowed) == 1 else "one of " + ", ".join(allowed))
 
 
 def _mismatch(rule: RoutingRule, attrs: SeriesAttributes) -> str | None:
     """The first condition of ``rule`` that ``attrs`` fails, or None when all hold."""
     if rule.modality and (attrs.modality or "").upper() != rule.modality.upper():
         return f"modality {attrs.modality or 'absent'} is not {rule.modality}"
-    if rule.body_part and (attrs.body_part or "").upper() != rule.body_part.upper():
-        return f"body part {attrs.body_part or 'absent'} is not {rule.body_part}"
-    if rule.series_description and not _pattern(rule.series_description).search(
-        attrs.series_description or ""
-    ):
+    if why := _one_of(attrs.body_part, rule.body_part, "body part", rule):
+        return why
+    description = attrs.series_description or ""
+    if rule.series_description and not _pattern(rule.series_description).search(description):
         return f"series description {attrs.series_description!r} does not match"
+    if rule.exclude_series_description and _pattern(rule.exclude_series_description).search(
+        description
+    ):
+        return f"series description {attrs.series_description!r} is excluded"
     missing = [v for v in rule.image_type if v.upper() not in attrs.image_type]
     if missing:
         return f"image type lacks {', '.join(missing)}"
-    return None
+    acquisition = attrs.acquisition
+    if why := _in_range(acquisition.echo_time_ms, rule.echo_time_ms, "echo time", rule):
+        return why
+    if why := _in_range(acquisition.repetition_time_ms, rule.repetition_time_ms,
+                        "repetition time", rule):
+        return why
+    return _one_of(acquisition.contrast, rule.acquisition_contrast, "acquisition contrast", rule)
+
+
+def describe_rule(rule: RoutingRule) -> str:
+    """The conditions of a rule in words, for the models page ("any series" when it has none)."""
+    unstated = " (or not stated)" if rule.when_unstated == "match" else ""
+    parts: list[str] = []
+    if rule.modality:
+        parts.append(f"modality {rule.modality.upper()}")
+    if rule.body_part:
+        parts.append("body part " + " or ".join(rule.body_part) + unstated)
+    if rule.series_description:
+        parts.append(f"description matching /{rule.series_description}/")
+    if rule.exclude_series_description:
+        parts.append(f"description not matching /{rule.exclude_series_description}/")
+    if rule.image_type:
+        parts.append("image type with " + ", ".join(rule.image_type))
+    for what, bounds in (("echo time", rule.echo_time_ms),
+                         ("repetition time", rule.repetition_time_ms)):
+        if bounds is not None:
+            parts.append(f"{what} {bounds[0]:g}-{bounds[1]:g} ms{unstated}")
+    if rule.acquisition_contrast:
+        parts.append("contrast " + " or ".join(rule.acquisition_contrast) + unstated)
+    parts.append("phase, derived and localizer images too" if rule.score_derived
+                 else "not phase, derived or localizer images")
+    parts.append(f"flagged from {rule.min_abnormal_slices} abnormal slice(s)")
+    return "; ".join(parts)
 
 
 def validate_rules(settings: Settings) -> None:
@@ -102,8 +176,9 @@ def validate_rules(settings: Settings) -> None:
         ConfigError: a ``series_description`` is not a valid regular expression.
     """
     for rule in settings.routing.rules:
-        if rule.series_description:
-            _pattern(rule.series_description)
+        for expression in (rule.series_description, rule.exclude_series_description):
+            if expression:
+                _pattern(expression)
 
 
 def route(attrs: SeriesAttributes, rules: list[RoutingRule], model: ModelSettings) -> Route:

@@ -26,6 +26,9 @@ def test_bundle_facts_match_model_json(tiny_bundle: Path) -> None:
     assert view.error is None
     assert view.label == f"{meta['name']} {meta['version']}"
     assert view.rules == ("mr",)
+    assert view.rule_conditions == (
+        "modality MR; not phase, derived or localizer images; flagged from 1 abnormal slice(s)",
+    )
     assert view.threshold == meta["calibration"]["threshold"]
     assert view.threshold_source == "calibration"
     assert view.target_fpr == meta["calibration"]["target_fpr"]
@@ -41,3 +44,13 @@ def test_configured_threshold_overrides_and_a_missing_bundle_is_reported(tiny_bu
     assert views[tiny_bundle].threshold_source == "configuration"
     missing = views[Path("/nowhere")]
     assert missing.error and "model.json" in missing.error and missing.rules == ("ct-other",)
+
+
+def test_default_rule_conditions_in_words() -> None:
+    (view,) = bundles(Settings())
+    assert view.rules == ("brain-t1-mr",)
+    assert view.rule_conditions == (
+        "modality MR; body part HEAD or BRAIN or SKULL (or not stated); description not matching "
+        "/(?<![a-z])(tof|angio|mra|swi|swan)/; echo time 0-20 ms (or not stated); not phase, "
+        "derived or localizer images; flagged from 3 abnormal slice(s)",
+    )

@@ -235,6 +235,8 @@ def test_pages_are_served_while_ingest_holds_the_write_lock(node) -> None:  # ty
         # The uncommitted change is not visible to them.
         assert _rows(http(f"{base}/queue?modality=CT").text) == []
     assert _rows(http(f"{base}/queue?modality=CT").text) == [prostate]
+    # The models page says what each routing rule takes, in words.
+    assert 'class="rules"' in http(f"{base}/models").text
     with factory.begin() as writer:
         writer.execute(text("UPDATE series SET modality = 'MR' WHERE series_instance_uid = :u"),
                        {"u": prostate})

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 
 from node.config import Settings
 from node.errors import ConfigError
+from node.worker.acquisition import Acquisition, acquisition_of
 from node.worker.assemble import SeriesAttributes, read_headers, series_attributes
 from node.worker.routing import route, validate_rules
 from tests.worker.conftest import (
@@ -59,8 +61,11 @@ def test_default_rules_on_the_real_series() -> None:
     derived = route(attrs_of(STUDYFORREST), rules, model)
     assert derived.skipped and derived.reason is not None and "derived image" in derived.reason
 
-    # Another body part is still MR: the brain model scores it (and should flag it).
-    assert not route(attrs_of(PROSTATE), rules, model).skipped
+    # Another body part, and a T2: the brain T1 model is not asked (it would flag every slice).
+    prostate = route(attrs_of(PROSTATE), rules, model)
+    assert prostate.skipped and prostate.reason == (
+        "no routing rule matches (brain-t1-mr: body part PROSTATE is not one of HEAD, BRAIN, SKULL)"
+    )
 
 
 def test_no_rule_matches_gives_the_reason() -> None:
@@ -126,5 +131,95 @@ def test_enhanced_mr_phase_component() -> None:
 
 def test_bad_pattern_refused_at_start_up() -> None:
     settings = settings_with([{"name": "bad", "series_description": "t1("}])
-    with pytest.raises(ConfigError, match="bad series_description pattern"):
+    with pytest.raises(ConfigError, match="bad series description pattern"):
         validate_rules(settings)
+    settings = settings_with([{"name": "bad", "exclude_series_description": "[tof"}])
+    with pytest.raises(ConfigError, match="bad series description pattern"):
+        validate_rules(settings)
+
+
+def test_default_rule_takes_brain_t1_and_declines_other_mr() -> None:
+    settings = Settings()
+    rules, model = list(settings.routing.rules), settings.model
+
+    def reason(**kw: object) -> str | None:
+        return route(make_attrs(**kw), rules, model).reason
+
+    t1 = {"acquisition": Acquisition(echo_time_ms=2.3, repetition_time_ms=2300.0)}
+    assert reason(**t1) is None
+    assert reason(body_part=None, **t1) is None  # Body Part Examined is often missing
+    assert reason(body_part="HEAD", acquisition=Acquisition(echo_time_ms=15.0)) is None
+    assert reason(acquisition=Acquisition()) is None  # times not stated: taken
+    assert reason(body_part="KNEE", **t1) == (
+        "no routing rule matches (brain-t1-mr: body part KNEE is not one of HEAD, BRAIN, SKULL)"
+    )
+    assert reason(series_description="AX T2 FLAIR", acquisition=Acquisition(echo_time_ms=120.0)) \
+        == "no routing rule matches (brain-t1-mr: echo time 120 ms is outside 0-20 ms)"
+    for description in ("tof_3d_multi-slab", "3D TOF", "SWI_Images", "MRA Circle of Willis"):
+        why = reason(series_description=description, acquisition=Acquisition(echo_time_ms=3.6))
+        assert why is not None and "is excluded" in why, description
+    # Words that merely contain the letters are not excluded.
+    assert reason(series_description="t1_mprage_sag_iso_stofan", **t1) is None
+
+
+def test_acquisition_conditions_and_unstated_values() -> None:
+    settings = settings_with([
+        {"name": "strict", "modality": "MR", "body_part": ["brain"],
+         "repetition_time_ms": [300, 800], "acquisition_contrast": "t1",
+         "when_unstated": "skip"},
+        {"name": "lenient", "modality": "MR", "acquisition_contrast": ["T1", "MIXED"]},
+    ])
+    rules, model = list(settings.routing.rules), settings.model
+    assert rules[0].body_part == ["BRAIN"] and rules[0].acquisition_contrast == ["T1"]
+    full = Acquisition(echo_time_ms=12.0, repetition_time_ms=500.0, contrast="T1")
+    r = route(make_attrs(acquisition=full), rules, model)
+    assert r.rule is not None and r.rule.name == "strict"
+    r = route(make_attrs(body_part=None, acquisition=full), rules, model)
+    assert r.rule is not None and r.rule.name == "lenient"
+    # No contrast stated: the strict rule declines, the lenient one (match) takes it.
+    r = route(make_attrs(acquisition=Acquisition(repetition_time_ms=500.0)), rules, model)
+    assert r.rule is not None and r.rule.name == "lenient"
+    r = route(make_attrs(acquisition=Acquisition(repetition_time_ms=500.0)), rules[:1], model)
+    assert r.reason == (
+        "no routing rule matches (strict: acquisition contrast not stated (when_unstated = skip))"
+    )
+    r = route(make_attrs(acquisition=Acquisition(repetition_time_ms=2000.0, contrast="T2")),
+              rules, model)
+    assert r.reason == (
+        "no routing rule matches (strict: repetition time 2000 ms is outside 300-800 ms; "
+        "lenient: acquisition contrast T2 is not one of T1, MIXED)"
+    )
+
+
+@pytest.mark.parametrize("bounds", [[20, 10], [-1, 5], [1, 2, 3]])
+def test_bad_time_ranges_refused(bounds: list[float]) -> None:
+    with pytest.raises(ValueError, match="echo_time_ms"):
+        settings_with([{"name": "bad", "echo_time_ms": bounds}])
+
+
+def test_acquisition_read_from_classic_and_enhanced_headers() -> None:
+    classic = Dataset()
+    classic.EchoTime = "4.92"
+    classic.RepetitionTime = 488
+    assert acquisition_of(classic) == Acquisition(echo_time_ms=4.92, repetition_time_ms=488.0)
+
+    enhanced = Dataset()
+    enhanced.AcquisitionContrast = "T1"
+    echo, timing, shared, frame = Dataset(), Dataset(), Dataset(), Dataset()
+    echo.EffectiveEchoTime = 2.26
+    timing.RepetitionTime = 1900.0
+    frame.MREchoSequence = [echo]
+    shared.MRTimingAndRelatedParametersSequence = [timing]
+    enhanced.PerFrameFunctionalGroupsSequence = [frame]
+    enhanced.SharedFunctionalGroupsSequence = [shared]
+    assert acquisition_of(enhanced) == Acquisition(echo_time_ms=2.26, repetition_time_ms=1900.0,
+                                                   contrast="T1")
+    assert acquisition_of(Dataset()) == Acquisition()
+
+    # The real series: the Siemens dual-echo field map (4.92 and 7.38 ms) counts its longer
+    # echo; the prostate T2 states its times too.
+    headers = read_headers(series_files(SIEMENS_MAGNITUDE))
+    assert {acquisition_of(ds).echo_time_ms for ds in headers} == {4.92, 7.38}
+    assert series_attributes(headers).acquisition == Acquisition(7.38, 488.0, None)
+    prostate = attrs_of(PROSTATE).acquisition
+    assert prostate.echo_time_ms == 120.0 and prostate.repetition_time_ms is not None

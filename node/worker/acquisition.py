@@ -1,0 +1,101 @@
+"""How an MR image was acquired, as far as its header says: echo and repetition time, contrast.
+
+Routing needs it: a model of normal brain T1 images judges a T2, FLAIR or diffusion series as
+wholly abnormal, and a department that sends every MR series to the node would get a "Quality
+Issue" flag on each of them. Modality and Body Part Examined do not tell a T1 from a T2, but
+the timing does: T1-weighted images have a short echo time (gradient echo 2-6 ms, spin echo
+10-20 ms), T2, FLAIR and diffusion a long one (60 ms and more).
+
+Classic MR images carry Echo Time (0018,0081) and Repetition Time (0018,0080) at the top level
+(PS3.3 C.8.3.1). Enhanced MR objects keep them in functional groups (PS3.3 C.8.13.5): Effective
+Echo Time (0018,9082) in the MR Echo Sequence, Repetition Time in the MR Timing and Related
+Parameters Sequence, and state the weighting itself in Acquisition Contrast (0008,9209).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+
+def functional_group_item(ds: Dataset, frame_index: int | None, sequence: str) -> Dataset | None:
+    """The functional group item ``sequence`` for one frame: per-frame first, then shared."""
+    containers: list[Dataset] = []
+    if frame_index is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+        if frame_index < len(per_frame):
+            containers.append(per_frame[frame_index])
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        containers.append(ds.SharedFunctionalGroupsSequence[0])
+    for container in containers:
+        seq = container.get(sequence)
+        if seq is not None and len(seq):
+            return seq[0]  # type: ignore[no-any-return]
+    return None
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """The acquisition parameters routing may test; None where the header does not say.
+
+    Attributes:
+        echo_time_ms: Echo Time, or the first frame's Effective Echo Time (enhanced MR).
+        repetition_time_ms: Repetition Time (top level or MR Timing functional group).
+        contrast: Acquisition Contrast of enhanced MR (``T1``, ``T2``, ``PROTON_DENSITY``,
+            ``DIFFUSION``, ``FLUID_ATTENUATED``...), upper case.
+    """
+
+    echo_time_ms: float | None = None
+    repetition_time_ms: float | None = None
+    contrast: str | None = None
+
+
+def _number(value: object) -> float | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | int | float):  # multi-valued: the first value
+        try:
+            value = next(iter(value))  # type: ignore[call-overload]
+        except (TypeError, StopIteration):
+            return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def acquisition_of(ds: Dataset) -> Acquisition:
+    """The acquisition parameters of one image (its first frame for a multi-frame object)."""
+    echo = _number(ds.get("EchoTime"))
+    if echo is None:
+        item = functional_group_item(ds, 0, "MREchoSequence")
+        echo = _number(item.get("EffectiveEchoTime")) if item is not None else None
+    repetition = _number(ds.get("RepetitionTime"))
+    if repetition is None:
+        item = functional_group_item(ds, 0, "MRTimingAndRelatedParametersSequence")
+        repetition = _number(item.get("RepetitionTime")) if item is not None else None
+    contrast = str(ds.get("AcquisitionContrast", "") or "").strip().upper() or None
+    return Acquisition(echo_time_ms=echo, repetition_time_ms=repetition, contrast=contrast)
+
+
+def series_acquisition(images: Sequence[Dataset]) -> Acquisition:
+    """The acquisition of a series: its longest echo and repetition time, its commonest contrast.
+
+    A series may mix echoes (a dual-echo field map, a proton-density/T2 pair). The longest
+    echo time is the one that says whether any of its images is T2-weighted, which is what a
+    rule for a T1 model must know.
+    """
+    each = [acquisition_of(ds) for ds in images]
+    echoes = [a.echo_time_ms for a in each if a.echo_time_ms is not None]
+    repetitions = [a.repetition_time_ms for a in each if a.repetition_time_ms is not None]
+    contrasts = Counter(a.contrast for a in each if a.contrast is not None)
+    return Acquisition(
+        echo_time_ms=max(echoes) if echoes else None,
+        repetition_time_ms=max(repetitions) if repetitions else None,
+        contrast=contrasts.most_common(1)[0][0] if contrasts else None,
+    )
