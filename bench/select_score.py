@@ -28,7 +28,7 @@ subjects, as ``node/models/README.md`` says). The scored records are cached besi
 (``selection-records.pkl``). The last lines print the ``vaenode calibrate`` arguments.
 
     .venv/bin/python bench/select_score.py --model BUNDLE [--subjects 8] [--top 25] [--parts 3] \
-        [--sharper]
+        [--sharper] [--no-full-complexity-tail]
 """
 
 from __future__ import annotations
@@ -242,6 +242,9 @@ def main() -> None:
                         help="most parts in a combination (main + alternatives)")
     parser.add_argument("--sharper", action="store_true",
                         help="one more normal site variant: 2 d - G_0.5(d) (see sharper())")
+    parser.add_argument("--no-full-complexity-tail", action="store_true",
+                        help="leave out the weightings with complexity weight 1 and a tail "
+                        "(bench/explore-logs/fulltail-preregistration.md)")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -251,8 +254,9 @@ def main() -> None:
     data, variant_comps, noise_comps = load_records(bundle, args.model, args.subjects)
     if args.sharper:
         variant_comps = variant_comps + sharper_records(bundle, args.model, args.subjects)
-    singles = [make_part(bundle, data, variant_comps, noise_comps, w, t, q)
-               for w, t, q in itertools.product(WEIGHTS, TAILS, QUANTILES)]
+    grid = [(w, t, q) for w, t, q in itertools.product(WEIGHTS, TAILS, QUANTILES)
+            if not (args.no_full_complexity_tail and w == 1.0 and t > 0)]
+    singles = [make_part(bundle, data, variant_comps, noise_comps, w, t, q) for w, t, q in grid]
     results = [judge(data, [p]) for p in singles]
     if args.parts >= 2:
         results += [judge(data, [a, b]) for a, b in itertools.combinations(singles, 2)

@@ -29,6 +29,9 @@ from node.errors import ConfigError
 ENV_PREFIX = "VAENODE_"
 DEFAULT_CONFIG = Path("config/node.toml")
 
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 5.6.2 token
+_HEADERS_SET_BY_THE_NODE = frozenset({"content-type", "content-length", "host",
+                                      "transfer-encoding", "connection"})
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2 AE: 16 chars, no backslash
 
 
@@ -224,6 +227,9 @@ class AlertSettings(_Section):
     retry_base_s: float = Field(10.0, gt=0)
     retry_max_s: float = Field(300.0, gt=0)
     poll_interval_s: float = Field(5.0, gt=0)
+    # Extra HTTP headers per URL (an Authorization token an endpoint wants), sent to that URL
+    # only: {url = {Header-Name = "value"}}.
+    headers: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     @field_validator("urls")
     @classmethod
@@ -232,6 +238,24 @@ class AlertSettings(_Section):
             if not url.lower().startswith(("http://", "https://")):
                 raise ValueError(f"{url!r}: an alert URL starts with http:// or https://")
         return v
+
+    @model_validator(mode="after")
+    def _headers_of_known_urls(self) -> AlertSettings:
+        for url, headers in self.headers.items():
+            if url not in self.urls:
+                raise ValueError(f"headers for {url!r}, which is not one of alerts.urls")
+            for name, value in headers.items():
+                if not _HEADER_NAME_RE.match(name):
+                    raise ValueError(f"{name!r} is not an HTTP header name")
+                if name.lower() in _HEADERS_SET_BY_THE_NODE:
+                    raise ValueError(f"{name} is set by the node and cannot be configured")
+                if any(c in value for c in "\r\n\0"):
+                    raise ValueError(f"the value of header {name} holds a line break or NUL")
+        return self
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        """The configured extra headers of one URL (none for a URL not configured)."""
+        return dict(self.headers.get(url, {}))
 
 
 class AdminSettings(_Section):

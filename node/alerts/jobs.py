@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,12 +29,21 @@ JOB_ID = "alerts.send"
 BATCH = 50
 
 
-def post(url: str, payload: str, timeout_s: float) -> None:
-    """POST the JSON ``payload``; raises OSError (URLError, HTTPError) unless the answer is
-    2xx."""
+def shown(url: str) -> str:
+    """The URL as logs show it: scheme, host and port only. Webhook URLs carry their secret in
+    the path (Slack, Teams), and logs travel further than the configuration."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/..."
+
+
+def post(url: str, payload: str, timeout_s: float,
+         headers: Mapping[str, str] | None = None) -> None:
+    """POST the JSON ``payload`` with the configured extra ``headers``; raises OSError
+    (URLError, HTTPError) unless the answer is 2xx."""
     request = urllib.request.Request(
         url, data=payload.encode("utf-8"), method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": "vaenode-alerts"})
+        headers={**(headers or {}), "Content-Type": "application/json",
+                 "User-Agent": "vaenode-alerts"})
     with urllib.request.urlopen(request, timeout=timeout_s) as reply:  # http(s) only: config
         reply.read()
 
@@ -42,16 +53,16 @@ def send_due(session_factory: sessionmaker[Session], settings: AlertSettings) ->
     sent = 0
     for alert in outbox.due(session_factory, lease_s=settings.timeout_s + 30.0, limit=BATCH):
         try:
-            post(alert.url, alert.payload, settings.timeout_s)
+            post(alert.url, alert.payload, settings.timeout_s, settings.headers_for(alert.url))
         except (OSError, ValueError) as exc:  # unreachable, refused, timeout, non-2xx
             state = outbox.mark(session_factory, alert, f"{type(exc).__name__}: {exc}",
                                 settings)
             log.warning("alert not delivered (%s): %s", state, exc,
-                        extra={"alert_id": alert.id, "url": alert.url})
+                        extra={"alert_id": alert.id, "url": shown(alert.url)})
         else:
             outbox.mark(session_factory, alert, None, settings)
             sent += 1
-            log.info("alert sent", extra={"alert_id": alert.id, "url": alert.url})
+            log.info("alert sent", extra={"alert_id": alert.id, "url": shown(alert.url)})
     return sent
 
 

@@ -15,7 +15,8 @@ from node.errors import ConfigError, DeliveryError
 def alert_test(
     config: ConfigOption = None,
     url: Annotated[list[str] | None, typer.Option(
-        "--url", help="Post to this URL instead of [alerts].urls (repeatable).")] = None,
+        "--url", help="Post to this URL instead of [alerts].urls (repeatable; the headers "
+        "[alerts].headers gives a configured URL go with it).")] = None,
 ) -> None:
     """Post a test message (event "test") to every alert URL; exit 1 when any fails."""
     from node.alerts.jobs import post
@@ -32,7 +33,8 @@ def alert_test(
     failed = []
     for target in urls:
         try:
-            post(target, payload, settings.alerts.timeout_s)
+            post(target, payload, settings.alerts.timeout_s,
+                 settings.alerts.headers_for(target))
         except (OSError, ValueError) as exc:
             typer.echo(f"{target}: failed: {exc}", err=True)
             failed.append(target)

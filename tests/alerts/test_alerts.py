@@ -4,6 +4,7 @@ loopback, retried when it fails, given up after the attempts run out."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -70,11 +71,15 @@ def _rows(factory: Factory) -> list[Alert]:
         return list(s.scalars(select(Alert).order_by(Alert.id)))
 
 
-def test_a_flagged_series_is_posted_to_every_url(factory: Factory, tmp_path: Path) -> None:
+def test_a_flagged_series_is_posted_to_every_url(factory: Factory, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     first, second = AlertReceiver(), AlertReceiver()
     try:
+        # The first endpoint wants a token; it goes to that URL only.
         settings = AlertSettings(urls=[first.url, second.url],
+                                 headers={first.url: {"Authorization": "Bearer s3cret"}},
                                  dashboard_url="https://qc.example.org:8080/")
+        caplog.set_level(logging.INFO, logger="node.alerts.jobs")
         uid, added = _scored(factory, tmp_path, {1, 2, 3, 4}, settings)
         assert added == 2
         assert jobs.send_due(factory, settings) == 2
@@ -89,9 +94,32 @@ def test_a_flagged_series_is_posted_to_every_url(factory: Factory, tmp_path: Pat
             assert "4 of 6 images of 'Head routine' from CT1" in msg["text"]
             assert "Synthetic" not in json.dumps(msg)  # never the patient's name
         assert [(a.state, a.attempts) for a in _rows(factory)] == [("sent", 1), ("sent", 1)]
+        assert first.messages[0]["authorization"] == "Bearer s3cret"
+        assert second.messages[0]["authorization"] is None
+        # Logs name the endpoint's host, not its path (where webhooks keep their secret).
+        logged = [getattr(r, "url", None) for r in caplog.records if r.message == "alert sent"]
+        host = first.url.split("/")[2]
+        assert logged == [f"http://{host}/...", f"http://{second.url.split('/')[2]}/..."]
+        assert "/hook" not in caplog.text and "s3cret" not in caplog.text
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize(("headers", "error"), [
+    ({"http://elsewhere/hook": {"Authorization": "x"}}, "not one of alerts.urls"),
+    ({"http://127.0.0.1:9/hook": {"Bad Name": "x"}}, "not an HTTP header name"),
+    ({"http://127.0.0.1:9/hook": {"Content-Type": "text/plain"}}, "set by the node"),
+    ({"http://127.0.0.1:9/hook": {"X-Token": "a\r\nX-Evil: 1"}}, "line break"),
+])
+def test_bad_alert_headers_are_refused(headers: dict[str, dict[str, str]], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        AlertSettings(urls=["http://127.0.0.1:9/hook"], headers=headers)
+
+
+def test_url_shown_in_logs() -> None:
+    assert jobs.shown("https://hooks.slack.com/services/T0/B0/XYZ") == "https://hooks.slack.com/..."
+    assert jobs.shown("https://user:pw@alerts.local:8443/a?t=1") == "https://alerts.local:8443/..."
 
 
 def test_a_normal_series_or_no_url_makes_no_alert(factory: Factory, tmp_path: Path,
@@ -128,7 +156,8 @@ def test_alert_test_command_checks_every_url(tmp_path: Path, receiver: AlertRece
     vaenode = Path(sys.executable).with_name("vaenode")
     down = f"http://127.0.0.1:{free_port()}/hook"
     config = tmp_path / "node.toml"
-    config.write_text(f'[alerts]\nurls = ["{receiver.url}"]\ntimeout_s = 3.0\n',
+    config.write_text(f'[alerts]\nurls = ["{receiver.url}"]\ntimeout_s = 3.0\n'
+                      f'[alerts.headers."{receiver.url}"]\nAuthorization = "Bearer t0ken"\n',
                       encoding="utf-8")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -139,6 +168,7 @@ def test_alert_test_command_checks_every_url(tmp_path: Path, receiver: AlertRece
     assert ok.returncode == 0 and "delivered" in ok.stdout, ok.stderr
     [msg] = receiver.messages
     assert msg["event"] == "test" and "VAENODE" in msg["text"]
+    assert msg["authorization"] == "Bearer t0ken"
     bad = run("--url", receiver.url, "--url", down)
     assert bad.returncode == 1 and "1 of 2" in bad.stderr and down in bad.stderr
     assert len(receiver.messages) == 2

@@ -28,6 +28,7 @@ class AlertReceiver:
                     self.end_headers()
                     return
                 receiver.messages.append({"content_type": self.headers.get("Content-Type"),
+                                          "authorization": self.headers.get("Authorization"),
                                           **json.loads(body)})
                 self.send_response(204)
                 self.end_headers()
