@@ -43,7 +43,7 @@ class Acquisition:
     """The acquisition parameters routing may test; None where the header does not say.
 
     Attributes:
-        echo_time_ms: Echo Time, or the first frame's Effective Echo Time (enhanced MR).
+        echo_time_ms: Echo Time, or the longest Effective Echo Time of the frames (enhanced MR).
         repetition_time_ms: Repetition Time (top level or MR Timing functional group).
         contrast: Acquisition Contrast of enhanced MR (``T1``, ``T2``, ``PROTON_DENSITY``,
             ``DIFFUSION``, ``FLUID_ATTENUATED``...), upper case.
@@ -69,12 +69,21 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
+def _longest_effective_echo(ds: Dataset) -> float | None:
+    """Enhanced MR: the longest Effective Echo Time of the frames (a multi-echo object holds
+    several), from the per-frame groups, else the shared one."""
+    frames = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    items = [functional_group_item(ds, i, "MREchoSequence") for i in range(max(frames, 1))]
+    echoes = [e for item in items if item is not None
+              if (e := _number(item.get("EffectiveEchoTime"))) is not None]
+    return max(echoes) if echoes else None
+
+
 def acquisition_of(ds: Dataset) -> Acquisition:
-    """The acquisition parameters of one image (its first frame for a multi-frame object)."""
+    """The acquisition parameters of one image (the longest echo of a multi-frame object)."""
     echo = _number(ds.get("EchoTime"))
     if echo is None:
-        item = functional_group_item(ds, 0, "MREchoSequence")
-        echo = _number(item.get("EffectiveEchoTime")) if item is not None else None
+        echo = _longest_effective_echo(ds)
     repetition = _number(ds.get("RepetitionTime"))
     if repetition is None:
         item = functional_group_item(ds, 0, "MRTimingAndRelatedParametersSequence")

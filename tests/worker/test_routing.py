@@ -215,6 +215,12 @@ def test_acquisition_read_from_classic_and_enhanced_headers() -> None:
     assert acquisition_of(enhanced) == Acquisition(echo_time_ms=2.26, repetition_time_ms=1900.0,
                                                    contrast="T1")
     assert acquisition_of(Dataset()) == Acquisition()
+    # A multi-echo enhanced object: its longest echo counts.
+    second, late = Dataset(), Dataset()
+    late.EffectiveEchoTime = 95.0
+    second.MREchoSequence = [late]
+    enhanced.PerFrameFunctionalGroupsSequence = [frame, second]
+    assert acquisition_of(enhanced).echo_time_ms == 95.0
 
     # The real series: the Siemens dual-echo field map (4.92 and 7.38 ms) counts its longer
     # echo; the prostate T2 states its times too.
