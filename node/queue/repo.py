@@ -817,6 +817,22 @@ def purge_images(session: Session, series_id: int, cutoff: datetime, reason: str
     return [r.path for r in rows]
 
 
+def purged_series_since(session: Session, since: datetime) -> list[tuple[int, str, str]]:
+    """(id, study UID, series UID) of the series whose images were deleted since ``since``."""
+    with _transaction(session):
+        rows = session.execute(
+            select(Series.id, Series.study_instance_uid, Series.series_instance_uid)
+            .where(Series.purged_at.is_not(None), Series.purged_at >= since)
+            .order_by(Series.id)).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def instance_paths(session: Session, series_id: int) -> set[str]:
+    """The stored files (relative paths) the rows of one series point to."""
+    with _transaction(session):
+        return set(session.scalars(select(Instance.path).where(Instance.series_id == series_id)))
+
+
 def received_instances(session: Session) -> int:
     """SOP instances received and stored since the database began (a re-sent duplicate
     once), including those whose rows the retention job removed."""

@@ -9,13 +9,17 @@ verdict, slice scores and reports (small, and what a re-delivery sends) stay, an
 ``purged_at`` says when. Such a series can no longer be scored again; a late instance of it
 reopens it as usual and is scored on its own.
 
-Rows first, files after the commit: a crash in between leaves files no row points to (the
-job logs each series it purged), never a row pointing at a missing file.
+Rows first, files after the commit: a crash in between leaves files no row points to, never a
+row pointing at a missing file. Each run then also removes such leftovers: files in the
+folders of series purged in the last :data:`LEFTOVER_WINDOW_DAYS` days that no row points to
+(a late instance that reopened the series has its row) and that were last written over
+:data:`LEFTOVER_MIN_AGE_S` ago (an instance being stored has no row for a moment).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -33,6 +37,10 @@ log = logging.getLogger(__name__)
 JOB_ID = "storage.retention"
 #: Series purged per transaction batch of one run (the next run takes the rest).
 BATCH = 500
+#: How far back each run looks for files a purge left behind (a crash, a failed unlink).
+LEFTOVER_WINDOW_DAYS = 30.0
+#: A file younger than this may be an instance whose row is being committed: never a leftover.
+LEFTOVER_MIN_AGE_S = 3600.0
 
 
 def _remove(storage: Path, rel: str) -> bool:
@@ -86,7 +94,39 @@ def purge_expired(
         log.info("series images deleted (retention)",
                  extra={"series_uid": uid, "instances": len(paths), "files_removed": removed,
                         "retention_days": retention_days})
+    remove_leftovers(session_factory, root, now)
     return purged
+
+
+def remove_leftovers(session_factory: sessionmaker[Session], storage: Path,
+                     now: datetime | None = None) -> int:
+    """Delete the files that purges of the last days left behind; returns how many."""
+    now = now or utcnow()
+    root = storage.resolve()
+    newest = time.time() - LEFTOVER_MIN_AGE_S
+    with session_factory() as session:
+        purged = repo.purged_series_since(session, now - timedelta(days=LEFTOVER_WINDOW_DAYS))
+    removed = 0
+    for series_id, study_uid, series_uid in purged:
+        folder = root / study_uid / series_uid
+        if not folder.is_dir():
+            continue
+        with session_factory() as session:
+            kept = {Path(p) for p in repo.instance_paths(session, series_id)}
+        here = 0
+        for file in sorted(folder.glob("*.dcm")):
+            rel = file.relative_to(root)
+            try:
+                if rel in kept or file.stat().st_mtime > newest:
+                    continue
+            except FileNotFoundError:
+                continue
+            here += _remove(root, str(rel))
+        if here:
+            log.warning("removed files an earlier purge left behind",
+                        extra={"series_uid": series_uid, "files_removed": here})
+        removed += here
+    return removed
 
 
 def install(scheduler: BaseScheduler, settings: Settings,

@@ -4,6 +4,9 @@ touched."""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -130,6 +133,48 @@ def test_a_series_reopened_meanwhile_is_not_purged(session_factory: Factory,
         repo.purge_images(s, sid, cutoff, "test")
     assert all(f.exists() for f in files)
     assert _row(sf, "1.9.7").instance_count == 2
+
+
+def test_files_a_crashed_purge_left_are_removed_by_the_next_run(
+        session_factory: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crash between the purge's commit and its unlinks leaves files no row points to; the
+    next run removes them, but never a late instance's file (it has a row) nor a file being
+    stored right now (younger than an hour, its row not committed yet)."""
+    sf, storage = session_factory, tmp_path / "storage"
+    files = _series(sf, storage, "1.9.8", 3, SeriesState.DONE, age_days=20)
+    _series(sf, storage, "1.9.9", 1, SeriesState.DONE, age_days=20)  # purged normally
+    sid = _row(sf, "1.9.8").id
+    with sf.begin() as s:  # the purge's transaction commits ... and the node dies
+        assert len(repo.purge_images(s, sid, utcnow() - timedelta(days=DAYS), "test")) == 3
+    old = time.time() - 2 * retention.LEFTOVER_MIN_AGE_S
+    for f in files:
+        os.utime(f, (old, old))
+    late = files[0].with_name("1.9.8.late.dcm")  # a late instance reopened it: it has a row
+    late.write_bytes(b"DICM")
+    os.utime(late, (old, old))
+    with sf.begin() as s:
+        repo.record_instance(s, repo.InstanceRecord(
+            study_instance_uid="1.2.9", series_instance_uid="1.9.8", sop_instance_uid="1.9.8.9",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2",
+            path=str(late.relative_to(storage)), size_bytes=4, instance_number=9, modality="MR",
+            series_description=None, body_part=None, calling_aet=None, peer_address=None,
+            received_at=utcnow()))
+    arriving = files[0].with_name("1.9.8.arriving.dcm")  # renamed into place, row pending
+    arriving.write_bytes(b"DICM")
+
+    caplog.set_level(logging.WARNING, logger="node.queue.retention")
+    assert retention.purge_expired(sf, storage, DAYS) == 1  # 1.9.9; then the leftovers
+    assert not any(f.exists() for f in files)
+    assert late.exists() and arriving.exists()
+    assert [r.files_removed for r in caplog.records  # type: ignore[attr-defined]
+            if r.message == "removed files an earlier purge left behind"] == [3]
+    assert retention.remove_leftovers(sf, storage) == 0  # nothing more to do
+
+    # Outside the look-back window the folder is no longer checked.
+    later = utcnow() + timedelta(days=retention.LEFTOVER_WINDOW_DAYS + 1)
+    os.utime(arriving, (old, old))
+    assert retention.remove_leftovers(sf, storage, later) == 0 and arriving.exists()
+    assert retention.remove_leftovers(sf, storage) == 1 and not arriving.exists()
 
 
 @pytest.mark.parametrize("days", [14.0, 0.0])
