@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -15,9 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin.app import RunningDashboard, start_in_thread
 from node.config import Settings
-from node.queue.db import make_engine, make_session_factory
-from node.queue.migrate import upgrade
 from tests.admin.web import NOISE_BLOCK, TOKEN, ScoredNode, admin_settings
+from tests.helpers.db import migrated_database
 
 
 @pytest.fixture
@@ -29,17 +29,8 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def session_factory_for() -> Iterator[Callable[[Settings], sessionmaker[Session]]]:
     """Migrate the settings' database to head and return a session factory on it."""
-    engines = []
-
-    def build(settings: Settings) -> sessionmaker[Session]:
-        upgrade(settings.database.url)
-        engine = make_engine(settings.database)
-        engines.append(engine)
-        return make_session_factory(engine)
-
-    yield build
-    for engine in engines:
-        engine.dispose()
+    with contextlib.ExitStack() as stack:
+        yield lambda settings: stack.enter_context(migrated_database(settings.database))
 
 
 @pytest.fixture

@@ -19,10 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.alerts import jobs, outbox
 from node.config import AlertSettings, DatabaseSettings
 from node.queue import repo
-from node.queue.db import make_engine, make_session_factory
-from node.queue.migrate import upgrade
 from node.queue.models import Alert, Series, utcnow
 from tests.helpers.alerts import AlertReceiver
+from tests.helpers.db import migrated_database
 from tests.helpers.orthanc import free_port
 from tests.helpers.reports import make_verdict
 from tests.helpers.synthetic import write_ct_series
@@ -32,11 +31,8 @@ Factory = sessionmaker[Session]
 
 @pytest.fixture
 def factory(tmp_path: Path) -> Iterator[Factory]:
-    url = f"sqlite:///{tmp_path / 'q.db'}"
-    upgrade(url)
-    engine = make_engine(DatabaseSettings(url=url))
-    yield make_session_factory(engine)
-    engine.dispose()
+    with migrated_database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'q.db'}")) as f:
+        yield f
 
 
 @pytest.fixture

@@ -10,18 +10,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DatabaseSettings, StorageSettings
 from node.ingest.store import Store
-from node.queue.db import make_engine, make_session_factory
-from node.queue.migrate import upgrade
+from tests.helpers.db import migrated_database
 from tests.helpers.ingest_data import pydicom_data_dir
 
 
 @pytest.fixture
 def session_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'queue.db'}"
-    upgrade(url)
-    engine = make_engine(DatabaseSettings(url=url))
-    yield make_session_factory(engine)
-    engine.dispose()
+    with migrated_database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'queue.db'}")) as f:
+        yield f
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def _queue(sf: Factory, uid: str, n: int = 1) -> Series:
         return repo.mark_queued(s, series.id, idle_before=utcnow())
 
 
-def test_migration_is_at_head(db_url: str) -> None:
+def test_migration_is_at_head(db_url: str, session_factory: Factory) -> None:
     assert current_revision(db_url) == head_revision()
 
 

@@ -10,9 +10,8 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import Settings
-from node.queue.db import make_engine, make_session_factory
-from node.queue.migrate import upgrade
+from node.config import DatabaseSettings, Settings
+from tests.helpers.db import migrated_database
 from tests.helpers.orthanc import Orthanc
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
@@ -71,10 +70,5 @@ def settings_for(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def session_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     """A temp SQLite queue database with every migration applied."""
-    settings = Settings.model_validate({"database": {"url": f"sqlite:///{tmp_path / 'queue.db'}"}})
-    upgrade(settings.database.url)
-    engine = make_engine(settings.database)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
+    with migrated_database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'queue.db'}")) as f:
+        yield f

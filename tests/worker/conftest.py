@@ -15,9 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
 from node.queue import repo
-from node.queue.db import make_engine, make_session_factory
-from node.queue.migrate import upgrade
 from node.queue.models import utcnow
+from tests.helpers.db import migrated_database
 from tests.helpers.series import DICOM
 
 SIEMENS_MAGNITUDE = DICOM / "siemens_trio_gre_field_mapping_2"
@@ -93,12 +92,8 @@ def worker_settings(tmp_path: Path, tiny_bundle_path: Path) -> Settings:
 @pytest.fixture
 def session_factory(worker_settings: Settings) -> Iterator[sessionmaker[Session]]:
     """The temp SQLite queue database with every migration applied."""
-    upgrade(worker_settings.database.url)
-    engine = make_engine(worker_settings.database)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
+    with migrated_database(worker_settings.database) as f:
+        yield f
 
 
 def store_files(
