@@ -6,8 +6,10 @@ they fill the disk, and then C-STORE answers "out of resources" (``[storage].min
 and scanners see failures. So the images of a series that has been done, skipped or failed,
 with nothing received for it, for ``retention_days`` are deleted; its row, status history,
 verdict, slice scores and reports (small, and what a re-delivery sends) stay, and
-``purged_at`` says when. Such a series can no longer be scored again; a late instance of it
-reopens it as usual and is scored on its own.
+``purged_at`` says when. Such a series can no longer be scored again. A late instance of it
+is stored and reopens it, but the worker does not score a part as the whole series (it is
+skipped with the reason, the earlier verdict and reports stand) unless the whole series was
+sent again.
 
 Rows first, files after the commit: a crash in between leaves files no row points to, never a
 row pointing at a missing file. Each run then also removes such leftovers: files in the

@@ -255,6 +255,23 @@ def _finish(
     return outcome
 
 
+def _part_after_purge(series: Series, stored: int) -> str | None:
+    """Why a series whose images the retention job deleted is not scored again on the few that
+    came later, or None when it may be (a whole re-send).
+
+    A straggler a fortnight late, scored alone, would replace the verdict on the whole series
+    with one on a handful of images, and could withdraw a delivered "Quality Issue" flag. Its
+    images are kept; the earlier verdict and reports stand.
+    """
+    deleted = series.purged_instances or 0
+    if series.purged_at is None or stored >= deleted:
+        return None
+    return (f"{stored} instance(s) received after the retention job deleted this series' "
+            f"{deleted} earlier ones ({series.purged_at:%Y-%m-%d %H:%M} UTC): a part is not "
+            "judged as the whole series; the earlier verdict and reports stand (a re-send of "
+            "the whole series is scored)")
+
+
 def process_series(
     session_factory: sessionmaker[Session],
     settings: Settings,
@@ -275,6 +292,8 @@ def process_series(
         if not paths:
             return _finish(session_factory, series, worker_id, Outcome.SKIPPED,
                            "no stored instances")
+        if (why := _part_after_purge(series, len(paths))) is not None:
+            return _finish(session_factory, series, worker_id, Outcome.SKIPPED, why)
         attrs = series_attributes(read_headers(paths))
         decision = route(attrs, list(settings.routing.rules), settings.model)
         if decision.rule is None:

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.queue import repo
+from node.queue import repo, retention
 from node.queue.db import make_engine, make_session_factory
 from node.queue.models import Report, Series, SeriesEvent, SliceScore, utcnow
 from node.queue.states import SeriesState
@@ -287,6 +287,39 @@ def test_new_instances_after_report_score_again_and_supersede(
     assert len(rows) == 16  # replaced, not appended
     assert [r.superseded for r in srs] == [True, False]
     assert [r.instance_number for r in srs] == [1, 2]
+
+
+def test_a_straggler_after_retention_is_not_scored_alone_but_a_full_resend_is(
+    worker_settings: Settings, session_factory: sessionmaker[Session],
+    make_series: Callable[..., WrittenSeries],
+) -> None:
+    written = make_series(z=(40, 52))
+    series_id = store_and_queue(session_factory, worker_settings, written.paths)
+    worker = Worker(worker_settings, session_factory)
+    assert worker.run_until_idle() == [Outcome.DONE]
+    before = status_of(session_factory, series_id)
+    later = utcnow() + timedelta(days=worker_settings.storage.retention_days + 1)
+    assert retention.purge_expired(session_factory, worker_settings.storage.dir,
+                                   worker_settings.storage.retention_days, now=later) == 1
+
+    store_files(session_factory, worker_settings, written.paths[3:4])  # one image, late
+    queue_series(session_factory, series_id)
+    assert worker.run_until_idle() == [Outcome.SKIPPED]
+    series = status_of(session_factory, series_id)
+    assert series.status is SeriesState.SKIPPED and series.status_reason is not None
+    assert "1 instance(s) received after the retention job deleted this series' 12" \
+        in series.status_reason
+    # The verdict on the whole series, its scores and its one report stand.
+    assert (series.abnormal, series.scored_slices, series.scored_at) == (
+        before.abnormal, 12, before.scored_at)
+    assert count(session_factory, select(func.count()).select_from(SliceScore)) == 12
+    assert count(session_factory, select(func.count()).select_from(Report)) == 1
+
+    store_files(session_factory, worker_settings, written.paths)  # the whole series again
+    queue_series(session_factory, series_id)
+    assert worker.run_until_idle() == [Outcome.DONE]
+    assert status_of(session_factory, series_id).scored_slices == 12
+    assert count(session_factory, select(func.count()).select_from(Report)) == 2
 
 
 def test_series_without_images_skipped(
