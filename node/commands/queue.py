@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 
 from node.commands.common import ConfigOption, setup
-from node.errors import NodeError
+from node.errors import ConfigError, NodeError
 
 queue_app = typer.Typer(help="Inspect the series queue.", no_args_is_help=True)
 
@@ -197,18 +197,51 @@ def resend_cmd(
 
 @queue_app.command("retry")
 def retry_cmd(
-    series_uid: Annotated[str, typer.Argument(help="Series Instance UID.")],
+    series_uid: Annotated[str | None, typer.Argument(help="Series Instance UID.")] = None,
     config: ConfigOption = None,
+    skipped_since: Annotated[str | None, typer.Option(
+        "--skipped-since", help="Instead of one series: every series skipped since this UTC "
+        "date or time (e.g. 2026-11-26 or 2026-11-26T08:00), after the routing rules changed."
+    )] = None,
 ) -> None:
     """Score a finished series again (done, skipped or failed); its new report supersedes."""
     import getpass
 
     from sqlalchemy import select
 
+    from node.errors import QueueConflict
     from node.queue import repo
     from node.queue.models import Series
-    from node.queue.states import FINAL_STATES
+    from node.queue.states import FINAL_STATES, SeriesState
 
+    if (series_uid is None) == (skipped_since is None):
+        raise ConfigError("give a SERIES_UID or --skipped-since, not both or neither")
+    actor = f"cli:{getpass.getuser()}"
+    if skipped_since is not None:
+        since = _utc_time(skipped_since)
+        queued, refused = 0, []
+        with _session(config) as session:
+            with session.begin():
+                rows = session.execute(
+                    select(Series.id, Series.series_instance_uid)
+                    .where(Series.status == SeriesState.SKIPPED, Series.updated_at >= since)
+                    .order_by(Series.id)).all()
+            for series_id, uid in rows:
+                try:
+                    with session.begin():
+                        repo.requeue(session, series_id, actor=actor,
+                                     reason="re-score requested (vaenode queue retry "
+                                            "--skipped-since)")
+                except QueueConflict as exc:
+                    refused.append(f"{uid}: {exc}")
+                    continue
+                queued += 1
+                typer.echo(f"series {uid} queued to be scored again")
+        for line in refused:
+            typer.echo(f"not queued: {line}", err=True)
+        typer.echo(f"{queued} skipped series since {since:%Y-%m-%d %H:%M} UTC queued again"
+                   + (f", {len(refused)} refused" if refused else ""))
+        return
     with _session(config) as session, session.begin():
         series = session.execute(
             select(Series).where(Series.series_instance_uid == series_uid)
@@ -219,8 +252,21 @@ def retry_cmd(
             raise NodeError(f"series {series_uid} is {series.status.value}: it will be scored "
                             "anyway; retry applies to done, skipped or failed series")
         repo.requeue(session, series.id, reason="re-score requested (vaenode queue retry)",
-                     actor=f"cli:{getpass.getuser()}")
+                     actor=actor)
     typer.echo(f"series {series_uid} queued to be scored again")
+
+
+def _utc_time(text: str) -> datetime:
+    """An ISO date or date-time; one without a zone is UTC.
+
+    Raises:
+        ConfigError: not a date or time.
+    """
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"{text!r} is not a date or time (YYYY-MM-DD[THH:MM])") from exc
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 @queue_app.command("purge")

@@ -8,12 +8,12 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy import delete, select, update
 
 from node.config import DatabaseSettings
 from node.queue import repo
 from node.queue.db import make_engine, make_session_factory
-from node.queue.models import Series, utcnow
+from node.queue.models import Instance, Series, utcnow
 
 VAENODE = Path(sys.executable).with_name("vaenode")
 
@@ -116,3 +116,47 @@ def test_queue_purge_lists_then_deletes_and_retry_is_refused(tmp_path: Path) -> 
     assert text.returncode == 0 and "images_deleted_at" in text.stdout, text.stderr
     retry = _run(config, "queue", "retry", "1.2.827.1")
     assert retry.returncode == 1 and "retention policy" in retry.stderr
+
+
+def test_retry_every_series_skipped_since_a_rule_change(tmp_path: Path) -> None:
+    """After widening a routing rule the admin queues again what it skipped since then; a
+    series older than that, one whose images are gone and one done are left as they are."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    assert _run(config, "db", "upgrade").returncode == 0
+    engine = make_engine(DatabaseSettings(url=url))
+    factory = make_session_factory(engine)
+    now = utcnow()
+    states = {"1.2.828.1": ("skipped", now - timedelta(hours=1)),
+              "1.2.828.2": ("skipped", now - timedelta(days=3)),
+              "1.2.828.3": ("skipped", now - timedelta(hours=2)),  # images deleted
+              "1.2.828.4": ("done", now - timedelta(hours=1))}
+    for uid, (status, when) in states.items():
+        with factory.begin() as s:
+            repo.record_instance(s, repo.InstanceRecord(
+                study_instance_uid="1.2.828", series_instance_uid=uid,
+                sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{uid}/1.dcm",
+                size_bytes=1, instance_number=1, modality="MR", series_description=None,
+                body_part=None, calling_aet=None, peer_address=None, received_at=when))
+            s.execute(update(Series).where(Series.series_instance_uid == uid)
+                      .values(status=status, updated_at=when))
+    with factory.begin() as s:
+        s.execute(delete(Instance).where(Instance.sop_instance_uid == "1.2.828.3.1"))
+    since = (now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    out = _run(config, "queue", "retry", "--skipped-since", since)
+    assert out.returncode == 0, out.stderr
+    assert "series 1.2.828.1 queued to be scored again" in out.stdout
+    assert "1 skipped series since" in out.stdout and "1 refused" in out.stdout
+    assert "not queued: 1.2.828.3" in out.stderr and "no stored images" in out.stderr
+    with factory() as s:
+        status = dict(s.execute(select(Series.series_instance_uid, Series.status)).all())
+    engine.dispose()
+    assert {uid: st.value for uid, st in status.items()} == {
+        "1.2.828.1": "queued", "1.2.828.2": "skipped", "1.2.828.3": "skipped",
+        "1.2.828.4": "done"}
+    both = _run(config, "queue", "retry", "1.2.828.2", "--skipped-since", since)
+    assert both.returncode == 2 and "not both or neither" in both.stderr
+    bad = _run(config, "queue", "retry", "--skipped-since", "last week")
+    assert bad.returncode == 2 and "not a date or time" in bad.stderr
