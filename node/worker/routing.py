@@ -144,7 +144,7 @@ def _mismatch(rule: RoutingRule, attrs: SeriesAttributes) -> str | None:
 
 
 def describe_rule(rule: RoutingRule) -> str:
-    """The conditions of a rule in words, for the models page ("any series" when it has none)."""
+    """The conditions of a rule in words, for the models page."""
     unstated = " (or not stated)" if rule.when_unstated == "match" else ""
     parts: list[str] = []
     if rule.modality:
@@ -173,7 +173,8 @@ def validate_rules(settings: Settings) -> None:
     """Check the rules' patterns at start-up, so a typo stops the node instead of every series.
 
     Raises:
-        ConfigError: a ``series_description`` is not a valid regular expression.
+        ConfigError: a ``series_description`` or ``exclude_series_description`` is not a valid
+            regular expression.
     """
     for rule in settings.routing.rules:
         for expression in (rule.series_description, rule.exclude_series_description):

@@ -255,21 +255,28 @@ def _finish(
     return outcome
 
 
-def _part_after_purge(series: Series, stored: int) -> str | None:
-    """Why a series whose images the retention job deleted is not scored again on the few that
-    came later, or None when it may be (a whole re-send).
+def _part_after_purge(session: Session, series: Series) -> str | None:
+    """Why a series whose images the retention job deleted is not scored again on what came
+    later, or None when it may be: it was never scored, or every image its verdict judged is
+    stored again (a whole re-send).
 
     A straggler a fortnight late, scored alone, would replace the verdict on the whole series
     with one on a handful of images, and could withdraw a delivered "Quality Issue" flag. Its
     images are kept; the earlier verdict and reports stand.
     """
-    deleted = series.purged_instances or 0
-    if series.purged_at is None or stored >= deleted:
+    if series.purged_at is None:
         return None
-    return (f"{stored} instance(s) received after the retention job deleted this series' "
-            f"{deleted} earlier ones ({series.purged_at:%Y-%m-%d %H:%M} UTC): a part is not "
-            "judged as the whole series; the earlier verdict and reports stand (a re-send of "
-            "the whole series is scored)")
+    judged = set(session.scalars(select(SliceScore.sop_instance_uid)
+                                 .where(SliceScore.series_id == series.id)))
+    stored = set(session.scalars(select(Instance.sop_instance_uid)
+                                 .where(Instance.series_id == series.id)))
+    if judged <= stored:
+        return None
+    return (f"{len(stored)} instance(s) received after the retention job deleted this series' "
+            f"images ({series.purged_at:%Y-%m-%d %H:%M} UTC), {len(judged - stored)} of the "
+            f"{len(judged)} its verdict judged still missing: a part is not judged as the "
+            "whole series; the earlier verdict and reports stand (a re-send of the whole "
+            "series is scored)")
 
 
 def process_series(
@@ -289,11 +296,12 @@ def process_series(
     try:
         with session_factory() as session:
             paths = _instance_paths(session, settings, series.id)
+            partial = _part_after_purge(session, series)
         if not paths:
             return _finish(session_factory, series, worker_id, Outcome.SKIPPED,
                            "no stored instances")
-        if (why := _part_after_purge(series, len(paths))) is not None:
-            return _finish(session_factory, series, worker_id, Outcome.SKIPPED, why)
+        if partial is not None:
+            return _finish(session_factory, series, worker_id, Outcome.SKIPPED, partial)
         attrs = series_attributes(read_headers(paths))
         decision = route(attrs, list(settings.routing.rules), settings.model)
         if decision.rule is None:

@@ -307,7 +307,8 @@ def test_a_straggler_after_retention_is_not_scored_alone_but_a_full_resend_is(
     assert worker.run_until_idle() == [Outcome.SKIPPED]
     series = status_of(session_factory, series_id)
     assert series.status is SeriesState.SKIPPED and series.status_reason is not None
-    assert "1 instance(s) received after the retention job deleted this series' 12" \
+    assert "1 instance(s) received after the retention job deleted this series' images" \
+        in series.status_reason and "11 of the 12 its verdict judged still missing" \
         in series.status_reason
     # The verdict on the whole series, its scores and its one report stand.
     assert (series.abnormal, series.scored_slices, series.scored_at) == (
@@ -315,7 +316,11 @@ def test_a_straggler_after_retention_is_not_scored_alone_but_a_full_resend_is(
     assert count(session_factory, select(func.count()).select_from(SliceScore)) == 12
     assert count(session_factory, select(func.count()).select_from(Report)) == 1
 
-    store_files(session_factory, worker_settings, written.paths)  # the whole series again
+    # Skipped and quiet, its images are deleted again; then the whole series is sent again.
+    even_later = later + timedelta(days=worker_settings.storage.retention_days + 1)
+    assert retention.purge_expired(session_factory, worker_settings.storage.dir,
+                                   worker_settings.storage.retention_days, now=even_later) == 1
+    store_files(session_factory, worker_settings, written.paths)
     queue_series(session_factory, series_id)
     assert worker.run_until_idle() == [Outcome.DONE]
     assert status_of(session_factory, series_id).scored_slices == 12
