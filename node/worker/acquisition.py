@@ -55,15 +55,17 @@ class Acquisition:
 
 
 def _number(value: object) -> float | None:
+    """A time in ms from a DS/FD value; the largest of a multi-valued one; None if unusable."""
     if value is None or value == "":
         return None
-    if not isinstance(value, str | int | float):  # multi-valued: the first value
+    if not isinstance(value, str | int | float):
         try:
-            value = next(iter(value))  # type: ignore[call-overload]
-        except (TypeError, StopIteration):
+            numbers = [n for v in value if (n := _number(v)) is not None]  # type: ignore[attr-defined]
+        except TypeError:
             return None
+        return max(numbers) if numbers else None
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) and number >= 0 else None

@@ -202,6 +202,10 @@ def test_acquisition_read_from_classic_and_enhanced_headers() -> None:
     classic.EchoTime = "4.92"
     classic.RepetitionTime = 488
     assert acquisition_of(classic) == Acquisition(echo_time_ms=4.92, repetition_time_ms=488.0)
+    classic.EchoTime = ["15", "90"]  # a multi-valued (dual echo) header: the longer counts
+    assert acquisition_of(classic).echo_time_ms == 90.0
+    classic.EchoTime = ""
+    assert acquisition_of(classic).echo_time_ms is None
 
     enhanced = Dataset()
     enhanced.AcquisitionContrast = "T1"
