@@ -56,6 +56,7 @@ from pydicom.uid import (
 
 from node.errors import ReportError
 from node.report.content import SeriesVerdict, SliceVerdict
+from node.worker.acquisition import functional_group_item
 
 # --- codes -----------------------------------------------------------------------------------
 
@@ -287,12 +288,37 @@ def _header(doc: Dataset, identity: ReportIdentity, description: str) -> None:
     doc.SoftwareVersions = identity.software_version
 
 
-def _library_ready(ds: Dataset) -> bool:
-    # highdicom describes Image Library entries (TID 1601) from top-level attributes; enhanced
-    # multi-frame objects keep them in functional groups, which it does not read.
-    return int(ds.get("NumberOfFrames", 1) or 1) == 1 and all(
-        k in ds for k in ("PixelSpacing", "FrameOfReferenceUID", "Rows", "Columns")
-    )
+#: What highdicom reads to describe a cross-sectional image in the Image Library (TID 1604).
+_LIBRARY_GEOMETRY = ("PixelSpacing", "SliceThickness", "ImageOrientationPatient",
+                     "ImagePositionPatient")
+
+
+def _library_entry(ds: Dataset) -> Dataset | None:
+    """What an Image Library entry (TID 1601) is described from, or None when it cannot be.
+
+    highdicom reads the geometry from top-level attributes. An enhanced multi-frame image
+    keeps it in functional groups (PS3.3 C.7.6.16), which highdicom does not read: it gets a
+    view holding its identity and its first frame's pixel measures, orientation and position.
+    """
+    if not all(k in ds for k in ("FrameOfReferenceUID", "Rows", "Columns")):
+        return None
+    if int(ds.get("NumberOfFrames", 1) or 1) == 1:
+        return ds if all(k in ds for k in _LIBRARY_GEOMETRY) else None
+    measures = functional_group_item(ds, 0, "PixelMeasuresSequence")
+    orientation = functional_group_item(ds, 0, "PlaneOrientationSequence")
+    position = functional_group_item(ds, 0, "PlanePositionSequence")
+    view = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality", "FrameOfReferenceUID", "Rows",
+                    "Columns"):
+        if keyword in ds:
+            setattr(view, keyword, ds[keyword].value)
+    sources = {"PixelSpacing": measures, "SliceThickness": measures,
+               "ImageOrientationPatient": orientation, "ImagePositionPatient": position}
+    for keyword, item in sources.items():
+        if item is None or keyword not in item:
+            return None
+        setattr(view, keyword, item[keyword].value)
+    return view
 
 
 def _measurement_report(
@@ -304,7 +330,8 @@ def _measurement_report(
 ) -> hd.sr.MeasurementReport:
     # The Image Library describes every referenced image for viewers; it is left out (as
     # highdicom allows) when some image lacks the attributes its entries are made from.
-    library = evidence if all(_library_ready(ds) for ds in evidence) else None
+    entries = [_library_entry(ds) for ds in evidence]
+    library = [e for e in entries if e is not None] if None not in entries else None
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=_observer(identity, verdict)

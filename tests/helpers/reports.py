@@ -118,6 +118,25 @@ def _find(items: Sequence[Dataset], meaning: str) -> Dataset:
     raise AssertionError(f"no content item {meaning!r}")
 
 
+def image_library(sr: Dataset) -> dict[str, dict[str, float]] | None:
+    """The Image Library of a TID 1500 report (None when it has none): per referenced SOP
+    Instance UID, its numeric descriptors by concept name."""
+    items = [i for i in sr.ContentSequence
+             if "ConceptNameCodeSequence" in i and _meaning(i) == "Image Library"]
+    if not items:
+        return None
+    entries: dict[str, dict[str, float]] = {}
+    for group in items[0].ContentSequence:
+        assert _meaning(group) == "Image Library Group"
+        for entry in group.ContentSequence:
+            if entry.ValueType != "IMAGE":
+                continue
+            uid = str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            entries[uid] = {_meaning(d): float(d.MeasuredValueSequence[0].NumericValue)
+                            for d in entry.ContentSequence if d.ValueType == "NUM"}
+    return entries
+
+
 def measurement_groups(sr: Dataset) -> list[GroupView]:
     """Every measurement group of a TID 1500 report, read from the raw content tree."""
     measurements = _find(sr.ContentSequence, "Imaging Measurements")

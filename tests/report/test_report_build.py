@@ -29,7 +29,13 @@ from node.report.build import (
     report_series_uid,
 )
 from node.report.content import SeriesVerdict, SliceVerdict
-from tests.helpers.reports import dciodvfy, kos_references, make_verdict, measurement_groups
+from tests.helpers.reports import (
+    dciodvfy,
+    image_library,
+    kos_references,
+    make_verdict,
+    measurement_groups,
+)
 
 IDENTITY = ReportIdentity(ae_title="VAENODE", software_version="0.1.0")
 FLAGGED = {10, 11, 12, 13}
@@ -232,6 +238,54 @@ def test_multiframe_images_are_referenced_by_frame() -> None:
     assert [g.references[0][2] for g in groups] == [(f,) for f in range(1, 11)]
     kos = build_kos(verdict, [ds], identity=IDENTITY)
     assert kos is not None and kos_references(kos) == [ds.SOPInstanceUID]
+
+
+def test_image_library_describes_each_referenced_image(sources: list[Dataset]) -> None:
+    verdict = make_verdict(sources, FLAGGED)
+    library = image_library(roundtrip(build_sr(verdict, sources, identity=IDENTITY)))
+    assert library is not None and set(library) == {ds.SOPInstanceUID for ds in sources}
+    first = sources[0]
+    entry = library[first.SOPInstanceUID]
+    z = float(first.ImagePositionPatient[2])
+    assert entry["Image Position (Patient) Z"] == pytest.approx(z)
+    assert entry["Horizontal Pixel Spacing"] == pytest.approx(float(first.PixelSpacing[1]))
+    # An image without a position (a derived reformat, say) cannot be described: the report
+    # is still built, without a library, rather than failing.
+    stripped = [Dataset(ds) for ds in sources]
+    del stripped[3].ImagePositionPatient
+    assert image_library(roundtrip(build_sr(verdict, stripped, identity=IDENTITY))) is None
+
+
+def test_enhanced_multiframe_image_gets_a_library_entry_from_its_functional_groups(
+        tmp_path: Path) -> None:
+    """Enhanced objects keep their geometry in functional groups; the entry describes frame 1
+    (pixel measures and orientation shared or per frame, the position per frame)."""
+    path = get_testdata_file("eCT_Supplemental.dcm", download=False)
+    if path is None:
+        pytest.skip("pydicom's eCT_Supplemental.dcm is not installed")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    frames = int(ds.NumberOfFrames)
+    slices = [SliceVerdict(ds.SOPInstanceUID, ds.SOPClassUID, f, f - 1, -900.0, 1.0, -950.0,
+                           f == 1, 0.6) for f in range(1, frames + 1)]
+    verdict = SeriesVerdict.from_slices(
+        study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
+        slices=slices, min_abnormal_slices=1, threshold=-920.0, estimator="plain",
+        model_name="m", model_version="1")
+    library = image_library(roundtrip(build_sr(verdict, [ds], identity=IDENTITY)))
+    assert library is not None and list(library) == [ds.SOPInstanceUID]
+    position = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+    measures = (ds.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")
+                or ds.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence)[0]
+    entry = library[ds.SOPInstanceUID]
+    assert entry["Image Position (Patient) Z"] == pytest.approx(
+        float(position.ImagePositionPatient[2]))
+    assert entry["Vertical Pixel Spacing"] == pytest.approx(float(measures.PixelSpacing[0]))
+    assert entry["Slice Thickness"] == pytest.approx(float(measures.SliceThickness))
+    if shutil.which("dciodvfy") is not None:
+        out = tmp_path / "sr.dcm"
+        build_sr(verdict, [ds], identity=IDENTITY).save_as(out, enforce_file_format=True)
+        errors, _warnings = dciodvfy(out)
+        assert errors == []
 
 
 def test_missing_or_foreign_source_is_refused(sources: list[Dataset]) -> None:
