@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.admin import reviews
 from node.admin.queries import status_counts
 from node.queue import repo
-from node.queue.models import Alert, Series, SeriesEvent
+from node.queue.models import Alert, Series, SeriesEvent, utcnow
 from node.queue.states import SeriesState
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,19 @@ class QueueCollector(Collector):
             select(func.count(Series.id)).where(Series.purged_at.is_not(None))) or 0))
         yield purged
 
+    def _oldest_queued(self, session: Session) -> Metric:
+        """How long the longest-waiting queued series has waited for a worker: the one number
+        that says a worker is stuck, dead or too slow (alert on it), whatever the queue's
+        length."""
+        oldest = GaugeMetricFamily(
+            "vaenode_oldest_queued_seconds",
+            "Seconds the longest-waiting queued series has waited for a worker (0: none waits).",
+        )
+        since = session.scalar(select(func.min(Series.updated_at))
+                               .where(Series.status == SeriesState.QUEUED))
+        oldest.add_metric([], max(0.0, (utcnow() - since).total_seconds()) if since else 0.0)
+        return oldest
+
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus_client on each scrape)."""
         with self._session_factory() as session:
@@ -117,6 +130,7 @@ class QueueCollector(Collector):
             for label, n in status_counts(session).items():
                 by_status.add_metric([label], float(n))
             yield by_status
+            yield self._oldest_queued(session)
 
             yield _histogram(
                 "vaenode_scoring_duration_seconds",

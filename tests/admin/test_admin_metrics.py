@@ -87,9 +87,16 @@ def test_metrics_follow_queue_outbox_and_reviews(make_settings, session_factory_
     assert samples[("vaenode_instances_received_total", ())] == 5
     assert samples[("vaenode_series", (("status", "receiving"),))] == 1
 
+    assert samples[("vaenode_oldest_queued_seconds", ())] == 0
     with factory() as session:
         series_id = session.scalars(select(Series.id)).one()
         repo.mark_queued(session, series_id, idle_before=utcnow() + timedelta(seconds=1))
+        session.execute(update(Series).where(Series.id == series_id)  # queued 2 minutes ago
+                        .values(updated_at=utcnow() - timedelta(seconds=120)))
+        session.commit()
+    waited = _samples(http(url).text)[("vaenode_oldest_queued_seconds", ())]
+    assert 120 <= waited < 180
+    with factory() as session:
         claimed = repo.claim_next_queued(session, "w1", lease_s=60)
         assert claimed is not None
         repo.mark_done(session, series_id, worker_id="w1")
@@ -121,6 +128,7 @@ def test_metrics_follow_queue_outbox_and_reviews(make_settings, session_factory_
     samples = _samples(http(url).text)
     assert samples[("vaenode_series", (("status", "done"),))] == 1
     assert samples[("vaenode_series", (("status", "receiving"),))] == 0
+    assert samples[("vaenode_oldest_queued_seconds", ())] == 0
     assert samples[("vaenode_scoring_duration_seconds_count", ())] == 1
     assert samples[("vaenode_scoring_duration_seconds_bucket", (("le", "+Inf"),))] == 1
     first = repr(float(SCORING_BUCKETS_S[0]))
