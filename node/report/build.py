@@ -312,9 +312,8 @@ def _library_entry(ds: Dataset) -> Dataset | None:
                     "Columns"):
         if keyword in ds:
             setattr(view, keyword, ds[keyword].value)
-    sources = {"PixelSpacing": measures, "SliceThickness": measures,
-               "ImageOrientationPatient": orientation, "ImagePositionPatient": position}
-    for keyword, item in sources.items():
+    groups = (measures, measures, orientation, position)  # where each _LIBRARY_GEOMETRY lives
+    for keyword, item in zip(_LIBRARY_GEOMETRY, groups, strict=True):
         if item is None or keyword not in item:
             return None
         setattr(view, keyword, item[keyword].value)
@@ -330,8 +329,8 @@ def _measurement_report(
 ) -> hd.sr.MeasurementReport:
     # The Image Library describes every referenced image for viewers; it is left out (as
     # highdicom allows) when some image lacks the attributes its entries are made from.
-    entries = [_library_entry(ds) for ds in evidence]
-    library = [e for e in entries if e is not None] if None not in entries else None
+    entries = [e for ds in evidence if (e := _library_entry(ds)) is not None]
+    library = entries if len(entries) == len(evidence) else None
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=_observer(identity, verdict)
