@@ -71,6 +71,9 @@ def train(
     epochs: Annotated[int, typer.Option(help="Passes over the training slices.")] = 8,
     latent: Annotated[int, typer.Option(help="Latent attributes.")] = 128,
     image_size: Annotated[int, typer.Option(help="Model grid side in pixels.")] = 128,
+    slab_mm: Annotated[float | None, typer.Option(
+        help="Average slices thinner than this (mm) with their neighbours to it, in training "
+             "and scoring (default: each slice as it is).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (split, init, order).")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Subjects held out.")] = 0.2,
     batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 64,
@@ -105,7 +108,7 @@ def train(
         target_fpr=target_fpr, tail_weight=tail_weight, max_series_shift=max_series_shift,
         complexity=complexity, augment=augment, heteroscedastic=heteroscedastic,
         max_train_slices=max_train_slices, compress=compress, compress_dim=compress_dim, name=name,
-        version=version, device=device,
+        version=version, device=device, slab_mm=slab_mm,
     )
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     is_ixi = any("IXI" in v.subject for v in vols)
@@ -207,6 +210,10 @@ def calibrate(
     version: Annotated[str | None, typer.Option(
         help="Version of the written bundle (default: the source bundle's); its reports "
              "carry it.")] = None,
+    slab_mm: Annotated[float | None, typer.Option(
+        help="Average slices thinner than this (mm) with their neighbours to it before "
+             "scoring, e.g. the model's 2 mm for a 1 mm 3D series; 0 removes it (default: "
+             "the source bundle's).")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -242,7 +249,7 @@ def calibrate(
     volumes = _load_training_data(data) if site else _load_volumes(data)
     try:
         recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site,
-                    version=version)
+                    version=version, slab_mm=slab_mm)
     except ValueError as exc:  # data that cannot calibrate these settings; nothing written
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

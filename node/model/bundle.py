@@ -46,7 +46,12 @@ from node.model.likelihood import (
     detail_log_power,
     estimate,
 )
-from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
+from node.model.preprocess import (
+    PreprocessConfig,
+    preprocess_stack,
+    slab_average,
+    stack_scale,
+)
 from node.model.scoring import (
     ScoreConfig,
     png_nats,
@@ -148,9 +153,15 @@ class Bundle:
         self,
         images: Sequence[np.ndarray],
         pixel_spacing: Sequence[tuple[float, float] | None] | None = None,
+        slice_spacing_mm: float | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """Model-grid tensor of a stack and its foreground mask (leading/trailing background)."""
-        arrays = [np.nan_to_num(np.asarray(im, dtype=np.float32)) for im in images]
+        """Model-grid tensor of a stack and its foreground mask (leading/trailing background).
+
+        ``slice_spacing_mm``: the distance between the slices, for the bundle's slab averaging
+        (``preprocessing.slab_mm``; None: unknown, each slice as it is).
+        """
+        arrays = slab_average([np.nan_to_num(np.asarray(im, dtype=np.float32)) for im in images],
+                              slice_spacing_mm, self.preprocess.slab_mm)
         scale = stack_scale(arrays, self.preprocess.norm_percentile) if arrays else 1.0
         x = preprocess_stack(arrays, pixel_spacing, self.preprocess, scale=scale)
         return x, stack_foreground(arrays, scale)
@@ -285,8 +296,8 @@ class Bundle:
             descending: the slices run against the plane's anatomical direction (left to
                 right, posterior to anterior, inferior to superior).
             slice_spacing_mm: distance between slices along the normal, for the position
-                reference's coverage check (None: unknown, no position reference when the
-                bundle checks coverage).
+                reference's coverage check and the slab averaging of thin slices (None:
+                unknown, no position reference when the bundle checks coverage, no slab).
 
         Returns:
             A :class:`SliceScores` with one entry per input slice.
@@ -297,7 +308,7 @@ class Bundle:
         est = estimator or self.scoring.estimator
         n_samples = samples or self.scoring.samples
         thr = self.threshold if threshold is None else float(threshold)
-        x, fg = self.preprocess_stack(images, pixel_spacing)
+        x, fg = self.preprocess_stack(images, pixel_spacing, slice_spacing_mm)
         comp = self.components(
             x, estimator=est, samples=n_samples, batch_size=batch_size, device=device,
             progress=progress,

@@ -177,6 +177,12 @@ def slice_spacing(volume: Volume, plane: str) -> float:
     return float({"axial": sz, "coronal": sy, "sagittal": sx}[plane])
 
 
+def item_slice_spacing(item: TrainingItem, plane: str) -> float | None:
+    """Distance in mm between the slices of ``item``'s stack in ``plane`` (a DICOM stack's own,
+    None when its positions do not tell)."""
+    return item.slice_spacing_mm if isinstance(item, SeriesStack) else slice_spacing(item, plane)
+
+
 def item_stacks(
     item: TrainingItem, planes: Sequence[str] = PLANES
 ) -> list[tuple[str, np.ndarray, list[tuple[float, float] | None]]]:

@@ -124,12 +124,13 @@ def roc_curve(normal: np.ndarray, abnormal: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _stack_record(
-    bundle: Bundle, images: list[np.ndarray], spacing: tuple[float, float], samples: int | None
+    bundle: Bundle, images: list[np.ndarray], spacing: tuple[float, float], samples: int | None,
+    slice_spacing_mm: float,
 ) -> dict[str, Any]:
-    x, fg = bundle.preprocess_stack(images, [spacing] * len(images))
+    x, fg = bundle.preprocess_stack(images, [spacing] * len(images), slice_spacing_mm)
     comp = bundle.components(x, samples=samples)
     comp.update({f"qc_{k}": v for k, v in qc_metrics(x).items()})
-    return {"x": x, "foreground": fg, "components": comp}
+    return {"x": x, "foreground": fg, "components": comp, "slice_spacing_mm": slice_spacing_mm}
 
 
 def collect(
@@ -144,7 +145,8 @@ def collect(
     ref_metrics: dict[str, list[np.ndarray]] = {}
     for vol in reference:
         images, spacing = plane_slices(vol, "axial")
-        x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
+        x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images),
+                                        slice_spacing(vol, "axial"))
         for k, v in qc_metrics(x[fg]).items():
             ref_metrics.setdefault(k, []).append(v)
     qc_ref = qc_reference({k: np.concatenate(v) for k, v in ref_metrics.items()})
@@ -156,14 +158,15 @@ def collect(
         say(f"subject {vol.subject} ({si + 1}/{len(volumes)})")
         for plane in cfg.planes:
             images, spacing = plane_slices(vol, plane)
+            gap = slice_spacing(vol, plane)
             if cfg.time_scoring:
                 t0 = time.perf_counter()
-                bundle.score_slices(list(images), [spacing] * len(images), samples=cfg.samples)
+                bundle.score_slices(list(images), [spacing] * len(images), samples=cfg.samples,
+                                    slice_spacing_mm=gap)
                 timing["seconds"] += time.perf_counter() - t0
                 timing["slices"] += len(images)
-            rec = _stack_record(bundle, list(images), spacing, cfg.samples)
-            rec.update(subject=vol.subject, plane=plane,
-                       slice_spacing_mm=slice_spacing(vol, plane))
+            rec = _stack_record(bundle, list(images), spacing, cfg.samples, gap)
+            rec.update(subject=vol.subject, plane=plane)
             clean.append(rec)
         axial = next(r for r in clean if r["subject"] == vol.subject and r["plane"] == "axial")
         fg_idx = np.flatnonzero(axial["foreground"])
@@ -177,11 +180,12 @@ def collect(
                 images, spacing = plane_slices(
                     Volume(vol.subject, spliced, vol.spacing, vol.source), "axial"
                 )
-                rec = _stack_record(bundle, list(images), spacing, cfg.samples)
+                rec = _stack_record(bundle, list(images), spacing, cfg.samples,
+                                    slice_spacing(vol, "axial"))
                 block = np.zeros(len(images), dtype=bool)
                 block[start : start + length] = True
                 rec.update(subject=vol.subject, artifact=artifact, severity=severity,
-                           block=block, slice_spacing_mm=slice_spacing(vol, "axial"))
+                           block=block)
                 if severity == "moderate" and si < cfg.mcmc_subjects and cfg.mcmc_slices:
                     pick = np.flatnonzero(block)[: cfg.mcmc_slices]
                     rec["mcmc_index"] = pick

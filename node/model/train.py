@@ -50,12 +50,12 @@ from node.model.data import (
     TrainingItem,
     Volume,
     foreground_mask,
+    item_slice_spacing,
     item_stacks,
     plane_slices,
-    slice_spacing,
     split_subjects,
 )
-from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
+from node.model.preprocess import PreprocessConfig, preprocess_stack, slab_average, stack_scale
 from node.model.scoring import (
     BackgroundPart,
     DetailPart,
@@ -87,6 +87,7 @@ class TrainConfig:
     latent_dim: int = 128
     image_size: int = 128
     spacing_mm: float = 2.0
+    slab_mm: float | None = None
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     heteroscedastic: bool = True
     sigma_min: float = 0.01
@@ -149,6 +150,7 @@ def build_slices(
     plane_of: list[str] = []
     for vol in volumes:
         for plane, stack, spacings in item_stacks(vol, planes):
+            stack = np.stack(slab_average(stack, item_slice_spacing(vol, plane), pcfg.slab_mm))
             keep = foreground_mask(stack)
             if not keep.any():
                 continue
@@ -340,9 +342,8 @@ def stack_components(
     for vol in volumes:
         descending = isinstance(vol, SeriesStack) and vol.descending
         for plane, images, spacing in volume_stacks(vol, planes):
-            x, fg = bundle.preprocess_stack(images, spacing)
-            gap = (vol.slice_spacing_mm if isinstance(vol, SeriesStack)
-                   else slice_spacing(vol, plane))
+            gap = item_slice_spacing(vol, plane)
+            x, fg = bundle.preprocess_stack(images, spacing, gap)
             out.append({"subject": vol.subject, "plane": plane, "descending": descending,
                          "slice_spacing_mm": gap, "foreground": fg,
                          "components": bundle.components(x)})
@@ -637,7 +638,8 @@ def run_training(
     n_dicom = sum(isinstance(v, SeriesStack) for v in volumes)
     if n_dicom:
         say(f"{len(volumes) - n_dicom} NIfTI volume(s), {n_dicom} DICOM stack(s)")
-    pcfg = PreprocessConfig(image_size=cfg.image_size, spacing_mm=cfg.spacing_mm)
+    pcfg = PreprocessConfig(image_size=cfg.image_size, spacing_mm=cfg.spacing_mm,
+                            slab_mm=cfg.slab_mm)
     say(f"{len(train_ids)} training subjects, {len(cal_ids)} calibration, "
         f"{len(eval_ids)} evaluation")
     train_set = build_slices(train_vols, cfg.planes, pcfg)
@@ -722,7 +724,8 @@ def site_variant_stacks(
     for vol in volumes:
         for name, data in {"original": vol.data, **site_variants(vol.data, rng)}.items():
             images, spacing = plane_slices(Volume(vol.subject, data, vol.spacing, ""), "axial")
-            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
+            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images),
+                                            vol.spacing[2])
             yield vol.subject, name, x, fg
 
 
@@ -769,6 +772,7 @@ def recalibrate(
     command: str = "",
     site: bool = False,
     version: str | None = None,
+    slab_mm: float | None = None,
 ) -> Path:
     """Write a copy of ``bundle`` with other score settings, calibrated again.
 
@@ -786,9 +790,13 @@ def recalibrate(
     ``max_series_shift`` the cap of the background or detail part is fitted by
     :func:`fit_site_cap`. ``version``: the copy's version (its reports name it, so a PACS can
     tell findings of the recalibrated bundle from the original's); the source's is recorded.
+    ``slab_mm``: the slab thin slices are averaged to (``preprocessing.slab_mm``, see
+    :func:`node.model.preprocess.slab_average`); 0 removes it, None keeps the source's.
     """
     if version is not None and not version.strip():
         raise ValueError("the bundle version must not be empty")
+    if slab_mm is not None and slab_mm < 0:
+        raise ValueError("the slab thickness must be 0 (none) or positive")
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
     cal = list(volumes) if site else [v for v in volumes if v.subject in ids]
     if not cal:
@@ -798,6 +806,10 @@ def recalibrate(
         raise ValueError(f"a site calibration needs normal series of at least "
                          f"{SITE_MIN_SUBJECTS} subjects (patients), got {subjects}")
     record: dict[str, Any] = {"site": True} if site else {}
+    if slab_mm is not None:  # before anything is scored: the caps and the threshold see it
+        bundle.preprocess = replace(bundle.preprocess, slab_mm=slab_mm or None)
+        bundle.meta["preprocessing"] = bundle.preprocess.to_dict()
+        record["slab_mm"] = slab_mm or None
     if changes.get("detail_step") is not None and bundle.feature_ae is not None:
         raise ValueError("the detail_step part needs a pixel-space model (this bundle has a "
                          "compression stage)")
