@@ -55,8 +55,8 @@ from pydicom.uid import (
 )
 
 from node.errors import ReportError
+from node.functional_groups import functional_group_item
 from node.report.content import SeriesVerdict, SliceVerdict
-from node.worker.acquisition import functional_group_item
 
 # --- codes -----------------------------------------------------------------------------------
 

@@ -21,21 +21,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-
-def functional_group_item(ds: Dataset, frame_index: int | None, sequence: str) -> Dataset | None:
-    """The functional group item ``sequence`` for one frame: per-frame first, then shared."""
-    containers: list[Dataset] = []
-    if frame_index is not None and "PerFrameFunctionalGroupsSequence" in ds:
-        per_frame = ds.PerFrameFunctionalGroupsSequence
-        if frame_index < len(per_frame):
-            containers.append(per_frame[frame_index])
-    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
-        containers.append(ds.SharedFunctionalGroupsSequence[0])
-    for container in containers:
-        seq = container.get(sequence)
-        if seq is not None and len(seq):
-            return seq[0]  # type: ignore[no-any-return]
-    return None
+from node.functional_groups import functional_group_item
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import RTDoseStorage, SegmentationStorage
 
 from node.errors import AssemblyError, NoImages
-from node.worker.acquisition import Acquisition, functional_group_item, series_acquisition
+from node.functional_groups import functional_group_item
+from node.worker.acquisition import Acquisition, series_acquisition
 
 log = logging.getLogger(__name__)
 
