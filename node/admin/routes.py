@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from node.admin import auth, deliveries, models_page, queries, reviews, verdicts
+from node.admin import auth, deliveries, models_page, queries, reviews, senders, verdicts
 from node.admin.header import read_header_facts
 from node.admin.plots import plot_slice_scores
 from node.admin.thumbnails import ThumbnailError, render_thumbnail
@@ -255,6 +255,18 @@ def associations_page(
     """Recent associations: calling AE, peer, instances, result."""
     return _render(request, "associations.html", "associations",
                    rows=queries.list_associations(session), refresh_s=refresh)
+
+
+@router.get("/senders", response_class=HTMLResponse, name="senders")
+def senders_page(
+    request: Request, session: ReadSessionDep,
+    days: Annotated[int, Query(ge=1, le=3650)] = 30,
+) -> HTMLResponse:
+    """Per scanner (calling AE): series, verdicts, flag rate against the others', trend."""
+    rows = senders.sender_stats(session, days)
+    return _render(request, "senders.html", "senders", rows=rows, days=days,
+                   weeks=rows[0].weeks if rows else (), high_p=senders.HIGH_P,
+                   min_scored=senders.MIN_SCORED_FOR_TEST)
 
 
 @router.get("/models", response_class=HTMLResponse, name="models")

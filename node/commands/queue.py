@@ -91,6 +91,40 @@ def list_cmd(
         )
 
 
+@queue_app.command("senders")
+def senders_cmd(
+    config: ConfigOption = None,
+    days: Annotated[int, typer.Option(min=1, help="Series first received in this many days.")]
+    = 30,
+    as_json: JsonOption = False,
+) -> None:
+    """Per scanner (calling AE): series, verdicts, flag rate against the other scanners'."""
+    from node.admin.senders import sender_stats
+
+    with _session(config, read_only=True) as session:
+        rows = [s for s in sender_stats(session, days) if s.series]
+    if as_json:
+        for s in rows:
+            typer.echo(json.dumps({
+                "calling_aet": s.calling_aet, "series": s.series, "scored": s.scored,
+                "flagged": s.flagged, "flag_rate": s.flag_rate, "p_high": s.p_high,
+                "unusually_high": s.unusually_high, "confirmed": s.confirmed,
+                "false_alarms": s.false_alarms, "skipped": s.skipped, "failed": s.failed,
+                "in_progress": s.in_progress, "last_received": _iso(s.last_received),
+            }))
+        return
+    typer.echo(f"{'SCANNER (AE)':<16} {'SERIES':>6} {'SCORED':>6} {'FLAGGED':>7} {'RATE':>6}  "
+               f"{'SKIPPED':>7} {'FAILED':>6}  AGAINST THE OTHERS")
+    for s in rows:
+        rate = f"{100 * s.flag_rate:5.1f}%" if s.flag_rate is not None else "     -"
+        against = ("-" if s.p_high is None else
+                   f"{'UNUSUALLY HIGH ' if s.unusually_high else ''}p={s.p_high:.2g}")
+        typer.echo(f"{(s.calling_aet or '(not recorded)'):<16} {s.series:>6} {s.scored:>6} "
+                   f"{s.flagged:>7} {rate:>6}  {s.skipped:>7} {s.failed:>6}  {against}")
+    if not rows:
+        typer.echo(f"no series in the last {days} day(s)")
+
+
 @queue_app.command("show")
 def show_cmd(
     series_uid: Annotated[str, typer.Argument(help="Series Instance UID.")],

@@ -92,6 +92,12 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
         assert assoc.count("SCANNER1") == len(scored_node.sent_series) and "released" in assoc
         page.screenshot(path=str(TEST_OUTPUT / "associations.png"), full_page=True)
 
+        page.click("#nav-senders")
+        sender = page.locator("tr.sender[data-aet='SCANNER1']")
+        assert sender.locator("td.scored").inner_text() == str(len(scored_node.sent_series))
+        assert sender.locator("td.false-alarms").inner_text() == expected
+        page.screenshot(path=str(TEST_OUTPUT / "senders.png"), full_page=True)
+
     assert (TEST_OUTPUT / "series.png").stat().st_size > 10_000
     metrics = http(f"{scored_node.base_url}/metrics",
                    headers={"Authorization": f"Bearer {scored_node.token}"}).text

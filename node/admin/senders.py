@@ -1,0 +1,172 @@
+"""Per sending scanner: what it sent, what the node made of it, and how often it was flagged.
+
+A department's quality lead watches scanners, not series. A scanner whose flag rate climbs
+while the others' stay flat has a problem of its own (a failing coil element throws spikes, a
+miscalibrated gradient ghosts), and one whose series are mostly skipped sends what the routing
+rules do not score. Each modality calls with its own AE title, so the calling AE names the
+scanner here.
+
+"Unusually high" is a one-sided binomial test of a scanner's flagged series against the rate
+of every other scanner in the same window: the chance of at least that many flags if it were
+like the others. The others' rate is smoothed (half a flag added) so that a handful of flags
+against others that had none is not called certain. It is a pointer for a person to look,
+not a finding: the scanners' case mixes differ.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.admin.reviews import CONFIRM, FALSE_ALARM, binomial_tail, latest_reviews
+from node.queue.models import Series, utcnow
+from node.queue.states import SeriesState
+
+#: A scanner is tested once it has this many scored series in the window.
+MIN_SCORED_FOR_TEST = 10
+#: Below this chance (one-sided) its flag rate is called unusually high.
+HIGH_P = 0.01
+#: Weeks of the weekly flag-rate trend.
+TREND_WEEKS = 8
+
+_IN_PROGRESS = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.PROCESSING)
+
+
+@dataclass(frozen=True)
+class WeekCount:
+    """One week (Monday, UTC) of a scanner's scored series."""
+
+    start: date
+    scored: int
+    flagged: int
+
+
+@dataclass(frozen=True)
+class SenderStats:
+    """One calling AE title over the window.
+
+    Attributes:
+        calling_aet: the sender's AE title; None for series whose sender was not recorded.
+        series: series first received in the window.
+        scored: of those, series with a verdict (``done``).
+        flagged: scored series whose verdict is abnormal.
+        skipped / failed / in_progress: series in those states.
+        confirmed: flagged series an admin confirmed (latest review).
+        false_alarms: series an admin marked a false alarm (latest review).
+        last_received: the latest instance of its series in the window.
+        weeks: scored and flagged series per week, oldest first (series first received in
+            that week, whatever the window).
+        p_high: chance of at least ``flagged`` flags in ``scored`` series at the other scanners'
+            rate; None when it has fewer than :data:`MIN_SCORED_FOR_TEST` scored series or no
+            other scanner scored anything.
+    """
+
+    calling_aet: str | None
+    series: int
+    scored: int
+    flagged: int
+    skipped: int
+    failed: int
+    in_progress: int
+    confirmed: int
+    false_alarms: int
+    last_received: datetime | None
+    weeks: tuple[WeekCount, ...]
+    p_high: float | None
+
+    @property
+    def flag_rate(self) -> float | None:
+        """Flagged / scored; None before anything is scored."""
+        return self.flagged / self.scored if self.scored else None
+
+    @property
+    def unusually_high(self) -> bool:
+        """Its flags are unlikely at the other scanners' rate (see the module docstring)."""
+        return self.p_high is not None and self.p_high < HIGH_P
+
+
+@dataclass
+class _Tally:
+    series: int = 0
+    scored: int = 0
+    flagged: int = 0
+    skipped: int = 0
+    failed: int = 0
+    in_progress: int = 0
+    confirmed: int = 0
+    false_alarms: int = 0
+    last_received: datetime | None = None
+
+
+def week_start(moment: datetime) -> date:
+    """The Monday (UTC) of the week ``moment`` falls in."""
+    day = moment.date()
+    return day - timedelta(days=day.weekday())
+
+
+def sender_stats(session: Session, days: int, now: datetime | None = None,
+                 weeks: int = TREND_WEEKS) -> list[SenderStats]:
+    """Every scanner that sent a series in the last ``days`` days or ``weeks`` weeks, by AE
+    title (unrecorded senders last).
+
+    Raises:
+        ValueError: ``days`` or ``weeks`` below 1.
+    """
+    if days < 1 or weeks < 1:
+        raise ValueError("the window needs at least one day and one week")
+    now = now or utcnow()
+    since = now - timedelta(days=days)
+    first_week = week_start(now) - timedelta(weeks=weeks - 1)
+    trend_since = datetime.combine(first_week, datetime.min.time(), tzinfo=now.tzinfo)
+    rows = session.execute(
+        select(Series.id, Series.calling_aet, Series.status, Series.abnormal,
+               Series.first_received_at, Series.last_received_at)
+        .where(Series.first_received_at >= min(since, trend_since))
+    ).all()
+    reviews = latest_reviews(session)
+    tallies: dict[str | None, _Tally] = defaultdict(_Tally)
+    by_week: dict[str | None, dict[date, list[int]]] = defaultdict(dict)
+    for series_id, aet, status, abnormal, first, last in rows:
+        state = SeriesState(status)
+        scored = state is SeriesState.DONE and abnormal is not None
+        if first >= trend_since:
+            week = by_week[aet].setdefault(week_start(first), [0, 0])
+            week[0] += int(scored)
+            week[1] += int(scored and bool(abnormal))
+        if first < since:
+            continue
+        t = tallies[aet]
+        t.series += 1
+        t.scored += int(scored)
+        t.flagged += int(scored and bool(abnormal))
+        t.skipped += int(state is SeriesState.SKIPPED)
+        t.failed += int(state is SeriesState.FAILED)
+        t.in_progress += int(state in _IN_PROGRESS)
+        review = reviews.get(series_id, (None, None))[0]
+        t.false_alarms += int(review == FALSE_ALARM)
+        t.confirmed += int(review == CONFIRM and scored and bool(abnormal))
+        t.last_received = last if t.last_received is None else max(t.last_received, last)
+    total_scored = sum(t.scored for t in tallies.values())
+    total_flagged = sum(t.flagged for t in tallies.values())
+    weeks_list = [first_week + timedelta(weeks=i) for i in range(weeks)]
+    out = []
+    for aet in sorted(set(tallies) | set(by_week), key=lambda a: (a is None, a or "")):
+        t = tallies.get(aet, _Tally())
+        others_scored = total_scored - t.scored
+        p_high = None
+        if t.scored >= MIN_SCORED_FOR_TEST and others_scored > 0:
+            rate = (total_flagged - t.flagged + 0.5) / (others_scored + 1)
+            p_high = binomial_tail(t.scored, rate, t.flagged)
+        counts = by_week.get(aet, {})
+        out.append(SenderStats(
+            calling_aet=aet, series=t.series, scored=t.scored, flagged=t.flagged,
+            skipped=t.skipped, failed=t.failed, in_progress=t.in_progress,
+            confirmed=t.confirmed, false_alarms=t.false_alarms, last_received=t.last_received,
+            weeks=tuple(WeekCount(w, *counts.get(w, (0, 0))) for w in weeks_list),
+            p_high=p_high,
+        ))
+    return out

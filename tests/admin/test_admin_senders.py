@@ -1,0 +1,167 @@
+"""The scanners page: per calling AE, series, verdicts, reviews, flag rate against the others,
+and the weekly trend; over HTTP on a real dashboard and through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.admin.app import RunningDashboard
+from node.admin.reviews import CONFIRM, FALSE_ALARM, binomial_tail
+from node.admin.senders import MIN_SCORED_FOR_TEST, sender_stats, week_start
+from node.config import Settings
+from node.queue.models import AdminAction, Series
+from node.queue.states import SeriesState
+from tests.admin.web import http
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)  # a Thursday
+VAENODE = Path(sys.executable).with_name("vaenode")
+
+
+def _series(session: Session, aet: str | None, status: SeriesState, *,
+            abnormal: bool | None = None, days_ago: float = 1.0) -> int:
+    at = NOW - timedelta(days=days_ago)
+    uid = f"1.2.826.0.{session.query(Series).count() + 1}"
+    row = Series(study_instance_uid="1.2.826.0", series_instance_uid=uid, modality="MR",
+                 calling_aet=aet, first_received_at=at, last_received_at=at + timedelta(minutes=2),
+                 status=status, abnormal=abnormal, updated_at=at)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def _review(session: Session, series_id: int, action: str) -> None:
+    session.execute(insert(AdminAction).values(series_id=series_id, actor="qa", action=action,
+                                               model="brain-t1 0.1.0", note=None))
+
+
+def _fill(factory: sessionmaker[Session]) -> dict[str, int]:
+    """MR1: 20 scored, 1 flagged; MR2: 20 scored, 9 flagged; CT1: 5 scored, 3 flagged, a
+    skipped, a failed and a queued series; one series without a calling AE; one MR1 series
+    40 days ago (outside a 30-day window)."""
+    ids: dict[str, int] = {}
+    with factory.begin() as s:
+        for i in range(20):
+            ids[f"MR1-{i}"] = _series(s, "MR1", SeriesState.DONE, abnormal=(i == 0),
+                                      days_ago=1 + i)
+            ids[f"MR2-{i}"] = _series(s, "MR2", SeriesState.DONE, abnormal=(i < 9),
+                                      days_ago=0.5 + i / 2)
+        for i in range(5):
+            _series(s, "CT1", SeriesState.DONE, abnormal=(i < 3), days_ago=2)
+        _series(s, "CT1", SeriesState.SKIPPED, days_ago=2)
+        _series(s, "CT1", SeriesState.FAILED, days_ago=2)
+        _series(s, "CT1", SeriesState.QUEUED, days_ago=0.1)
+        _series(s, None, SeriesState.DONE, abnormal=False, days_ago=3)
+        ids["old"] = _series(s, "MR1", SeriesState.DONE, abnormal=True, days_ago=40)
+        _review(s, ids["MR2-0"], FALSE_ALARM)
+        _review(s, ids["MR2-1"], FALSE_ALARM)
+        _review(s, ids["MR2-1"], CONFIRM)  # changed their mind: the latest review counts
+        _review(s, ids["MR2-2"], CONFIRM)
+        _review(s, ids["MR1-5"], CONFIRM)  # a normal verdict confirmed: not a true positive
+    return ids
+
+
+@pytest.fixture
+def filled(make_settings: Callable[..., Settings],
+           session_factory_for: Callable[[Settings], sessionmaker[Session]],
+           ) -> tuple[Settings, sessionmaker[Session]]:
+    settings = make_settings()
+    factory = session_factory_for(settings)
+    _fill(factory)
+    return settings, factory
+
+
+def test_counts_per_scanner_in_the_window(filled: tuple[Settings, sessionmaker[Session]]) -> None:
+    _, factory = filled
+    with factory() as s:
+        rows = {r.calling_aet: r for r in sender_stats(s, 30, now=NOW)}
+    assert list(rows) == ["CT1", "MR1", "MR2", None]  # by AE title, unrecorded last
+    mr1, mr2, ct1 = rows["MR1"], rows["MR2"], rows["CT1"]
+    assert (mr1.series, mr1.scored, mr1.flagged) == (20, 20, 1)  # the 40-day-old one is out
+    assert (mr2.series, mr2.scored, mr2.flagged, mr2.flag_rate) == (20, 20, 9, 0.45)
+    assert (ct1.series, ct1.scored, ct1.flagged) == (8, 5, 3)
+    assert (ct1.skipped, ct1.failed, ct1.in_progress) == (1, 1, 1)
+    assert (mr2.confirmed, mr2.false_alarms) == (2, 1)
+    assert (mr1.confirmed, mr1.false_alarms) == (0, 0)
+    assert mr1.last_received == NOW - timedelta(days=1) + timedelta(minutes=2)
+    with factory() as s:
+        wide = {r.calling_aet: r for r in sender_stats(s, 90, now=NOW)}
+    assert (wide["MR1"].series, wide["MR1"].flagged) == (21, 2)
+
+
+def test_a_scanner_flagging_far_more_than_the_others_is_pointed_out(
+        filled: tuple[Settings, sessionmaker[Session]]) -> None:
+    _, factory = filled
+    with factory() as s:
+        rows = {r.calling_aet: r for r in sender_stats(s, 30, now=NOW)}
+    mr1, mr2, ct1 = rows["MR1"], rows["MR2"], rows["CT1"]
+    # MR2 against the 21 + 5 series of the others with 1 + 3 flags (half a flag added).
+    assert mr2.p_high == pytest.approx(binomial_tail(20, (4 + 0.5) / (26 + 1), 9))
+    assert mr2.unusually_high and mr2.p_high < 0.01
+    assert mr1.p_high == pytest.approx(binomial_tail(20, (12 + 0.5) / (26 + 1), 1))
+    assert not mr1.unusually_high
+    assert ct1.scored < MIN_SCORED_FOR_TEST and ct1.p_high is None and not ct1.unusually_high
+
+
+def test_weekly_trend_counts_scored_and_flagged_series_by_week(
+        filled: tuple[Settings, sessionmaker[Session]]) -> None:
+    _, factory = filled
+    with factory() as s:
+        rows = {r.calling_aet: r for r in sender_stats(s, 7, now=NOW, weeks=8)}
+    weeks = rows["MR2"].weeks
+    assert len(weeks) == 8 and weeks[-1].start == week_start(NOW) == NOW.date() - timedelta(3)
+    assert [w.start.weekday() for w in weeks] == [0] * 8
+    # MR2's 20 series arrived 0.5-10 days ago: this week 7 (3 days and 12 h back to Monday),
+    # and so on; all 9 flagged ones (0.5-4.5 days ago) in the last two weeks.
+    assert sum(w.scored for w in weeks) == 20 and sum(w.flagged for w in weeks) == 9
+    assert (weeks[-1].scored, weeks[-1].flagged) == (7, 7)
+    # The trend covers 8 weeks whatever the window: the 40-day-old MR1 series is in it.
+    assert sum(w.flagged for w in rows["MR1"].weeks) == 2
+    with pytest.raises(ValueError):
+        sender_stats(factory(), 0, now=NOW)
+
+
+def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
+                               run_dashboard: Callable[[Settings, sessionmaker[Session]],
+                                                       RunningDashboard],
+                               tmp_path: Path) -> None:
+    settings, factory = filled
+    # The page reads the real clock: these rows are relative to NOW, so shift the window to
+    # cover them all whatever today is.
+    days = max(30, (datetime.now(UTC) - NOW).days + 30)
+    base = f"http://127.0.0.1:{run_dashboard(settings, factory).port}"
+    page = http(f"{base}/senders?days={days}")
+    assert page.status == 200
+    html = page.text
+    assert 'id="nav-senders"' in html and "Scanners" in html
+    row = html.split('data-aet="MR2"', 1)[1].split("</tr>", 1)[0]
+    assert "unusually high" in row and ">9<" in row and "45.0 %" in row
+    assert "?calling_aet=MR2" in row
+    other = html.split('data-aet="MR1"', 1)[1].split("</tr>", 1)[0]
+    assert "unusually high" not in other
+    assert "fewer than 10 scored" in html.split('data-aet="CT1"', 1)[1].split("</tr>", 1)[0]
+    assert http(f"{base}/senders?days=0").status == 422
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{settings.database.url}"\n', encoding="utf-8")
+    proc = subprocess.run([str(VAENODE), "queue", "senders", "--days", str(days), "--json",
+                           "--config", str(config)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["calling_aet"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert rows["MR2"]["unusually_high"] is True and rows["MR2"]["flagged"] == 9
+    assert rows["MR1"]["unusually_high"] is False and rows[None]["scored"] == 1
+    table = subprocess.run([str(VAENODE), "queue", "senders", "--days", str(days),
+                            "--config", str(config)], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert any(line.startswith("MR2") and "UNUSUALLY HIGH" in line
+               for line in table.stdout.splitlines())
