@@ -84,3 +84,7 @@ class QueueConflict(NodeError):
 class AdminActionError(NodeError):
     """A dashboard action that does not apply to the series as it stands (e.g. a false alarm
     on a series that was not flagged); the dashboard answers 409 with this message."""
+
+
+class BackupError(NodeError):
+    """A copy of the queue database could not be made; nothing is left at the destination."""

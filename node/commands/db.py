@@ -1,12 +1,15 @@
-"""``vaenode db``: database schema commands."""
+"""``vaenode db``: the queue database's schema (migrations) and consistent backups."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from node.commands.common import ConfigOption, setup
 
-db_app = typer.Typer(help="Queue database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Queue database: schema and backup.", no_args_is_help=True)
 
 
 @db_app.command("upgrade")
@@ -27,6 +30,21 @@ def current_cmd(config: ConfigOption = None) -> None:
 
     typer.echo(f"current: {current_revision(settings.database.url) or '(empty)'}")
     typer.echo(f"head:    {head_revision()}")
+
+
+@db_app.command("backup")
+def backup_cmd(
+    dest: Annotated[Path, typer.Argument(help="File to write (must not exist).")],
+    config: ConfigOption = None,
+) -> None:
+    """Copy the SQLite queue database consistently while the node runs (PostgreSQL: pg_dump)."""
+    settings = setup(config)
+    from node.queue.backup import backup_sqlite
+
+    done = backup_sqlite(settings.database.url, dest,
+                         busy_timeout_ms=settings.database.busy_timeout_ms)
+    typer.echo(f"backup written to {done.path} ({done.size_bytes} bytes, revision "
+               f"{done.revision or '(none)'}, {done.series} series)")
 
 
 def register(app: typer.Typer) -> None:
