@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -23,7 +22,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin import reviews
@@ -38,34 +37,24 @@ log = logging.getLogger(__name__)
 SCORING_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-def scoring_durations(session: Session) -> list[float]:
-    """Seconds from each ``processing`` event to the next ``done`` event of the same series.
+def scoring_histogram(session: Session) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative bucket counts and the sum of the scoring durations (seconds from a worker's
+    ``processing`` event to the ``done`` event ending that run, which the queue writes on the
+    ``done`` event); one aggregate query, however long the history.
 
-    The status history is the one record every worker writes, so the durations hold across
-    processes and restarts; a processing run that ended ``failed`` or was taken back is not a
-    scoring duration and is left out.
+    A run that ended ``failed`` or was taken back is not a scoring duration and has none.
     """
-    stmt = (
-        select(SeriesEvent.series_id, SeriesEvent.to_status, SeriesEvent.at)
-        .where(SeriesEvent.to_status.in_([str(SeriesState.PROCESSING), str(SeriesState.DONE)]))
-        .order_by(SeriesEvent.series_id, SeriesEvent.id)
-    )
-    out: list[float] = []
-    started: dict[int, datetime] = {}
-    for series_id, to_status, at in session.execute(stmt):
-        if to_status == str(SeriesState.PROCESSING):
-            started[series_id] = at
-        elif series_id in started:
-            out.append(max(0.0, (at - started.pop(series_id)).total_seconds()))
-    return out
-
-
-def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamily:
-    buckets: list[tuple[str, float]] = []
-    for bound in SCORING_BUCKETS_S:
-        buckets.append((repr(float(bound)), float(sum(1 for v in values if v <= bound))))
-    buckets.append(("+Inf", float(len(values))))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=float(sum(values)))
+    duration = SeriesEvent.duration_s
+    counts = [func.coalesce(func.sum(case((duration <= bound, 1), else_=0)), 0)
+              for bound in SCORING_BUCKETS_S]
+    row = session.execute(
+        select(*counts, func.count(duration), func.coalesce(func.sum(duration), 0.0))
+        .where(SeriesEvent.to_status == str(SeriesState.DONE), duration.is_not(None))
+    ).one()
+    buckets = [(repr(float(bound)), float(n))
+               for bound, n in zip(SCORING_BUCKETS_S, row[:-2], strict=True)]
+    buckets.append(("+Inf", float(row[-2])))
+    return buckets, float(row[-1])
 
 
 class QueueCollector(Collector):
@@ -132,10 +121,11 @@ class QueueCollector(Collector):
             yield by_status
             yield self._oldest_queued(session)
 
-            yield _histogram(
+            buckets, total = scoring_histogram(session)
+            yield HistogramMetricFamily(
                 "vaenode_scoring_duration_seconds",
                 "Seconds from a worker claiming a series to its verdict.",
-                scoring_durations(session),
+                buckets=buckets, sum_value=total,
             )
 
             failures = CounterMetricFamily(

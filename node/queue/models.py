@@ -158,6 +158,9 @@ class SeriesEvent(Base):
     to_status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(128))
+    # On a ``done`` event: seconds since the ``processing`` event that began the run
+    # (revision 0010_event_duration); what the scoring-duration histogram counts.
+    duration_s: Mapped[float | None] = mapped_column(Float)
 
     series: Mapped[Series] = relationship(back_populates="events")
 

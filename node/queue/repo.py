@@ -76,6 +76,7 @@ def _event(
     actor: str,
     at: datetime,
 ) -> None:
+    duration = _run_seconds(session, series_id, at) if to_status is SeriesState.DONE else None
     session.execute(
         insert(SeriesEvent).values(
             series_id=series_id,
@@ -84,8 +85,24 @@ def _event(
             to_status=to_status.value,
             reason=reason,
             actor=actor,
+            duration_s=duration,
         )
     )
+
+
+def _run_seconds(session: Session | Connection, series_id: int, at: datetime) -> float | None:
+    """Seconds from the ``processing`` event that began the run a ``done`` at ``at`` ends; None
+    when the series' latest run event is not such a start (no run open)."""
+    latest = session.execute(
+        select(SeriesEvent.to_status, SeriesEvent.at)
+        .where(SeriesEvent.series_id == series_id,
+               SeriesEvent.to_status.in_([SeriesState.PROCESSING.value, SeriesState.DONE.value]))
+        .order_by(SeriesEvent.id.desc())
+        .limit(1)
+    ).first()
+    if latest is None or latest[0] != SeriesState.PROCESSING.value:
+        return None
+    return max(0.0, (at - latest[1]).total_seconds())
 
 
 def _transition(

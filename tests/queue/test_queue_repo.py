@@ -287,3 +287,63 @@ def test_record_instance_driver_sql_errors_are_sqlalchemy_errors(
                        "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
     with pytest.raises(IntegrityError):
         _record(session_factory, "1.2.3.4", "1.2.3.4.2")
+
+
+def _durations(sf: Factory, series_id: int) -> list[tuple[str, float | None]]:
+    with sf() as s:
+        return [(e.to_status, e.duration_s) for e in s.scalars(
+            select(SeriesEvent).where(SeriesEvent.series_id == series_id)
+            .order_by(SeriesEvent.id))]
+
+
+def test_done_event_carries_the_seconds_of_its_run(session_factory: Factory) -> None:
+    series = _queue(session_factory, "1.2.3.4")
+    with session_factory.begin() as s:
+        repo.claim_next_queued(s, "w1", lease_s=60)
+        # The run began 7 s ago (as a slow model would take).
+        s.execute(text("UPDATE series_events SET at = :at WHERE to_status = 'processing'"),
+                  {"at": (utcnow() - timedelta(seconds=7)).replace(tzinfo=None)})
+    with session_factory.begin() as s:
+        repo.mark_failed(s, series.id, "model broke", worker_id="w1")
+    with session_factory.begin() as s:
+        repo.requeue(s, series.id, reason="retry", actor="admin")
+    with session_factory.begin() as s:
+        repo.claim_next_queued(s, "w1", lease_s=60)
+    with session_factory.begin() as s:
+        repo.mark_done(s, series.id, "scored", worker_id="w1")
+    events = _durations(session_factory, series.id)
+    done = [d for status, d in events if status == "done"]
+    # Only the second run ended done: its seconds are from its own start, not the failed one's.
+    assert len(done) == 1 and done[0] is not None and 0.0 <= done[0] < 5.0
+    assert all(d is None for status, d in events if status != "done")
+
+
+def test_migration_0010_fills_in_the_durations_of_past_runs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0009_alerts")
+    t0 = datetime(2026, 11, 26, 8, 0, 0)
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        for sid in (1, 2):
+            db.execute("INSERT INTO series (id, study_instance_uid, series_instance_uid, "
+                       "instance_count, first_received_at, last_received_at, status, attempts, "
+                       "updated_at) VALUES (?, '1.2', ?, 1, ?, ?, 'done', 1, ?)",
+                       (sid, f"1.2.{sid}", t0, t0, t0))
+        # Series 1: a run that failed, then one of 12.5 s; series 2: a run of 3 s, then a
+        # re-score of 4 s.
+        events = [(1, "processing", 0), (1, "failed", 30), (1, "processing", 100),
+                  (2, "processing", 0), (1, "done", 112.5), (2, "done", 3),
+                  (2, "processing", 50), (2, "done", 54)]
+        for sid, status, seconds in events:
+            db.execute("INSERT INTO series_events (series_id, at, to_status, actor) "
+                       "VALUES (?, ?, ?, 'worker')",
+                       (sid, str(t0 + timedelta(seconds=seconds)), status))
+    upgrade(url)
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        rows = db.execute("SELECT series_id, to_status, duration_s FROM series_events "
+                          "ORDER BY id").fetchall()
+    assert [(sid, d) for sid, status, d in rows if status == "done"] == [
+        (1, 12.5), (2, 3.0), (2, 4.0)]
+    assert all(d is None for _, status, d in rows if status != "done")
+    command.downgrade(alembic_config(url), "0009_alerts")
+    upgrade(url)
+    assert current_revision(url) == head_revision()
