@@ -84,6 +84,24 @@ class QueueCollector(Collector):
             select(func.count(Series.id)).where(Series.purged_at.is_not(None))) or 0))
         yield purged
 
+    def _verdicts_by_sender(self, session: Session) -> Metric:
+        # A gauge, not a counter: a re-score can turn a verdict round. A scanner's flag rate
+        # is abnormal / (abnormal + normal); the dashboard's Scanners page tests it against
+        # the other scanners'.
+        gauge = GaugeMetricFamily(
+            "vaenode_scored_series",
+            "Series with a verdict, by sending scanner (calling AE) and verdict.",
+            labels=["calling_aet", "verdict"],
+        )
+        rows = session.execute(
+            select(Series.calling_aet, Series.abnormal, func.count(Series.id))
+            .where(Series.status == SeriesState.DONE, Series.abnormal.is_not(None))
+            .group_by(Series.calling_aet, Series.abnormal)
+        ).all()
+        for aet, abnormal, n in rows:
+            gauge.add_metric([aet or "", "abnormal" if abnormal else "normal"], float(n))
+        return gauge
+
     def _oldest_queued(self, session: Session) -> Metric:
         """How long the longest-waiting queued series has waited for a worker: the one number
         that says a worker is stuck, dead or too slow (alert on it), whatever the queue's
@@ -151,6 +169,7 @@ class QueueCollector(Collector):
                 confirmed.add_metric([stat.model], float(stat.confirmed))
             yield false_alarms
             yield confirmed
+            yield self._verdicts_by_sender(session)
             yield from self._storage_metrics(session)
 
             alerts = GaugeMetricFamily(

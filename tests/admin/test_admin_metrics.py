@@ -135,6 +135,9 @@ def test_metrics_follow_queue_outbox_and_reviews(make_settings, session_factory_
     assert samples[("vaenode_scoring_duration_seconds_bucket", (("le", first),))] == 1
     assert samples[("vaenode_delivery_failures_total", ())] == 2
     assert samples[("vaenode_false_alarms_total", (("model", "m 1"),))] == 1
+    by_sender = ("vaenode_scored_series", (("calling_aet", "SCANNER1"), ("verdict", "abnormal")))
+    assert samples[by_sender] == 1
+    assert (by_sender[0], (("calling_aet", "SCANNER1"), ("verdict", "normal"))) not in samples
     assert samples[("vaenode_confirmations_total", (("model", "m 1"),))] == 0
     assert samples[("vaenode_series_received_total", ())] == 1
     assert samples[("vaenode_storage_free_bytes", ())] > 0
