@@ -85,7 +85,7 @@ class QueueCollector(Collector):
         yield purged
 
     def _verdicts_by_sender(self, session: Session) -> Metric:
-        # A gauge, not a counter: a re-score can turn a verdict round. A scanner's flag rate
+        # A gauge, not a counter: a re-score can change a verdict. A scanner's flag rate
         # is abnormal / (abnormal + normal); the dashboard's Scanners page tests it against
         # the other scanners'.
         gauge = GaugeMetricFamily(

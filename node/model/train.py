@@ -150,7 +150,9 @@ def build_slices(
     plane_of: list[str] = []
     for vol in volumes:
         for plane, stack, spacings in item_stacks(vol, planes):
-            stack = np.stack(slab_average(stack, item_slice_spacing(vol, plane), pcfg.slab_mm))
+            if pcfg.slab_mm:
+                stack = np.stack(slab_average(stack, item_slice_spacing(vol, plane),
+                                              pcfg.slab_mm))
             keep = foreground_mask(stack)
             if not keep.any():
                 continue
