@@ -57,8 +57,17 @@ def test_wrong_called_ae_title_is_a_rejection(
     orthanc: Orthanc, report_files: tuple[Path, Path]
 ) -> None:
     target = Target("NOT-ORTHANC", "127.0.0.1", orthanc.dicom_port)
-    with pytest.raises(DeliveryError, match="rejected"):
-        send_file(report_files[0], target, calling_ae_title="VAENODE", timeouts=FAST)
+    # Orthanc answers A-ASSOCIATE-RJ and drops the connection at once; on a loaded machine the
+    # drop now and then overtakes the RJ PDU (seen once in CI: "aborted by the peer"). Every
+    # try must fail; at least one of three must be read as the rejection it is.
+    messages = []
+    for _ in range(3):
+        with pytest.raises(DeliveryError) as caught:
+            send_file(report_files[0], target, calling_ae_title="VAENODE", timeouts=FAST)
+        messages.append(str(caught.value))
+        if "rejected" in messages[-1]:
+            break
+    assert "rejected" in messages[-1], messages
     assert orthanc.instance_ids() == []
 
 
