@@ -15,8 +15,8 @@ not a finding: the scanners' case mixes differ.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from sqlalchemy import select
@@ -32,6 +32,8 @@ MIN_SCORED_FOR_TEST = 10
 HIGH_P = 0.01
 #: Weeks of the weekly flag-rate trend.
 TREND_WEEKS = 8
+#: Most common skip reasons listed per scanner.
+TOP_SKIP_REASONS = 3
 
 _IN_PROGRESS = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.PROCESSING)
 
@@ -55,6 +57,8 @@ class SenderStats:
         scored: of those, series with a verdict (``done``).
         flagged: scored series whose verdict is abnormal.
         skipped / failed / in_progress: series in those states.
+        skip_reasons: the most common reasons its series were skipped, with their counts
+            (what a routing rule would have to accept to score them).
         confirmed: flagged series an admin confirmed (latest review).
         false_alarms: series an admin marked a false alarm (latest review).
         last_received: the latest instance of its series in the window.
@@ -77,6 +81,7 @@ class SenderStats:
     last_received: datetime | None
     weeks: tuple[WeekCount, ...]
     p_high: float | None
+    skip_reasons: tuple[tuple[str, int], ...] = ()
 
     @property
     def flag_rate(self) -> float | None:
@@ -100,6 +105,7 @@ class _Tally:
     confirmed: int = 0
     false_alarms: int = 0
     last_received: datetime | None = None
+    skip_reasons: Counter[str] = field(default_factory=Counter)
 
 
 def week_start(moment: datetime) -> date:
@@ -124,13 +130,13 @@ def sender_stats(session: Session, days: int, now: datetime | None = None,
     trend_since = datetime.combine(first_week, datetime.min.time(), tzinfo=now.tzinfo)
     rows = session.execute(
         select(Series.id, Series.calling_aet, Series.status, Series.abnormal,
-               Series.first_received_at, Series.last_received_at)
+               Series.first_received_at, Series.last_received_at, Series.status_reason)
         .where(Series.first_received_at >= min(since, trend_since))
     ).all()
     reviews = latest_reviews(session)
     tallies: dict[str | None, _Tally] = defaultdict(_Tally)
     by_week: dict[str | None, dict[date, list[int]]] = defaultdict(dict)
-    for series_id, aet, status, abnormal, first, last in rows:
+    for series_id, aet, status, abnormal, first, last, reason in rows:
         state = SeriesState(status)
         scored = state is SeriesState.DONE and abnormal is not None
         if first >= trend_since:
@@ -143,7 +149,9 @@ def sender_stats(session: Session, days: int, now: datetime | None = None,
         t.series += 1
         t.scored += int(scored)
         t.flagged += int(scored and bool(abnormal))
-        t.skipped += int(state is SeriesState.SKIPPED)
+        if state is SeriesState.SKIPPED:
+            t.skipped += 1
+            t.skip_reasons[reason or "(no reason recorded)"] += 1
         t.failed += int(state is SeriesState.FAILED)
         t.in_progress += int(state in _IN_PROGRESS)
         review = reviews.get(series_id, (None, None))[0]
@@ -167,6 +175,6 @@ def sender_stats(session: Session, days: int, now: datetime | None = None,
             skipped=t.skipped, failed=t.failed, in_progress=t.in_progress,
             confirmed=t.confirmed, false_alarms=t.false_alarms, last_received=t.last_received,
             weeks=tuple(WeekCount(w, *counts.get(w, (0, 0))) for w in weeks_list),
-            p_high=p_high,
+            p_high=p_high, skip_reasons=tuple(t.skip_reasons.most_common(TOP_SKIP_REASONS)),
         ))
     return out

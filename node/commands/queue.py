@@ -111,6 +111,7 @@ def senders_cmd(
                 "unusually_high": s.unusually_high, "confirmed": s.confirmed,
                 "false_alarms": s.false_alarms, "skipped": s.skipped, "failed": s.failed,
                 "in_progress": s.in_progress, "last_received": _iso(s.last_received),
+                "skip_reasons": [{"reason": r, "series": n} for r, n in s.skip_reasons],
             }))
         return
     typer.echo(f"{'SCANNER (AE)':<16} {'SERIES':>6} {'SCORED':>6} {'FLAGGED':>7} {'RATE':>6}  "

@@ -23,16 +23,19 @@ from node.queue.states import SeriesState
 from tests.admin.web import http
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)  # a Thursday
+PROSTATE = ("no routing rule matches (rule brain-t1: body part PROSTATE is not one of HEAD, "
+            "BRAIN, SKULL)")
 VAENODE = Path(sys.executable).with_name("vaenode")
 
 
 def _series(session: Session, aet: str | None, status: SeriesState, *,
-            abnormal: bool | None = None, days_ago: float = 1.0) -> int:
+            abnormal: bool | None = None, days_ago: float = 1.0, reason: str | None = None
+            ) -> int:
     at = NOW - timedelta(days=days_ago)
     uid = f"1.2.826.0.{session.query(Series).count() + 1}"
     row = Series(study_instance_uid="1.2.826.0", series_instance_uid=uid, modality="MR",
                  calling_aet=aet, first_received_at=at, last_received_at=at + timedelta(minutes=2),
-                 status=status, abnormal=abnormal, updated_at=at)
+                 status=status, abnormal=abnormal, updated_at=at, status_reason=reason)
     session.add(row)
     session.flush()
     return row.id
@@ -44,9 +47,9 @@ def _review(session: Session, series_id: int, action: str) -> None:
 
 
 def _fill(factory: sessionmaker[Session]) -> dict[str, int]:
-    """MR1: 20 scored, 1 flagged; MR2: 20 scored, 9 flagged; CT1: 5 scored, 3 flagged, a
-    skipped, a failed and a queued series; one series without a calling AE; one MR1 series
-    40 days ago (outside a 30-day window)."""
+    """MR1: 20 scored, 1 flagged; MR2: 20 scored, 9 flagged; CT1: 5 scored, 3 flagged, three
+    skipped (two for one reason), a failed and a queued series; one series without a calling
+    AE; one MR1 series 40 days ago (outside a 30-day window)."""
     ids: dict[str, int] = {}
     with factory.begin() as s:
         for i in range(20):
@@ -56,7 +59,9 @@ def _fill(factory: sessionmaker[Session]) -> dict[str, int]:
                                       days_ago=0.5 + i / 2)
         for i in range(5):
             _series(s, "CT1", SeriesState.DONE, abnormal=(i < 3), days_ago=2)
-        _series(s, "CT1", SeriesState.SKIPPED, days_ago=2)
+        _series(s, "CT1", SeriesState.SKIPPED, days_ago=2, reason=PROSTATE)
+        _series(s, "CT1", SeriesState.SKIPPED, days_ago=3, reason=PROSTATE)
+        _series(s, "CT1", SeriesState.SKIPPED, days_ago=3, reason="no routing rule is configured")
         _series(s, "CT1", SeriesState.FAILED, days_ago=2)
         _series(s, "CT1", SeriesState.QUEUED, days_ago=0.1)
         _series(s, None, SeriesState.DONE, abnormal=False, days_ago=3)
@@ -87,8 +92,10 @@ def test_counts_per_scanner_in_the_window(filled: tuple[Settings, sessionmaker[S
     mr1, mr2, ct1 = rows["MR1"], rows["MR2"], rows["CT1"]
     assert (mr1.series, mr1.scored, mr1.flagged) == (20, 20, 1)  # the 40-day-old one is out
     assert (mr2.series, mr2.scored, mr2.flagged, mr2.flag_rate) == (20, 20, 9, 0.45)
-    assert (ct1.series, ct1.scored, ct1.flagged) == (8, 5, 3)
-    assert (ct1.skipped, ct1.failed, ct1.in_progress) == (1, 1, 1)
+    assert (ct1.series, ct1.scored, ct1.flagged) == (10, 5, 3)
+    assert (ct1.skipped, ct1.failed, ct1.in_progress) == (3, 1, 1)
+    assert ct1.skip_reasons == ((PROSTATE, 2), ("no routing rule is configured", 1))
+    assert mr1.skip_reasons == ()
     assert (mr2.confirmed, mr2.false_alarms) == (2, 1)
     assert (mr1.confirmed, mr1.false_alarms) == (0, 0)
     assert mr1.last_received == NOW - timedelta(days=1) + timedelta(minutes=2)
@@ -147,7 +154,8 @@ def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
     assert "?calling_aet=MR2" in row
     other = html.split('data-aet="MR1"', 1)[1].split("</tr>", 1)[0]
     assert "unusually high" not in other
-    assert "fewer than 10 scored" in html.split('data-aet="CT1"', 1)[1].split("</tr>", 1)[0]
+    ct1_row = html.split('data-aet="CT1"', 1)[1].split("</tr>", 1)[0]
+    assert "fewer than 10 scored" in ct1_row and "2 &times; no routing rule matches" in ct1_row
     assert http(f"{base}/senders?days=0").status == 422
 
     config = tmp_path / "node.toml"
@@ -159,6 +167,7 @@ def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
     rows = {r["calling_aet"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert rows["MR2"]["unusually_high"] is True and rows["MR2"]["flagged"] == 9
     assert rows["MR1"]["unusually_high"] is False and rows[None]["scored"] == 1
+    assert rows["CT1"]["skip_reasons"][0] == {"reason": PROSTATE, "series": 2}
     table = subprocess.run([str(VAENODE), "queue", "senders", "--days", str(days),
                             "--config", str(config)], capture_output=True, text=True,
                            timeout=120, cwd=tmp_path)
