@@ -143,6 +143,9 @@ class ModelSettings(_Section):
 #: Series descriptions the default brain T1 rule leaves alone although their echo time is short:
 #: angiography (time of flight) and susceptibility-weighted images are not T1 anatomy.
 BRAIN_T1_EXCLUDED_DESCRIPTIONS = r"(?<![a-z])(tof|angio|mra|swi|swan)"
+#: Image Type values that say the same whatever the description: processed susceptibility-
+#: weighted images (Siemens and others write ``ORIGINAL\PRIMARY\M\SWI\...``).
+BRAIN_T1_EXCLUDED_IMAGE_TYPES = ["SWI"]
 
 
 class RoutingRule(_Section):
@@ -152,6 +155,8 @@ class RoutingRule(_Section):
     series_description: str | None = None  # regular expression, case-insensitive search
     exclude_series_description: str | None = None  # a match declines the series
     image_type: list[str] = Field(default_factory=list)  # all must be present
+    exclude_image_type: list[str] = Field(default_factory=list)  # any present declines
+    exclude_angio: bool = False  # Angio Flag Y (or enhanced Image Type ANGIO) declines
     echo_time_ms: tuple[float, float] | None = None  # [lowest, highest], inclusive
     repetition_time_ms: tuple[float, float] | None = None
     acquisition_contrast: list[str] = Field(default_factory=list)  # any of (enhanced MR)
@@ -160,14 +165,14 @@ class RoutingRule(_Section):
     min_abnormal_slices: int = Field(1, ge=1)
     score_derived: bool = False
 
-    @field_validator("body_part", "acquisition_contrast", mode="before")
+    @field_validator("body_part", "acquisition_contrast", "exclude_image_type", mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         if value is None:
             return []
         return [value] if isinstance(value, str) else value
 
-    @field_validator("body_part", "acquisition_contrast")
+    @field_validator("body_part", "acquisition_contrast", "exclude_image_type")
     @classmethod
     def _upper(cls, values: list[str]) -> list[str]:
         return [v.strip().upper() for v in values if v.strip()]
@@ -189,6 +194,8 @@ def default_rules() -> list[RoutingRule]:
             body_part=["HEAD", "BRAIN", "SKULL"],
             echo_time_ms=(0.0, 20.0),
             exclude_series_description=BRAIN_T1_EXCLUDED_DESCRIPTIONS,
+            exclude_image_type=BRAIN_T1_EXCLUDED_IMAGE_TYPES,
+            exclude_angio=True,
             min_abnormal_slices=3,
         )
     ]

@@ -50,6 +50,7 @@ def route_command(
             "echo_time_ms": acq.echo_time_ms,
             "repetition_time_ms": acq.repetition_time_ms,
             "acquisition_contrast": acq.contrast,
+            "angio_flag": acq.angio,
             "rule": decision.rule.name if decision.rule else None,
             "model": (str(decision.bundle) if decision.bundle else "default")
             if decision.rule else None,
@@ -65,7 +66,8 @@ def route_command(
         typer.echo(
             f"  body part {attrs.body_part or '-'}, image type "
             f"{chr(92).join(attrs.image_type) or '-'}, echo time {_ms(acq.echo_time_ms)}, "
-            f"repetition time {_ms(acq.repetition_time_ms)}, contrast {acq.contrast or '-'}"
+            f"repetition time {_ms(acq.repetition_time_ms)}, contrast {acq.contrast or '-'}, "
+            f"angio flag {'-' if acq.angio is None else 'Y' if acq.angio else 'N'}"
         )
         if decision.rule is not None:
             typer.echo(f"  scored: rule {decision.rule.name}, model {record['model']}, "

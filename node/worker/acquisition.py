@@ -33,11 +33,16 @@ class Acquisition:
         repetition_time_ms: Repetition Time (top level or MR Timing functional group).
         contrast: Acquisition Contrast of enhanced MR (``T1``, ``T2``, ``PROTON_DENSITY``,
             ``DIFFUSION``, ``FLUID_ATTENUATED``...), upper case.
+        angio: Angio Flag (0018,0025): True for ``Y``, False for ``N``; an enhanced MR
+            object's Image Type value 3 ``ANGIO`` counts as ``Y``. Vendors set the flag
+            unevenly (some only for phase-contrast angiography), so a rule keeps matching
+            descriptions too.
     """
 
     echo_time_ms: float | None = None
     repetition_time_ms: float | None = None
     contrast: str | None = None
+    angio: bool | None = None
 
 
 def _number(value: object) -> float | None:
@@ -77,11 +82,17 @@ def acquisition_of(ds: Dataset) -> Acquisition:
         item = functional_group_item(ds, 0, "MRTimingAndRelatedParametersSequence")
         repetition = _number(item.get("RepetitionTime")) if item is not None else None
     contrast = str(ds.get("AcquisitionContrast", "") or "").strip().upper() or None
-    return Acquisition(echo_time_ms=echo, repetition_time_ms=repetition, contrast=contrast)
+    flag = str(ds.get("AngioFlag", "") or "").strip().upper()
+    image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    angio = True if flag == "Y" or image_type[2:3] == ["ANGIO"] else (
+        False if flag == "N" else None)
+    return Acquisition(echo_time_ms=echo, repetition_time_ms=repetition, contrast=contrast,
+                       angio=angio)
 
 
 def series_acquisition(images: Sequence[Dataset]) -> Acquisition:
-    """The acquisition of a series: its longest echo and repetition time, its commonest contrast.
+    """The acquisition of a series: its longest echo and repetition time, its commonest
+    contrast, and whether any of its images says it is angiography.
 
     A series may mix echoes (a dual-echo field map, a proton-density/T2 pair). The longest
     echo time is the one that says whether any of its images is T2-weighted, which is what a
@@ -91,8 +102,10 @@ def series_acquisition(images: Sequence[Dataset]) -> Acquisition:
     echoes = [a.echo_time_ms for a in each if a.echo_time_ms is not None]
     repetitions = [a.repetition_time_ms for a in each if a.repetition_time_ms is not None]
     contrasts = Counter(a.contrast for a in each if a.contrast is not None)
+    flags = {a.angio for a in each if a.angio is not None}
     return Acquisition(
         echo_time_ms=max(echoes) if echoes else None,
         repetition_time_ms=max(repetitions) if repetitions else None,
         contrast=contrasts.most_common(1)[0][0] if contrasts else None,
+        angio=True if True in flags else (False if flags else None),
     )

@@ -10,7 +10,8 @@ Conditions of a rule (each one that is set must hold): ``modality`` (equal, case
 ``body_part`` (Body Part Examined, one of the listed values, case-insensitive),
 ``series_description`` (regular expression, case-insensitive search),
 ``exclude_series_description`` (a match declines), ``image_type`` (every listed value present
-in Image Type), ``echo_time_ms`` and ``repetition_time_ms`` (inclusive ranges) and
+in Image Type), ``exclude_image_type`` (any listed value present declines), ``exclude_angio``
+(Angio Flag Y declines), ``echo_time_ms`` and ``repetition_time_ms`` (inclusive ranges) and
 ``acquisition_contrast`` (enhanced MR; one of the listed values): see
 :mod:`node.worker.acquisition`. Body part, times and contrast are often missing from headers
 (Body Part Examined is optional and many brain series lack it); ``when_unstated`` says whether
@@ -18,7 +19,8 @@ a condition on a value the series does not state holds (``match``, the default) 
 
 The shipped default rule (:func:`node.config.default_rules`) sends the default brain T1 model
 only MR series that say they are of the head (or say nothing), with an echo time of at most
-20 ms, and not angiography or susceptibility-weighted: out of the box the node does not flag
+20 ms, and not angiography or susceptibility-weighted (by description, Image Type SWI and
+Angio Flag): out of the box the node does not flag
 every knee, prostate, T2 or diffusion series of a department as a quality issue.
 """
 
@@ -134,7 +136,11 @@ def _mismatch(rule: RoutingRule, attrs: SeriesAttributes) -> str | None:
     missing = [v for v in rule.image_type if v.upper() not in attrs.image_type]
     if missing:
         return f"image type lacks {', '.join(missing)}"
+    if excluded := [v for v in rule.exclude_image_type if v in attrs.image_type]:
+        return f"image type has {', '.join(excluded)} (excluded)"
     acquisition = attrs.acquisition
+    if rule.exclude_angio and acquisition.angio:
+        return "angiography (Angio Flag Y)"
     if why := _in_range(acquisition.echo_time_ms, rule.echo_time_ms, "echo time", rule):
         return why
     if why := _in_range(acquisition.repetition_time_ms, rule.repetition_time_ms,
@@ -157,6 +163,10 @@ def describe_rule(rule: RoutingRule) -> str:
         parts.append(f"description not matching /{rule.exclude_series_description}/")
     if rule.image_type:
         parts.append("image type with " + ", ".join(rule.image_type))
+    if rule.exclude_image_type:
+        parts.append("image type without " + ", ".join(rule.exclude_image_type))
+    if rule.exclude_angio:
+        parts.append("not angiography (Angio Flag)")
     for what, bounds in (("echo time", rule.echo_time_ms),
                          ("repetition time", rule.repetition_time_ms)):
         if bounds is not None:

@@ -51,6 +51,7 @@ def test_default_rule_conditions_in_words() -> None:
     assert view.rules == ("brain-t1-mr",)
     assert view.rule_conditions == (
         "modality MR; body part HEAD or BRAIN or SKULL (or not stated); description not matching "
-        "/(?<![a-z])(tof|angio|mra|swi|swan)/; echo time 0-20 ms (or not stated); not phase, "
-        "derived or localizer images; flagged from 3 abnormal slice(s)",
+        "/(?<![a-z])(tof|angio|mra|swi|swan)/; image type without SWI; not angiography (Angio "
+        "Flag); echo time 0-20 ms (or not stated); not phase, derived or localizer images; "
+        "flagged from 3 abnormal slice(s)",
     )

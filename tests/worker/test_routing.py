@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 
 from node.config import Settings
 from node.errors import ConfigError
-from node.worker.acquisition import Acquisition, acquisition_of
+from node.worker.acquisition import Acquisition, acquisition_of, series_acquisition
 from node.worker.assemble import SeriesAttributes, read_headers, series_attributes
 from node.worker.routing import route, validate_rules
 from tests.worker.conftest import (
@@ -160,6 +160,30 @@ def test_default_rule_takes_brain_t1_and_declines_other_mr() -> None:
         assert why is not None and "is excluded" in why, description
     # Words that merely contain the letters are not excluded.
     assert reason(series_description="t1_mprage_sag_iso_stofan", **t1) is None
+    # Whatever the description says: processed SWI by its Image Type, angiography by its flag.
+    swi = reason(series_description="3D GRE", image_type=("ORIGINAL", "PRIMARY", "M", "SWI"),
+                 **t1)
+    assert swi == "no routing rule matches (brain-t1-mr: image type has SWI (excluded))"
+    angio = reason(series_description="Circle of Willis",
+                   acquisition=Acquisition(echo_time_ms=3.6, angio=True))
+    assert angio == "no routing rule matches (brain-t1-mr: angiography (Angio Flag Y))"
+    assert reason(acquisition=Acquisition(echo_time_ms=3.6, angio=False)) is None
+
+
+def test_angio_flag_of_images_and_series() -> None:
+    flagged, plain, silent, enhanced = Dataset(), Dataset(), Dataset(), Dataset()
+    flagged.AngioFlag = "Y"
+    plain.AngioFlag = "N"
+    enhanced.ImageType = ["ORIGINAL", "PRIMARY", "ANGIO", "NONE"]
+    assert [acquisition_of(ds).angio for ds in (flagged, plain, silent, enhanced)] == [
+        True, False, None, True]
+    assert series_acquisition([plain, flagged, silent]).angio is True  # any image says so
+    assert series_acquisition([plain, silent]).angio is False
+    assert series_acquisition([silent]).angio is None
+    # A rule without exclude_angio does not look at the flag.
+    settings = settings_with([{"name": "any", "modality": "MR"}])
+    attrs = make_attrs(acquisition=Acquisition(angio=True))
+    assert route(attrs, list(settings.routing.rules), settings.model).rule is not None
 
 
 def test_acquisition_conditions_and_unstated_values() -> None:
@@ -230,6 +254,6 @@ def test_acquisition_read_from_classic_and_enhanced_headers() -> None:
     # echo; the prostate T2 states its times too.
     headers = read_headers(series_files(SIEMENS_MAGNITUDE))
     assert {acquisition_of(ds).echo_time_ms for ds in headers} == {4.92, 7.38}
-    assert series_attributes(headers).acquisition == Acquisition(7.38, 488.0, None)
+    assert series_attributes(headers).acquisition == Acquisition(7.38, 488.0, None, angio=False)
     prostate = attrs_of(PROSTATE).acquisition
     assert prostate.echo_time_ms == 120.0 and prostate.repetition_time_ms is not None
