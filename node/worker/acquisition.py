@@ -34,9 +34,8 @@ class Acquisition:
         contrast: Acquisition Contrast of enhanced MR (``T1``, ``T2``, ``PROTON_DENSITY``,
             ``DIFFUSION``, ``FLUID_ATTENUATED``...), upper case.
         angio: Angio Flag (0018,0025): True for ``Y``, False for ``N``; an enhanced MR
-            object's Image Type value 3 ``ANGIO`` counts as ``Y``. Vendors set the flag
-            unevenly (some only for phase-contrast angiography), so a rule keeps matching
-            descriptions too.
+            object's Image Type value 3 ``ANGIO`` counts as ``Y``. Not every vendor sets the
+            flag for every angiography sequence, so a rule keeps matching descriptions too.
     """
 
     echo_time_ms: float | None = None
@@ -83,7 +82,8 @@ def acquisition_of(ds: Dataset) -> Acquisition:
         repetition = _number(item.get("RepetitionTime")) if item is not None else None
     contrast = str(ds.get("AcquisitionContrast", "") or "").strip().upper() or None
     flag = str(ds.get("AngioFlag", "") or "").strip().upper()
-    image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    raw = ds.get("ImageType") or []
+    image_type = [str(v).strip().upper() for v in ([raw] if isinstance(raw, str) else raw)]
     angio = True if flag == "Y" or image_type[2:3] == ["ANGIO"] else (
         False if flag == "N" else None)
     return Acquisition(echo_time_ms=echo, repetition_time_ms=repetition, contrast=contrast,
