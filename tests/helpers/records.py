@@ -1,5 +1,7 @@
-"""A sequence of received instances covering every branch of ``repo.record_instance``, and the
-rows it leaves: to check that its driver-SQL fast path writes what its SQLAlchemy path writes."""
+"""Received-instance records for queue tests: one MR instance of a series
+(:func:`mr_instance`), and a sequence covering every branch of ``repo.record_instance`` with
+the rows it leaves, to check that its driver-SQL fast path writes what its SQLAlchemy path
+writes."""
 
 from __future__ import annotations
 
@@ -15,6 +17,22 @@ from node.queue.models import Series
 from node.queue.states import SeriesState
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def mr_instance(study: str, series: str, received_at: datetime,
+                **kw: Any) -> repo.InstanceRecord:
+    """The first MR image (``SERIES.1``) of a series, a brain T1 sent by ``MR1``; ``kw``
+    overrides any field."""
+    values: dict[str, Any] = {
+        "study_instance_uid": study, "series_instance_uid": series,
+        "sop_instance_uid": f"{series}.1", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1", "path": f"a/{series}/1.dcm",
+        "size_bytes": 10, "instance_number": 1, "modality": "MR", "series_description": "T1",
+        "body_part": "BRAIN", "calling_aet": "MR1", "peer_address": "10.0.0.5:1000",
+        "received_at": received_at,
+    }
+    values.update(kw)
+    return repo.InstanceRecord(**values)
 
 
 def _rec(series: str, sop: str, step: int, **kw: Any) -> repo.InstanceRecord:

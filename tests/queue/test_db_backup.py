@@ -18,21 +18,16 @@ from node.queue.backup import backup_sqlite
 from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import head_revision, upgrade
 from node.queue.models import utcnow
+from tests.helpers.records import mr_instance
 
 VAENODE = Path(sys.executable).with_name("vaenode")
 
 
 def _record(factory, n: int, start: int = 0) -> None:  # type: ignore[no-untyped-def]
     for i in range(start, start + n):
-        uid = f"1.2.826.9.{i}"
         with factory.begin() as s:
-            repo.record_instance(s, repo.InstanceRecord(
-                study_instance_uid="1.2.826.9", series_instance_uid=uid,
-                sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"a/{uid}/1.dcm",
-                size_bytes=10, instance_number=1, modality="MR", series_description="T1",
-                body_part="BRAIN", calling_aet="MR1", peer_address="10.0.0.5:1000",
-                received_at=utcnow() - timedelta(seconds=i)))
+            repo.record_instance(s, mr_instance("1.2.826.9", f"1.2.826.9.{i}",
+                                                utcnow() - timedelta(seconds=i)))
 
 
 def test_backup_while_the_node_writes_is_consistent_and_complete(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from node.config import DatabaseSettings
 from node.queue import repo
 from node.queue.db import make_engine, make_session_factory
 from node.queue.models import Instance, Series, utcnow
+from tests.helpers.records import mr_instance
 
 VAENODE = Path(sys.executable).with_name("vaenode")
 
@@ -35,13 +36,8 @@ def test_db_upgrade_then_queue_list_and_show(tmp_path: Path) -> None:
     factory = make_session_factory(engine)
     for i, uid in enumerate(("1.2.826.1", "1.2.826.2")):
         with factory.begin() as s:
-            repo.record_instance(s, repo.InstanceRecord(
-                study_instance_uid="1.2.826", series_instance_uid=uid,
-                sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"a/{uid}/1.dcm",
-                size_bytes=10, instance_number=1, modality="MR", series_description="T1",
-                body_part="BRAIN", calling_aet="MR1", peer_address="10.0.0.5:1000",
-                received_at=utcnow() - timedelta(seconds=100 * (1 - i))))
+            repo.record_instance(s, mr_instance(
+                "1.2.826", uid, utcnow() - timedelta(seconds=100 * (1 - i))))
     with factory.begin() as s:
         first = repo.idle_series_ids(s, utcnow() - timedelta(seconds=50))
         repo.mark_queued(s, first[0], idle_before=utcnow())
@@ -87,12 +83,9 @@ def test_queue_purge_lists_then_deletes_and_retry_is_refused(tmp_path: Path) -> 
         (storage / rel).parent.mkdir(parents=True, exist_ok=True)
         (storage / rel).write_bytes(b"x")
         with factory.begin() as s:
-            repo.record_instance(s, repo.InstanceRecord(
-                study_instance_uid="1.2.827", series_instance_uid=uid,
-                sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path=rel, size_bytes=1,
-                instance_number=1, modality="MR", series_description=None, body_part=None,
-                calling_aet=None, peer_address=None, received_at=old))
+            repo.record_instance(s, mr_instance(
+                "1.2.827", uid, old, path=rel, size_bytes=1, series_description=None,
+                body_part=None, calling_aet=None, peer_address=None))
     with factory.begin() as s:  # the first is done (3 days ago), the second still receiving
         s.execute(update(Series).where(Series.series_instance_uid == "1.2.827.1")
                   .values(status="done", updated_at=old))
@@ -134,12 +127,9 @@ def test_retry_every_series_skipped_since_a_rule_change(tmp_path: Path) -> None:
               "1.2.828.4": ("done", now - timedelta(hours=1))}
     for uid, (status, when) in states.items():
         with factory.begin() as s:
-            repo.record_instance(s, repo.InstanceRecord(
-                study_instance_uid="1.2.828", series_instance_uid=uid,
-                sop_instance_uid=f"{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{uid}/1.dcm",
-                size_bytes=1, instance_number=1, modality="MR", series_description=None,
-                body_part=None, calling_aet=None, peer_address=None, received_at=when))
+            repo.record_instance(s, mr_instance(
+                "1.2.828", uid, when, path=f"x/{uid}/1.dcm", size_bytes=1,
+                series_description=None, body_part=None, calling_aet=None, peer_address=None))
             s.execute(update(Series).where(Series.series_instance_uid == uid)
                       .values(status=status, updated_at=when))
     with factory.begin() as s:
