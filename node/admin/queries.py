@@ -28,6 +28,7 @@ class QueueFilter:
     status: str | None = None
     modality: str | None = None
     calling_aet: str | None = None
+    station: str | None = None
     date_from: date | None = None
     date_to: date | None = None
 
@@ -44,6 +45,7 @@ class SeriesRow:
     series_description: str | None
     body_part: str | None
     calling_aet: str | None
+    station_name: str | None
     instance_count: int
     first_received_at: datetime
     last_received_at: datetime
@@ -85,6 +87,7 @@ def _row(s: Series) -> SeriesRow:
         series_description=s.series_description,
         body_part=s.body_part,
         calling_aet=s.calling_aet,
+        station_name=s.station_name,
         instance_count=s.instance_count,
         first_received_at=s.first_received_at,
         last_received_at=s.last_received_at,
@@ -110,6 +113,8 @@ def list_series(
         stmt = stmt.where(Series.modality == flt.modality)
     if flt.calling_aet:
         stmt = stmt.where(Series.calling_aet == flt.calling_aet)
+    if flt.station:
+        stmt = stmt.where(Series.station_name == flt.station)
     if flt.date_from:
         stmt = stmt.where(Series.last_received_at >= _day_start(flt.date_from))
     if flt.date_to:

@@ -104,6 +104,7 @@ def queue(
     status: str | None = None,
     modality: str | None = None,
     calling_aet: str | None = None,
+    station: str | None = None,
     date_from: str | None = None,
     date_to: str | None = None,
     refresh: RefreshQuery = QUEUE_REFRESH_S,
@@ -115,6 +116,7 @@ def queue(
         status=status or None,
         modality=modality or None,
         calling_aet=calling_aet or None,
+        station=station or None,
         date_from=_parse_date(date_from),
         date_to=_parse_date(date_to),
     )

@@ -3,8 +3,10 @@
 A department's quality lead watches scanners, not series. A scanner whose flag rate climbs
 while the others' stay flat has a problem of its own (a failing coil element throws spikes, a
 miscalibrated gradient ghosts), and one whose series are mostly skipped sends what the routing
-rules do not score. Each modality calls with its own AE title, so the calling AE names the
-scanner here.
+rules do not score. A scanner is its calling AE title and its Station Name together: most
+modalities call with their own AE title, but a department that routes several scanners
+through one gateway AE (a DICOM router, a PACS forwarding) would otherwise see them as one
+sender, and the Station Name is what the department calls the room's scanner.
 
 "Unusually high" is a one-sided binomial test of a scanner's flagged series against the rate
 of every other scanner in the same window: the chance of at least that many flags if it were
@@ -37,6 +39,9 @@ TOP_SKIP_REASONS = 3
 
 _IN_PROGRESS = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.PROCESSING)
 
+#: What tells scanners apart: (calling AE title, Station Name).
+_Key = tuple[str | None, str | None]
+
 
 @dataclass(frozen=True)
 class WeekCount:
@@ -49,10 +54,13 @@ class WeekCount:
 
 @dataclass(frozen=True)
 class SenderStats:
-    """One calling AE title over the window.
+    """One scanner (calling AE title and Station Name) over the window.
 
     Attributes:
         calling_aet: the sender's AE title; None for series whose sender was not recorded.
+        station_name: the Station Name its series carry; None when they carry none (or
+            arrived before the node recorded it).
+        scanner: its most common "Manufacturer Model" in the window ("" when unknown).
         series: series first received in the window.
         scored: of those, series with a verdict (``done``).
         flagged: scored series whose verdict is abnormal.
@@ -70,6 +78,7 @@ class SenderStats:
     """
 
     calling_aet: str | None
+    station_name: str | None
     series: int
     scored: int
     flagged: int
@@ -82,6 +91,7 @@ class SenderStats:
     weeks: tuple[WeekCount, ...]
     p_high: float | None
     skip_reasons: tuple[tuple[str, int], ...] = ()
+    scanner: str = ""
 
     @property
     def flag_rate(self) -> float | None:
@@ -106,6 +116,7 @@ class _Tally:
     false_alarms: int = 0
     last_received: datetime | None = None
     skip_reasons: Counter[str] = field(default_factory=Counter)
+    scanners: Counter[str] = field(default_factory=Counter)
 
 
 def week_start(moment: datetime) -> date:
@@ -117,7 +128,7 @@ def week_start(moment: datetime) -> date:
 def sender_stats(session: Session, days: int, now: datetime | None = None,
                  weeks: int = TREND_WEEKS) -> list[SenderStats]:
     """Every scanner that sent a series in the last ``days`` days or ``weeks`` weeks, by AE
-    title (unrecorded senders last).
+    title then Station Name (unrecorded ones last in each).
 
     Raises:
         ValueError: ``days`` or ``weeks`` below 1.
@@ -129,24 +140,29 @@ def sender_stats(session: Session, days: int, now: datetime | None = None,
     first_week = week_start(now) - timedelta(weeks=weeks - 1)
     trend_since = datetime.combine(first_week, datetime.min.time(), tzinfo=now.tzinfo)
     rows = session.execute(
-        select(Series.id, Series.calling_aet, Series.status, Series.abnormal,
-               Series.first_received_at, Series.last_received_at, Series.status_reason)
+        select(Series.id, Series.calling_aet, Series.station_name, Series.status,
+               Series.abnormal, Series.first_received_at, Series.last_received_at,
+               Series.status_reason, Series.manufacturer, Series.scanner_model)
         .where(Series.first_received_at >= min(since, trend_since))
     ).all()
     reviews = latest_reviews(session)
-    tallies: dict[str | None, _Tally] = defaultdict(_Tally)
-    by_week: dict[str | None, dict[date, list[int]]] = defaultdict(dict)
-    for series_id, aet, status, abnormal, first, last, reason in rows:
+    tallies: dict[_Key, _Tally] = defaultdict(_Tally)
+    by_week: dict[_Key, dict[date, list[int]]] = defaultdict(dict)
+    for (series_id, aet, station, status, abnormal, first, last, reason, make,
+         model) in rows:
+        key = (aet, station)
         state = SeriesState(status)
         scored = state is SeriesState.DONE and abnormal is not None
         if first >= trend_since:
-            week = by_week[aet].setdefault(week_start(first), [0, 0])
+            week = by_week[key].setdefault(week_start(first), [0, 0])
             week[0] += int(scored)
             week[1] += int(scored and bool(abnormal))
         if first < since:
             continue
-        t = tallies[aet]
+        t = tallies[key]
         t.series += 1
+        if make or model:
+            t.scanners[" ".join(v for v in (make, model) if v)] += 1
         t.scored += int(scored)
         t.flagged += int(scored and bool(abnormal))
         if state is SeriesState.SKIPPED:
@@ -162,19 +178,22 @@ def sender_stats(session: Session, days: int, now: datetime | None = None,
     total_flagged = sum(t.flagged for t in tallies.values())
     weeks_list = [first_week + timedelta(weeks=i) for i in range(weeks)]
     out = []
-    for aet in sorted(set(tallies) | set(by_week), key=lambda a: (a is None, a or "")):
-        t = tallies.get(aet, _Tally())
+    for key in sorted(set(tallies) | set(by_week),
+                      key=lambda k: (k[0] is None, k[0] or "", k[1] is None, k[1] or "")):
+        aet, station = key
+        t = tallies.get(key, _Tally())
         others_scored = total_scored - t.scored
         p_high = None
         if t.scored >= MIN_SCORED_FOR_TEST and others_scored > 0:
             rate = (total_flagged - t.flagged + 0.5) / (others_scored + 1)
             p_high = binomial_tail(t.scored, rate, t.flagged)
-        counts = by_week.get(aet, {})
+        counts = by_week.get(key, {})
         out.append(SenderStats(
-            calling_aet=aet, series=t.series, scored=t.scored, flagged=t.flagged,
-            skipped=t.skipped, failed=t.failed, in_progress=t.in_progress,
+            calling_aet=aet, station_name=station, series=t.series, scored=t.scored,
+            flagged=t.flagged, skipped=t.skipped, failed=t.failed, in_progress=t.in_progress,
             confirmed=t.confirmed, false_alarms=t.false_alarms, last_received=t.last_received,
             weeks=tuple(WeekCount(w, *counts.get(w, (0, 0))) for w in weeks_list),
             p_high=p_high, skip_reasons=tuple(t.skip_reasons.most_common(TOP_SKIP_REASONS)),
+            scanner=t.scanners.most_common(1)[0][0] if t.scanners else "",
         ))
     return out

@@ -26,9 +26,18 @@ from node.report.outbox import backoff_s
 PENDING, SENT, FAILED = "pending", "sent", "failed"
 
 
+def _sender(series: Series) -> str:
+    """The sender as the alert names it, ' from STATION (AE X)': the technologist knows the
+    scanner by its Station Name; the AE title may be a gateway's."""
+    station, aet = series.station_name, series.calling_aet
+    if station:
+        return f" from {station}" + (f" (AE {aet})" if aet and aet != station else "")
+    return f" from {aet}" if aet else ""
+
+
 def message(series: Series, verdict: SeriesVerdict, settings: AlertSettings) -> dict[str, Any]:
     """The JSON message about a flagged series; ``text`` is what a chat webhook shows."""
-    where = f" from {series.calling_aet}" if series.calling_aet else ""
+    where = _sender(series)
     name = f"'{series.series_description}'" if series.series_description else "a series"
     link = (f"{settings.dashboard_url.rstrip('/')}/series/{verdict.series_instance_uid}"
             if settings.dashboard_url else None)
@@ -43,6 +52,7 @@ def message(series: Series, verdict: SeriesVerdict, settings: AlertSettings) -> 
         "series_description": series.series_description,
         "modality": series.modality,
         "calling_aet": series.calling_aet,
+        "station_name": series.station_name,
         "abnormal_slices": verdict.abnormal_slices,
         "scored_slices": len(verdict.slices),
         "min_abnormal_slices": verdict.min_abnormal_slices,

@@ -33,6 +33,9 @@ def series_dict(series: Any) -> dict[str, Any]:
         "instance_count": series.instance_count,
         "calling_aet": series.calling_aet,
         "peer_address": series.peer_address,
+        "station_name": series.station_name,
+        "manufacturer": series.manufacturer,
+        "scanner_model": series.scanner_model,
         "first_received_at": _iso(series.first_received_at),
         "last_received_at": _iso(series.last_received_at),
         "attempts": series.attempts,
@@ -98,7 +101,8 @@ def senders_cmd(
     = 30,
     as_json: JsonOption = False,
 ) -> None:
-    """Per scanner (calling AE): series, verdicts, flag rate against the other scanners'."""
+    """Per scanner (calling AE and Station Name): series, verdicts, flag rate against the
+    other scanners'."""
     from node.admin.senders import sender_stats
 
     with _session(config, read_only=True) as session:
@@ -106,7 +110,8 @@ def senders_cmd(
     if as_json:
         for s in rows:
             typer.echo(json.dumps({
-                "calling_aet": s.calling_aet, "series": s.series, "scored": s.scored,
+                "calling_aet": s.calling_aet, "station_name": s.station_name,
+                "scanner": s.scanner, "series": s.series, "scored": s.scored,
                 "flagged": s.flagged, "flag_rate": s.flag_rate, "p_high": s.p_high,
                 "unusually_high": s.unusually_high, "confirmed": s.confirmed,
                 "false_alarms": s.false_alarms, "skipped": s.skipped, "failed": s.failed,
@@ -114,14 +119,15 @@ def senders_cmd(
                 "skip_reasons": [{"reason": r, "series": n} for r, n in s.skip_reasons],
             }))
         return
-    typer.echo(f"{'SCANNER (AE)':<16} {'SERIES':>6} {'SCORED':>6} {'FLAGGED':>7} {'RATE':>6}  "
-               f"{'SKIPPED':>7} {'FAILED':>6}  AGAINST THE OTHERS")
+    typer.echo(f"{'CALLING AE':<16} {'STATION':<16} {'SERIES':>6} {'SCORED':>6} {'FLAGGED':>7} "
+               f"{'RATE':>6}  {'SKIPPED':>7} {'FAILED':>6}  AGAINST THE OTHERS")
     for s in rows:
         rate = f"{100 * s.flag_rate:5.1f}%" if s.flag_rate is not None else "     -"
         against = ("-" if s.p_high is None else
                    f"{'UNUSUALLY HIGH ' if s.unusually_high else ''}p={s.p_high:.2g}")
-        typer.echo(f"{(s.calling_aet or '(not recorded)'):<16} {s.series:>6} {s.scored:>6} "
-                   f"{s.flagged:>7} {rate:>6}  {s.skipped:>7} {s.failed:>6}  {against}")
+        typer.echo(f"{(s.calling_aet or '(not recorded)'):<16} {(s.station_name or '-'):<16} "
+                   f"{s.series:>6} {s.scored:>6} {s.flagged:>7} {rate:>6}  {s.skipped:>7} "
+                   f"{s.failed:>6}  {against}")
     if not rows:
         typer.echo(f"no series in the last {days} day(s)")
 

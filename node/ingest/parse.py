@@ -41,7 +41,10 @@ _CHARSET = 0x00080005
 _SOP_CLASS = 0x00080016
 _SOP_INSTANCE = 0x00080018
 _MODALITY = 0x00080060
+_MANUFACTURER = 0x00080070
+_STATION_NAME = 0x00081010
 _SERIES_DESCRIPTION = 0x0008103E
+_MODEL_NAME = 0x00081090
 _BODY_PART = 0x00180015
 _STUDY = 0x0020000D
 _SERIES = 0x0020000E
@@ -50,7 +53,7 @@ _IMAGES_IN_ACQUISITION = 0x00201002
 _NUMBER_OF_FRAMES = 0x00280008
 _WANTED = frozenset({_CHARSET, _SOP_CLASS, _SOP_INSTANCE, _MODALITY, _SERIES_DESCRIPTION,
                      _BODY_PART, _STUDY, _SERIES, _INSTANCE_NUMBER, _IMAGES_IN_ACQUISITION,
-                     _NUMBER_OF_FRAMES})
+                     _NUMBER_OF_FRAMES, _MANUFACTURER, _STATION_NAME, _MODEL_NAME})
 #: Above this an Images in Acquisition value is taken as garbage, not as a series to wait for.
 _MAX_DECLARED_IMAGES = 100_000
 
@@ -81,6 +84,12 @@ class ParsedInstance:
     #: whose frames are not instances). The queue waits for that many before it takes a
     #: released series as complete.
     images_in_acquisition: int | None = None
+    #: Station Name (0008,1010), Manufacturer (0008,0070) and Manufacturer's Model Name
+    #: (0008,1090): which scanner made the series, whatever AE title it reached the node by
+    #: (several scanners behind one gateway AE stay apart on the Scanners page).
+    station_name: str | None = None
+    manufacturer: str | None = None
+    scanner_model: str | None = None
 
 
 def check_uid(value: str, name: str) -> str:
@@ -302,4 +311,7 @@ def parse_instance(data: bytes) -> ParsedInstance:
         body_part=_clip(_text(found.get(_BODY_PART), encoding), 64),
         instance_number=instance_number,
         images_in_acquisition=declared,
+        station_name=_clip(_text(found.get(_STATION_NAME), encoding), 64),
+        manufacturer=_clip(_text(found.get(_MANUFACTURER), encoding), 64),
+        scanner_model=_clip(_text(found.get(_MODEL_NAME), encoding), 64),
     )

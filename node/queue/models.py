@@ -93,6 +93,12 @@ class Series(Base):
     body_part: Mapped[str | None] = mapped_column(String(64))
     calling_aet: Mapped[str | None] = mapped_column(String(AE_LENGTH))
     peer_address: Mapped[str | None] = mapped_column(String(128))
+    #: The scanner as its first instance names it (revision 0011_series_scanner): Station
+    #: Name (0008,1010), Manufacturer (0008,0070), Manufacturer's Model Name (0008,1090). The
+    #: calling AE names the sender, which may be a gateway for several scanners.
+    station_name: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    scanner_model: Mapped[str | None] = mapped_column(String(64))
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())

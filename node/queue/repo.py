@@ -173,6 +173,10 @@ class InstanceRecord:
     calling_aet: str | None
     peer_address: str | None
     received_at: datetime
+    #: The scanner, from the instance's header (set on the series by its first instance).
+    station_name: str | None = None
+    manufacturer: str | None = None
+    scanner_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,9 @@ def record_instance(session: Session, rec: InstanceRecord) -> RecordResult:
                 "modality": rec.modality,
                 "series_description": rec.series_description,
                 "body_part": rec.body_part,
+                "station_name": rec.station_name,
+                "manufacturer": rec.manufacturer,
+                "scanner_model": rec.scanner_model,
                 "instance_count": 0,
                 "first_received_at": now,
                 "last_received_at": now,

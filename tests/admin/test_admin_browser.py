@@ -93,9 +93,15 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
         page.screenshot(path=str(TEST_OUTPUT / "associations.png"), full_page=True)
 
         page.click("#nav-senders")
-        sender = page.locator("tr.sender[data-aet='SCANNER1']")
-        assert sender.locator("td.scored").inner_text() == str(len(scored_node.sent_series))
-        assert sender.locator("td.false-alarms").inner_text() == expected
+        # One calling AE, two scanners: the synthetic series names no station, the real
+        # Siemens series its own (Station Name MRC35389, a TrioTim).
+        synthetic = page.locator("tr.sender[data-aet='SCANNER1'][data-station='']")
+        siemens = page.locator("tr.sender[data-aet='SCANNER1'][data-station='MRC35389']")
+        assert siemens.locator("td.scanner").inner_text() == "SIEMENS TrioTim"
+        assert len(scored_node.sent_series) == 2
+        assert [row.locator("td.scored").inner_text() for row in (synthetic, siemens)] == [
+            "1", "1"]
+        assert synthetic.locator("td.false-alarms").inner_text() == expected
         page.screenshot(path=str(TEST_OUTPUT / "senders.png"), full_page=True)
 
     assert (TEST_OUTPUT / "series.png").stat().st_size > 10_000

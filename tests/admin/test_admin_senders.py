@@ -29,13 +29,15 @@ VAENODE = Path(sys.executable).with_name("vaenode")
 
 
 def _series(session: Session, aet: str | None, status: SeriesState, *,
-            abnormal: bool | None = None, days_ago: float = 1.0, reason: str | None = None
+            abnormal: bool | None = None, days_ago: float = 1.0, reason: str | None = None,
+            station: str | None = None, make: str | None = None, model: str | None = None
             ) -> int:
     at = NOW - timedelta(days=days_ago)
     uid = f"1.2.826.0.{session.query(Series).count() + 1}"
     row = Series(study_instance_uid="1.2.826.0", series_instance_uid=uid, modality="MR",
                  calling_aet=aet, first_received_at=at, last_received_at=at + timedelta(minutes=2),
-                 status=status, abnormal=abnormal, updated_at=at, status_reason=reason)
+                 status=status, abnormal=abnormal, updated_at=at, status_reason=reason,
+                 station_name=station, manufacturer=make, scanner_model=model)
     session.add(row)
     session.flush()
     return row.id
@@ -56,7 +58,8 @@ def _fill(factory: sessionmaker[Session]) -> dict[str, int]:
             ids[f"MR1-{i}"] = _series(s, "MR1", SeriesState.DONE, abnormal=(i == 0),
                                       days_ago=1 + i)
             ids[f"MR2-{i}"] = _series(s, "MR2", SeriesState.DONE, abnormal=(i < 9),
-                                      days_ago=0.5 + i / 2)
+                                      days_ago=0.5 + i / 2, station="MR ROOM 2",
+                                      make="SIEMENS", model="Prisma")
         for i in range(5):
             _series(s, "CT1", SeriesState.DONE, abnormal=(i < 3), days_ago=2)
         _series(s, "CT1", SeriesState.SKIPPED, days_ago=2, reason=PROSTATE)
@@ -102,6 +105,34 @@ def test_counts_per_scanner_in_the_window(filled: tuple[Settings, sessionmaker[S
     with factory() as s:
         wide = {r.calling_aet: r for r in sender_stats(s, 90, now=NOW)}
     assert (wide["MR1"].series, wide["MR1"].flagged) == (21, 2)
+
+
+def test_scanners_behind_one_gateway_ae_are_told_apart_by_station_name(
+        make_settings: Callable[..., Settings],
+        session_factory_for: Callable[[Settings], sessionmaker[Session]]) -> None:
+    """A department routing its MR scanners through one gateway AE sees one line per scanner
+    (Station Name), each tested against all the others, with its make and model."""
+    factory = session_factory_for(make_settings())
+    with factory.begin() as s:
+        for i in range(12):
+            _series(s, "GATEWAY", SeriesState.DONE, abnormal=(i < 8), station="MR ROOM 3",
+                    make="SIEMENS", model="Prisma" if i else "Skyra")
+            _series(s, "GATEWAY", SeriesState.DONE, abnormal=(i == 0), station="MR ROOM 1",
+                    make="Philips", model="Ingenia")
+        _series(s, "GATEWAY", SeriesState.DONE, abnormal=False)  # no Station Name
+        _series(s, "MR2", SeriesState.DONE, abnormal=False, station="MR ROOM 1")
+    with factory() as s:
+        rows = sender_stats(s, 30, now=NOW)
+    assert [(r.calling_aet, r.station_name) for r in rows] == [
+        ("GATEWAY", "MR ROOM 1"), ("GATEWAY", "MR ROOM 3"), ("GATEWAY", None),
+        ("MR2", "MR ROOM 1")]
+    room1, room3 = rows[0], rows[1]
+    assert (room3.scored, room3.flagged, room3.scanner) == (12, 8, "SIEMENS Prisma")
+    assert (room1.scored, room1.flagged, room1.scanner) == (12, 1, "Philips Ingenia")
+    assert rows[2].scanner == "" and rows[2].scored == 1
+    assert room3.unusually_high and not room1.unusually_high
+    # Room 3 against the 14 other series with one flag (half a flag added).
+    assert room3.p_high == pytest.approx(binomial_tail(12, (1 + 0.5) / (14 + 1), 8))
 
 
 def test_a_scanner_flagging_far_more_than_the_others_is_pointed_out(
@@ -151,7 +182,11 @@ def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
     assert 'id="nav-senders"' in html and "Scanners" in html
     row = html.split('data-aet="MR2"', 1)[1].split("</tr>", 1)[0]
     assert "unusually high" in row and ">9<" in row and "45.0 %" in row
-    assert "?calling_aet=MR2" in row
+    assert 'data-station="MR ROOM 2"' in row and "SIEMENS Prisma" in row
+    assert "?calling_aet=MR2&amp;station=MR%20ROOM%202" in row
+    listed = http(f"{base}/queue?calling_aet=MR2&station=MR%20ROOM%202").text
+    assert listed.count('class="series-row"') == 20 and "· MR ROOM 2" in listed
+    assert 'class="series-row"' not in http(f"{base}/queue?station=NOWHERE").text
     other = html.split('data-aet="MR1"', 1)[1].split("</tr>", 1)[0]
     assert "unusually high" not in other
     ct1_row = html.split('data-aet="CT1"', 1)[1].split("</tr>", 1)[0]
@@ -166,11 +201,12 @@ def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
     assert proc.returncode == 0, proc.stderr
     rows = {r["calling_aet"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert rows["MR2"]["unusually_high"] is True and rows["MR2"]["flagged"] == 9
+    assert (rows["MR2"]["station_name"], rows["MR2"]["scanner"]) == ("MR ROOM 2", "SIEMENS Prisma")
     assert rows["MR1"]["unusually_high"] is False and rows[None]["scored"] == 1
     assert rows["CT1"]["skip_reasons"][0] == {"reason": PROSTATE, "series": 2}
     table = subprocess.run([str(VAENODE), "queue", "senders", "--days", str(days),
                             "--config", str(config)], capture_output=True, text=True,
                            timeout=120, cwd=tmp_path)
     assert table.returncode == 0, table.stderr
-    assert any(line.startswith("MR2") and "UNUSUALLY HIGH" in line
+    assert any(line.startswith("MR2") and "MR ROOM 2" in line and "UNUSUALLY HIGH" in line
                for line in table.stdout.splitlines())

@@ -42,8 +42,8 @@ def receiver() -> Iterator[AlertReceiver]:
     r.close()
 
 
-def _scored(factory: Factory, tmp_path: Path, flagged: set[int], settings: AlertSettings
-            ) -> tuple[str, int]:
+def _scored(factory: Factory, tmp_path: Path, flagged: set[int], settings: AlertSettings,
+            station: str | None = None) -> tuple[str, int]:
     """A stored series of 6 images and a verdict on it, alerts enqueued as the worker does."""
     sources = [pydicom.dcmread(p) for p in write_ct_series(tmp_path / "src", 6)]
     for d in sources:
@@ -53,7 +53,8 @@ def _scored(factory: Factory, tmp_path: Path, flagged: set[int], settings: Alert
                 sop_instance_uid=d.SOPInstanceUID, sop_class_uid=d.SOPClassUID,
                 transfer_syntax_uid="1.2.840.10008.1.2.1", path="x", size_bytes=1,
                 instance_number=None, modality="CT", series_description="Head routine",
-                body_part=None, calling_aet="CT1", peer_address=None, received_at=utcnow()))
+                body_part=None, calling_aet="CT1", peer_address=None, received_at=utcnow(),
+                station_name=station))
     verdict = make_verdict(sources, flagged)
     with factory.begin() as s:
         series = s.execute(select(Series).where(
@@ -76,7 +77,7 @@ def test_a_flagged_series_is_posted_to_every_url(factory: Factory, tmp_path: Pat
                                  headers={first.url: {"Authorization": "Bearer s3cret"}},
                                  dashboard_url="https://qc.example.org:8080/")
         caplog.set_level(logging.INFO, logger="node.alerts.jobs")
-        uid, added = _scored(factory, tmp_path, {1, 2, 3, 4}, settings)
+        uid, added = _scored(factory, tmp_path, {1, 2, 3, 4}, settings, station="CT ROOM 2")
         assert added == 2
         assert jobs.send_due(factory, settings) == 2
         assert jobs.send_due(factory, settings) == 0  # sent once
@@ -86,8 +87,10 @@ def test_a_flagged_series_is_posted_to_every_url(factory: Factory, tmp_path: Pat
             assert msg["event"] == "series_flagged" and msg["series_instance_uid"] == uid
             assert (msg["abnormal_slices"], msg["scored_slices"]) == (4, 6)
             assert msg["calling_aet"] == "CT1" and msg["series_description"] == "Head routine"
+            assert msg["station_name"] == "CT ROOM 2"
             assert msg["dashboard_url"] == f"https://qc.example.org:8080/series/{uid}"
-            assert "4 of 6 images of 'Head routine' from CT1" in msg["text"]
+            # The technologist knows the scanner by its Station Name; the AE may be a gateway.
+            assert "4 of 6 images of 'Head routine' from CT ROOM 2 (AE CT1)" in msg["text"]
             assert "Synthetic" not in json.dumps(msg)  # never the patient's name
         assert [(a.state, a.attempts) for a in _rows(factory)] == [("sent", 1), ("sent", 1)]
         assert first.messages[0]["authorization"] == "Bearer s3cret"
@@ -171,3 +174,12 @@ def test_alert_test_command_checks_every_url(tmp_path: Path, receiver: AlertRece
     config.write_text("", encoding="utf-8")
     none = run()
     assert none.returncode == 2 and "no alert URL" in none.stderr
+
+
+@pytest.mark.parametrize(("station", "aet", "named"), [
+    ("CT ROOM 2", "GATEWAY", " from CT ROOM 2 (AE GATEWAY)"), ("CT1", "CT1", " from CT1"),
+    (None, "CT1", " from CT1"), ("CT ROOM 2", None, " from CT ROOM 2"), (None, None, ""),
+])
+def test_the_alert_names_the_scanner(station: str | None, aet: str | None, named: str) -> None:
+    series = Series(series_description=None, calling_aet=aet, station_name=station)
+    assert outbox._sender(series) == named

@@ -53,6 +53,9 @@ def write_ct_series(
         ds.Modality = "CT"
         ds.SeriesDescription = "synthetic ingest series"
         ds.BodyPartExamined = "HEAD"
+        ds.StationName = "CT ROOM 1"
+        ds.Manufacturer = "Synthetic Medical"
+        ds.ManufacturerModelName = "Gen 1"
         ds.SeriesNumber = 1
         ds.InstanceNumber = index + 1
         ds.ImagePositionPatient = [0.0, 0.0, float(index)]

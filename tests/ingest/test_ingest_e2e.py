@@ -126,6 +126,7 @@ def test_generated_series_of_200(node: RunningNode, reference: dcmtk.StoreScp,
         series = s.execute(select(Series)).scalar_one()
     assert series.status is SeriesState.RECEIVING and series.calling_aet == "STORESCU"
     assert series.modality == "CT" and series.series_description == "synthetic ingest series"
+    assert series.station_name == "CT ROOM 1"  # the scanner, whatever AE it called with
 
 
 def test_every_shared_series(node: RunningNode, reference: dcmtk.StoreScp) -> None:

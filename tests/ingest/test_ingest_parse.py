@@ -33,7 +33,7 @@ def _real_files(pydicom_data: Path) -> list[Path]:
 
 
 def test_reads_the_same_uids_as_pydicom(pydicom_data: Path) -> None:
-    checked = 0
+    checked = named = 0
     for path in _real_files(pydicom_data):
         raw = path.read_bytes()
         if raw[128:132] != b"DICM":
@@ -48,12 +48,17 @@ def test_reads_the_same_uids_as_pydicom(pydicom_data: Path) -> None:
         assert parsed.series_instance_uid == ds.SeriesInstanceUID, path.name
         assert parsed.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, path.name
         assert parsed.modality == ds.get("Modality"), path.name
+        for name, keyword in (("station_name", "StationName"), ("manufacturer", "Manufacturer"),
+                              ("scanner_model", "ManufacturerModelName")):
+            value = str(ds.get(keyword) or "").strip() or None
+            assert getattr(parsed, name) == (value[:64] if value else None), (path.name, name)
+            named += value is not None
         declared = ds.get("ImagesInAcquisition")
         single = int(ds.get("NumberOfFrames") or 1) == 1
         assert parsed.images_in_acquisition == (
             int(declared) if declared and int(declared) > 0 and single else None), path.name
         checked += 1
-    assert checked > 40
+    assert checked > 40 and named > 40
 
 
 @pytest.mark.parametrize(("value", "frames", "expected"), [

@@ -37,6 +37,8 @@ def test_stores_bytes_unchanged_with_rows(tmp_path: Path, store: Store,
         rows = s.execute(select(Instance)).scalars().all()
     assert series.instance_count == 3 and series.calling_aet == "SCU"
     assert series.modality == "CT" and series.body_part == "HEAD"
+    assert (series.station_name, series.manufacturer, series.scanner_model) == (
+        "CT ROOM 1", "Synthetic Medical", "Gen 1")
     assert sorted(r.instance_number for r in rows) == [1, 2, 3]
     assert all((store.root / r.path).stat().st_size == r.size_bytes for r in rows)
 
