@@ -151,6 +151,7 @@ BRAIN_T1_EXCLUDED_IMAGE_TYPES = ["SWI"]
 class RoutingRule(_Section):
     name: str
     modality: str | None = None
+    station_name: list[str] = Field(default_factory=list)  # any of; a series without declines
     body_part: list[str] = Field(default_factory=list)  # any of (one string: that one)
     series_description: str | None = None  # regular expression, case-insensitive search
     exclude_series_description: str | None = None  # a match declines the series
@@ -165,14 +166,15 @@ class RoutingRule(_Section):
     min_abnormal_slices: int = Field(1, ge=1)
     score_derived: bool = False
 
-    @field_validator("body_part", "acquisition_contrast", "exclude_image_type", mode="before")
+    @field_validator("body_part", "acquisition_contrast", "exclude_image_type", "station_name",
+                     mode="before")
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         if value is None:
             return []
         return [value] if isinstance(value, str) else value
 
-    @field_validator("body_part", "acquisition_contrast", "exclude_image_type")
+    @field_validator("body_part", "acquisition_contrast", "exclude_image_type", "station_name")
     @classmethod
     def _upper(cls, values: list[str]) -> list[str]:
         return [v.strip().upper() for v in values if v.strip()]

@@ -44,6 +44,7 @@ def route_command(
             "series_instance_uid": attrs.series_instance_uid,
             "instances": len(group.paths),
             "modality": attrs.modality,
+            "station_name": attrs.station_name,
             "body_part": attrs.body_part,
             "series_description": attrs.series_description,
             "image_type": list(attrs.image_type),
@@ -64,7 +65,8 @@ def route_command(
             f"{attrs.modality or '?'} {attrs.series_description or ''}".rstrip()
         )
         typer.echo(
-            f"  body part {attrs.body_part or '-'}, image type "
+            f"  station {attrs.station_name or '-'}, body part {attrs.body_part or '-'}, "
+            "image type "
             f"{chr(92).join(attrs.image_type) or '-'}, echo time {_ms(acq.echo_time_ms)}, "
             f"repetition time {_ms(acq.repetition_time_ms)}, contrast {acq.contrast or '-'}, "
             f"angio flag {'-' if acq.angio is None else 'Y' if acq.angio else 'N'}"

@@ -71,6 +71,7 @@ class SeriesAttributes:
         study_instance_uid: Study Instance UID.
         series_instance_uid: Series Instance UID.
         modality: Modality (0008,0060).
+        station_name: Station Name (0008,1010): which scanner made it.
         body_part: Body Part Examined (0018,0015), upper case.
         series_description: Series Description (0008,103E).
         image_type: Image Type (0008,0008) values, upper case (the most common among images).
@@ -87,6 +88,7 @@ class SeriesAttributes:
     image_type: tuple[str, ...]
     complex_component: str | None = None
     acquisition: Acquisition = field(default_factory=Acquisition)
+    station_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,7 @@ def series_attributes(headers: Sequence[Dataset]) -> SeriesAttributes:
         image_type=image_type,
         complex_component=_text(first.get("ComplexImageComponent")),
         acquisition=series_acquisition(images),
+        station_name=_text(first.get("StationName")),
     )
 
 

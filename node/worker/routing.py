@@ -7,6 +7,9 @@ derived and localizer images match only rules with ``score_derived = true``; a s
 rule takes is ``skipped`` with the reason.
 
 Conditions of a rule (each one that is set must hold): ``modality`` (equal, case-insensitive),
+``station_name`` (Station Name, one of the listed values, case-insensitive; a series that
+names no station declines whatever ``when_unstated`` says: a rule for one scanner, say with
+a bundle calibrated on that scanner's normal series, must not take another's),
 ``body_part`` (Body Part Examined, one of the listed values, case-insensitive),
 ``series_description`` (regular expression, case-insensitive search),
 ``exclude_series_description`` (a match declines), ``image_type`` (every listed value present
@@ -124,6 +127,9 @@ def _mismatch(rule: RoutingRule, attrs: SeriesAttributes) -> str | None:
     """The first condition of ``rule`` that ``attrs`` fails, or None when all hold."""
     if rule.modality and (attrs.modality or "").upper() != rule.modality.upper():
         return f"modality {attrs.modality or 'absent'} is not {rule.modality}"
+    if rule.station_name and (attrs.station_name or "").upper() not in rule.station_name:
+        return (f"station {attrs.station_name or '(not stated)'} is not "
+                + " or ".join(rule.station_name))
     if why := _one_of(attrs.body_part, rule.body_part, "body part", rule):
         return why
     description = attrs.series_description or ""
@@ -155,6 +161,8 @@ def describe_rule(rule: RoutingRule) -> str:
     parts: list[str] = []
     if rule.modality:
         parts.append(f"modality {rule.modality.upper()}")
+    if rule.station_name:
+        parts.append("station " + " or ".join(rule.station_name))
     if rule.body_part:
         parts.append("body part " + " or ".join(rule.body_part) + unstated)
     if rule.series_description:

@@ -35,6 +35,7 @@ def test_default_rules_json(folder: Path, tmp_path: Path) -> None:
     assert magnitude["rule"] == "brain-t1-mr" and magnitude["model"] == "default"
     assert magnitude["echo_time_ms"] == 7.38 and magnitude["repetition_time_ms"] == 488.0
     assert magnitude["instances"] == 36 and magnitude["skipped_because"] is None
+    assert magnitude["station_name"] == "MRC35389"  # what a station_name rule would match
     phase = by_description[("gre_field_mapping", "P")]
     assert phase["rule"] is None and "phase image" in phase["skipped_because"]
     prostate = by_description[("T2 TSE ax hi", "M_SE")]

@@ -107,6 +107,32 @@ def test_conditions_and_first_match_wins() -> None:
     assert other.rule is not None and other.rule.name == "any-mr"
 
 
+def test_a_rule_for_one_scanner_by_station_name() -> None:
+    """A site-calibrated bundle for one scanner: its rule comes first and takes only series
+    whose Station Name it lists (case-insensitive); a series naming no station is not taken
+    even with when_unstated = match; the general rule takes the rest."""
+    settings = settings_with([
+        {"name": "room3", "modality": "MR", "station_name": "mr room 3",
+         "when_unstated": "match", "model": "/m/room3"},
+        {"name": "brain", "modality": "MR"},
+    ], bundle="/m/default")
+    rules, model = list(settings.routing.rules), settings.model
+    assert rules[0].station_name == ["MR ROOM 3"]
+    assert route(make_attrs(station_name="MR Room 3"), rules, model).bundle == Path("/m/room3")
+    for station in ("MR ROOM 1", None):
+        other = route(make_attrs(station_name=station), rules, model)
+        assert other.rule is not None and other.rule.name == "brain"
+        assert other.bundle == Path("/m/default")
+    skipped = route(make_attrs(station_name=None), rules[:1], model)
+    assert skipped.reason == ("no routing rule matches (room3: station (not stated) is not "
+                              "MR ROOM 3)")
+    # The real Siemens series names its station; the header is read for routing.
+    assert attrs_of(SIEMENS_MAGNITUDE).station_name == "MRC35389"
+    siemens = settings_with([{"name": "trio", "station_name": ["MRC35389", "OTHER"]}])
+    assert route(attrs_of(SIEMENS_MAGNITUDE), list(siemens.routing.rules),
+                 siemens.model).rule is not None
+
+
 def test_localizers_by_image_type_or_description() -> None:
     settings = Settings()
     rules, model = list(settings.routing.rules), settings.model
