@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -213,6 +214,33 @@ def latest_reviews(session: Session) -> dict[int, tuple[str, str | None]]:
         .order_by(AdminAction.id)
     )
     return {sid: (action, model) for sid, action, model in session.execute(stmt)}
+
+
+def reviewed_normal(session: Session, *, stations: Sequence[str] = (),
+                    calling_aets: Sequence[str] = (), since: datetime | None = None,
+                    ) -> list[Series]:
+    """Scored series a person called normal, whose images are still stored, oldest first:
+    the latest review marked the flagged verdict a false alarm, or confirmed a normal one.
+    What ``vaenode calibrate --site --from-queue`` calibrates a scanner's bundle on: a site
+    calibration makes whatever it is given normal, so it takes no series on the model's word
+    alone. ``stations`` (Station Name, case-insensitive) and ``calling_aets``: any of, when
+    given; ``since``: first received then or later."""
+    reviews = latest_reviews(session)
+    stmt = select(Series).where(Series.id.in_(list(reviews)),
+                                Series.status == SeriesState.DONE,
+                                Series.abnormal.is_not(None), Series.purged_at.is_(None))
+    if calling_aets:
+        stmt = stmt.where(Series.calling_aet.in_(list(calling_aets)))
+    if since is not None:
+        stmt = stmt.where(Series.first_received_at >= since)
+    wanted = {s.upper() for s in stations}
+    out = []
+    for series in session.scalars(stmt.order_by(Series.first_received_at, Series.id)):
+        action = reviews[series.id][0]
+        normal = action == (FALSE_ALARM if series.abnormal else CONFIRM)
+        if normal and (not wanted or (series.station_name or "").upper() in wanted):
+            out.append(series)
+    return out
 
 
 def model_review_stats(session: Session) -> list[ModelStats]:

@@ -157,9 +157,9 @@ def evaluate(
 
 def calibrate(
     model: Annotated[Path, typer.Option("--model", help="Bundle to start from.")],
-    data: Annotated[list[Path], typer.Option(
-        "--data", help="NIfTI files or folders (with --site also DICOM series).")],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", help="NIfTI files or folders (with --site also DICOM series).")] = None,
     tail_weight: Annotated[float | None, typer.Option(help="Extra weight, worst 1%.")] = None,
     max_series_shift: Annotated[float | None, typer.Option(help="Shift cap, nats.")] = None,
     complexity: Annotated[bool | None, typer.Option(help="PNG correction.")] = None,
@@ -207,6 +207,21 @@ def calibrate(
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
              "or DICOM series folders, a DICOM series' subject being its Patient ID) instead "
              "of the bundle's own calibration subjects; at least 6 subjects.")] = False,
+    from_queue: Annotated[bool, typer.Option(
+        "--from-queue",
+        help="With --site: also the stored series of the node's queue (--config) that a "
+             "person reviewed as normal on the dashboard (a flagged one marked a false alarm, "
+             "or a normal verdict confirmed), narrowed by --station, --calling-aet, "
+             "--days.")] = False,
+    station: Annotated[list[str] | None, typer.Option(
+        help="With --from-queue: only series of this Station Name (repeat for several).")]
+    = None,
+    calling_aet: Annotated[list[str] | None, typer.Option(
+        help="With --from-queue: only series sent by this AE title (repeat for several).")]
+    = None,
+    days: Annotated[int | None, typer.Option(
+        min=1, help="With --from-queue: only series first received in the last N days.")]
+    = None,
     version: Annotated[str | None, typer.Option(
         help="Version of the written bundle (default: the source bundle's); its reports "
              "carry it.")] = None,
@@ -217,7 +232,7 @@ def calibrate(
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
-    setup(config)
+    settings = setup(config)
     from node.model.bundle import load_bundle
     from node.model.train import recalibrate
 
@@ -244,9 +259,19 @@ def calibrate(
                                  else "--detail-weight")
     if detail_step is not None:
         changes["detail_step"] = _parse_detail_step(detail_step)
+    paths = list(data or [])
+    if from_queue:
+        if not site:
+            raise typer.BadParameter("needs --site (the series are the site's)",
+                                     param_hint="--from-queue")
+        paths += _reviewed_normal_folders(settings, station or [], calling_aet or [], days)
+    elif station or calling_aet or days is not None:
+        raise typer.BadParameter("needs --from-queue", param_hint="--station/--calling-aet/--days")
+    if not paths:
+        raise typer.BadParameter("give --data, or --site --from-queue", param_hint="--data")
     bundle = load_bundle(model)
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    volumes = _load_training_data(data) if site else _load_volumes(data)
+    volumes = _load_training_data(paths) if site else _load_volumes(paths)
     try:
         recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site,
                     version=version, slab_mm=slab_mm)
@@ -266,6 +291,38 @@ def calibrate(
                        "too few or too varied normal series, or images too unlike the model's "
                        "training data for a recalibration alone (then train on the site's data)",
                        err=True)
+
+
+def _reviewed_normal_folders(settings: Any, stations: list[str], calling_aets: list[str],
+                             days: int | None) -> list[Path]:
+    """The storage folders of the queue's series a person reviewed as normal
+    (:func:`node.admin.reviews.reviewed_normal`), each named on the console.
+
+    Raises:
+        NodeError: there are none.
+    """
+    from datetime import timedelta
+
+    from node.admin.reviews import reviewed_normal
+    from node.errors import NodeError
+    from node.queue.db import make_engine, make_read_session_factory
+    from node.queue.models import utcnow
+
+    since = utcnow() - timedelta(days=days) if days is not None else None
+    with make_read_session_factory(make_engine(settings.database))() as session:
+        rows = [(s.study_instance_uid, s.series_instance_uid, s.station_name, s.calling_aet)
+                for s in reviewed_normal(session, stations=stations, calling_aets=calling_aets,
+                                         since=since)]
+    if not rows:
+        raise NodeError("no stored series reviewed as normal in the queue"
+                        + (f" for station {', '.join(stations)}" if stations else "")
+                        + (f" from {', '.join(calling_aets)}" if calling_aets else "")
+                        + (f" in the last {days} days" if days is not None else "")
+                        + " (mark false alarms or confirm normal verdicts on the dashboard)")
+    for _study, series, station_name, aet in rows:
+        typer.echo(f"from the queue: series {series} (station {station_name or '-'}, "
+                   f"AE {aet or '-'})")
+    return [settings.storage.dir / study / series for study, series, _s, _a in rows]
 
 
 def _parse_alternative(text: str) -> dict[str, float]:

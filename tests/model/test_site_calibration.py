@@ -106,3 +106,88 @@ def test_site_calibration_reads_dicom_series(tmp_path: Path) -> None:
                       data=[site / f"s{i}" for i in range(5)])
     assert proc.returncode == 1 and "at least 6 subjects" in proc.stderr
     assert not (tmp_path / "five").exists()
+
+
+def test_site_calibration_from_the_queue_takes_what_people_reviewed_as_normal(
+        tmp_path: Path) -> None:
+    """``--site --from-queue --station``: the series of one scanner, stored by the node's own
+    ingest, that a person called normal on the dashboard (a flag marked a false alarm, or a
+    normal verdict confirmed); never a confirmed flag, an unreviewed series, another station's
+    or a series whose images were deleted."""
+    import pydicom
+    from sqlalchemy import insert, select, update
+
+    from node.admin.reviews import CONFIRM, FALSE_ALARM, reviewed_normal
+    from node.config import DatabaseSettings, StorageSettings
+    from node.ingest.store import Store
+    from node.queue.models import AdminAction, Series, utcnow
+    from node.queue.states import SeriesState
+    from tests.helpers.db import migrated_database
+
+    # subject index: (station, verdict abnormal, latest review or None, images purged)
+    plan = [("MR ROOM 3", True, FALSE_ALARM, False), ("MR ROOM 3", False, CONFIRM, False),
+            ("MR ROOM 3", True, FALSE_ALARM, False), ("MR ROOM 3", False, CONFIRM, False),
+            ("MR ROOM 3", True, FALSE_ALARM, False), ("mr room 3", False, CONFIRM, False),
+            ("MR ROOM 3", True, CONFIRM, False),      # a confirmed flag: poor, never taken
+            ("MR ROOM 3", False, None, False),        # not reviewed: the model's word only
+            ("MR ROOM 1", False, CONFIRM, False),     # another scanner
+            ("MR ROOM 3", True, FALSE_ALARM, True)]   # its images are gone
+    subjects = _site_subjects(len(plan))
+    database = DatabaseSettings(url=f"sqlite:///{tmp_path / 'queue.db'}")
+    storage = tmp_path / "storage"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{database.url}"\n[storage]\ndir = "{storage}"\n',
+                      encoding="utf-8")
+    with migrated_database(database) as factory:
+        store = Store(StorageSettings(dir=storage, min_free_mb=0), factory)
+        uids = []
+        for i, (path, (station, abnormal, review, purged)) in enumerate(
+                zip(subjects, plan, strict=True)):
+            written = write_nifti_series(path, tmp_path / "sent" / f"s{i}",
+                                         patient_id=f"SITE-{i}")
+            for file in written.paths:
+                ds = pydicom.dcmread(file)
+                ds.StationName = station
+                ds.save_as(file, enforce_file_format=True)
+                store.accept(file.read_bytes(), calling_aet="GATEWAY",
+                             peer_address="127.0.0.1:1")
+            uid = written.series_instance_uid
+            uids.append(uid)
+            with factory.begin() as s:
+                series_id = s.scalars(select(Series.id).where(
+                    Series.series_instance_uid == uid)).one()
+                s.execute(update(Series).where(Series.id == series_id).values(
+                    status=SeriesState.DONE, abnormal=abnormal,
+                    purged_at=utcnow() if purged else None))
+                if review is not None:
+                    s.execute(insert(AdminAction).values(
+                        series_id=series_id, actor="dr-qa", action=review,
+                        model="brain-t1 0.1.0", note=None))
+        with factory() as s:
+            chosen = [r.series_instance_uid
+                      for r in reviewed_normal(s, stations=["MR ROOM 3"])]
+            every = {r.series_instance_uid for r in reviewed_normal(s)}
+            by_aet = reviewed_normal(s, calling_aets=["NOT-THIS-ONE"])
+    assert chosen == uids[:6]
+    assert every == {*uids[:6], uids[8]} and by_aet == []
+
+    out = tmp_path / "room3"
+    proc = _calibrate(default_bundle_path(), out, "--site", "--from-queue", "--station",
+                      "mr room 3", "--days", "30", "--config", str(config), data=())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("from the queue: series") == 6
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["calibration"]["subjects"] == [f"SITE-{i}" for i in range(6)]
+    assert meta["training"]["recalibrations"][-1]["site_check"]["series"] == 6
+
+    # Refusals: not without --site; nothing reviewed for that station; --station alone.
+    lone = _calibrate(default_bundle_path(), tmp_path / "x", "--from-queue", "--config",
+                      str(config), data=())
+    assert lone.returncode == 2 and "--site" in lone.stderr
+    none = _calibrate(default_bundle_path(), tmp_path / "y", "--site", "--from-queue",
+                      "--station", "CT ROOM 9", "--config", str(config), data=())
+    assert none.returncode == 1 and "no stored series reviewed as normal" in none.stderr
+    assert "CT ROOM 9" in none.stderr and not (tmp_path / "y").exists()
+    stray = _calibrate(default_bundle_path(), tmp_path / "z", "--station", "MR ROOM 3",
+                       data=subjects[:6])
+    assert stray.returncode == 2 and "--from-queue" in stray.stderr
