@@ -90,16 +90,18 @@ class QueueCollector(Collector):
         # the other scanners'.
         gauge = GaugeMetricFamily(
             "vaenode_scored_series",
-            "Series with a verdict, by sending scanner (calling AE) and verdict.",
-            labels=["calling_aet", "verdict"],
+            "Series with a verdict, by scanner (calling AE and Station Name) and verdict.",
+            labels=["calling_aet", "station", "verdict"],
         )
         rows = session.execute(
-            select(Series.calling_aet, Series.abnormal, func.count(Series.id))
+            select(Series.calling_aet, Series.station_name, Series.abnormal,
+                   func.count(Series.id))
             .where(Series.status == SeriesState.DONE, Series.abnormal.is_not(None))
-            .group_by(Series.calling_aet, Series.abnormal)
+            .group_by(Series.calling_aet, Series.station_name, Series.abnormal)
         ).all()
-        for aet, abnormal, n in rows:
-            gauge.add_metric([aet or "", "abnormal" if abnormal else "normal"], float(n))
+        for aet, station, abnormal, n in rows:
+            gauge.add_metric([aet or "", station or "", "abnormal" if abnormal else "normal"],
+                             float(n))
         return gauge
 
     def _oldest_queued(self, session: Session) -> Metric:

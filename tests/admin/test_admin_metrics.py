@@ -66,7 +66,8 @@ def _ingest(session_factory: sessionmaker[Session], storage: Path, files: list[P
                 size_bytes=f.stat().st_size, instance_number=int(ds.InstanceNumber),
                 modality=ds.Modality, series_description=ds.get("SeriesDescription"),
                 body_part=ds.get("BodyPartExamined"), calling_aet=calling_aet,
-                peer_address="127.0.0.1", received_at=utcnow()))
+                peer_address="127.0.0.1", received_at=utcnow(),
+                station_name=ds.get("StationName")))
         uid = ds.SeriesInstanceUID
     return uid
 
@@ -135,9 +136,9 @@ def test_metrics_follow_queue_outbox_and_reviews(make_settings, session_factory_
     assert samples[("vaenode_scoring_duration_seconds_bucket", (("le", first),))] == 1
     assert samples[("vaenode_delivery_failures_total", ())] == 2
     assert samples[("vaenode_false_alarms_total", (("model", "m 1"),))] == 1
-    by_sender = ("vaenode_scored_series", (("calling_aet", "SCANNER1"), ("verdict", "abnormal")))
-    assert samples[by_sender] == 1
-    assert (by_sender[0], (("calling_aet", "SCANNER1"), ("verdict", "normal"))) not in samples
+    scanner = (("calling_aet", "SCANNER1"), ("station", "MRC35389"))
+    assert samples[("vaenode_scored_series", (*scanner, ("verdict", "abnormal")))] == 1
+    assert ("vaenode_scored_series", (*scanner, ("verdict", "normal"))) not in samples
     assert samples[("vaenode_confirmations_total", (("model", "m 1"),))] == 0
     assert samples[("vaenode_series_received_total", ())] == 1
     assert samples[("vaenode_storage_free_bytes", ())] > 0
