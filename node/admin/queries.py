@@ -131,8 +131,9 @@ def status_counts(session: Session) -> dict[str, int]:
     return counts
 
 
-def filter_choices(session: Session) -> tuple[list[str], list[str]]:
-    """The modalities and calling AE titles present, for the filter drop-downs."""
+def filter_choices(session: Session) -> tuple[list[str], list[str], list[str]]:
+    """The modalities, calling AE titles and Station Names present, for the filter
+    drop-downs."""
     modalities = session.scalars(
         select(Series.modality).where(Series.modality.is_not(None)).distinct().order_by(Series.modality)
     ).all()
@@ -142,7 +143,13 @@ def filter_choices(session: Session) -> tuple[list[str], list[str]]:
         .distinct()
         .order_by(Series.calling_aet)
     ).all()
-    return [m for m in modalities if m], [a for a in aets if a]
+    stations = session.scalars(
+        select(Series.station_name)
+        .where(Series.station_name.is_not(None))
+        .distinct()
+        .order_by(Series.station_name)
+    ).all()
+    return [m for m in modalities if m], [a for a in aets if a], [s for s in stations if s]
 
 
 def get_series(session: Session, series_uid: str) -> Series | None:

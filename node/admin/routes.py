@@ -121,7 +121,7 @@ def queue(
         date_to=_parse_date(date_to),
     )
     rows = queries.list_series(session, flt)
-    modalities, aets = queries.filter_choices(session)
+    modalities, aets, stations = queries.filter_choices(session)
     return _render(
         request,
         "queue.html",
@@ -132,6 +132,7 @@ def queue(
         flt=flt,
         modalities=modalities,
         aets=aets,
+        stations=stations,
         refresh_s=refresh,
         limit=queries.QUEUE_PAGE_LIMIT,
     )

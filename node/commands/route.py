@@ -66,8 +66,8 @@ def route_command(
         )
         typer.echo(
             f"  station {attrs.station_name or '-'}, body part {attrs.body_part or '-'}, "
-            "image type "
-            f"{chr(92).join(attrs.image_type) or '-'}, echo time {_ms(acq.echo_time_ms)}, "
+            f"image type {chr(92).join(attrs.image_type) or '-'}, "
+            f"echo time {_ms(acq.echo_time_ms)}, "
             f"repetition time {_ms(acq.repetition_time_ms)}, contrast {acq.contrast or '-'}, "
             f"angio flag {'-' if acq.angio is None else 'Y' if acq.angio else 'N'}"
         )

@@ -186,6 +186,7 @@ def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
     assert "?calling_aet=MR2&amp;station=MR%20ROOM%202" in row
     listed = http(f"{base}/queue?calling_aet=MR2&station=MR%20ROOM%202").text
     assert listed.count('class="series-row"') == 20 and "· MR ROOM 2" in listed
+    assert "<option selected>MR ROOM 2</option>" in listed  # the station drop-down
     assert 'class="series-row"' not in http(f"{base}/queue?station=NOWHERE").text
     other = html.split('data-aet="MR1"', 1)[1].split("</tr>", 1)[0]
     assert "unusually high" not in other
