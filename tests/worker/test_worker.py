@@ -161,6 +161,44 @@ def test_missing_model_fails_only_the_series_routed_to_it(
     assert status_of(session_factory, mr_id).status is SeriesState.DONE
 
 
+def test_one_scanner_scored_by_its_own_bundle_by_station_name(
+    tmp_path: Path, worker_settings: Settings, session_factory: sessionmaker[Session],
+    make_series: Callable[..., WrittenSeries],
+) -> None:
+    """A bundle calibrated on one scanner scores that scanner's series alone: the worker reads
+    the Station Name from the stored headers and the first rule naming it wins."""
+    import json
+
+    room3 = tmp_path / "bundle-room3"
+    shutil.copytree(Path(worker_settings.model.bundle), room3)
+    meta = json.loads((room3 / "model.json").read_text())
+    shipped_version = meta["version"]
+    meta["version"] = "site-room3"
+    (room3 / "model.json").write_text(json.dumps(meta))
+    settings = worker_settings.model_copy(
+        update={"routing": worker_settings.routing.model_validate({"rules": [
+            {"name": "room3", "modality": "MR", "station_name": "mr room 3",
+             "model": str(room3)},
+            {"name": "mr", "modality": "MR"},
+        ]})}
+    )
+    ids = {}
+    for station in ("MR ROOM 3", "MR ROOM 1", None):
+        written = make_series(z=(44, 52))
+        for path in written.paths:
+            ds = pydicom.dcmread(path)
+            if station is not None:
+                ds.StationName = station
+            ds.save_as(path, enforce_file_format=True)
+        ids[station] = store_and_queue(session_factory, settings, written.paths)
+    assert Worker(settings, session_factory).run_until_idle() == [Outcome.DONE] * 3
+    done = {station: status_of(session_factory, i) for station, i in ids.items()}
+    assert (done["MR ROOM 3"].routing_rule, done["MR ROOM 3"].model_version) == (
+        "room3", "site-room3")
+    for other in ("MR ROOM 1", None):
+        assert (done[other].routing_rule, done[other].model_version) == ("mr", shipped_version)
+
+
 def test_two_workers_never_double_claim(
     worker_settings: Settings, session_factory: sessionmaker[Session],
     make_series: Callable[..., WrittenSeries],
