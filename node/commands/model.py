@@ -319,10 +319,15 @@ def _reviewed_normal_folders(settings: Any, stations: list[str], calling_aets: l
                         + (f" from {', '.join(calling_aets)}" if calling_aets else "")
                         + (f" in the last {days} days" if days is not None else "")
                         + " (mark false alarms or confirm normal verdicts on the dashboard)")
-    for _study, series, station_name, aet in rows:
+    folders = [settings.storage.dir / study / series for study, series, _s, _a in rows]
+    for folder, (_study, series, station_name, aet) in zip(folders, rows, strict=True):
+        if not folder.is_dir():
+            raise NodeError(f"the stored images of series {series} are not at {folder} "
+                            "([storage].dir is relative to the working directory: run from "
+                            "the node's, or give an absolute path)")
         typer.echo(f"from the queue: series {series} (station {station_name or '-'}, "
                    f"AE {aet or '-'})")
-    return [settings.storage.dir / study / series for study, series, _s, _a in rows]
+    return folders
 
 
 def _parse_alternative(text: str) -> dict[str, float]:

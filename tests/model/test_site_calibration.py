@@ -191,3 +191,8 @@ def test_site_calibration_from_the_queue_takes_what_people_reviewed_as_normal(
     stray = _calibrate(default_bundle_path(), tmp_path / "z", "--station", "MR ROOM 3",
                        data=subjects[:6])
     assert stray.returncode == 2 and "--from-queue" in stray.stderr
+    moved = tmp_path / "moved"
+    storage.rename(moved)  # e.g. a relative [storage].dir read from another working directory
+    gone = _calibrate(default_bundle_path(), tmp_path / "w", "--site", "--from-queue",
+                      "--config", str(config), data=())
+    assert gone.returncode == 1 and "are not at" in gone.stderr
