@@ -3,8 +3,9 @@
 Series were told apart by the calling AE title alone. A department that routes several
 scanners through one gateway AE (a DICOM router, a PACS forwarding) saw them as one sender on
 the Scanners page, and a technologist's alert named the gateway rather than the room. The
-series' first instance now sets these three; series stored before this revision keep NULL
-(their headers are not read again: the images may have been purged).
+series' first instance now sets these three. Rows stored before this revision start NULL; the
+worker fills them from the headers when it next scores the series (this migration reads no
+files: the images may have been purged).
 
 Revision ID: 0011_series_scanner
 Revises: 0010_event_duration

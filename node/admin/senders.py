@@ -59,7 +59,7 @@ class SenderStats:
     Attributes:
         calling_aet: the sender's AE title; None for series whose sender was not recorded.
         station_name: the Station Name its series carry; None when they carry none (or
-            arrived before the node recorded it).
+            arrived before the node recorded it and was not scored since).
         scanner: its most common "Manufacturer Model" in the window ("" when unknown).
         series: series first received in the window.
         scored: of those, series with a verdict (``done``).

@@ -93,7 +93,8 @@ class Series(Base):
     body_part: Mapped[str | None] = mapped_column(String(64))
     calling_aet: Mapped[str | None] = mapped_column(String(AE_LENGTH))
     peer_address: Mapped[str | None] = mapped_column(String(128))
-    #: The scanner as its first instance names it (revision 0011_series_scanner): Station
+    #: The scanner as its first instance names it (revision 0011_series_scanner; the worker
+    #: fills what a row lacks from the headers it reads): Station
     #: Name (0008,1010), Manufacturer (0008,0070), Manufacturer's Model Name (0008,1090). The
     #: calling AE names the sender, which may be a gateway for several scanners.
     station_name: Mapped[str | None] = mapped_column(String(64))

@@ -639,6 +639,18 @@ def mark_done(
     return _finish(session, series_id, SeriesState.DONE, reason, worker_id, actor)
 
 
+def fill_scanner(session: Session, series_id: int, values: dict[str, str]) -> None:
+    """Set scanner columns (``station_name``, ``manufacturer``, ``scanner_model``) that the
+    series row lacks, from its headers as the worker read them (a series stored before
+    revision 0011_series_scanner, or whose first instance named no scanner); a value already
+    there stays."""
+    with _transaction(session):
+        for column, value in values.items():
+            session.execute(update(Series)
+                            .where(Series.id == series_id, getattr(Series, column).is_(None))
+                            .values({column: value[:64]}))
+
+
 def mark_skipped(
     session: Session,
     series_id: int,

@@ -72,6 +72,8 @@ class SeriesAttributes:
         series_instance_uid: Series Instance UID.
         modality: Modality (0008,0060).
         station_name: Station Name (0008,1010): which scanner made it.
+        manufacturer: Manufacturer (0008,0070).
+        scanner_model: Manufacturer's Model Name (0008,1090).
         body_part: Body Part Examined (0018,0015), upper case.
         series_description: Series Description (0008,103E).
         image_type: Image Type (0008,0008) values, upper case (the most common among images).
@@ -89,6 +91,8 @@ class SeriesAttributes:
     complex_component: str | None = None
     acquisition: Acquisition = field(default_factory=Acquisition)
     station_name: str | None = None
+    manufacturer: str | None = None
+    scanner_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +319,8 @@ def series_attributes(headers: Sequence[Dataset]) -> SeriesAttributes:
         complex_component=_text(first.get("ComplexImageComponent")),
         acquisition=series_acquisition(images),
         station_name=_text(first.get("StationName")),
+        manufacturer=_text(first.get("Manufacturer")),
+        scanner_model=_text(first.get("ManufacturerModelName")),
     )
 
 

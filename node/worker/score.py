@@ -303,6 +303,11 @@ def process_series(
         if partial is not None:
             return _finish(session_factory, series, worker_id, Outcome.SKIPPED, partial)
         attrs = series_attributes(read_headers(paths))
+        missing = {column: value for column in ("station_name", "manufacturer", "scanner_model")
+                   if getattr(series, column) is None and (value := getattr(attrs, column))}
+        if missing:  # a row from before revision 0011, or a first instance that named none
+            with session_factory() as session:
+                repo.fill_scanner(session, series.id, missing)
         decision = route(attrs, list(settings.routing.rules), settings.model)
         if decision.rule is None:
             return _finish(session_factory, series, worker_id, Outcome.SKIPPED,

@@ -195,6 +195,10 @@ def test_one_scanner_scored_by_its_own_bundle_by_station_name(
     done = {station: status_of(session_factory, i) for station, i in ids.items()}
     assert (done["MR ROOM 3"].routing_rule, done["MR ROOM 3"].model_version) == (
         "room3", "site-room3")
+    # These rows were recorded without the scanner (as before revision 0011): the worker
+    # fills it in from the headers it read; a series naming no station stays without.
+    assert [done[s].station_name for s in ("MR ROOM 3", "MR ROOM 1", None)] == [
+        "MR ROOM 3", "MR ROOM 1", None]
     for other in ("MR ROOM 1", None):
         assert (done[other].routing_rule, done[other].model_version) == ("mr", shipped_version)
 
