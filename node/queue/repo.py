@@ -645,10 +645,9 @@ def fill_scanner(session: Session, series_id: int, values: dict[str, str]) -> No
     revision 0011_series_scanner, or whose first instance named no scanner); a value already
     there stays."""
     with _transaction(session):
-        for column, value in values.items():
-            session.execute(update(Series)
-                            .where(Series.id == series_id, getattr(Series, column).is_(None))
-                            .values({column: value[:64]}))
+        session.execute(update(Series).where(Series.id == series_id).values(
+            {column: func.coalesce(getattr(Series, column), value[:64])
+             for column, value in values.items()}))
 
 
 def mark_skipped(
