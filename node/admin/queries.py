@@ -114,7 +114,9 @@ def list_series(
     if flt.calling_aet:
         stmt = stmt.where(Series.calling_aet == flt.calling_aet)
     if flt.station:
-        stmt = stmt.where(Series.station_name == flt.station)
+        # Case-insensitive as routing rules and `calibrate --from-queue` are: a scanner
+        # console's bookmarked URL is typed by hand.
+        stmt = stmt.where(func.upper(Series.station_name) == flt.station.strip().upper())
     if flt.date_from:
         stmt = stmt.where(Series.last_received_at >= _day_start(flt.date_from))
     if flt.date_to:

@@ -188,6 +188,9 @@ def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
     assert listed.count('class="series-row"') == 20 and "· MR ROOM 2" in listed
     assert "<option selected>MR ROOM 2</option>" in listed  # the station drop-down
     assert 'class="series-row"' not in http(f"{base}/queue?station=NOWHERE").text
+    typed = http(f"{base}/queue?station=mr%20room%202%20").text  # a console URL typed by hand
+    assert typed.count('class="series-row"') == 20
+    assert "<option selected>MR ROOM 2</option>" in typed and typed.count("<option selected>") == 1
     other = html.split('data-aet="MR1"', 1)[1].split("</tr>", 1)[0]
     assert "unusually high" not in other
     ct1_row = html.split('data-aet="CT1"', 1)[1].split("</tr>", 1)[0]
