@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -45,6 +46,36 @@ def backup_cmd(
                          busy_timeout_ms=settings.database.busy_timeout_ms)
     typer.echo(f"backup written to {done.path} ({done.size_bytes} bytes, revision "
                f"{done.revision or '(none)'}, {done.series} series)")
+
+
+@db_app.command("fill-scanners")
+def fill_scanners_cmd(
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Read and count, change nothing.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Fill Station Name, Manufacturer and Model Name of series stored before the queue
+    recorded them (revision 0011_series_scanner), from each series' first stored instance.
+
+    Safe while the node runs: it only sets columns that are empty.
+    """
+    settings = setup(config)
+    from node.ingest.backfill import fill_scanner_columns, series_lacking_scanner
+    from node.queue.db import make_engine, make_session_factory
+
+    engine = make_engine(settings.database)
+    try:
+        factory = make_session_factory(engine)
+        with factory() as session:
+            lacking = series_lacking_scanner(session)
+        with typer.progressbar(lacking, label="series", file=sys.stderr) as rows:
+            found = fill_scanner_columns(factory, settings.storage.dir, rows, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    verb = "would fill" if dry_run else "filled"
+    typer.echo(f"{found.lacking} series lacked the scanner: {verb} {found.filled}, "
+               f"{found.named_none} name none in their headers, {found.no_file} have no "
+               "stored image left to read (deleted by retention, or missing)")
 
 
 def register(app: typer.Typer) -> None:
