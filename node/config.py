@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -225,9 +226,70 @@ class DeliverySettings(_Section):
     poll_interval_s: float = Field(2.0, gt=0)
 
 
+#: One address of a ``mailto:`` alert URL: local part and domain, no display name.
+_MAIL_ADDRESS_RE = re.compile(r"^[^@\s,;<>\"]+@[^@\s,;<>\"]+\.[^@\s,;<>\"]+$")
+_SMTP_DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
+
+
+def mailto_addresses(url: str) -> list[str]:
+    """The recipients of a ``mailto:a@x.org,b@y.org`` alert URL (RFC 6068, without headers).
+
+    Raises:
+        ValueError: not a mailto URL, no address, a malformed one, or ``?`` headers.
+    """
+    if not url.lower().startswith("mailto:"):
+        raise ValueError(f"{url!r} is not a mailto: URL")
+    rest = urllib.parse.unquote(url[len("mailto:"):])
+    if "?" in rest:
+        raise ValueError(f"{url!r}: mailto headers (?subject=...) are not supported; the node "
+                         "writes the subject")
+    addresses = [a.strip() for a in rest.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError(f"{url!r} names no address")
+    for address in addresses:
+        if not _MAIL_ADDRESS_RE.match(address):
+            raise ValueError(f"{address!r} in {url!r} is not a mail address")
+    return addresses
+
+
+class SmtpSettings(_Section):
+    # The mail relay that takes the node's mailto: alerts (the hospital's internal relay).
+    host: str
+    # Default by security: 587 (starttls), 465 (tls), 25 (none).
+    port: int | None = Field(None, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    from_address: str
+    username: str | None = None
+    password: str | None = None
+    # PEM CA bundle to verify the relay's certificate (a hospital's own CA); default: the
+    # system's.
+    ca_file: Path | None = None
+
+    @field_validator("from_address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not _MAIL_ADDRESS_RE.match(v.strip()):
+            raise ValueError(f"{v!r} is not a mail address")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SmtpSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("alerts.smtp.username and alerts.smtp.password go together")
+        if self.username is not None and self.security == "none":
+            raise ValueError("alerts.smtp.username needs security 'starttls' or 'tls': a "
+                             "password is never sent in clear text")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or _SMTP_DEFAULT_PORTS[self.security]
+
+
 class AlertSettings(_Section):
-    # Where to POST a JSON message when a series is flagged (a messaging bridge, a display at
-    # the scanner); none by default.
+    # Where to send a message when a series is flagged: http(s) URLs get a JSON POST (a
+    # messaging bridge, a display at the scanner), mailto: URLs an email through [alerts.smtp];
+    # none by default.
     urls: list[str] = Field(default_factory=list)
     # The dashboard's address as people reach it, for a link in the message (optional).
     dashboard_url: str | None = None
@@ -240,19 +302,28 @@ class AlertSettings(_Section):
     # only: {url = {Header-Name = "value"}}.
     headers: dict[str, dict[str, str]] = Field(default_factory=dict)
 
+    smtp: SmtpSettings | None = None
+
     @field_validator("urls")
     @classmethod
-    def _http_urls(cls, v: list[str]) -> list[str]:
+    def _alert_urls(cls, v: list[str]) -> list[str]:
         for url in v:
-            if not url.lower().startswith(("http://", "https://")):
-                raise ValueError(f"{url!r}: an alert URL starts with http:// or https://")
+            if url.lower().startswith("mailto:"):
+                mailto_addresses(url)
+            elif not url.lower().startswith(("http://", "https://")):
+                raise ValueError(f"{url!r}: an alert URL starts with http://, https:// or "
+                                 "mailto:")
         return v
 
     @model_validator(mode="after")
     def _headers_of_known_urls(self) -> AlertSettings:
+        if self.smtp is None and any(u.lower().startswith("mailto:") for u in self.urls):
+            raise ValueError("mailto: alert URLs need [alerts.smtp] (host, from_address)")
         for url, headers in self.headers.items():
             if url not in self.urls:
                 raise ValueError(f"headers for {url!r}, which is not one of alerts.urls")
+            if url.lower().startswith("mailto:"):
+                raise ValueError(f"headers for {url!r}: HTTP headers go with http(s) URLs only")
             for name, value in headers.items():
                 if not _HEADER_NAME_RE.match(name):
                     raise ValueError(f"{name!r} is not an HTTP header name")

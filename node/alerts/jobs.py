@@ -1,4 +1,5 @@
-"""The alert job of ``vaenode serve``: POST due alert messages, record each attempt.
+"""The alert job of ``vaenode serve``: send due alert messages (POST or mail), record each
+attempt.
 
 Runs every ``[alerts].poll_interval_s`` seconds and at once when the worker has scored a
 series (``node.service.WAKES``); installed only when ``[alerts].urls`` names any. One slow or
@@ -19,7 +20,8 @@ from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.alerts import outbox
-from node.config import AlertSettings, Settings
+from node.alerts.mail import send_mail
+from node.config import AlertSettings, Settings, mailto_addresses
 from node.queue.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,11 @@ BATCH = 50
 
 def shown(url: str) -> str:
     """The URL as logs show it: scheme, host and port only. Webhook URLs carry their secret in
-    the path (Slack, Teams), and logs travel further than the configuration."""
+    the path (Slack, Teams), and logs travel further than the configuration. A mailto URL
+    shows its recipients' domains."""
+    if url.lower().startswith("mailto:"):
+        domains = sorted({a.rsplit("@", 1)[-1] for a in mailto_addresses(url)})
+        return "mailto:" + ",".join(f"...@{d}" for d in domains)
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/..."
 
@@ -48,12 +54,26 @@ def post(url: str, payload: str, timeout_s: float,
         reply.read()
 
 
+def deliver(url: str, payload: str, settings: AlertSettings) -> None:
+    """Send one message to one alert URL: a POST for http(s), a mail through ``[alerts.smtp]``
+    for mailto. Raises OSError or ValueError when it was not taken."""
+    if not url.lower().startswith("mailto:"):
+        post(url, payload, settings.timeout_s, settings.headers_for(url))
+        return
+    if settings.smtp is None:
+        raise ValueError("a mailto: alert URL needs [alerts.smtp]")
+    refused = send_mail(url, payload, settings.smtp, settings.timeout_s)
+    if refused:
+        log.warning("alert mail refused for %d recipient(s), taken for the others",
+                    len(refused), extra={"url": shown(url), "refused": refused})
+
+
 def send_due(session_factory: sessionmaker[Session], settings: AlertSettings) -> int:
     """Try every due alert once; returns how many were sent."""
     sent = 0
     for alert in outbox.due(session_factory, lease_s=settings.timeout_s + 30.0, limit=BATCH):
         try:
-            post(alert.url, alert.payload, settings.timeout_s, settings.headers_for(alert.url))
+            deliver(alert.url, alert.payload, settings)
         except (OSError, ValueError) as exc:  # unreachable, refused, timeout, non-2xx
             state = outbox.mark(session_factory, alert, f"{type(exc).__name__}: {exc}",
                                 settings)

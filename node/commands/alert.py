@@ -1,4 +1,4 @@
-"""``vaenode alert-test``: post a test message to each alert URL, to check ``[alerts]`` the way
+"""``vaenode alert-test``: send a test message to each alert URL, to check ``[alerts]`` the way
 ``vaenode echo`` checks a PACS destination."""
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from node.errors import ConfigError, DeliveryError
 def alert_test(
     config: ConfigOption = None,
     url: Annotated[list[str] | None, typer.Option(
-        "--url", help="Post to this URL instead of [alerts].urls (repeatable; the headers "
-        "[alerts].headers gives a configured URL go with it).")] = None,
+        "--url", help="Send to this URL (http(s), or mailto: through [alerts.smtp]) instead "
+        "of [alerts].urls (repeatable; the headers [alerts].headers gives a configured URL go "
+        "with it).")] = None,
 ) -> None:
-    """Post a test message (event "test") to every alert URL; exit 1 when any fails."""
-    from node.alerts.jobs import post
+    """Send a test message (event "test") to every alert URL (a POST, or a mail for mailto:);
+    exit 1 when any fails."""
+    from node.alerts.jobs import deliver
     from node.queue.models import utcnow
 
     settings = setup(config)
@@ -33,8 +35,7 @@ def alert_test(
     failed = []
     for target in urls:
         try:
-            post(target, payload, settings.alerts.timeout_s,
-                 settings.alerts.headers_for(target))
+            deliver(target, payload, settings.alerts)
         except (OSError, ValueError) as exc:
             typer.echo(f"{target}: failed: {exc}", err=True)
             failed.append(target)

@@ -8,59 +8,19 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.alerts import jobs, outbox
-from node.config import AlertSettings, DatabaseSettings
-from node.queue import repo
-from node.queue.models import Alert, Series, utcnow
-from tests.helpers.alerts import AlertReceiver
-from tests.helpers.db import migrated_database
+from node.config import AlertSettings
+from node.queue.models import Alert, Series
+from tests.helpers.alerts import AlertReceiver, scored_series
 from tests.helpers.orthanc import free_port
-from tests.helpers.reports import make_verdict
-from tests.helpers.synthetic import write_ct_series
 
 Factory = sessionmaker[Session]
-
-
-@pytest.fixture
-def factory(tmp_path: Path) -> Iterator[Factory]:
-    with migrated_database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'q.db'}")) as f:
-        yield f
-
-
-@pytest.fixture
-def receiver() -> Iterator[AlertReceiver]:
-    r = AlertReceiver()
-    yield r
-    r.close()
-
-
-def _scored(factory: Factory, tmp_path: Path, flagged: set[int], settings: AlertSettings,
-            station: str | None = None) -> tuple[str, int]:
-    """A stored series of 6 images and a verdict on it, alerts enqueued as the worker does."""
-    sources = [pydicom.dcmread(p) for p in write_ct_series(tmp_path / "src", 6)]
-    for d in sources:
-        with factory.begin() as s:
-            repo.record_instance(s, repo.InstanceRecord(
-                study_instance_uid=d.StudyInstanceUID, series_instance_uid=d.SeriesInstanceUID,
-                sop_instance_uid=d.SOPInstanceUID, sop_class_uid=d.SOPClassUID,
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path="x", size_bytes=1,
-                instance_number=None, modality="CT", series_description="Head routine",
-                body_part=None, calling_aet="CT1", peer_address=None, received_at=utcnow(),
-                station_name=station))
-    verdict = make_verdict(sources, flagged)
-    with factory.begin() as s:
-        series = s.execute(select(Series).where(
-            Series.series_instance_uid == verdict.series_instance_uid)).scalar_one()
-        added = outbox.enqueue(s, settings, series, verdict)
-    return str(sources[0].SeriesInstanceUID), added
 
 
 def _rows(factory: Factory) -> list[Alert]:
@@ -77,7 +37,7 @@ def test_a_flagged_series_is_posted_to_every_url(factory: Factory, tmp_path: Pat
                                  headers={first.url: {"Authorization": "Bearer s3cret"}},
                                  dashboard_url="https://qc.example.org:8080/")
         caplog.set_level(logging.INFO, logger="node.alerts.jobs")
-        uid, added = _scored(factory, tmp_path, {1, 2, 3, 4}, settings, station="CT ROOM 2")
+        uid, added = scored_series(factory, tmp_path, {1, 2, 3, 4}, settings, station="CT ROOM 2")
         assert added == 2
         assert jobs.send_due(factory, settings) == 2
         assert jobs.send_due(factory, settings) == 0  # sent once
@@ -123,9 +83,9 @@ def test_url_shown_in_logs() -> None:
 
 def test_a_normal_series_or_no_url_makes_no_alert(factory: Factory, tmp_path: Path,
                                                   receiver: AlertReceiver) -> None:
-    _, added = _scored(factory, tmp_path, {1}, AlertSettings(urls=[receiver.url]))
+    _, added = scored_series(factory, tmp_path, {1}, AlertSettings(urls=[receiver.url]))
     assert added == 0  # 1 of 6 flagged, 3 make the series abnormal
-    _, added = _scored(factory, tmp_path / "b", {1, 2, 3}, AlertSettings())
+    _, added = scored_series(factory, tmp_path / "b", {1, 2, 3}, AlertSettings())
     assert added == 0 and _rows(factory) == []
 
 
@@ -134,7 +94,7 @@ def test_a_failing_endpoint_is_retried_then_given_up(factory: Factory, tmp_path:
     down = f"http://127.0.0.1:{free_port()}/hook"  # nobody listens
     settings = AlertSettings(urls=[receiver.url, down], max_attempts=3, retry_base_s=0.5,
                              retry_max_s=0.5, timeout_s=2.0)
-    _scored(factory, tmp_path, {0, 1, 2}, settings)
+    scored_series(factory, tmp_path, {0, 1, 2}, settings)
     receiver.fail_next = 1  # answers 500 once
     assert jobs.send_due(factory, settings) == 0
     rows = _rows(factory)
