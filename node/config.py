@@ -303,8 +303,24 @@ class AlertSettings(_Section):
     headers: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     smtp: SmtpSettings | None = None
+    # Problems of the node itself go to these URLs (the PACS admin's channel; http(s) or
+    # mailto:, as urls): reports a PACS has not taken, storage running out, series waiting
+    # too long for a worker. None by default.
+    ops_urls: list[str] = Field(default_factory=list)
+    # How often the node looks for problems, in seconds.
+    ops_check_s: float = Field(60.0, gt=0)
+    # At most one message per problem (and destination or folder) per this many hours while
+    # it lasts.
+    ops_repeat_h: float = Field(4.0, gt=0)
+    # A report not delivered this many minutes after it was made (or given up) is a problem.
+    ops_delivery_wait_min: float = Field(15.0, gt=0)
+    # A queued series that has waited this many minutes for a worker is a problem.
+    ops_queue_wait_min: float = Field(15.0, gt=0)
+    # Less free space than this on the storage's file system is a problem (C-STORE is refused
+    # below [storage].min_free_mb).
+    ops_storage_free_mb: int = Field(10240, ge=0)
 
-    @field_validator("urls")
+    @field_validator("urls", "ops_urls")
     @classmethod
     def _alert_urls(cls, v: list[str]) -> list[str]:
         for url in v:
@@ -317,11 +333,13 @@ class AlertSettings(_Section):
 
     @model_validator(mode="after")
     def _headers_of_known_urls(self) -> AlertSettings:
-        if self.smtp is None and any(u.lower().startswith("mailto:") for u in self.urls):
+        every = [*self.urls, *self.ops_urls]
+        if self.smtp is None and any(u.lower().startswith("mailto:") for u in every):
             raise ValueError("mailto: alert URLs need [alerts.smtp] (host, from_address)")
         for url, headers in self.headers.items():
-            if url not in self.urls:
-                raise ValueError(f"headers for {url!r}, which is not one of alerts.urls")
+            if url not in every:
+                raise ValueError(f"headers for {url!r}, which is not one of alerts.urls or "
+                                 "alerts.ops_urls")
             if url.lower().startswith("mailto:"):
                 raise ValueError(f"headers for {url!r}: HTTP headers go with http(s) URLs only")
             for name, value in headers.items():

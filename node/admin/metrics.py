@@ -175,7 +175,8 @@ class QueueCollector(Collector):
             yield from self._storage_metrics(session)
 
             alerts = GaugeMetricFamily(
-                "vaenode_alerts", "Alert messages about flagged series, by state.",
+                "vaenode_alerts",
+                "Alert messages (flagged series, problems of the node), by state.",
                 labels=["state"])
             by_state = dict(session.execute(
                 select(Alert.state, func.count(Alert.id)).group_by(Alert.state)).all())

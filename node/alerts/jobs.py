@@ -2,9 +2,10 @@
 attempt.
 
 Runs every ``[alerts].poll_interval_s`` seconds and at once when the worker has scored a
-series (``node.service.WAKES``); installed only when ``[alerts].urls`` names any. One slow or
-unreachable URL costs its own timeout, not the others' messages: each row is tried once per
-run and retried with backoff.
+series (``node.service.WAKES``); installed only when ``[alerts].urls`` or ``ops_urls`` names
+any (with ``ops_urls``, :mod:`node.alerts.problems` also checks the node every
+``ops_check_s``). One slow or unreachable URL costs its own timeout, not the others'
+messages: each row is tried once per run and retried with backoff.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.alerts import outbox
+from node.alerts import outbox, problems
 from node.alerts.mail import send_mail
 from node.config import AlertSettings, Settings, mailto_addresses
 from node.queue.models import utcnow
@@ -27,6 +28,7 @@ from node.queue.models import utcnow
 log = logging.getLogger(__name__)
 
 JOB_ID = "alerts.send"
+PROBLEMS_JOB_ID = "alerts.problems"
 #: Rows per run; the rest wait for the next run.
 BATCH = 50
 
@@ -88,9 +90,14 @@ def send_due(session_factory: sessionmaker[Session], settings: AlertSettings) ->
 
 def install(scheduler: BaseScheduler, settings: Settings,
             session_factory: sessionmaker[Session]) -> None:
-    """Add the alert job to the service's scheduler (none without alert URLs)."""
-    if not settings.alerts.urls:
+    """Add the alert job to the service's scheduler (none without alert URLs), and with
+    ``[alerts].ops_urls`` the check for problems of the node itself."""
+    if not (settings.alerts.urls or settings.alerts.ops_urls):
         return
+    if settings.alerts.ops_urls:
+        scheduler.add_job(problems.check, "interval", args=(session_factory, settings),
+                          seconds=settings.alerts.ops_check_s, id=PROBLEMS_JOB_ID,
+                          max_instances=1, coalesce=True, replace_existing=True)
     running = threading.Lock()
 
     def tick() -> int:

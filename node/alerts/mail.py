@@ -2,8 +2,8 @@
 
 Many departments have no chat webhook, but every one has a mail relay, a modality group's
 mailbox, and often pagers or phones that take email. The message is the same JSON the
-webhooks get, written as a plain-text mail: the ``text`` line first, then the facts one per
-line, never patient data. The relay's security is explicit (``starttls``, ``tls`` or
+webhooks get, written as a plain-text mail: the ``text`` line first, then the other fields
+one per line, never patient data. The relay's security is explicit (``starttls``, ``tls`` or
 ``none``): a certificate that does not verify fails the attempt, which is retried and
 recorded like any other alert failure, rather than sending in clear.
 """
@@ -19,15 +19,17 @@ from typing import Any
 
 from node.config import SmtpSettings, mailto_addresses
 
-#: The facts listed under the text, in this order, when the message has them.
-_FACTS = ("series_description", "station_name", "calling_aet", "modality", "abnormal_slices",
-          "scored_slices", "min_abnormal_slices", "model", "rule", "study_instance_uid",
-          "series_instance_uid", "dashboard_url", "scored_at", "sent_at")
+#: Message fields that are not listed as facts under the text.
+_NOT_FACTS = frozenset({"event", "title", "text"})
 
 
 def subject(message: dict[str, Any]) -> str:
-    """A subject a technologist can act on from the mailbox list: what, how much, where."""
+    """A subject one can act on from the mailbox list: for a flagged series what, how much,
+    where; for a problem of the node, its title and the node."""
     if message.get("event") != "series_flagged":
+        if message.get("title"):
+            node = message.get("node")
+            return (f"[vaenode {node}]" if node else "[vaenode]") + f" {message['title']}"
         return f"[vaenode] {message.get('event', 'message')}"
     where = message.get("station_name") or message.get("calling_aet")
     what = message.get("series_description")
@@ -47,8 +49,8 @@ def compose(url: str, payload: str, sender: str) -> EmailMessage:
     mail["Message-ID"] = make_msgid(domain=sender.rsplit("@", 1)[-1])
     mail["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies to the node
     mail["X-Vaenode-Event"] = str(message.get("event", ""))
-    facts = [f"{key.replace('_', ' ')}: {message[key]}" for key in _FACTS
-             if message.get(key) is not None]
+    facts = [f"{key.replace('_', ' ')}: {value}" for key, value in message.items()
+             if key not in _NOT_FACTS and value is not None]
     mail.set_content(str(message.get("text", "")) + "\n\n" + "\n".join(facts) + "\n")
     return mail
 

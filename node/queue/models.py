@@ -348,18 +348,24 @@ class OutboxEntry(_Attempts, Base):
 
 
 class Alert(_Attempts, Base):
-    """One message about a flagged series to one alert URL (``[alerts]``), with its retry state
-    (survives restarts, like the report outbox)."""
+    """One message to one alert URL (``[alerts]``), with its retry state (survives restarts,
+    like the report outbox): about a flagged series, or about a problem of the node itself
+    (no series; ``problem_key`` names the destination, folder or queue)."""
 
     __tablename__ = "alerts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_id: Mapped[int] = mapped_column(
+    series_id: Mapped[int | None] = mapped_column(
         ForeignKey("series.id", ondelete="CASCADE"), index=True
     )
     url: Mapped[str] = mapped_column(String(1024))
     payload: Mapped[str] = mapped_column(Text)
     # "pending", "sent" or "failed" (attempts ran out)
     state: Mapped[str] = mapped_column(String(16), default="pending")
+    # "series_flagged", or a problem: "delivery_failing", "storage_low", "queue_stalled"
+    event: Mapped[str] = mapped_column(String(32), default="series_flagged",
+                                       server_default="series_flagged")
+    problem_key: Mapped[str | None] = mapped_column(String(255))
 
-    __table_args__ = (Index("ix_alerts_due", "state", "next_attempt_at"),)
+    __table_args__ = (Index("ix_alerts_due", "state", "next_attempt_at"),
+                      Index("ix_alerts_problem", "event", "problem_key", "created_at"))
