@@ -16,18 +16,18 @@ def alert_test(
     config: ConfigOption = None,
     url: Annotated[list[str] | None, typer.Option(
         "--url", help="Send to this URL (http(s), or mailto: through [alerts.smtp]) instead "
-        "of [alerts].urls (repeatable; the headers [alerts].headers gives a configured URL go "
-        "with it).")] = None,
+        "of [alerts].urls and ops_urls (repeatable; the headers [alerts].headers gives a "
+        "configured URL go with it).")] = None,
 ) -> None:
-    """Send a test message (event "test") to every alert URL (a POST, or a mail for mailto:);
-    exit 1 when any fails."""
+    """Send a test message (event "test") to every alert URL, urls and ops_urls (a POST, or a
+    mail for mailto:); exit 1 when any fails."""
     from node.alerts.jobs import deliver
     from node.queue.models import utcnow
 
     settings = setup(config)
-    urls = list(url or settings.alerts.urls)
+    urls = list(url or dict.fromkeys([*settings.alerts.urls, *settings.alerts.ops_urls]))
     if not urls:
-        raise ConfigError("no alert URL: set [alerts].urls or give --url")
+        raise ConfigError("no alert URL: set [alerts].urls or ops_urls, or give --url")
     text = (f"vaenode: test message from the quality-gate node {settings.dicom.ae_title}; "
             "flagged series will be announced here.")
     payload = json.dumps({"event": "test", "text": text,

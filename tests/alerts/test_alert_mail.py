@@ -128,7 +128,8 @@ def test_a_relay_that_is_down_is_retried_then_given_up(factory: Factory, tmp_pat
 def test_alert_test_command_mails(tmp_path: Path, servers: list[MailServer]) -> None:
     relay = _server(servers, tmp_path / "pki", "none")
     config = tmp_path / "node.toml"
-    config.write_text(f'[alerts]\nurls = ["{TECHS}"]\n[alerts.smtp]\nhost = "127.0.0.1"\n'
+    # The PACS admin's address for problems of the node is checked too.
+    config.write_text(f'[alerts]\nops_urls = ["{TECHS}"]\n[alerts.smtp]\nhost = "127.0.0.1"\n'
                       f'port = {relay.port}\nsecurity = "none"\n'
                       'from_address = "vaenode@hospital.example.org"\n', encoding="utf-8")
     proc = subprocess.run([str(Path(sys.executable).with_name("vaenode")), "alert-test",
