@@ -74,7 +74,8 @@ def delivery_problems(session: Session, settings: Settings, now: datetime) -> li
     for name, facts in sorted(found.items()):
         facts["last_error"] = session.scalar(
             select(OutboxEntry.last_error)
-            .where(OutboxEntry.destination == name, OutboxEntry.last_error.is_not(None))
+            .where(OutboxEntry.destination == name, OutboxEntry.last_error.is_not(None),
+                   OutboxEntry.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]))
             .order_by(OutboxEntry.next_attempt_at.desc()).limit(1))
         counts = []
         if facts["overdue"]:
