@@ -25,6 +25,7 @@ from node.admin import auth, deliveries, models_page, queries, reviews, senders,
 from node.admin.header import read_header_facts
 from node.admin.plots import plot_slice_scores
 from node.admin.thumbnails import ThumbnailError, render_thumbnail
+from node.alerts import outbox as alert_outbox
 from node.config import Settings
 from node.queue.models import Alert, Instance
 
@@ -166,9 +167,11 @@ def series_page(request: Request, session: ReadSessionDep, series_uid: str) -> H
         "normal": normal,
         "reports": deliveries.for_series(session, series_uid),
         # Plain rows, not ORM objects: the read transaction ends before the page is drawn.
-        "alerts": session.execute(
-            select(Alert.url, Alert.state, Alert.attempts, Alert.sent_at, Alert.last_error)
-            .where(Alert.series_id == series.id).order_by(Alert.id)).all(),
+        # The URL as logs show it: a webhook URL carries its secret in the path.
+        "alerts": [{**row._asdict(), "url": alert_outbox.shown(row.url)} for row in
+                   session.execute(select(Alert.url, Alert.state, Alert.attempts,
+                                          Alert.sent_at, Alert.last_error)
+                                   .where(Alert.series_id == series.id).order_by(Alert.id))],
         "actions": reviews.actions_for(session, series.id),
         "allowed": reviews.allowed_actions(session, series, verdict),
     }
@@ -249,6 +252,16 @@ def deliveries_page(
     """The outbox: every report and destination, attempts and the last error."""
     return _render(request, "deliveries.html", "deliveries",
                    rows=deliveries.outbox_rows(session), refresh_s=refresh)
+
+
+@router.get("/alerts", response_class=HTMLResponse, name="alerts")
+def alerts_page(
+    request: Request, session: ReadSessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
+) -> HTMLResponse:
+    """Every alert sent or to be sent: flagged series ([alerts].urls) and problems of the node
+    ([alerts].ops_urls), where each stands."""
+    return _render(request, "alerts.html", "alerts",
+                   rows=alert_outbox.recent_alerts(session), refresh_s=refresh)
 
 
 @router.get("/associations", response_class=HTMLResponse, name="associations")

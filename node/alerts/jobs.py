@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
@@ -22,7 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.alerts import outbox, problems
 from node.alerts.mail import send_mail
-from node.config import AlertSettings, Settings, mailto_addresses
+from node.alerts.outbox import shown
+from node.config import AlertSettings, Settings
 from node.queue.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,6 @@ JOB_ID = "alerts.send"
 PROBLEMS_JOB_ID = "alerts.problems"
 #: Rows per run; the rest wait for the next run.
 BATCH = 50
-
-
-def shown(url: str) -> str:
-    """The URL as logs show it: scheme, host and port only. Webhook URLs carry their secret in
-    the path (Slack, Teams), and logs travel further than the configuration. A mailto URL
-    shows its recipients' domains."""
-    if url.lower().startswith("mailto:"):
-        domains = sorted({a.rsplit("@", 1)[-1] for a in mailto_addresses(url)})
-        return "mailto:" + ",".join(f"...@{d}" for d in domains)
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/..."
 
 
 def post(url: str, payload: str, timeout_s: float,

@@ -11,6 +11,7 @@ patient: alert channels (chat, pagers) are not where patient data belongs.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,12 +19,25 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import AlertSettings
+from node.config import AlertSettings, mailto_addresses
 from node.queue.models import Alert, Series, utcnow
 from node.report.content import SeriesVerdict
 from node.report.outbox import backoff_s
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
+#: Rows on the dashboard's Alerts page.
+ALERTS_PAGE_LIMIT = 500
+
+
+def shown(url: str) -> str:
+    """The URL as logs show it: scheme, host and port only. Webhook URLs carry their secret in
+    the path (Slack, Teams), and logs travel further than the configuration. A mailto URL
+    shows its recipients' domains."""
+    if url.lower().startswith("mailto:"):
+        domains = sorted({a.rsplit("@", 1)[-1] for a in mailto_addresses(url)})
+        return "mailto:" + ",".join(f"...@{d}" for d in domains)
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/..."
 
 
 def _sender(series: Series) -> str:
@@ -126,3 +140,48 @@ def mark(session_factory: sessionmaker[Session], alert: ClaimedAlert, error: str
     with session_factory.begin() as session:
         session.execute(update(Alert).where(Alert.id == alert.id).values(**values))
     return state
+
+
+@dataclass(frozen=True)
+class AlertRow:
+    """One alert row as the dashboard shows it: the URL as logs show it (webhook URLs carry
+    their secret in the path), what it was about, where it stands."""
+
+    created_at: datetime
+    event: str
+    summary: str
+    series_instance_uid: str | None
+    problem_key: str | None
+    target: str
+    state: str
+    attempts: int
+    sent_at: datetime | None
+    next_attempt_at: datetime | None
+    last_error: str | None
+
+
+def _summary(event: str, payload: str) -> str:
+    """A problem's title, or how much of a flagged series was flagged and where it came from."""
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        return event
+    if event != "series_flagged":
+        return str(message.get("title") or event)
+    if "abnormal_slices" not in message:
+        return "series flagged"
+    where = message.get("station_name") or message.get("calling_aet")
+    return (f"{message['abnormal_slices']}/{message.get('scored_slices')} images flagged"
+            + (f" of '{message['series_description']}'" if message.get("series_description")
+               else "") + (f" from {where}" if where else ""))
+
+
+def recent_alerts(session: Session, limit: int = ALERTS_PAGE_LIMIT) -> list[AlertRow]:
+    """The newest alert rows, flagged series and problems of the node alike, newest first."""
+    rows = session.execute(
+        select(Alert, Series.series_instance_uid).outerjoin(Series, Alert.series_id == Series.id)
+        .order_by(Alert.created_at.desc(), Alert.id.desc()).limit(limit))
+    return [AlertRow(a.created_at, a.event, _summary(a.event, a.payload), uid, a.problem_key,
+                     shown(a.url), a.state, a.attempts, a.sent_at,
+                     a.next_attempt_at if a.state == PENDING else None, a.last_error)
+            for a, uid in rows]

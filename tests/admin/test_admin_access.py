@@ -45,7 +45,8 @@ def guarded(make_settings, session_factory_for, run_dashboard) -> Callable[[str]
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/queue", "/series/1.2.3", "/deliveries", "/associations", "/models", "/metrics",
+    "path", ["/", "/queue", "/series/1.2.3", "/deliveries", "/alerts", "/associations", "/models",
+             "/metrics",
              "/instances/1.2.3/thumbnail.png"],
 )
 def test_with_token_requests_without_it_get_401(guarded, path: str) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ the dashboard runs as a real server. No browser here: these tests read the HTML.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import urllib.parse
@@ -146,8 +147,39 @@ def test_series_page_facts_history_scores_and_deliveries(node) -> None:  # type:
         session.add(Alert(series_id=series.id, url="https://chat.example/hook", payload="{}",
                           state="failed", attempts=5, last_error="HTTPError: HTTP Error 500"))
     page = http(f"{base}/series/{siemens}").text
-    assert 'id="series-alerts"' in page and "https://chat.example/hook" in page
-    assert "HTTP Error 500" in page
+    # The URL as the logs show it: a webhook's path holds its secret.
+    assert 'id="series-alerts"' in page and "https://chat.example/..." in page
+    assert "/hook" not in page and "HTTP Error 500" in page
+
+
+def test_alerts_page_lists_flag_and_problem_alerts(node) -> None:  # type: ignore[no-untyped-def]
+    base, _settings, factory, siemens, _prostate = node
+    with factory.begin() as session:
+        series_id = session.scalars(
+            select(Series.id).where(Series.series_instance_uid == siemens)).one()
+        flag = {"event": "series_flagged", "abnormal_slices": 4, "scored_slices": 36,
+                "series_description": "gre_field_mapping", "station_name": "MRC35389"}
+        session.add(Alert(series_id=series_id, url="https://hooks.example/T0/secret",
+                          payload=json.dumps(flag), state="sent", attempts=1,
+                          sent_at=utcnow(), created_at=utcnow() - timedelta(minutes=5)))
+        problem = {"event": "delivery_failing", "title": "reports are not reaching pacs"}
+        session.add(Alert(series_id=None, url="mailto:pacs-admin@hospital.example.org",
+                          payload=json.dumps(problem), state="pending", attempts=2,
+                          last_error="SMTPServerDisconnected: lost", event="delivery_failing",
+                          problem_key="pacs", created_at=utcnow()))
+    page = http(f"{base}/alerts").text
+    assert 'id="nav-alerts"' in page
+    rows = re.findall(r'<tr class="alert-row" data-event="(\w+)">(.*?)</tr>', page, re.S)
+    events = [e for e, _ in rows]
+    assert events.index("delivery_failing") < events.index("series_flagged")  # newest first
+    problem_row = next(r for e, r in rows if e == "delivery_failing")
+    assert "reports are not reaching pacs" in problem_row and "(pacs)" in problem_row
+    assert "mailto:...@hospital.example.org" in problem_row and "pacs-admin" not in page
+    assert "SMTPServerDisconnected" in problem_row and "next " in problem_row
+    flag_row = next(r for e, r in rows if e == "series_flagged" and "hooks.example" in r)
+    assert f'/series/{siemens}"' in flag_row
+    assert "4/36 images flagged of &#39;gre_field_mapping&#39; from MRC35389" in flag_row
+    assert "https://hooks.example/..." in flag_row and "secret" not in page
 
 
 def test_patient_name_only_when_configured(tmp_path, node, session_factory_for,  # type: ignore[no-untyped-def]
