@@ -25,6 +25,7 @@ from node.queue.states import DeliveryState, SeriesState
 from node.report.jobs import deliver_due
 from node.report.service import report_series
 from tests.helpers.alerts import AlertReceiver
+from tests.helpers.db import insert_done_series
 from tests.helpers.node import start_node
 from tests.helpers.orthanc import free_port
 from tests.helpers.reports import DATA, add_series, make_verdict
@@ -139,9 +140,7 @@ def test_migration_0012_keeps_flag_alerts_and_drops_problem_rows_on_downgrade(
     upgrade(url, "0011_series_scanner")
     t0 = "2026-11-26 08:00:00"
     with sqlite3.connect(tmp_path / "old.db") as db:
-        db.execute("INSERT INTO series (id, study_instance_uid, series_instance_uid, "
-                   "instance_count, first_received_at, last_received_at, status, attempts, "
-                   "updated_at) VALUES (1, '1.2', '1.2.1', 1, ?, ?, 'done', 1, ?)", (t0, t0, t0))
+        insert_done_series(db, 1, "1.2.1", t0)
         db.execute("INSERT INTO alerts (series_id, url, payload, state, attempts, "
                    "next_attempt_at, created_at) VALUES (1, 'http://x/', '{}', 'sent', 1, ?, ?)",
                    (t0, t0))

@@ -20,6 +20,7 @@ from node.queue.migrate import alembic_config, current_revision, head_revision, 
 from node.queue.models import Instance, Series, SeriesEvent, utcnow
 from node.queue.states import SeriesState
 from tests.helpers.claims import drain_queue
+from tests.helpers.db import insert_done_series
 from tests.helpers.records import count_driver_path, driver_path_off, record_scenario
 
 Factory = sessionmaker[Session]
@@ -229,10 +230,7 @@ def test_migration_0005_withdraws_pending_deliveries_of_superseded_reports(
     upgrade(url, "0004_admin")
     now = "2026-11-26 00:00:00.000000"
     with sqlite3.connect(tmp_path / "old.db") as db:
-        db.execute("INSERT INTO series (id, study_instance_uid, series_instance_uid, "
-                   "instance_count, first_received_at, last_received_at, status, attempts, "
-                   "updated_at) VALUES (1, '1.2', '1.2.3', 1, ?, ?, 'done', 1, ?)",
-                   (now, now, now))
+        insert_done_series(db, 1, "1.2.3", now)
         for rid, superseded in ((1, 1), (2, 0)):
             db.execute("INSERT INTO reports (id, series_id, kind, sop_instance_uid, "
                        "sop_class_uid, series_instance_uid, instance_number, path, created_at, "
@@ -324,10 +322,7 @@ def test_migration_0010_fills_in_the_durations_of_past_runs(tmp_path: Path) -> N
     t0 = datetime(2026, 11, 26, 8, 0, 0)
     with sqlite3.connect(tmp_path / "old.db") as db:
         for sid in (1, 2):
-            db.execute("INSERT INTO series (id, study_instance_uid, series_instance_uid, "
-                       "instance_count, first_received_at, last_received_at, status, attempts, "
-                       "updated_at) VALUES (?, '1.2', ?, 1, ?, ?, 'done', 1, ?)",
-                       (sid, f"1.2.{sid}", t0, t0, t0))
+            insert_done_series(db, sid, f"1.2.{sid}", str(t0))
         # Series 1: a run that failed, then one of 12.5 s; series 2: a run of 3 s, then a
         # re-score of 4 s.
         events = [(1, "processing", 0), (1, "failed", 30), (1, "processing", 100),
