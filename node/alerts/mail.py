@@ -17,6 +17,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
 
+from node.alerts.outbox import describe
 from node.config import SmtpSettings, mailto_addresses
 
 #: Message fields that are not listed as facts under the text.
@@ -26,16 +27,8 @@ _NOT_FACTS = frozenset({"event", "title", "text"})
 def subject(message: dict[str, Any]) -> str:
     """A subject one can act on from the mailbox list: for a flagged series what, how much,
     where; for a problem of the node, its title and the node."""
-    if message.get("event") != "series_flagged":
-        if message.get("title"):
-            node = message.get("node")
-            return (f"[vaenode {node}]" if node else "[vaenode]") + f" {message['title']}"
-        return f"[vaenode] {message.get('event', 'message')}"
-    where = message.get("station_name") or message.get("calling_aet")
-    what = message.get("series_description")
-    return ("[vaenode] series flagged: "
-            f"{message.get('abnormal_slices')}/{message.get('scored_slices')} images"
-            + (f" of '{what}'" if what else "") + (f" from {where}" if where else ""))
+    node = message.get("node")
+    return (f"[vaenode {node}]" if node else "[vaenode]") + f" {describe(message)}"
 
 
 def compose(url: str, payload: str, sender: str) -> EmailMessage:

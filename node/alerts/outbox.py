@@ -34,7 +34,10 @@ def shown(url: str) -> str:
     the path (Slack, Teams), and logs travel further than the configuration. A mailto URL
     shows its recipients' domains."""
     if url.lower().startswith("mailto:"):
-        domains = sorted({a.rsplit("@", 1)[-1] for a in mailto_addresses(url)})
+        try:
+            domains = sorted({a.rsplit("@", 1)[-1] for a in mailto_addresses(url)})
+        except ValueError:  # not from the validated configuration (a --url of alert-test)
+            return "mailto:..."
         return "mailto:" + ",".join(f"...@{d}" for d in domains)
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/..."
@@ -160,20 +163,26 @@ class AlertRow:
     last_error: str | None
 
 
-def _summary(event: str, payload: str) -> str:
-    """A problem's title, or how much of a flagged series was flagged and where it came from."""
-    try:
-        message = json.loads(payload)
-    except ValueError:
-        return event
+def describe(message: dict[str, Any]) -> str:
+    """A message in one line (a mail's subject, the Alerts page): for a flagged series how
+    much of which series from which scanner, for a problem of the node its title."""
+    event = str(message.get("event", "message"))
     if event != "series_flagged":
         return str(message.get("title") or event)
     if "abnormal_slices" not in message:
         return "series flagged"
     where = message.get("station_name") or message.get("calling_aet")
-    return (f"{message['abnormal_slices']}/{message.get('scored_slices')} images flagged"
-            + (f" of '{message['series_description']}'" if message.get("series_description")
-               else "") + (f" from {where}" if where else ""))
+    what = message.get("series_description")
+    return (f"series flagged: {message['abnormal_slices']}/{message.get('scored_slices')} "
+            "images" + (f" of '{what}'" if what else "") + (f" from {where}" if where else ""))
+
+
+def _summary(event: str, payload: str) -> str:
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        return event
+    return describe({"event": event, **message}) if isinstance(message, dict) else event
 
 
 def recent_alerts(session: Session, limit: int = ALERTS_PAGE_LIMIT) -> list[AlertRow]:

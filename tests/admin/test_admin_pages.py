@@ -178,7 +178,7 @@ def test_alerts_page_lists_flag_and_problem_alerts(node) -> None:  # type: ignor
     assert "SMTPServerDisconnected" in problem_row and "next " in problem_row
     flag_row = next(r for e, r in rows if e == "series_flagged" and "hooks.example" in r)
     assert f'/series/{siemens}"' in flag_row
-    assert "4/36 images flagged of &#39;gre_field_mapping&#39; from MRC35389" in flag_row
+    assert "series flagged: 4/36 images of &#39;gre_field_mapping&#39; from MRC35389" in flag_row
     assert "https://hooks.example/..." in flag_row and "secret" not in page
 
 

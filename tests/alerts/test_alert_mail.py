@@ -163,3 +163,4 @@ def test_mail_ports_follow_the_security() -> None:
              for sec in ("starttls", "tls", "none")}
     assert ports == {"starttls": 587, "tls": 465, "none": 25}
     assert jobs.shown("mailto:a@x.org,b@y.org,c@x.org") == "mailto:...@x.org,...@y.org"
+    assert jobs.shown("mailto:not-an-address") == "mailto:..."  # a --url typed by hand
