@@ -95,6 +95,10 @@ def train(
     name: Annotated[str, typer.Option(help="Bundle name.")] = "brain-t1",
     version: Annotated[str, typer.Option(help="Bundle version.")] = "0.1.0",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
+    init: Annotated[Path | None, typer.Option(
+        "--init", help="Start from this bundle's weights (its architecture, preprocessing and "
+                       "score settings) instead of random ones: adapt it to a scanner's own "
+                       "normal series, e.g. with --epochs 4 --lr 0.0002.")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Train a VAE on normal volumes and series and write a calibrated model bundle."""
@@ -109,6 +113,7 @@ def train(
         complexity=complexity, augment=augment, heteroscedastic=heteroscedastic,
         max_train_slices=max_train_slices, compress=compress, compress_dim=compress_dim, name=name,
         version=version, device=device, slab_mm=slab_mm,
+        init_bundle=str(init) if init is not None else None,
     )
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     is_ixi = any("IXI" in v.subject for v in vols)
@@ -127,9 +132,14 @@ def evaluate(
     block_fraction: Annotated[float, typer.Option(help="Corrupted share of a series.")] = 0.3,
     seed: Annotated[int, typer.Option(help="Random seed of the corruptions.")] = 0,
     records: Annotated[Path | None, typer.Option(help="records.pkl of an earlier run.")] = None,
+    sites: Annotated[int, typer.Option(
+        min=0, help="Site sweep on this many of the subjects: each rendered as other scanners "
+                    "would make it (node/model/sites.py), clean and with moderate artifact "
+                    "blocks (0: no sweep).")] = 0,
     config: ConfigOption = None,
 ) -> None:
-    """Measure a bundle on held-out subjects: clean vs TorchIO-corrupted slices."""
+    """Measure a bundle on held-out subjects: clean vs TorchIO-corrupted slices, and with
+    ``--sites`` per simulated site."""
     settings = setup(config)
     from node.model.artifacts import ARTIFACTS
     from node.model.bundle import load_bundle
@@ -153,6 +163,13 @@ def evaluate(
                              records=records)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"false-positive rate at threshold: {100 * metrics['fpr_at_threshold']:.2f}%")
+    if sites:
+        from node.model.site_sweep import SweepConfig, sweep, write_sweep
+
+        sweep_cfg = SweepConfig(artifacts=artifact or ARTIFACTS, seed=seed,
+                                block_fraction=block_fraction)
+        result = sweep(bundle, chosen[:sites], sweep_cfg, report=typer.echo)
+        typer.echo(write_sweep(result, out))
 
 
 def calibrate(

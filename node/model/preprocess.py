@@ -38,6 +38,10 @@ class PreprocessConfig:
         slab_mm: thickness in mm that slices of a thinner-sliced stack are averaged to before
             scoring (:func:`slab_average`); None: each slice as it is (bundles made before
             the option).
+        center_head: crop the model grid around the head (the centroid of the stack's pixels
+            above ``HEAD_LEVEL``) instead of around the image centre: scanners place the
+            field of view differently, and a head lying on its side often sits far from the
+            centre of the image (False: bundles made before the option).
     """
 
     image_size: int = 128
@@ -47,13 +51,16 @@ class PreprocessConfig:
     clip_max: float = 2.0
     fov_mm: float = 240.0
     slab_mm: float | None = None
+    center_head: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for ``model.json`` (``slab_mm`` only when set, so that a bundle without
-        it keeps the ``model.json`` older versions of the node read)."""
+        """Plain values for ``model.json`` (``slab_mm`` and ``center_head`` only when set, so
+        that a bundle without them keeps the ``model.json`` older versions of the node read)."""
         out = asdict(self)
         if out["slab_mm"] is None:
             del out["slab_mm"]
+        if not out["center_head"]:
+            del out["center_head"]
         return out
 
     @classmethod
@@ -111,15 +118,39 @@ def _target_shape(
     return out_r, out_c
 
 
-def _fit(grid: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre-crop or zero-pad the last two dims of ``grid`` to ``size`` x ``size``."""
+#: Normalized intensity above which a pixel counts as head for :attr:`center_head`.
+HEAD_LEVEL = 0.1
+
+
+def head_centre(batch: torch.Tensor) -> tuple[float, float] | None:
+    """(row, col) centroid of the pixels above ``HEAD_LEVEL`` over all slices of ``batch``
+    (``[n, 1, rows, cols]``), None when there are none."""
+    mask = (batch > HEAD_LEVEL).sum(dim=(0, 1), dtype=torch.float64)
+    total = float(mask.sum())
+    if total == 0:
+        return None
+    rows = torch.arange(mask.shape[0], dtype=torch.float64)
+    cols = torch.arange(mask.shape[1], dtype=torch.float64)
+    return float((mask.sum(1) * rows).sum()) / total, float((mask.sum(0) * cols).sum()) / total
+
+
+def _fit(grid: torch.Tensor, size: int, centre: tuple[float, float] | None = None
+         ) -> torch.Tensor:
+    """Crop or zero-pad the last two dims of ``grid`` to ``size`` x ``size`` around ``centre``
+    (row, col; default: the middle of the grid)."""
     rows, cols = grid.shape[-2:]
     out = grid.new_zeros((*grid.shape[:-2], size, size))
-    r0, c0 = (rows - size) // 2, (cols - size) // 2  # crop offsets (negative: pad)
-    src_r = slice(max(r0, 0), max(r0, 0) + min(rows, size))
-    src_c = slice(max(c0, 0), max(c0, 0) + min(cols, size))
-    dst_r = slice(max(-r0, 0), max(-r0, 0) + min(rows, size))
-    dst_c = slice(max(-c0, 0), max(-c0, 0) + min(cols, size))
+    if centre is None:
+        r0, c0 = (rows - size) // 2, (cols - size) // 2  # crop offsets (negative: pad)
+    else:
+        r0, c0 = round(centre[0] + 0.5 - size / 2), round(centre[1] + 0.5 - size / 2)
+    # Output pixel (i, j) shows grid pixel (r0 + i, c0 + j) where that exists.
+    dst_r = slice(max(-r0, 0), min(size, rows - r0))
+    dst_c = slice(max(-c0, 0), min(size, cols - c0))
+    if dst_r.start >= dst_r.stop or dst_c.start >= dst_c.stop:
+        return out
+    src_r = slice(r0 + dst_r.start, r0 + dst_r.stop)
+    src_c = slice(c0 + dst_c.start, c0 + dst_c.stop)
     out[..., dst_r, dst_c] = grid[..., src_r, src_c]
     return out
 
@@ -165,7 +196,8 @@ def preprocess_stack(
             batch = F.interpolate(
                 batch, size=target, mode="bilinear", align_corners=False, antialias=True
             )
-        out[idx] = _fit(batch, cfg.image_size).clamp_(0.0, cfg.clip_max)
+        centre = head_centre(batch) if cfg.center_head else None
+        out[idx] = _fit(batch, cfg.image_size, centre).clamp_(0.0, cfg.clip_max)
     keep = min(cfg.image_size, round(cfg.fov_mm / cfg.spacing_mm))
     if keep < cfg.image_size:
         margin = (cfg.image_size - keep) // 2

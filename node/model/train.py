@@ -10,10 +10,10 @@ confidence, reference series median) and an evaluation half (what ``vaenode eval
 measures by default), so that the reported false-positive rate is measured on slices the
 threshold never saw.
 
-Normal-variation augmentation: the eight flips/rotations by 90 degrees (DICOM series come in any
-in-plane orientation) and a random contrast curve and gain (other scanners and protocols map
-tissue to grey levels differently). Noise and blur are NOT augmented: they are artifacts the
-model must notice.
+Normal-variation augmentation (:mod:`node.model.augment`): every training slice is shown as
+another scanner might have made it: orientation, position and size in the field of view,
+resolution and slice thickness, sharpness, contrast, bias field, a low noise level, zeroed air.
+The artifacts the node must notice (motion, ghosting, spikes, heavy noise) are never drawn.
 
 Compression stage (``compress=True``, off by default; :mod:`node.model.compress`): a plain
 autoencoder is trained first on the same (augmented) training slices, using the first
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from node.model import calibrate
+from node.model.augment import AugmentConfig, scanner_variation
 from node.model.bundle import Bundle, resolve_device, save_bundle
 from node.model.compress import FeatureAE, FeatureAEConfig, train_feature_ae
 from node.model.data import (
@@ -97,6 +98,9 @@ class TrainConfig:
     lr: float = 1e-3
     kl_warmup_fraction: float = 0.1
     augment: bool = True
+    variation: AugmentConfig = field(default_factory=AugmentConfig)
+    center_head: bool = True
+    init_bundle: str | None = None
     planes: tuple[str, ...] = PLANES
     max_train_slices: int | None = None  # tiny runs (tests): cap on training slices
     target_fpr: float = 0.01
@@ -120,16 +124,39 @@ class TrainConfig:
         out = asdict(self)
         out["channels"] = list(self.channels)
         out["planes"] = list(self.planes)
+        out["variation"] = self.variation.to_dict()
         return out
 
 
 @dataclass
 class SliceSet:
-    """Preprocessed slices in memory (float16) with their subject, plane and stack."""
+    """Preprocessed slices in memory (float16) with their subject, plane and stack (a number
+    per stack, whose slices are consecutive and in order: for the thicker-slice variation)."""
 
     x: torch.Tensor
     subjects: list[str]
     planes: list[str]
+    stacks: torch.Tensor | None = None
+
+    def subset(self, pick: torch.Tensor) -> SliceSet:
+        """The slices at the sorted indices ``pick``."""
+        return SliceSet(self.x[pick], [self.subjects[i] for i in pick],
+                        [self.planes[i] for i in pick],
+                        None if self.stacks is None else self.stacks[pick])
+
+    def neighbours(self, idx: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+        """For the slices ``idx``, their ``count`` nearest neighbours in their own stack,
+        nearest first on alternating sides (next, previous, next but one...), each the slice
+        itself where the stack ends."""
+        if self.stacks is None or count <= 0:
+            return ()
+        out = []
+        for k in range(count):
+            step = (k // 2 + 1) * (1 if k % 2 == 0 else -1)
+            j = (idx + step).clamp(0, len(self.x) - 1)
+            same = self.stacks[j] == self.stacks[idx]
+            out.append(self.x[torch.where(same, j, idx)].float())
+        return tuple(out)
 
 
 def volume_stacks(
@@ -148,6 +175,7 @@ def build_slices(
     xs: list[torch.Tensor] = []
     subjects: list[str] = []
     plane_of: list[str] = []
+    stack_of: list[int] = []
     for vol in volumes:
         for plane, stack, spacings in item_stacks(vol, planes):
             if pcfg.slab_mm:
@@ -162,27 +190,10 @@ def build_slices(
             xs.append(x.half())
             subjects += [vol.subject] * len(x)
             plane_of += [plane] * len(x)
+            stack_of += [len(xs)] * len(x)
     if not xs:
         raise ValueError("no foreground slices in the training data")
-    return SliceSet(torch.cat(xs), subjects, plane_of)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, clip_max: float) -> torch.Tensor:
-    """Random dihedral orientation, contrast curve (gamma 0.7-1.4) and gain (0.9-1.1)."""
-    n = x.shape[0]
-    k = torch.randint(0, 8, (n,), generator=gen)
-    out = x.clone()
-    for t in range(8):
-        idx = (k == t).nonzero().flatten()
-        if len(idx) == 0:
-            continue
-        xi = x[idx]
-        if t & 4:
-            xi = xi.transpose(-1, -2)
-        out[idx] = torch.rot90(xi, t & 3, dims=(-2, -1))
-    gamma = torch.exp(torch.empty(n, 1, 1, 1).uniform_(math.log(0.7), math.log(1.4), generator=gen))
-    gain = torch.empty(n, 1, 1, 1).uniform_(0.9, 1.1, generator=gen)
-    return (out.clamp(min=0) ** gamma * gain).clamp(0, clip_max)
+    return SliceSet(torch.cat(xs), subjects, plane_of, torch.tensor(stack_of))
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -199,8 +210,12 @@ def train_vae(
     checkpoint: Path | None = None,
     report: Callable[[str], None] | None = None,
     feature_ae: FeatureAE | None = None,
+    init: VAE | None = None,
 ) -> tuple[VAE, dict[str, Any]]:
     """Minimize the negative ELBO on ``train_set``; returns the model and a training history.
+
+    ``init``: a trained VAE of the same architecture to start from (adapting a bundle to a
+    scanner's own series) instead of random weights; it is copied, not changed.
 
     With ``feature_ae`` (the compression stage) every batch is augmented in pixel space, then
     encoded by the frozen autoencoder, and the VAE models the feature map.
@@ -217,7 +232,12 @@ def train_vae(
         torch.set_num_threads(cfg.threads)
     dev = resolve_device(cfg.device)
     vcfg = vae_config(cfg)
-    model = VAE(vcfg).to(dev)
+    model = VAE(vcfg)
+    if init is not None:
+        if init.cfg != vcfg:
+            raise ValueError(f"the starting weights' architecture {init.cfg} is not {vcfg}")
+        model.load_state_dict(init.state_dict())
+    model = model.to(dev)
     encode = _feature_fn(feature_ae, dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n = len(train_set.x)
@@ -228,6 +248,7 @@ def train_vae(
         opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     pixels = vcfg.in_channels * vcfg.image_size**2  # modelled values per slice
+    clip_max = PreprocessConfig().clip_max
     history: dict[str, Any] = {"epochs": []}
     step = 0
     t0 = time.time()
@@ -239,7 +260,8 @@ def train_vae(
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             xb = train_set.x[idx].float()
             if cfg.augment:
-                xb = augment(xb, gen, 2.0)
+                xb = scanner_variation(xb, cfg.variation, gen, clip_max,
+                                       train_set.neighbours(idx, cfg.variation.slab_neighbours))
             xb = encode(xb.to(dev))
             out = model(xb)
             beta = min(1.0, (step + 1) / warm)
@@ -619,10 +641,27 @@ def run_training(
 
     ``volumes`` mixes NIfTI volumes and DICOM stacks; several items may share a subject (the
     stacks of one patient): the split keeps them on one side.
+
+    With ``cfg.init_bundle`` (adapting a bundle to one scanner's own normal series), training
+    starts from that bundle's weights with its architecture, preprocessing and way of forming
+    the score, and every held-out subject calibrates (a scanner's series are too few to keep
+    an evaluation half aside).
     """
     say = report or log.info
     if not volumes:
         raise ValueError("no training volumes or series")
+    base: Bundle | None = None
+    if cfg.init_bundle:
+        from node.model.bundle import load_bundle
+
+        base = load_bundle(Path(cfg.init_bundle))
+        if base.feature_ae is not None or cfg.compress:
+            raise ValueError("adapting a bundle with a compression stage is not supported")
+        arch = base.model.cfg
+        cfg = replace(cfg, latent_dim=arch.latent_dim, image_size=arch.image_size,
+                      channels=tuple(arch.channels), heteroscedastic=arch.heteroscedastic,
+                      sigma_min=arch.sigma_min, spacing_mm=base.preprocess.spacing_mm,
+                      slab_mm=base.preprocess.slab_mm, center_head=base.preprocess.center_head)
     subjects = [v.subject for v in volumes]
     train_ids, val_ids = split_subjects(subjects, cfg.val_fraction, cfg.seed)
     # Validation subjects: calibration half and evaluation half (by subject).
@@ -630,6 +669,8 @@ def run_training(
     shuffled = val_ids[:]
     rng.shuffle(shuffled)
     n_cal = max(1, (len(shuffled) + 1) // 2) if shuffled else 0
+    if base is not None:
+        n_cal = len(shuffled)
     cal_ids = sorted(shuffled[:n_cal])
     eval_ids = sorted(shuffled[n_cal:])
     by_id: dict[str, list[TrainingItem]] = {}
@@ -640,16 +681,16 @@ def run_training(
     n_dicom = sum(isinstance(v, SeriesStack) for v in volumes)
     if n_dicom:
         say(f"{len(volumes) - n_dicom} NIfTI volume(s), {n_dicom} DICOM stack(s)")
-    pcfg = PreprocessConfig(image_size=cfg.image_size, spacing_mm=cfg.spacing_mm,
-                            slab_mm=cfg.slab_mm)
+    pcfg = base.preprocess if base is not None else PreprocessConfig(
+        image_size=cfg.image_size, spacing_mm=cfg.spacing_mm, slab_mm=cfg.slab_mm,
+        center_head=cfg.center_head)
     say(f"{len(train_ids)} training subjects, {len(cal_ids)} calibration, "
         f"{len(eval_ids)} evaluation")
     train_set = build_slices(train_vols, cfg.planes, pcfg)
     if cfg.max_train_slices is not None and len(train_set.x) > cfg.max_train_slices:
         pick = torch.randperm(len(train_set.x), generator=torch.Generator().manual_seed(cfg.seed))
         pick = pick[: cfg.max_train_slices].sort().values
-        train_set = SliceSet(train_set.x[pick], [train_set.subjects[i] for i in pick],
-                             [train_set.planes[i] for i in pick])
+        train_set = train_set.subset(pick)
     val_set = build_slices(cal_vols, cfg.planes, pcfg) if val_ids else None
     n_val = 0 if val_set is None else len(val_set.x)
     say(f"{len(train_set.x)} training slices, {n_val} validation")
@@ -665,12 +706,14 @@ def run_training(
         feature_ae, ae_history = train_feature_ae(
             train_set.x, acfg, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
             generator=gen, device=resolve_device(cfg.device),
-            augment=(lambda xb: augment(xb, gen, 2.0)) if cfg.augment else None, report=say,
+            augment=((lambda xb: scanner_variation(xb, cfg.variation, gen, pcfg.clip_max))
+                     if cfg.augment else None), report=say,
         )
         compression = {"history": ae_history}
     model, history = train_vae(train_set, val_set, cfg, checkpoint=out_dir / "checkpoint.pt",
-                               report=report, feature_ae=feature_ae)
-    scoring = ScoreConfig(
+                               report=report, feature_ae=feature_ae,
+                               init=base.model if base is not None else None)
+    scoring = base.scoring if base is not None else ScoreConfig(
         estimator=cfg.estimator, samples=cfg.samples,
         complexity=cfg.complexity and not cfg.compress,
         tail_weight=cfg.tail_weight, series_relative=cfg.series_relative,
@@ -696,6 +739,11 @@ def run_training(
         },
         "data_attribution": attribution or {},
     }
+    if base is not None:  # a derivative of the starting bundle: its data's terms carry over
+        meta["training"]["init"] = {"bundle": str(base.path), "name": base.name,
+                                    "version": base.version}
+        meta["data_attribution"] = {**base.meta.get("data_attribution", {}),
+                                    **meta["data_attribution"]}
     if compression is not None:
         meta["compression"] = compression
     bundle = Bundle(out_dir, meta, model, feature_ae=feature_ae)

@@ -41,3 +41,31 @@ def test_background_slices_are_dropped() -> None:
 def test_bundle_records_training_subjects(tiny_bundle_path: Path) -> None:
     subjects = load_bundle(tiny_bundle_path).meta["training"]["subjects"]
     assert set(subjects["train"]).isdisjoint(subjects["calibration"])
+
+
+def test_adapting_a_bundle_starts_from_its_weights(tiny_bundle_path: Path,
+                                                    tmp_path: Path) -> None:
+    """``vaenode train --init``: the architecture, preprocessing and score settings come from
+    the starting bundle, training moves its weights, every held-out subject calibrates."""
+    from node.model.data import load_nifti
+    from node.model.train import TrainConfig, run_training
+    from tests.helpers.tiny_bundle import IXI, SUBJECTS
+
+    base = load_bundle(tiny_bundle_path)
+    vols = [load_nifti(IXI / name) for name in SUBJECTS]
+    cfg = TrainConfig(epochs=1, seed=5, val_fraction=0.34, batch_size=16, max_train_slices=32,
+                      planes=("axial",), samples=4, lr=1e-4, device="cpu", name="tiny-test",
+                      version="0.0.1-site", init_bundle=str(tiny_bundle_path))
+    out = load_bundle(run_training(vols, cfg, tmp_path / "adapted"))
+    assert out.model.cfg == base.model.cfg and out.preprocess == base.preprocess
+    assert out.meta["training"]["init"] == {"bundle": str(tiny_bundle_path),
+                                            "name": "tiny-test", "version": "0.0.1"}
+    subjects = out.meta["training"]["subjects"]
+    assert subjects["evaluation"] == [] and len(subjects["calibration"]) == 1
+    moved = [not torch.equal(a, b) for a, b in zip(out.model.state_dict().values(),
+                                                   base.model.state_dict().values(),
+                                                   strict=True)]
+    assert any(moved)
+    # fine-tuning at a small rate stays near the start (random weights would be far)
+    w0, w1 = base.model.encoder.head.weight.detach(), out.model.encoder.head.weight.detach()
+    assert float((w1 - w0).norm()) < 0.5 * float(w0.norm())
