@@ -7,6 +7,7 @@ rather see the node refuse to start than quietly run with a setting it did not m
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -356,6 +357,12 @@ class AlertSettings(_Section):
         return dict(self.headers.get(url, {}))
 
 
+_HOST_NAME_RE = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+                           r"(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*)$")
+#: Names by which a browser on the node itself reaches a loopback dashboard.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 class AdminSettings(_Section):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
@@ -364,6 +371,38 @@ class AdminSettings(_Section):
     show_patient_name: bool = False
     tls_cert_file: Path | None = None  # HTTPS for the dashboard: PEM certificate chain...
     tls_key_file: Path | None = None  # ...and its PEM private key (both or neither)
+    # Host header values the dashboard answers (DNS rebinding); bind_address is added.
+    allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For/-Proto are believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, entries: list[str]) -> list[str]:
+        out = []
+        for entry in entries:
+            host = entry.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+            try:
+                host = str(ipaddress.ip_address(host))
+            except ValueError:
+                if not _HOST_NAME_RE.match(host):
+                    raise ValueError(f"{entry!r} is not a host name, an IP address, "
+                                     "'*.domain' or '*'") from None
+            out.append(host)
+        return out
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, entries: list[str]) -> list[str]:
+        out = []
+        for entry in entries:
+            value = entry.strip()
+            try:
+                out.append(str(ipaddress.ip_network(value, strict=False) if "/" in value
+                               else ipaddress.ip_address(value)))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return out
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AdminSettings:

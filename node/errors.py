@@ -40,6 +40,13 @@ class MissingAttribute(IngestError):
     status = 0xC213
 
 
+class SopClassMismatch(IngestError):
+    """The request's SOP class is not the data set's, or is not a storage SOP class: "Error:
+    Data Set does not match SOP Class" (PS3.4 B.2.3)."""
+
+    status = 0xA900
+
+
 class DiskFull(IngestError):
     """Free space is below the configured minimum: "Refused: Out of Resources" (PS3.4 B.2.3)."""
 

@@ -65,12 +65,19 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> Fa
     token = settings.admin.token.strip() if settings.admin.token else None
     limiter = auth.FailureLimiter()
     app.state.failure_limiter = limiter
+    hosts = auth.allowed_hosts(settings.admin)
 
     @app.middleware("http")
     async def require_token(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         client = request.client.host if request.client else "?"
+        if not auth.host_allowed(request.headers.get("host"), hosts):
+            # A page of another site that resolved its name to this address (DNS rebinding).
+            log.warning("admin request refused: Host is not one of admin.allowed_hosts",
+                        extra={"peer": client, "host": request.headers.get("host", "")[:100]})
+            return Response("unknown host name; see admin.allowed_hosts\n", status_code=400,
+                            media_type="text/plain")
         authorization = request.headers.get("authorization")
         cookie = request.cookies.get(auth.COOKIE_NAME)
         presented = auth.presented_credential(authorization, cookie)
@@ -184,6 +191,10 @@ def start_in_thread(
         log_config=None,
         # A stuck client (e.g. plain HTTP on the TLS port) must not hold up the node's stop.
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        # X-Forwarded-For/-Proto only from the configured reverse proxies (uvicorn's default
+        # believes any local process, which then picks the address the login limiter counts).
+        proxy_headers=bool(admin.trusted_proxies),
+        forwarded_allow_ips=list(admin.trusted_proxies) or None,
         ssl_certfile=str(admin.tls_cert_file) if admin.tls_cert_file else None,
         ssl_keyfile=str(admin.tls_key_file) if admin.tls_key_file else None,
     )

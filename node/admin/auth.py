@@ -1,4 +1,4 @@
-"""Who may see the dashboard: the loopback rule, the token, and the browser session cookie.
+"""Who may see the dashboard: the loopback rule, the Host names, the token, the session cookie.
 
 The dashboard shows series metadata and lets people re-score and re-deliver, so on any address
 a stranger could reach it demands the configured token. On loopback it stays open: whoever can
@@ -6,6 +6,11 @@ reach 127.0.0.1 already has a shell on the node. A token is accepted three ways,
 Prometheus (Bearer header), curl (basic auth password) and a browser (login form, then a signed
 cookie) can all use it. The cookie never holds the token itself, only an HMAC keyed by it, so a
 leaked cookie cannot be replayed as a Bearer token and changing the token logs everyone out.
+
+Only requests addressed to one of the dashboard's own names are answered (``[admin]
+allowed_hosts``, plus the bind address when it is not loopback): a web page an admin opens
+elsewhere can point its own host name at 127.0.0.1 (DNS rebinding) and then read the open
+loopback dashboard and post to it as same-origin; its requests still name that host.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 
 from node.config import AdminSettings
 from node.errors import ConfigError
+
+_UNSPECIFIED = frozenset({"0.0.0.0", "::"})
 
 COOKIE_NAME = "vaenode_session"
 # Paths served without credentials: the login form itself, static CSS, and the health probe
@@ -61,6 +68,46 @@ def check_bind(settings: AdminSettings) -> None:
             f"admin.token is required when admin.bind_address is {settings.bind_address!r} "
             "(not loopback): set admin.token or bind the dashboard to 127.0.0.1"
         )
+
+
+def allowed_hosts(settings: AdminSettings) -> frozenset[str]:
+    """The host names (lower case, IPv6 without brackets) the dashboard answers to:
+    ``allowed_hosts``, and the bind address when it is a specific address beyond loopback."""
+    hosts = set(settings.allowed_hosts)
+    address = settings.bind_address.strip().lower().removeprefix("[").removesuffix("]")
+    if not is_loopback(address) and address not in _UNSPECIFIED:
+        hosts.add(address)
+    return frozenset(hosts)
+
+
+def request_host(header: str | None) -> str | None:
+    """The host part of a ``Host`` header (lower case, IPv6 without brackets, no trailing
+    dot), or None when the header is absent or not ``host[:port]``."""
+    if not header:
+        return None
+    value = header.strip().lower()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            return None
+    else:
+        host, colon, port = value.partition(":")
+        rest = colon + port
+    if rest and not (rest.startswith(":") and rest[1:].isdigit() and len(rest) <= 6):
+        return None
+    host = host.rstrip(".")
+    return host or None
+
+
+def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """True when the ``Host`` header names one of ``allowed`` (entries ``*`` and
+    ``*.domain`` match any host and any subdomain)."""
+    host = request_host(header)
+    if host is None:
+        return False
+    if host in allowed or "*" in allowed:
+        return True
+    return any(p.startswith("*.") and host.endswith(p[1:]) for p in allowed)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from node.admin.plots import plot_slice_scores
 from node.admin.thumbnails import ThumbnailError, render_thumbnail
 from node.alerts import outbox as alert_outbox
 from node.config import Settings
+from node.ingest.store import free_space_shortfall
 from node.queue.models import Alert, Instance
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,9 @@ def metrics(request: Request) -> Response:
 
 @router.get("/healthz", name="healthz")
 def healthz(request: Request) -> PlainTextResponse:
-    """200 when the database answers and the storage folder is writable; 503 otherwise."""
+    """200 ``ok`` when the database answers and the storage folder is writable and has its
+    minimum free space; 503 otherwise, ``degraded`` first when only the space is short (the
+    node runs, but refuses every C-STORE with 0xA700)."""
     settings = _settings(request)
     problems: list[str] = []
     try:
@@ -322,6 +325,10 @@ def healthz(request: Request) -> PlainTextResponse:
         problems.append(f"storage: {storage} is not writable")
     if problems:
         return PlainTextResponse("\n".join(problems) + "\n", status_code=503)
+    shortfall = free_space_shortfall(storage, settings.storage.min_free_mb)
+    if shortfall is not None:
+        return PlainTextResponse(f"degraded: storage: {shortfall} (storage.min_free_mb): "
+                                 "C-STORE is refused (0xA700)\n", status_code=503)
     return PlainTextResponse("ok\n")
 
 

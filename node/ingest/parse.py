@@ -60,7 +60,17 @@ _MAX_DECLARED_IMAGES = 100_000
 # PS3.5 9.1: digits and dots, at most 64 characters. Components with a leading zero break the
 # letter of 9.1 but occur in real scanner data; they are harmless as path names, so accepted.
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_VR_RE = re.compile(rb"^[A-Z]{2}$")
+#: The value representations of PS3.5 6.2. Any other pair of letters in an explicit VR
+#: dataset ("ZZ", "WS") is refused here: pydicom cannot read the element (nor, then, the
+#: series), and the peer would otherwise have been told Success.
+_VRS = frozenset(vr.encode("ascii") for vr in (
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
+    "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
+    "UR", "US", "UT", "UV"))
+#: Deepest nesting of sequences walked (each level a sequence and an item). Real objects stay
+#: far below (an SR content tree a few dozen levels); 100,000 levels ran the walker out of
+#: stack and logged a 189 KB traceback per instance.
+MAX_SEQUENCE_DEPTH = 64
 
 _LE = (struct.Struct("<HH"), struct.Struct("<H"), struct.Struct("<I"))
 _BE = (struct.Struct(">HH"), struct.Struct(">H"), struct.Struct(">I"))
@@ -90,6 +100,9 @@ class ParsedInstance:
     station_name: str | None = None
     manufacturer: str | None = None
     scanner_model: str | None = None
+    #: Media Storage SOP Class UID (0002,0002) of the file meta: of a received instance, the
+    #: C-STORE request's Affected SOP Class UID (node/ingest/sop_class.py checks it).
+    meta_sop_class_uid: str | None = None
 
 
 def check_uid(value: str, name: str) -> str:
@@ -111,11 +124,13 @@ def _walk(
     little: bool,
     found: dict[int, bytes] | None,
     in_item: bool,
+    depth: int = 0,
 ) -> int:
     """Walk elements from ``pos``; return the position after the last one.
 
     ``found`` collects the wanted top-level values (None below the top level). With
-    ``in_item`` the walk ends at an Item Delimitation Item, which must be present.
+    ``in_item`` the walk ends at an Item Delimitation Item, which must be present. ``depth``:
+    the sequences this walk is inside of.
     """
     tags, short, long_ = _LE if little else _BE
     last_tag = -1
@@ -137,7 +152,7 @@ def _walk(
         vr = b""
         if explicit:
             vr = bytes(buf[pos + 4 : pos + 6])
-            if not _VR_RE.match(vr):
+            if vr not in _VRS:
                 raise Undecodable(f"invalid VR {vr!r} for ({group:04X},{element:04X})")
             if vr in _LONG_VRS:
                 if pos + 12 > end:
@@ -154,10 +169,12 @@ def _walk(
             if explicit and vr not in (b"SQ", b"OB", b"OW", b"UN"):
                 raise Undecodable(f"undefined length with VR {vr!r} at byte {pos}")
             # PS3.5 6.2.2: UN of undefined length holds an Implicit VR Little Endian sequence.
+            if depth >= MAX_SEQUENCE_DEPTH:
+                raise Undecodable(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
             if vr == b"UN":
-                pos = _walk_items(buf, pos, end, False, True)
+                pos = _walk_items(buf, pos, end, False, True, depth + 1)
             else:
-                pos = _walk_items(buf, pos, end, explicit, little)
+                pos = _walk_items(buf, pos, end, explicit, little, depth + 1)
             continue
         if pos + length > end:
             raise Undecodable(
@@ -173,7 +190,7 @@ def _walk(
 
 
 def _walk_items(
-    buf: bytes | memoryview, pos: int, end: int, explicit: bool, little: bool
+    buf: bytes | memoryview, pos: int, end: int, explicit: bool, little: bool, depth: int
 ) -> int:
     """Walk the items of an undefined-length sequence (or encapsulated pixel data) up to and
     including the Sequence Delimitation Item."""
@@ -188,7 +205,7 @@ def _walk_items(
         if tag != _ITEM:
             raise Undecodable(f"expected an item, found ({group:04X},{element:04X})")
         if length == _UNDEFINED:
-            pos = _walk(buf, pos, end, explicit, little, None, in_item=True)
+            pos = _walk(buf, pos, end, explicit, little, None, in_item=True, depth=depth)
         elif pos + length > end:
             raise Undecodable(f"item needs {length} bytes, {end - pos} left")
         else:
@@ -314,4 +331,5 @@ def parse_instance(data: bytes) -> ParsedInstance:
         station_name=_clip(_text(found.get(_STATION_NAME), encoding), 64),
         manufacturer=_clip(_text(found.get(_MANUFACTURER), encoding), 64),
         scanner_model=_clip(_text(found.get(_MODEL_NAME), encoding), 64),
+        meta_sop_class_uid=_text(meta.get(_META_SOP_CLASS)),
     )

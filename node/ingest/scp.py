@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DicomSettings, TlsSettings
 from node.errors import ConfigError, IngestError
+from node.ingest.handshake import WaitingConnections
 from node.ingest.meta import encode_file_meta
 from node.ingest.store import Store
 from node.ingest.transport import DUL_LOOP_DELAY_S, EventDrivenDUL, NodeRequestHandler
@@ -181,7 +182,18 @@ class AccessPolicy:
         return None
 
 
-class DispatchedAssociationServer(ThreadedAssociationServer):
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the connections still waiting for their association
+    request (read by :class:`~node.ingest.transport.NodeRequestHandler`)."""
+
+    waiting: WaitingConnections
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.waiting = WaitingConnections()
+        super().__init__(*args, **kwargs)
+
+
+class DispatchedAssociationServer(NodeAssociationServer):
     """pynetdicom's threaded server without a port of its own, in a listener process: the main
     process accepts each connection and passes it here (:mod:`node.ingest.dispatch`), and
     :meth:`Scp.adopt` runs it as pynetdicom's accept loop would.
@@ -204,8 +216,9 @@ class DispatchedAssociationServer(ThreadedAssociationServer):
         try:
             if self.ssl_context is not None:
                 # Here, in the connection's own thread, not in the thread that receives the
-                # connections: a peer that never completes the handshake holds only itself.
-                request.settimeout(self.ae.network_timeout)
+                # connections: a peer that never completes the handshake holds only itself,
+                # and only for the ACSE timeout (then its association request has its own).
+                request.settimeout(self.ae.acse_timeout)
                 request = self.ssl_context.wrap_socket(request, server_side=True)
                 request.settimeout(None)
             self.finish_request(request, client_address)  # starts the association thread
@@ -291,8 +304,9 @@ class Scp:
         # no hosts and does not log the peer address.
         ae.require_calling_aet = []
         ae.require_called_aet = False
-        # Our limit is _admit's; pynetdicom's (which also counts connections that never sent an
-        # A-ASSOCIATE-RQ) only bounds a flood of idle connections.
+        # Our limit is _admit's. pynetdicom's counts association threads, which only connections
+        # that sent a whole A-ASSOCIATE-RQ get (node/ingest/handshake.py), including those
+        # still ending: a backstop.
         ae.maximum_associations = 2 * self.max_associations + 8
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.acse_timeout = self.settings.acse_timeout_s
@@ -325,7 +339,7 @@ class Scp:
         server = self.ae.make_server(
             address, evt_handlers=handlers, ssl_context=self._ssl,
             server_class=DispatchedAssociationServer if self.dispatched
-            else ThreadedAssociationServer,
+            else NodeAssociationServer,
             request_handler=NodeRequestHandler,
         )
         self.ae._servers.append(server)
@@ -372,6 +386,8 @@ class Scp:
         an association cut mid-transfer.
         """
         server, self._server = self._server, None
+        if isinstance(server, NodeAssociationServer):
+            server.waiting.close()
         if isinstance(server, DispatchedAssociationServer):
             server.server_close()  # no accept loop to wait for (the main process had it)
             self.ae._servers.remove(server)
@@ -410,10 +426,10 @@ class Scp:
     def _admit(self, assoc: Association) -> bool:
         """Count ``assoc`` against ``max_associations`` unless the limit is reached.
 
-        Only connections that sent an A-ASSOCIATE-RQ count. pynetdicom's own limit counts every
-        connection thread, and the thread of a connection that closed before its request (a
-        monitoring probe of the port, a load balancer's health check) lives on for the ACSE
-        timeout: a probe every few seconds would keep slots taken and turn scanners away.
+        Only associations count, from their A-ASSOCIATE-RQ to their end: a connection still
+        sending its request (a port probe, a half-open request) is bounded on its own
+        (node/ingest/handshake.py), and an association still ending after its release or
+        abort has given its slot back.
         """
         with self._lock:
             for key in [k for k, a in self._admitted.items() if not a.is_alive()]:

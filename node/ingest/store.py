@@ -34,6 +34,7 @@ from node.config import StorageSettings
 from node.errors import DiskFull, StorageFailure
 from node.ingest.commit import GroupCommitter, Ticket
 from node.ingest.parse import ParsedInstance, parse_instance
+from node.ingest.sop_class import check_sop_class
 from node.queue import repo
 from node.queue.models import utcnow
 
@@ -54,6 +55,17 @@ class StoredInstance:
     path: Path
     size_bytes: int
     new_instance: bool
+
+
+def free_space_shortfall(folder: Path, min_free_mb: int) -> str | None:
+    """Why C-STORE is refused for lack of space on ``folder``'s file system (below
+    ``[storage].min_free_mb``), or None when it is not (or the minimum is 0)."""
+    if min_free_mb <= 0:
+        return None
+    free = shutil.disk_usage(folder).free
+    if free >= min_free_mb * _MB:
+        return None
+    return f"{free // _MB} MiB free on {folder}, below the minimum of {min_free_mb} MiB"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,10 +129,13 @@ class Store:
         Raises:
             Undecodable, MissingAttribute, InvalidUID: the instance is malformed; nothing was
                 written.
+            SopClassMismatch: the request's SOP class is not the data set's, or not a storage
+                class; nothing was written.
             DiskFull: free space is below the configured minimum; nothing was written.
             StorageFailure: the file or the row could not be written.
         """
         parsed = parse_instance(data)
+        check_sop_class(parsed)
         self._check_free_space()
         rel = Path(parsed.study_instance_uid, parsed.series_instance_uid,
                    f"{parsed.sop_instance_uid}.dcm")
@@ -163,17 +178,13 @@ class Store:
         return StoredInstance(parsed, path, len(data), result.new_instance)
 
     def _check_free_space(self) -> None:
-        if self.min_free_bytes <= 0:
-            return
-        free = shutil.disk_usage(self.root).free
-        if free < self.min_free_bytes:
+        shortfall = free_space_shortfall(self.root, self.min_free_bytes // _MB)
+        if shortfall is not None:
             log.warning(
                 "storage below its free-space minimum: refusing instances",
-                extra={"free_mb": free // _MB, "min_free_mb": self.min_free_bytes // _MB,
-                       "storage": str(self.root)},
+                extra={"storage": str(self.root), "min_free_mb": self.min_free_bytes // _MB},
             )
-            raise DiskFull(f"{free // _MB} MiB free on {self.root}, "
-                           f"below the minimum of {self.min_free_bytes // _MB} MiB")
+            raise DiskFull(shortfall)
 
     def _make_dirs(self, folder: Path) -> None:
         """Create the study and series folders, fsyncing each parent whose entries changed."""

@@ -1,20 +1,19 @@
-"""pynetdicom's transport, with a cheaper receive: the one hot spot of its DUL reactor we tune.
+"""pynetdicom's transport, with a bounded receive and the hot spots of its DUL reactor tuned.
 
-pynetdicom's ``AssociationSocket.recv(n)`` reads a PDU in ``socket.recv(4096)`` calls, each
-appended to a growing ``bytearray``: a 256 KiB P-DATA PDU costs 64 system calls, 64 small
-``bytes`` objects and 64 appends, about a third of the DUL reactor's CPU (profiled with py-spy
-on four storescu senders). :class:`FastRecvSocket` reads the same bytes with ``recv_into`` into
-one buffer of the requested size, as much as the kernel has per call, and returns them the same
-way (a ``bytearray``; a short one when the peer closed the connection). Nothing else changes:
-framing, PDU decoding, the state machine and timeouts are pynetdicom's.
+Receiving: pynetdicom's reactor reads a PDU's 6-byte header and then the length the peer
+declares, in one blocking read without limit or deadline (``DULServiceProvider._read_pdu_data``):
+six bytes made a listener allocate 4 GiB, half a PDU held a connection forever.
+:class:`EventDrivenDUL` reads each PDU with :func:`node.ingest.pdu.read_pdu` instead: a P-DATA-TF
+may be as long as the maximum length the node announced (``[dicom].max_pdu_bytes``), any other
+PDU :data:`~node.ingest.pdu.ASSOCIATION_PDU_MAX_BYTES`; the body is read with ``recv_into`` into
+one buffer, as much as the kernel has per call (a 256 KiB PDU once cost pynetdicom 64
+``recv(4096)`` calls, a third of the reactor's CPU), within the network timeout per read. A PDU
+declaring more is answered as PS3.8 answers an invalid PDU (Evt19: A-ABORT). The association
+request itself is read before pynetdicom sees the connection, within the ACSE timeout
+(:mod:`node.ingest.handshake`, called by :class:`NodeRequestHandler`), and handed to the
+reactor, which decodes it as if it had read it.
 
-The socket is installed by :class:`NodeRequestHandler`, the request handler our association
-servers pass to pynetdicom (``AssociationServer(request_handler=...)``): pynetdicom creates
-its ``AssociationSocket`` (which queues the transport event that starts the state machine),
-and the handler changes that object's class to the subclass, which adds no state, so that
-exactly one socket object exists and pynetdicom's own set-up runs unchanged.
-
-The handler likewise makes each association's DUL reactor an :class:`EventDrivenDUL`. When
+The handler makes each association's DUL reactor an :class:`EventDrivenDUL`. When
 pynetdicom's reactor finds nothing to do it sleeps ``_run_loop_delay`` and looks again: with
 the 0.2 ms pause the node uses (see ``DUL_LOOP_DELAY_S`` in :mod:`node.ingest.scp`) four open
 associations cost about a fifth of a core in wake-ups (a ``nanosleep``, a ``select`` and two
@@ -54,6 +53,7 @@ often while nothing happens.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import select
 import socket
@@ -70,36 +70,15 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import RequestHandler
+
+from node.ingest.handshake import receive_association_request
+from node.ingest.pdu import PduError, limit_after_association, read_pdu
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
-
-class FastRecvSocket(AssociationSocket):
-    """An :class:`AssociationSocket` whose :meth:`recv` reads into one buffer."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Read ``nr_bytes`` from the socket (blocking), as pynetdicom's ``recv`` does.
-
-        Returns:
-            The bytes read; fewer than ``nr_bytes`` only if the peer closed the connection
-            (pynetdicom's callers check the length). Socket errors and timeouts propagate,
-            as in pynetdicom.
-        """
-        sock = self.socket
-        assert sock is not None
-        buffer = bytearray(nr_bytes)
-        nr_read = 0
-        with memoryview(buffer) as view:
-            while nr_read < nr_bytes:
-                got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if not got:
-                    break
-                nr_read += got
-        if nr_read < nr_bytes:
-            del buffer[nr_read:]
-        return buffer
+log = logging.getLogger(__name__)
 
 
 #: Longest block of an idle :class:`EventDrivenDUL` in one ``select``. Nothing in state Sta6
@@ -115,27 +94,78 @@ DUL_LOOP_DELAY_S = 0.0002
 
 
 class EventDrivenDUL(DULServiceProvider):
-    """pynetdicom's DUL reactor, waiting in ``select`` instead of polling while established.
+    """pynetdicom's DUL reactor, reading PDUs within limits and waiting in ``select`` instead
+    of polling while established.
 
-    Only :meth:`_is_transport_event` (where the reactor looks at the connection) changes: with
-    nothing queued for the state machine or for the peer it waits first, for data from the
-    peer, a wake-up from :meth:`send_pdu` / :meth:`kill_dul`, or :data:`WAIT_S`. A primitive
-    that woke it is turned into its state-machine event in the same loop, as pynetdicom's
-    next loop would have done. Call :meth:`prepare` before the thread starts.
+    :meth:`_read_pdu_data` reads with :func:`~node.ingest.pdu.read_pdu` (the module docstring
+    says why), starting with the association request already read by the handler.
+    :meth:`_is_transport_event` (where the reactor looks at the connection), with nothing queued
+    for the state machine or for the peer, waits first, for data from the peer, a wake-up from
+    :meth:`send_pdu` / :meth:`kill_dul`, or :data:`WAIT_S`. A primitive that woke it is turned
+    into its state-machine event in the same loop, as pynetdicom's next loop would have done.
+    Call :meth:`prepare` before the thread starts.
     """
 
     _wake_r: socket.socket
     _wake_w: socket.socket
     _wake_lock: threading.Lock
+    #: The association request read before the reactor started (handshake.py), until decoded.
+    _prefetched: bytearray | None = None
 
-    def prepare(self, poll_s: float = DUL_LOOP_DELAY_S) -> None:
-        """Set up the wake-up socket pair (after the class change, before ``start``)."""
+    def prepare(self, poll_s: float = DUL_LOOP_DELAY_S, request: bytearray | None = None
+                ) -> None:
+        """Set up the wake-up socket pair (after the class change, before ``start``).
+
+        Args:
+            poll_s: the loop's pause outside the established state.
+            request: the A-ASSOCIATE-RQ PDU the handler read; decoded first, as if read here.
+        """
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._wake_lock = threading.Lock()
         self._poll_s = poll_s
         self._run_loop_delay = 0.0  # our wait in _is_transport_event replaces the loop's pause
+        self._prefetched = request
+        self._pdu_limit = limit_after_association(self.assoc.ae.maximum_pdu_size)
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's, reading the PDU with limits (see the module docstring): the events
+        it queues and the PDU it hands over are the same."""
+        data, self._prefetched = self._prefetched, None
+        if data is None:
+            try:
+                data = self._read_bounded()
+            except PduError as exc:
+                if exc.abort_reason is None:  # closed, reset or silent: transport closed
+                    log.debug("connection ended within a PDU: %s", exc, extra=self._peer())
+                    self.event_queue.put("Evt17")
+                else:  # an invalid PDU: the state machine answers with A-ABORT
+                    log.warning("invalid PDU from the peer: %s", exc, extra=self._peer())
+                    self.event_queue.put("Evt19")
+                return
+        try:
+            pdu, event = self._decode_pdu(data)
+        except Exception as exc:
+            log.warning("PDU from the peer cannot be decoded: %s", exc, extra=self._peer())
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _read_bounded(self) -> bytearray:
+        wrapper = self.socket
+        if wrapper is None or wrapper.socket is None:
+            raise PduError("no connection")
+        if self.state_machine.current_state == "Sta13":
+            # Waiting for the peer to close after an abort or reject: the ARTIM timer's time.
+            deadline = time.monotonic() + max(0.0, self.artim_timer.remaining)
+            return read_pdu(wrapper.socket, self._pdu_limit, deadline=deadline)
+        return read_pdu(wrapper.socket, self._pdu_limit, timeout=self.network_timeout)
+
+    def _peer(self) -> dict[str, str]:
+        requestor = self.assoc.requestor
+        return {"peer": f"{requestor.address}:{requestor.port}"}
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -175,6 +205,9 @@ class EventDrivenDUL(DULServiceProvider):
         return raw
 
     def _is_transport_event(self) -> bool:
+        if self._prefetched is not None and self.state_machine.current_state == "Sta2":
+            self._read_pdu_data()  # the association request the handler read
+            return True
         if self._kill_thread or not self.event_queue.empty() or self.to_provider_queue.queue:
             return super()._is_transport_event()
         raw = self._waitable_socket()
@@ -421,18 +454,36 @@ class FastDIMSE(DIMSEServiceProvider):
 
 
 class NodeRequestHandler(RequestHandler):
-    """pynetdicom's request handler, giving each association a :class:`FastRecvSocket`, an
-    :class:`EventDrivenDUL` and a :class:`FastDIMSE`."""
+    """pynetdicom's request handler: the association request first (read within the ACSE
+    timeout, :mod:`node.ingest.handshake`), then the association, with an
+    :class:`EventDrivenDUL` and a :class:`FastDIMSE`.
 
-    def _create_association(self) -> Association:
+    The server may carry ``waiting`` (a :class:`~node.ingest.handshake.WaitingConnections`)
+    and ``connection_ended`` (called when an adopted connection ends; see
+    :mod:`node.ingest.dispatch`).
+    """
+
+    def handle(self) -> None:
+        sock = self.request
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        request = receive_association_request(sock, peer, float(self.ae.acse_timeout or 30.0),
+                                              getattr(self.server, "waiting", None))
+        if request is None:
+            self.server.shutdown_request(sock)
+            ended = getattr(self.server, "connection_ended", None)
+            if ended is not None:
+                ended()
+            return
+        assoc = self._create_association(request)
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+    def _create_association(self, request: bytearray | None = None) -> Association:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
-        if type(sock) is AssociationSocket:
-            sock.__class__ = FastRecvSocket  # a subclass without state of its own
         dul = assoc.dul
         if type(dul) is DULServiceProvider and not dul.is_alive():
             dul.__class__ = EventDrivenDUL  # its own state is set up by prepare()
-            dul.prepare()
+            dul.prepare(request=request)
         dimse = assoc.dimse
         if type(dimse) is DIMSEServiceProvider and dimse.msg_queue.empty():
             dimse.__class__ = FastDIMSE  # its own state is set up by prepare()

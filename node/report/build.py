@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
+from highdicom.enum import PatientSexValues
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -53,6 +54,7 @@ from pydicom.uid import (
     KeyObjectSelectionDocumentStorage,
     generate_uid,
 )
+from pydicom.valuerep import DA, TM
 
 from node.errors import ReportError
 from node.functional_groups import functional_group_item
@@ -177,6 +179,43 @@ def _index_sources(verdict: SeriesVerdict, sources: Iterable[Dataset]) -> dict[s
     if not verdict.slices:
         raise ReportError(f"series {verdict.series_instance_uid} has no scored image to report")
     return by_uid
+
+
+#: Type 2 attributes (PS3.3 C.7.1.1, C.7.2.1) that highdicom puts into a report's header from
+#: its first source, reading each one as an attribute (AttributeError when absent) and
+#: converting the dates, the time and the sex (ValueError for a value it cannot parse).
+HEADER_TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                         "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                         "ReferringPhysicianName")
+_CONVERTED: dict[str, Any] = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM,
+                              "PatientSex": lambda v: PatientSexValues(v) if v else v}
+
+
+def _header_value(ds: Dataset, keyword: str) -> Any:
+    """``ds``'s value of ``keyword`` as highdicom can take it, else None (empty)."""
+    try:
+        value = ds.get(keyword)
+        convert = _CONVERTED.get(keyword)
+        if value is not None and convert is not None:
+            convert(value)
+    except (ValueError, TypeError, KeyError, NotImplementedError):
+        return None
+    return value
+
+
+def _header_source(evidence: Sequence[Dataset]) -> list[Dataset]:
+    """``evidence`` with its first dataset (the one highdicom makes the report's patient and
+    study header from) replaced by a copy in which each of :data:`HEADER_TYPE2_KEYWORDS` is
+    present: as in the source, or empty where the source lacks it or holds a value that
+    cannot be converted (anonymized and research data often lack the birth date). The report
+    is what the user came for; an empty Type 2 attribute is valid DICOM."""
+    first = evidence[0]
+    view = Dataset()
+    for elem in first.elements():
+        view[elem.tag] = elem
+    for keyword in HEADER_TYPE2_KEYWORDS:
+        setattr(view, keyword, _header_value(first, keyword))
+    return [view, *evidence[1:]]
 
 
 def _evidence(verdict: SeriesVerdict, by_uid: dict[str, Dataset]) -> list[Dataset]:
@@ -414,7 +453,7 @@ def build_sr(
     )
     report = _measurement_report(identity, verdict, procedure, groups, evidence)
     sr = _comprehensive_sr(
-        evidence=evidence,
+        evidence=_header_source(evidence),
         root=report[0],
         series_instance_uid=report_series_uid(verdict.series_instance_uid, "SR"),
         series_number=SR_SERIES_NUMBER,
@@ -540,7 +579,7 @@ def _key_object_document(
         description=description[:1024],
     )
     doc = hd.ko.KeyObjectSelectionDocument(
-        evidence=objects,
+        evidence=_header_source(objects),
         content=content,
         series_instance_uid=report_series_uid(verdict.series_instance_uid, kind),
         series_number=series_number,

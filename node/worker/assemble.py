@@ -305,22 +305,27 @@ def series_attributes(headers: Sequence[Dataset]) -> SeriesAttributes:
         raise AssemblyError(f"instances of {len(uids)} different series were given together")
     images = [ds for ds in headers if _why_not_judged(ds, headers_only=True) is None]
     images = images or list(headers)
-    first = images[0]
     types = Counter(_upper_values(ds.get("ImageType")) for ds in images)
     image_type = types.most_common(1)[0][0] if types else ()
-    body_part = _text(first.get("BodyPartExamined"))
+
+    def first(keyword: str) -> str | None:
+        # The first image that has it: one instance without Modality (a broken sender, a
+        # hand-made object) must not make the whole series look like something else.
+        return next((v for ds in images if (v := _text(ds.get(keyword))) is not None), None)
+
+    body_part = first("BodyPartExamined")
     return SeriesAttributes(
-        study_instance_uid=str(first.get("StudyInstanceUID", "")),
+        study_instance_uid=first("StudyInstanceUID") or "",
         series_instance_uid=uids.pop(),
-        modality=_text(first.get("Modality")),
+        modality=first("Modality"),
         body_part=body_part.upper() if body_part else None,
-        series_description=_text(first.get("SeriesDescription")),
+        series_description=first("SeriesDescription"),
         image_type=image_type,
-        complex_component=_text(first.get("ComplexImageComponent")),
+        complex_component=first("ComplexImageComponent"),
         acquisition=series_acquisition(images),
-        station_name=_text(first.get("StationName")),
-        manufacturer=_text(first.get("Manufacturer")),
-        scanner_model=_text(first.get("ManufacturerModelName")),
+        station_name=first("StationName"),
+        manufacturer=first("Manufacturer"),
+        scanner_model=first("ManufacturerModelName"),
     )
 
 

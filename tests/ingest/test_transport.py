@@ -24,54 +24,12 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from node.ingest.transport import (
     EventDrivenDUL,
     FastDIMSE,
-    FastRecvSocket,
     NodeRequestHandler,
     encode_c_store_rsp,
 )
 
 
-def _fast_socket(sock: socket.socket) -> FastRecvSocket:
-    wrapped = FastRecvSocket.__new__(FastRecvSocket)
-    wrapped.socket = sock
-    return wrapped
-
-
-def test_recv_reads_exactly_the_requested_bytes_across_chunks() -> None:
-    ours, peer = socket.socketpair()
-    payload = bytes(range(256)) * 4000  # 1,024,000 bytes, more than a socket buffer
-    sender = threading.Thread(target=lambda: [peer.sendall(payload[i:i + 70001])
-                                              for i in range(0, len(payload), 70001)])
-    sender.start()
-    wrapped = _fast_socket(ours)
-    first = wrapped.recv(6)
-    rest = wrapped.recv(len(payload) - 6 - 10)
-    tail = wrapped.recv(10)
-    sender.join()
-    assert isinstance(rest, bytearray)
-    assert bytes(first + rest + tail) == payload
-    ours.close()
-    peer.close()
-
-
-def test_recv_returns_what_it_has_when_the_peer_closes() -> None:
-    ours, peer = socket.socketpair()
-
-    def send_and_close() -> None:
-        peer.sendall(b"abc")
-        time.sleep(0.05)
-        peer.sendall(b"de")
-        peer.close()
-
-    sender = threading.Thread(target=send_and_close)
-    sender.start()
-    got = _fast_socket(ours).recv(100)
-    sender.join()
-    assert got == bytearray(b"abcde")
-    assert _fast_socket(ours).recv(4) == bytearray()
-    ours.close()
-
-
-def test_associations_of_our_server_use_our_socket_reactor_and_dimse() -> None:
+def test_associations_of_our_server_use_our_reactor_and_dimse() -> None:
     scp = AE(ae_title="SCP")
     scp.add_supported_context(Verification)
     seen: list[tuple[type, type, type]] = []
@@ -121,8 +79,7 @@ def test_associations_of_our_server_use_our_socket_reactor_and_dimse() -> None:
         assoc.abort()
     finally:
         server.shutdown()
-    assert seen[0] == (FastRecvSocket, EventDrivenDUL, FastDIMSE)
-    assert issubclass(FastRecvSocket, AssociationSocket)
+    assert seen[0] == (AssociationSocket, EventDrivenDUL, FastDIMSE)
 
 
 def _pynetdicom_c_store_rsp(rsp: C_STORE, max_pdu: int = 262144) -> list[Any]:
