@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -112,6 +113,11 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python's warnings print straight to stderr, past the formatter and its escaping (pydicom
+    # warns about a peer's values with the values in the text): they go through logging
+    # instead. pydicom logs each of its warnings itself, so its warnings are not repeated.
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     # pynetdicom logs every PDU at DEBUG and every association at INFO; keep it to warnings
     # unless the operator asked for DEBUG.
     logging.getLogger("pynetdicom").setLevel("DEBUG" if level.upper() == "DEBUG" else "WARNING")

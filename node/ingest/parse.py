@@ -226,8 +226,16 @@ def _clip(value: str | None, length: int) -> str | None:
     return value[:length] if value is not None else None
 
 
+def _uid_text(raw: bytes | None) -> str | None:
+    """A UI value without its padding (trailing NUL, or the space some senders use), nothing
+    else taken away: a UID with a line break or a leading space is not one."""
+    if raw is None:
+        return None
+    return raw.rstrip(b" \x00").decode("ascii", errors="replace") or None
+
+
 def _uid(found: dict[int, bytes], tag: int, name: str) -> str:
-    value = _text(found.get(tag))
+    value = _uid_text(found.get(tag))
     if value is None:
         raise MissingAttribute(f"{name} is missing")
     return check_uid(value, name)
@@ -277,7 +285,7 @@ def parse_instance(data: bytes) -> ParsedInstance:
             raise Undecodable("truncated file meta information")
         meta[0x00020000 | element] = bytes(view[pos : pos + length])
         pos += length
-    ts = _text(meta.get(_META_TS))
+    ts = _uid_text(meta.get(_META_TS))
     if ts is None:
         raise Undecodable("file meta has no transfer syntax")
     check_uid(ts, "TransferSyntaxUID")
@@ -302,7 +310,9 @@ def parse_instance(data: bytes) -> ParsedInstance:
 
     # Values of a big-endian dataset are strings here, byte order does not matter for them.
     sop_instance = _uid(found, _SOP_INSTANCE, "SOPInstanceUID")
-    meta_instance = _text(meta.get(_META_SOP_INSTANCE))
+    meta_instance = _uid_text(meta.get(_META_SOP_INSTANCE))
+    if meta_instance is not None:
+        check_uid(meta_instance, "the request's SOP Instance UID")
     if meta_instance is not None and meta_instance != sop_instance:
         raise Undecodable(
             f"SOPInstanceUID {sop_instance!r} differs from the request's {meta_instance[:80]!r}"
@@ -331,5 +341,5 @@ def parse_instance(data: bytes) -> ParsedInstance:
         station_name=_clip(_text(found.get(_STATION_NAME), encoding), 64),
         manufacturer=_clip(_text(found.get(_MANUFACTURER), encoding), 64),
         scanner_model=_clip(_text(found.get(_MODEL_NAME), encoding), 64),
-        meta_sop_class_uid=_text(meta.get(_META_SOP_CLASS)),
+        meta_sop_class_uid=_uid_text(meta.get(_META_SOP_CLASS)),
     )

@@ -108,6 +108,11 @@ class _AssocState:
     declared: dict[str, int] = field(default_factory=dict)
 
 
+def _any_uid(value: Any) -> tuple[bool, str]:
+    """pynetdicom's UID validator, letting every UID through to ingest's own check."""
+    return True, ""
+
+
 def _peer(assoc: Association) -> str:
     return f"{assoc.requestor.address}:{assoc.requestor.port}"
 
@@ -283,6 +288,11 @@ class Scp:
         # decompress before sending; the node must store what the modality produced. A process-
         # wide pynetdicom switch: the node's only SCP is this one.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # The UIDs of a request are ingest's to judge (0xC212 for one that is not digits and
+        # dots or is too long, node/ingest/parse.py): pynetdicom's check (1-64 characters)
+        # raises while decoding the command and aborts the whole association, the instances
+        # still to come on it included, over one instance's UID. Also process-wide.
+        _config.VALIDATORS["UI"] = _any_uid
         # pynetdicom's "standard" event handlers do nothing but format INFO and DEBUG lines of
         # the "pynetdicom" logger for every PDU and DIMSE message (for a C-STORE-RQ they read
         # its command set back through pydicom): about 15% of the receiving reactor's CPU

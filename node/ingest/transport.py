@@ -69,6 +69,7 @@ from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
@@ -111,6 +112,8 @@ class EventDrivenDUL(DULServiceProvider):
     _wake_lock: threading.Lock
     #: The association request read before the reactor started (handshake.py), until decoded.
     _prefetched: bytearray | None = None
+    #: The A-ABORT reason for the invalid PDU just read (PS3.8 9.3.8), if any.
+    _abort_reason: int | None = None
 
     def prepare(self, poll_s: float = DUL_LOOP_DELAY_S, request: bytearray | None = None
                 ) -> None:
@@ -140,8 +143,9 @@ class EventDrivenDUL(DULServiceProvider):
                 if exc.abort_reason is None:  # closed, reset or silent: transport closed
                     log.debug("connection ended within a PDU: %s", exc, extra=self._peer())
                     self.event_queue.put("Evt17")
-                else:  # an invalid PDU: the state machine answers with A-ABORT
+                else:  # an invalid PDU: the state machine answers with A-ABORT (AA-8)
                     log.warning("invalid PDU from the peer: %s", exc, extra=self._peer())
+                    self._abort_reason = exc.abort_reason
                     self.event_queue.put("Evt19")
                 return
         try:
@@ -152,6 +156,13 @@ class EventDrivenDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _send(self, pdu: Any) -> None:
+        # pynetdicom's AA-8 sends its A-ABORT with reason 0 (not specified); the peer gets the
+        # reason _read_pdu_data found instead.
+        if isinstance(pdu, A_ABORT_RQ) and pdu.source == 0x02 and pdu.reason_diagnostic == 0:
+            pdu.reason_diagnostic = self._abort_reason or 0
+        super()._send(pdu)
 
     def _read_bounded(self) -> bytearray:
         wrapper = self.socket
