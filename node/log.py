@@ -122,6 +122,8 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # unless the operator asked for DEBUG.
     logging.getLogger("pynetdicom").setLevel("DEBUG" if level.upper() == "DEBUG" else "WARNING")
     logging.getLogger("apscheduler").setLevel("WARNING")
+    # highdicom announces every module it copies into a report, some 20 lines per report.
+    logging.getLogger("highdicom").setLevel("DEBUG" if level.upper() == "DEBUG" else "WARNING")
     # Alembic announces each plugin and context at INFO on every start; migrations it applies
     # are still logged by node.queue.migrate.
     logging.getLogger("alembic").setLevel("DEBUG" if level.upper() == "DEBUG" else "WARNING")

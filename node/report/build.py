@@ -332,25 +332,38 @@ _LIBRARY_GEOMETRY = ("PixelSpacing", "SliceThickness", "ImageOrientationPatient"
                      "ImagePositionPatient")
 
 
-def _library_entry(ds: Dataset) -> Dataset | None:
+def _series_modality(evidence: Sequence[Dataset]) -> str:
+    """The series' Modality, from the first image that states it ('' when none does)."""
+    return next((m for ds in evidence if (m := str(ds.get("Modality") or "").strip())), "")
+
+
+def _library_entry(ds: Dataset, modality: str) -> Dataset | None:
     """What an Image Library entry (TID 1601) is described from, or None when it cannot be.
 
     highdicom reads the geometry from top-level attributes. An enhanced multi-frame image
     keeps it in functional groups (PS3.3 C.7.6.16), which highdicom does not read: it gets a
     view holding its identity and its first frame's pixel measures, orientation and position.
+    An image without Modality (a series attribute) gets a view with the series' ``modality``.
     """
-    if not all(k in ds for k in ("FrameOfReferenceUID", "Rows", "Columns")):
+    if not modality or not all(k in ds for k in ("FrameOfReferenceUID", "Rows", "Columns")):
         return None
     if int(ds.get("NumberOfFrames", 1) or 1) == 1:
-        return ds if all(k in ds for k in _LIBRARY_GEOMETRY) else None
+        if not all(k in ds for k in _LIBRARY_GEOMETRY):
+            return None
+        if ds.get("Modality"):
+            return ds
+        view = Dataset()
+        for elem in ds.elements():
+            view[elem.tag] = elem
+        view.Modality = modality
+        return view
     measures = functional_group_item(ds, 0, "PixelMeasuresSequence")
     orientation = functional_group_item(ds, 0, "PlaneOrientationSequence")
     position = functional_group_item(ds, 0, "PlanePositionSequence")
     view = Dataset()
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality", "FrameOfReferenceUID", "Rows",
-                    "Columns"):
-        if keyword in ds:
-            setattr(view, keyword, ds[keyword].value)
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
+        setattr(view, keyword, ds[keyword].value)
+    view.Modality = ds.get("Modality") or modality
     groups = (measures, measures, orientation, position)  # where each _LIBRARY_GEOMETRY lives
     for keyword, item in zip(_LIBRARY_GEOMETRY, groups, strict=True):
         if item is None or keyword not in item:
@@ -368,7 +381,8 @@ def _measurement_report(
 ) -> hd.sr.MeasurementReport:
     # The Image Library describes every referenced image for viewers; it is left out (as
     # highdicom allows) when some image lacks the attributes its entries are made from.
-    entries = [e for ds in evidence if (e := _library_entry(ds)) is not None]
+    modality = _series_modality(evidence)
+    entries = [e for ds in evidence if (e := _library_entry(ds, modality)) is not None]
     library = entries if len(entries) == len(evidence) else None
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -448,9 +462,8 @@ def build_sr(
     algorithm = _algorithm(verdict)
     groups = [_slice_group(verdict, s, algorithm) for s in verdict.slices]
     groups.append(_series_group(verdict, algorithm))
-    procedure = _PROCEDURE_BY_MODALITY.get(
-        str(first.get("Modality", "")), codes.cid100.ImagingProcedure
-    )
+    procedure = _PROCEDURE_BY_MODALITY.get(_series_modality(evidence),
+                                           codes.cid100.ImagingProcedure)
     report = _measurement_report(identity, verdict, procedure, groups, evidence)
     sr = _comprehensive_sr(
         evidence=_header_source(evidence),

@@ -7,11 +7,14 @@ import base64
 import pytest
 
 from node.admin.auth import (
+    allowed_hosts,
     authenticate,
     check_bind,
+    host_allowed,
     is_loopback,
     is_public,
     make_session_cookie,
+    request_host,
     same_origin,
 )
 from node.config import AdminSettings
@@ -91,3 +94,43 @@ def test_same_origin() -> None:
     assert not same_origin("http://evil.example", "127.0.0.1:8080")
     assert not same_origin("http://127.0.0.1:9999", "127.0.0.1:8080")
     assert not same_origin("null", "127.0.0.1:8080")
+
+
+@pytest.mark.parametrize(("header", "host"), [
+    ("127.0.0.1:8080", "127.0.0.1"), ("LOCALHOST", "localhost"), ("[::1]:8080", "::1"),
+    ("vaenode.hospital.org.", "vaenode.hospital.org"), ("", None), (None, None),
+    ("[::1", None), ("a:b", None), ("a:123456", None), (":80", None),
+])
+def test_request_host(header: str | None, host: str | None) -> None:
+    assert request_host(header) == host
+
+
+def test_only_the_dashboards_own_names_are_answered() -> None:
+    default = allowed_hosts(AdminSettings())
+    assert default == {"localhost", "127.0.0.1", "::1"}
+    assert host_allowed("localhost:8080", default) and host_allowed("[::1]:8080", default)
+    assert not host_allowed("evil.example:8080", default)
+    assert not host_allowed("127.0.0.1.evil.example", default)
+    assert not host_allowed(None, default)
+    beyond = allowed_hosts(AdminSettings(bind_address="10.1.2.3", token="t",
+                                         allowed_hosts=["*.hospital.org"]))
+    assert beyond == {"*.hospital.org", "10.1.2.3"}  # the loopback names only if listed
+    assert host_allowed("vaenode.hospital.org", beyond) and host_allowed("10.1.2.3:80", beyond)
+    assert not host_allowed("hospital.org.evil.example", beyond)
+    assert not host_allowed("localhost", beyond)
+    everywhere = allowed_hosts(AdminSettings(bind_address="0.0.0.0", token="t"))
+    assert "0.0.0.0" not in everywhere
+    assert host_allowed("anything", frozenset({"*"}))
+
+
+def test_allowed_hosts_and_trusted_proxies_are_checked_at_start() -> None:
+    settings = AdminSettings(allowed_hosts=["Vaenode.Hospital.ORG.", "[::1]"],
+                             trusted_proxies=["127.0.0.1", "10.0.0.0/8", "::1"])
+    assert settings.allowed_hosts == ["vaenode.hospital.org", "::1"]
+    assert settings.trusted_proxies == ["127.0.0.1", "10.0.0.0/8", "::1"]
+    for bad in (["evil host"], ["*evil"], ["a:80"], ["http://x"]):
+        with pytest.raises(ValueError, match="allowed_hosts"):
+            AdminSettings(allowed_hosts=bad)
+    for bad in (["*"], ["proxy.hospital.org"], ["10.0.0.0/33"]):
+        with pytest.raises(ValueError, match="trusted_proxies"):
+            AdminSettings(trusted_proxies=bad)

@@ -161,7 +161,7 @@ class _Maker:
         vr_offset = element.value_tell - (8 if element.VR in _LONG_VRS else 4)
         fixed = [b"ZZ", b"WS", b"zz", b"\0\0", b"A1", b"  ", b"\xff\xff"]
         letters = bytes(self.rng.integers(ord("A"), ord("Z") + 1, 2).tolist())
-        vr = (fixed + [letters])[int(self.rng.integers(len(fixed) + 1))]
+        vr = [*fixed, letters][int(self.rng.integers(len(fixed) + 1))]
         if vr.decode("latin-1") in _VALID_VRS:
             vr = b"ZZ"
         data = source.data[:vr_offset] + vr + source.data[vr_offset + 2:]

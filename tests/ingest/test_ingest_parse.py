@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import zlib
 from pathlib import Path
 
@@ -155,3 +156,89 @@ def test_encoded_file_meta_reads_back_with_pydicom() -> None:
     from tests.helpers.ingest_data import dataset_bytes
 
     assert dataset_bytes(raw) == dataset
+
+
+def _instance(elements: bytes, sop_class: str = "1.2.840.10008.5.1.4.1.1.4",
+              sop_instance: str = "1.2.3.4", request_class: str | None = None) -> bytes:
+    """A minimal Explicit VR LE instance: SOP class and instance, ``elements``, study and
+    series UIDs; its file meta names ``request_class`` (as the C-STORE request did)."""
+    from node.ingest.meta import encode_file_meta
+
+    def ui(tag: bytes, value: str) -> bytes:
+        raw = value.encode() + b"\0" * (len(value) % 2)
+        return tag + b"UI" + len(raw).to_bytes(2, "little") + raw
+
+    data = (ui(b"\x08\x00\x16\x00", sop_class) + ui(b"\x08\x00\x18\x00", sop_instance)
+            + elements + ui(b"\x20\x00\x0d\x00", "1.2.3") + ui(b"\x20\x00\x0e\x00", "1.2.3.1"))
+    return encode_file_meta(request_class or sop_class, sop_instance, "1.2.840.10008.1.2.1",
+                            "SCU") + data
+
+
+@pytest.mark.parametrize("vr", [b"ZZ", b"WS", b"zz", b"\0\0"])
+def test_a_vr_outside_ps3_5_is_refused(vr: bytes) -> None:
+    with pytest.raises(Undecodable, match="invalid VR"):
+        parse_instance(_instance(b"\x10\x00\x10\x00" + vr + b"\x02\x00ab"))
+    assert parse_instance(_instance(b"\x10\x00\x10\x00PN\x02\x00ab")).study_instance_uid
+
+
+def _nested(depth: int) -> bytes:
+    """(0010,1002) with ``depth`` nested undefined-length sequences."""
+    opening = b"\x10\x00\x02\x10SQ\0\0\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    closing = b"\xfe\xff\x0d\xe0\0\0\0\0" + b"\xfe\xff\xdd\xe0\0\0\0\0"
+    return opening * depth + closing * depth
+
+
+def test_sequences_nest_at_most_64_deep() -> None:
+    from node.ingest.parse import MAX_SEQUENCE_DEPTH
+
+    assert parse_instance(_instance(_nested(MAX_SEQUENCE_DEPTH))).sop_instance_uid == "1.2.3.4"
+    with pytest.raises(Undecodable, match="nested deeper than 64"):
+        parse_instance(_instance(_nested(MAX_SEQUENCE_DEPTH + 1)))
+    with pytest.raises(Undecodable, match="nested deeper"):  # no RecursionError
+        parse_instance(_instance(_nested(100_000)))
+
+
+@pytest.mark.parametrize("uid", ["1.2.3\r", " 1.2.3", "1.2\n3", "1.2\x003"])
+def test_only_padding_is_taken_off_a_uid(uid: str) -> None:
+    with pytest.raises(InvalidUID):
+        parse_instance(_instance(b"", sop_instance=uid))
+    assert parse_instance(_instance(b"", sop_instance="1.2.3 ")).sop_instance_uid == "1.2.3"
+
+
+@pytest.mark.parametrize(("request_class", "error"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "is not the data set's"),  # CT over MR
+    ("1.2.840.10008.1.1", "is not the data set's"),
+    ("../x", "not a valid UID"),
+])
+def test_the_requests_sop_class_must_be_the_data_sets(request_class: str, error: str) -> None:
+    from node.errors import SopClassMismatch
+    from node.ingest.sop_class import check_sop_class
+
+    parsed = parse_instance(_instance(b"", request_class=request_class))
+    with pytest.raises((SopClassMismatch, InvalidUID), match=re.escape(error)) as refused:
+        check_sop_class(parsed)
+    assert refused.value.status == (0xC212 if request_class == "../x" else 0xA900)
+    check_sop_class(parse_instance(_instance(b"")))  # MR over MR
+
+
+@pytest.mark.parametrize(("uid", "storage"), [
+    ("1.2.840.10008.5.1.4.1.1.4", True),  # MR Image Storage
+    ("1.2.840.10008.5.1.4.1.1.5", True),  # NM Image Storage (retired)
+    ("1.2.840.10008.5.1.4.1.1.999", True),  # public, unknown to the dictionaries
+    ("1.3.12.2.1107.5.9.1", True),  # private
+    ("1.2.840.10008.1.1", False),  # Verification
+    ("1.2.840.10008.5.1.4.1.2.1.1", False),  # Patient Root Q/R FIND
+    ("1.2.840.10008.1.2", False),  # a transfer syntax
+    ("1.2.840.10008.3.1.1.1", False),  # the application context name
+])
+def test_which_classes_are_storage_classes(uid: str, storage: bool) -> None:
+    from node.ingest.sop_class import is_storage_class
+
+    assert is_storage_class(uid) is storage
+    parsed = parse_instance(_instance(b"", sop_class=uid))
+    if not storage:
+        from node.errors import SopClassMismatch
+        from node.ingest.sop_class import check_sop_class
+
+        with pytest.raises(SopClassMismatch, match="not a storage SOP class"):
+            check_sop_class(parsed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
+from copy import deepcopy
 from io import BytesIO
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from pydicom.uid import (
 from node.errors import ReportError
 from node.report import build as build_module
 from node.report.build import (
+    HEADER_TYPE2_KEYWORDS,
     PRIVATE_SCHEME,
     ReportIdentity,
     build_kos,
@@ -336,3 +339,60 @@ def test_sr_kos_and_rejection_note_pass_dciodvfy_and_dsrdump(sources: list[Datas
         dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, check=False)
         assert dump.returncode == 0, dump.stderr
         assert titles[name.split("-")[0].removesuffix(".dcm")] in dump.stdout
+
+
+def _changed(sources: list[Dataset], change: Callable[[int, Dataset], None]) -> list[Dataset]:
+    out = []
+    for position, ds in enumerate(sources):
+        copy = deepcopy(ds)
+        change(position, copy)
+        out.append(copy)
+    return out
+
+
+def _strip_type_2(_: int, ds: Dataset) -> None:
+    for keyword in HEADER_TYPE2_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+
+def _garble_type_2(_: int, ds: Dataset) -> None:
+    ds.PatientBirthDate, ds.StudyDate, ds.StudyTime, ds.PatientSex = (
+        "19xx0101", "20201345", "99:99", "W")
+
+
+@pytest.mark.parametrize("change", [_strip_type_2, _garble_type_2])
+def test_reports_are_made_without_the_type_2_header_attributes(
+        sources: list[Dataset], tmp_path: Path, change: Callable[[int, Dataset], None]) -> None:
+    """Anonymized and research series lack Patient Birth Date and the like (or hold values
+    no parser takes): the SR, KOS and rejection note carry them empty (Type 2)."""
+    changed = _changed(sources, change)
+    verdict = make_verdict(changed, FLAGGED)
+    sr = build_sr(verdict, changed, identity=IDENTITY)
+    kos = build_kos(verdict, changed, identity=IDENTITY)
+    assert kos is not None
+    note = build_rejection_note(verdict, [_stale_reference(kos, sr)], identity=IDENTITY)
+    for name, doc in (("sr", sr), ("kos", kos), ("note", note)):
+        read = roundtrip(doc)
+        for keyword in HEADER_TYPE2_KEYWORDS:
+            assert keyword in read, (name, keyword)
+        for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex"):
+            assert not read[keyword].value, (name, keyword)
+        if shutil.which("dciodvfy") is not None:
+            path = tmp_path / f"{name}.dcm"
+            doc.save_as(path, enforce_file_format=True)
+            assert dciodvfy(path)[0] == [], name
+
+
+def test_images_without_modality_get_the_series_modality(sources: list[Dataset]) -> None:
+    def drop(position: int, ds: Dataset) -> None:
+        if position < 3:
+            del ds.Modality
+
+    changed = _changed(sources, drop)
+    sr = roundtrip(build_sr(make_verdict(changed, FLAGGED), changed, identity=IDENTITY))
+    library = image_library(sr)
+    assert library is not None and len(library) == len(sources)
+    concepts = [str(item.ConceptCodeSequence[0].CodeMeaning) for item in sr.ContentSequence
+                if "ConceptCodeSequence" in item]
+    assert any(meaning.startswith("MRI") for meaning in concepts), concepts  # procedure

@@ -333,3 +333,16 @@ def test_find_series_groups_folders_and_ignores_other_files(tmp_path: Path) -> N
     assert unused == [tmp_path / "README.txt"]
     with pytest.raises(AssemblyError, match="no such file"):
         find_series([tmp_path / "nope"])
+
+
+def test_series_attributes_come_from_the_images_that_have_them() -> None:
+    """A first instance without Modality (or Body Part) must not make the series another."""
+    headers = read_headers(series_files(PROSTATE))
+    for ds in headers[:2]:
+        del ds.Modality
+        del ds.BodyPartExamined
+    attrs = series_attributes(headers)
+    assert attrs.modality == "MR" and attrs.body_part == "PROSTATE"
+    for ds in headers:
+        ds.pop("Modality", None)
+    assert series_attributes(headers).modality is None
