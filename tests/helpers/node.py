@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +115,19 @@ class RunningNode:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout_s: float) -> Any:
+        """Poll ``check`` until it returns something truthy and return that; AssertionError
+        with the end of the node's log when the node exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vaenode serve exited ({self.proc.returncode}) while "
+                                     f"waiting for {what}:\n{self.log_text()[-4000:]}")
+            if found := check():
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log_text()[-4000:]}")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -13,7 +13,6 @@ change them:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from sqlalchemy import select
 from node.queue.models import Series
 from node.report.build import HEADER_TYPE2_KEYWORDS
 from tests.helpers.dcmtk import storescu
-from tests.helpers.node import RunningNode, start_node
+from tests.helpers.node import start_node
 from tests.helpers.orthanc import Orthanc
 from tests.hostile.conftest import DATA, series_files
 from tests.hostile.corpus import SOP_INSTANCE_TAG, Source, with_value
@@ -37,18 +36,6 @@ STRIPPED = DATA / "siemens_trio_gre_field_mapping_2"
 NO_MODALITY = DATA / "siemens_prisma_t1_fl2d_sag_hfs"
 #: Instances of NO_MODALITY, first in Instance Number and sent first, without Modality.
 WITHOUT_MODALITY = 3
-
-
-def _wait(what: str, check: Callable[[], Any], timeout_s: float, node: RunningNode) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if node.proc.poll() is not None:
-            raise AssertionError(f"the node exited while waiting for {what}:\n"
-                                 f"{node.log_text()[-3000:]}")
-        if found := check():
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}:\n{node.log_text()[-3000:]}")
 
 
 def _rewrite(folder: Path, out: Path, change: Callable[[int, pydicom.Dataset], None]
@@ -125,11 +112,11 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                        for r in rows.values())
             return rows if done else None  # type: ignore[return-value]
 
-        rows = _wait("both series finished", finished, 180, node)
+        rows = node.wait_for("both series finished", finished, 180)
         done = sum(str(r.status) == "done" for r in rows.values())
-        reports = _wait(f"{done} SR(s) in Orthanc",
-                        lambda: (found := orthanc.reports("SR")) and len(found) >= done
-                        and found, 60, node) if done else []
+        reports = node.wait_for(f"{done} SR(s) in Orthanc",
+                                lambda: (found := orthanc.reports("SR")) and len(found) >= done
+                                and found, 60) if done else []
         yield {"rows": rows, "reports": reports, "uids": uids, "bad_status": bad_status,
                "sent": {"stripped": len(stripped), "no_modality": len(no_modality)},
                "node": node}
