@@ -189,40 +189,35 @@ class AccessPolicy:
 
 class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the connections still waiting for their association
-    request (read by :class:`~node.ingest.transport.NodeRequestHandler`)."""
+    request (read by :class:`~node.ingest.transport.NodeRequestHandler`), and the TLS handshake
+    in each connection's own thread.
+
+    pynetdicom does the handshake in its accept loop (``get_request``), without a timeout: one
+    peer that opens a connection and never completes the handshake stops every connection
+    after it. Here the accept loop only accepts; a peer that never completes the handshake
+    holds only its own thread, and only for the ACSE timeout (then its association request has
+    its own deadline).
+
+    ``connection_ended`` (set by :class:`Scp` on a dispatched server) is called once for every
+    connection, when its association thread ends or when it fails before one starts; the main
+    process counts open connections per listener with it.
+    """
 
     waiting: WaitingConnections
+    connection_ended: Callable[[], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.waiting = WaitingConnections()
         super().__init__(*args, **kwargs)
 
-
-class DispatchedAssociationServer(NodeAssociationServer):
-    """pynetdicom's threaded server without a port of its own, in a listener process: the main
-    process accepts each connection and passes it here (:mod:`node.ingest.dispatch`), and
-    :meth:`Scp.adopt` runs it as pynetdicom's accept loop would.
-
-    ``connection_ended`` (set by :class:`Scp`) is called once for every adopted connection,
-    when its association thread ends or when it fails before one starts; the main process
-    counts open connections per listener with it.
-    """
-
-    connection_ended: Callable[[], None] | None = None
-
-    def server_bind(self) -> None:
-        """Nothing to bind: ``server_address`` stays the node's address, for pynetdicom."""
-
-    def server_activate(self) -> None:
-        """Nothing to listen on."""
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        return self.socket.accept()  # the handshake: process_request_thread
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         started = False
         try:
             if self.ssl_context is not None:
-                # Here, in the connection's own thread, not in the thread that receives the
-                # connections: a peer that never completes the handshake holds only itself,
-                # and only for the ACSE timeout (then its association request has its own).
                 request.settimeout(self.ae.acse_timeout)
                 request = self.ssl_context.wrap_socket(request, server_side=True)
                 request.settimeout(None)
@@ -236,6 +231,18 @@ class DispatchedAssociationServer(NodeAssociationServer):
         finally:
             if not started and self.connection_ended is not None:
                 self.connection_ended()
+
+
+class DispatchedAssociationServer(NodeAssociationServer):
+    """pynetdicom's threaded server without a port of its own, in a listener process: the main
+    process accepts each connection and passes it here (:mod:`node.ingest.dispatch`), and
+    :meth:`Scp.adopt` runs it as pynetdicom's accept loop would."""
+
+    def server_bind(self) -> None:
+        """Nothing to bind: ``server_address`` stays the node's address, for pynetdicom."""
+
+    def server_activate(self) -> None:
+        """Nothing to listen on."""
 
 
 class Scp:

@@ -254,7 +254,7 @@ def test_image_library_describes_each_referenced_image(sources: list[Dataset]) -
     assert entry["Horizontal Pixel Spacing"] == pytest.approx(float(first.PixelSpacing[1]))
     # An image without a position (a derived reformat, say) cannot be described: the report
     # is still built, without a library, rather than failing.
-    stripped = [Dataset(ds) for ds in sources]
+    stripped = [deepcopy(ds) for ds in sources]  # Dataset(ds) would share (and change) ds
     del stripped[3].ImagePositionPatient
     assert image_library(roundtrip(build_sr(verdict, stripped, identity=IDENTITY))) is None
 
