@@ -72,7 +72,8 @@ def create_app(settings: Settings, session_factory: sessionmaker[Session]) -> Fa
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         client = request.client.host if request.client else "?"
-        if not auth.host_allowed(request.headers.get("host"), hosts):
+        if request.scope["path"] not in auth.ANY_HOST_PATHS and not auth.host_allowed(
+                request.headers.get("host"), hosts):
             # A page of another site that resolved its name to this address (DNS rebinding).
             log.warning("admin request refused: Host is not one of admin.allowed_hosts",
                         extra={"peer": client, "host": request.headers.get("host", "")[:100]})

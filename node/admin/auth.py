@@ -34,6 +34,9 @@ COOKIE_NAME = "vaenode_session"
 # (a load balancer or systemd watchdog asks it without secrets; it reveals only up/down).
 PUBLIC_PATHS = frozenset({"/login", "/healthz"})
 PUBLIC_PREFIXES = ("/static/",)
+# Answered whatever the Host header names: a load balancer's health check names the address it
+# probes, which need not be one of admin.allowed_hosts, and the answer is public anyway.
+ANY_HOST_PATHS = frozenset({"/healthz"})
 
 
 def is_loopback(address: str) -> bool:

@@ -7,7 +7,7 @@ gateway's older series as one anonymous scanner, and a ``station_name`` routing 
 that series again; ``vaenode db fill-scanners`` fills every such row at once, from the first
 stored instance of each series, read by ingest's own walker so that the values are decoded
 and clipped exactly as a newly received instance's are. It only sets columns that are empty
-(``repo.fill_scanner``), so it is safe while the node runs.
+(``repo.fill_series_columns``), so it is safe while the node runs.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def fill_scanner_columns(
             filled += 1
             if not dry_run:
                 with factory() as session:
-                    repo.fill_scanner(session, series_id, values)
+                    repo.fill_series_columns(session, series_id, values)
                 log.info("scanner filled from the stored instance",
                          extra={"series_uid": uid, **values})
     return ScannerFill(seen, filled, named_none, no_file)

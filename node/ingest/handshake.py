@@ -12,13 +12,14 @@ So the node takes the request itself, in the thread that already runs each new c
 NodeRequestHandler`):
 
 - The whole A-ASSOCIATE-RQ must be in within ``[dicom].acse_timeout_s`` of the connection
-  (the ACSE timeout, as ARTIM); at most :data:`~node.ingest.pdu.ASSOCIATION_PDU_MAX_BYTES`,
-  read as it arrives. Otherwise the connection is closed, after an A-ABORT when the peer
-  sent something that is not a request (another PDU type, garbage, a length above the limit).
-- At most :data:`MAX_WAITING` connections of a listener wait for their request at once. One
-  more closes the one that has waited longest: a modality sends its request within
-  milliseconds of connecting, so only a connection that holds back is closed, and no number of
-  silent connections can keep a scanner out.
+  (the ACSE timeout, as ARTIM), the TLS handshake included when the listener has TLS; at most
+  :data:`~node.ingest.pdu.ASSOCIATION_PDU_MAX_BYTES`, read as it arrives. Otherwise the
+  connection is closed, after an A-ABORT when the peer sent something that is not a request
+  (another PDU type, garbage, a length above the limit).
+- At most :data:`MAX_WAITING` connections of a listener wait for their request (or their
+  handshake) at once. One more closes the one that has waited longest: a modality sends its
+  request within milliseconds of connecting, so only a connection that holds back is closed,
+  and no number of silent connections can keep a scanner out.
 - Only a complete request makes an association (its reactor decodes the PDU read here), and
   only associations count against ``[dicom].max_associations``.
 """
@@ -29,6 +30,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -46,10 +48,32 @@ from node.ingest.pdu import (
 
 log = logging.getLogger(__name__)
 
-#: Connections of one listener process that may wait for their association request at once.
+#: Connections of one listener process that may wait for their association request (and TLS
+#: handshake) at once.
 MAX_WAITING = 64
 #: The buffer of a request starts at this size and grows only as its bytes arrive.
 _FIRST_CHUNK_BYTES = 64 * 1024
+
+
+class HandshakeFailed(PduError):
+    """The peer's TLS handshake failed (no common protocol, a certificate refused, plain
+    DICOM on the TLS port...)."""
+
+
+def _tls_handshake(sock: ssl.SSLSocket, deadline: float) -> None:
+    """Complete the server side of the TLS handshake by ``deadline`` (time.monotonic)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PduTimeout("no TLS handshake in time")
+    sock.settimeout(left)
+    try:
+        sock.do_handshake()
+    except TimeoutError as exc:
+        raise PduTimeout("no TLS handshake in time") from exc
+    except (ssl.SSLEOFError, ConnectionError) as exc:  # closed: a port probe, or made room
+        raise PeerClosed(f"closed during the TLS handshake: {exc}") from exc
+    except OSError as exc:  # ssl.SSLError is one
+        raise HandshakeFailed(f"TLS handshake failed: {exc}") from exc
 
 
 def _request_limit(pdu_type: int) -> int:
@@ -120,15 +144,22 @@ def receive_association_request(sock: socket.socket, peer: str, acse_timeout_s: 
                                 waiting: WaitingConnections | None) -> bytearray | None:
     """The connection's A-ASSOCIATE-RQ PDU (header included), or None when it has none.
 
+    ``sock`` is a TLS socket whose handshake has not begun (``do_handshake_on_connect``
+    off) when the listener has TLS: it is done here, within the same deadline.
+
     None: the connection sent something else, nothing in time, or closed, or was closed to
-    make room (logged; an A-ABORT went to a peer that sent something else); the caller closes
-    it. On success the socket is blocking again, as pynetdicom expects it.
+    make room, or failed its TLS handshake (logged; an A-ABORT went to a peer that sent
+    something else); the caller closes it. On success the socket is blocking again, as
+    pynetdicom expects it.
     """
+    deadline = time.monotonic() + acse_timeout_s
     key = waiting.enter(sock, peer) if waiting is not None else None
     if waiting is not None and key is None:
         return None  # the listener is stopping
     try:
-        request = read_pdu(sock, _request_limit, deadline=time.monotonic() + acse_timeout_s,
+        if isinstance(sock, ssl.SSLSocket):
+            _tls_handshake(sock, deadline)
+        request = read_pdu(sock, _request_limit, deadline=deadline,
                            first_chunk=_FIRST_CHUNK_BYTES)
         sock.settimeout(None)
         return request
@@ -139,6 +170,8 @@ def receive_association_request(sock: socket.socket, peer: str, acse_timeout_s: 
             with contextlib.suppress(OSError):
                 sock.settimeout(1.0)  # a peer that reads nothing must not hold us here
                 sock.sendall(a_abort(exc.abort_reason))
+        elif isinstance(exc, HandshakeFailed):
+            log.warning("connection closed: %s", exc, extra={"peer": peer})
         elif isinstance(exc, PduTimeout):
             log.warning("connection closed: no complete association request within %g s",
                         acse_timeout_s, extra={"peer": peer})

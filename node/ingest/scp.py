@@ -41,14 +41,13 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import DicomSettings, TlsSettings
 from node.errors import ConfigError, IngestError
-from node.ingest.handshake import WaitingConnections
 from node.ingest.meta import encode_file_meta
+from node.ingest.servers import DispatchedAssociationServer, NodeAssociationServer
 from node.ingest.store import Store
 from node.ingest.transport import DUL_LOOP_DELAY_S, EventDrivenDUL, NodeRequestHandler
 from node.queue import repo
@@ -187,64 +186,6 @@ class AccessPolicy:
         return None
 
 
-class NodeAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the connections still waiting for their association
-    request (read by :class:`~node.ingest.transport.NodeRequestHandler`), and the TLS handshake
-    in each connection's own thread.
-
-    pynetdicom does the handshake in its accept loop (``get_request``), without a timeout: one
-    peer that opens a connection and never completes the handshake stops every connection
-    after it. Here the accept loop only accepts; a peer that never completes the handshake
-    holds only its own thread, and only for the ACSE timeout (then its association request has
-    its own deadline).
-
-    ``connection_ended`` (set by :class:`Scp` on a dispatched server) is called once for every
-    connection, when its association thread ends or when it fails before one starts; the main
-    process counts open connections per listener with it.
-    """
-
-    waiting: WaitingConnections
-    connection_ended: Callable[[], None] | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.waiting = WaitingConnections()
-        super().__init__(*args, **kwargs)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        assert self.socket is not None
-        return self.socket.accept()  # the handshake: process_request_thread
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        started = False
-        try:
-            if self.ssl_context is not None:
-                request.settimeout(self.ae.acse_timeout)
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            self.finish_request(request, client_address)  # starts the association thread
-            started = True
-        except Exception:
-            log.warning("cannot start an association on a connection",
-                        extra={"peer": f"{client_address[0]}:{client_address[1]}"},
-                        exc_info=True)
-            self.shutdown_request(request)
-        finally:
-            if not started and self.connection_ended is not None:
-                self.connection_ended()
-
-
-class DispatchedAssociationServer(NodeAssociationServer):
-    """pynetdicom's threaded server without a port of its own, in a listener process: the main
-    process accepts each connection and passes it here (:mod:`node.ingest.dispatch`), and
-    :meth:`Scp.adopt` runs it as pynetdicom's accept loop would."""
-
-    def server_bind(self) -> None:
-        """Nothing to bind: ``server_address`` stays the node's address, for pynetdicom."""
-
-    def server_activate(self) -> None:
-        """Nothing to listen on."""
-
-
 class Scp:
     """The node's Storage SCP.
 
@@ -283,7 +224,7 @@ class Scp:
         # max_associations counts (see _admit).
         self._admitted: dict[int, Association] = {}
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: NodeAssociationServer | None = None
         self._accept_thread: threading.Thread | None = None
         self.ae = self._build_ae()
 
@@ -360,7 +301,7 @@ class Scp:
             request_handler=NodeRequestHandler,
         )
         self.ae._servers.append(server)
-        self._server = server
+        self._server = cast(NodeAssociationServer, server)  # of the server_class given
         if isinstance(server, DispatchedAssociationServer):
             server.connection_ended = self._connection_ended
         else:

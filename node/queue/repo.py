@@ -639,14 +639,17 @@ def mark_done(
     return _finish(session, series_id, SeriesState.DONE, reason, worker_id, actor)
 
 
-def fill_scanner(session: Session, series_id: int, values: dict[str, str]) -> None:
-    """Set scanner columns (``station_name``, ``manufacturer``, ``scanner_model``) that the
-    series row lacks, from its headers as the worker read them (a series stored before
-    revision 0011_series_scanner, or whose first instance named no scanner); a value already
-    there stays."""
+def fill_series_columns(session: Session, series_id: int, values: dict[str, str]) -> None:
+    """Set columns of the series row that it lacks (the scanner's ``station_name``,
+    ``manufacturer``, ``scanner_model``; ``modality``, ``body_part``, ``series_description``)
+    from its headers as the worker or the backfill read them: a series stored before revision
+    0011_series_scanner, or whose first instance did not name them (a broken sender may leave
+    Modality out of some images). A value already there stays; each is cut to its column."""
+    columns = Series.__table__.c
     with _transaction(session):
         session.execute(update(Series).where(Series.id == series_id).values(
-            {column: func.coalesce(getattr(Series, column), value[:64])
+            {column: func.coalesce(getattr(Series, column),
+                                   value[:getattr(columns[column].type, "length", None)])
              for column, value in values.items()}))
 
 

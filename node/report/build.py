@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
-from highdicom.enum import PatientSexValues
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -54,11 +53,11 @@ from pydicom.uid import (
     KeyObjectSelectionDocumentStorage,
     generate_uid,
 )
-from pydicom.valuerep import DA, TM
 
 from node.errors import ReportError
 from node.functional_groups import functional_group_item
 from node.report.content import SeriesVerdict, SliceVerdict
+from node.report.header import header_source, series_modality, view_of
 
 # --- codes -----------------------------------------------------------------------------------
 
@@ -181,43 +180,6 @@ def _index_sources(verdict: SeriesVerdict, sources: Iterable[Dataset]) -> dict[s
     return by_uid
 
 
-#: Type 2 attributes (PS3.3 C.7.1.1, C.7.2.1) that highdicom puts into a report's header from
-#: its first source, reading each one as an attribute (AttributeError when absent) and
-#: converting the dates, the time and the sex (ValueError for a value it cannot parse).
-HEADER_TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                         "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
-                         "ReferringPhysicianName")
-_CONVERTED: dict[str, Any] = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM,
-                              "PatientSex": lambda v: PatientSexValues(v) if v else v}
-
-
-def _header_value(ds: Dataset, keyword: str) -> Any:
-    """``ds``'s value of ``keyword`` as highdicom can take it, else None (empty)."""
-    try:
-        value = ds.get(keyword)
-        convert = _CONVERTED.get(keyword)
-        if value is not None and convert is not None:
-            convert(value)
-    except (ValueError, TypeError, KeyError, NotImplementedError):
-        return None
-    return value
-
-
-def _header_source(evidence: Sequence[Dataset]) -> list[Dataset]:
-    """``evidence`` with its first dataset (the one highdicom makes the report's patient and
-    study header from) replaced by a copy in which each of :data:`HEADER_TYPE2_KEYWORDS` is
-    present: as in the source, or empty where the source lacks it or holds a value that
-    cannot be converted (anonymized and research data often lack the birth date). The report
-    is what the user came for; an empty Type 2 attribute is valid DICOM."""
-    first = evidence[0]
-    view = Dataset()
-    for elem in first.elements():
-        view[elem.tag] = elem
-    for keyword in HEADER_TYPE2_KEYWORDS:
-        setattr(view, keyword, _header_value(first, keyword))
-    return [view, *evidence[1:]]
-
-
 def _evidence(verdict: SeriesVerdict, by_uid: dict[str, Dataset]) -> list[Dataset]:
     # One dataset per referenced instance, in stack order (a multi-frame instance once).
     seen: dict[str, Dataset] = {}
@@ -332,11 +294,6 @@ _LIBRARY_GEOMETRY = ("PixelSpacing", "SliceThickness", "ImageOrientationPatient"
                      "ImagePositionPatient")
 
 
-def _series_modality(evidence: Sequence[Dataset]) -> str:
-    """The series' Modality, from the first image that states it ('' when none does)."""
-    return next((m for ds in evidence if (m := str(ds.get("Modality") or "").strip())), "")
-
-
 def _library_entry(ds: Dataset, modality: str) -> Dataset | None:
     """What an Image Library entry (TID 1601) is described from, or None when it cannot be.
 
@@ -352,9 +309,7 @@ def _library_entry(ds: Dataset, modality: str) -> Dataset | None:
             return None
         if ds.get("Modality"):
             return ds
-        view = Dataset()
-        for elem in ds.elements():
-            view[elem.tag] = elem
+        view = view_of(ds)
         view.Modality = modality
         return view
     measures = functional_group_item(ds, 0, "PixelMeasuresSequence")
@@ -381,7 +336,7 @@ def _measurement_report(
 ) -> hd.sr.MeasurementReport:
     # The Image Library describes every referenced image for viewers; it is left out (as
     # highdicom allows) when some image lacks the attributes its entries are made from.
-    modality = _series_modality(evidence)
+    modality = series_modality(evidence)
     entries = [e for ds in evidence if (e := _library_entry(ds, modality)) is not None]
     library = entries if len(entries) == len(evidence) else None
     return hd.sr.MeasurementReport(
@@ -462,11 +417,11 @@ def build_sr(
     algorithm = _algorithm(verdict)
     groups = [_slice_group(verdict, s, algorithm) for s in verdict.slices]
     groups.append(_series_group(verdict, algorithm))
-    procedure = _PROCEDURE_BY_MODALITY.get(_series_modality(evidence),
+    procedure = _PROCEDURE_BY_MODALITY.get(series_modality(evidence),
                                            codes.cid100.ImagingProcedure)
     report = _measurement_report(identity, verdict, procedure, groups, evidence)
     sr = _comprehensive_sr(
-        evidence=_header_source(evidence),
+        evidence=header_source(evidence),
         root=report[0],
         series_instance_uid=report_series_uid(verdict.series_instance_uid, "SR"),
         series_number=SR_SERIES_NUMBER,
@@ -592,7 +547,7 @@ def _key_object_document(
         description=description[:1024],
     )
     doc = hd.ko.KeyObjectSelectionDocument(
-        evidence=_header_source(objects),
+        evidence=header_source(objects),
         content=content,
         series_instance_uid=report_series_uid(verdict.series_instance_uid, kind),
         series_number=series_number,

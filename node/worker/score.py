@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Columns of a series row the worker fills from the headers when the row has none: the first
+#: instance received set them, and it may have lacked one that others of the series name.
+_FILLED_COLUMNS = ("modality", "body_part", "series_description", "station_name",
+                   "manufacturer", "scanner_model")
+
 
 # --- scoring (shared with ``vaenode score``) -------------------------------------------------
 
@@ -303,11 +308,11 @@ def process_series(
         if partial is not None:
             return _finish(session_factory, series, worker_id, Outcome.SKIPPED, partial)
         attrs = series_attributes(read_headers(paths))
-        missing = {column: value for column in ("station_name", "manufacturer", "scanner_model")
+        missing = {column: value for column in _FILLED_COLUMNS
                    if getattr(series, column) is None and (value := getattr(attrs, column))}
         if missing:  # a row from before revision 0011, or a first instance that named none
             with session_factory() as session:
-                repo.fill_scanner(session, series.id, missing)
+                repo.fill_series_columns(session, series.id, missing)
         decision = route(attrs, list(settings.routing.rules), settings.model)
         if decision.rule is None:
             return _finish(session_factory, series, worker_id, Outcome.SKIPPED,

@@ -88,7 +88,7 @@ def scored_node(
     from node.queue.models import Series
     from tests.helpers.dcmtk import env as dcmtk_env
     from tests.helpers.dcmtk import tool
-    from tests.helpers.node import free_port, start_node
+    from tests.helpers.node import free_port, scoring_sections, start_node
     from tests.helpers.orthanc import Orthanc
     from tests.helpers.series import DICOM, IXI, load_volume, write_series
 
@@ -112,14 +112,7 @@ def scored_node(
     node = None
     try:
         node = start_node(workdir / "node", sections={
-            "queue": {"series_idle_s": 1.0, "check_interval_s": 0.3},
-            "worker": {"enabled": True, "poll_interval_s": 0.3},
-            "model": {"bundle": str(tiny_bundle), "device": "cpu"},
-            "routing": {"rules": [{"name": "brain-t1-mr", "modality": "MR",
-                                   "min_abnormal_slices": 3}]},
-            "delivery": {"retry_base_s": 0.5, "poll_interval_s": 0.3, "destinations": [
-                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                 "port": orthanc.dicom_port}]},
+            **scoring_sections(tiny_bundle, orthanc.dicom_port, rule="brain-t1-mr"),
             "admin": {"enabled": True, "bind_address": "127.0.0.1", "port": admin_port,
                       "token": TOKEN},
         })

@@ -78,6 +78,20 @@ def node_sections(workdir: Path, port: int, sections: Mapping[str, Mapping[str, 
     return out
 
 
+def scoring_sections(bundle: Path, pacs_port: int, rule: str = "mr"
+                     ) -> dict[str, dict[str, Any]]:
+    """Sections of a node that scores MR series soon after they arrive (with ``bundle``, on
+    the CPU) and delivers its reports to the PACS of AE title PACS on ``pacs_port``."""
+    return {
+        "queue": {"series_idle_s": 1.0, "check_interval_s": 0.3},
+        "worker": {"enabled": True, "poll_interval_s": 0.3},
+        "model": {"bundle": str(bundle), "device": "cpu"},
+        "routing": {"rules": [{"name": rule, "modality": "MR", "min_abnormal_slices": 3}]},
+        "delivery": {"retry_base_s": 0.5, "poll_interval_s": 0.3, "destinations": [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}]},
+    }
+
+
 @dataclass
 class RunningNode:
     """A ``vaenode serve`` subprocess and where its files are."""

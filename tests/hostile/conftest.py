@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
 TRIO = DATA / "siemens_trio_gre_field_mapping_2"
 FORREST = DATA / "studyforrest_t1w"
 #: The ACSE timeout of the attacked nodes, seconds.
-ACSE_TIMEOUT_S = 3.0
+ACSE_TIMEOUT_S = 5.0
 
 
 def series_files(folder: Path, count: int | None = None) -> list[Path]:
@@ -31,7 +31,7 @@ def series_files(folder: Path, count: int | None = None) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def open_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    """A node as shipped (two listener processes, open loopback dashboard), ACSE timeout 3 s."""
+    """A node as shipped (two listener processes, open loopback dashboard), ACSE timeout 5 s."""
     node = start_node(tmp_path_factory.mktemp("open-node"), sections={
         "dicom": {"acse_timeout_s": ACSE_TIMEOUT_S},
         "admin": {"enabled": True, "bind_address": "127.0.0.1", "port": free_port()},

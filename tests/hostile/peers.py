@@ -134,6 +134,24 @@ class RawStoreSCU:
         self.assoc: Association = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert self.assoc.is_established, "the node refused the fuzzer's association"
         self._message_id = 0
+        self._pause_reactor()
+
+    def _pause_reactor(self) -> None:
+        """Hold the association's reactor until :meth:`release`: it would otherwise take a
+        C-STORE response off the DIMSE queue before :meth:`store` does.
+
+        pynetdicom's own pause (clear the checkpoint, wait for ``_is_paused``) races: the
+        reactor sets ``_is_paused`` just before waiting on the checkpoint, so a wait that
+        began before the clear returns at once while the flag still says paused, and the
+        reactor's next turn took a response (one C-STORE of the corpus in a few runs). Here the
+        reactor counts as paused only once it is blocked on the cleared checkpoint.
+        """
+        checkpoint = self.assoc._reactor_checkpoint
+        checkpoint.clear()
+        deadline = time.monotonic() + 30
+        while not (self.assoc._is_paused and checkpoint._cond._waiters):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the association's reactor did not pause"
+            time.sleep(0.001)
 
     def _context_id(self, abstract: str, syntax: str) -> int:
         for context in self.assoc.accepted_contexts:
@@ -151,24 +169,17 @@ class RawStoreSCU:
         request.MessageID = self._message_id
         request.Priority = 2
         assoc = self.assoc
-        # As Association.send_c_store does: pause the association's reactor, which would
-        # otherwise take the response for itself.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
         with lenient_uids():  # the request's UIDs, and the response's that echo them
             request.AffectedSOPClassUID = sop_class
             request.AffectedSOPInstanceUID = sop_instance
             request.DataSet = BytesIO(data)
-            try:
-                assoc.dimse.send_msg(request, self._context_id(context_class, syntax))
-                _, response = assoc.dimse.get_msg(block=True)
-            finally:
-                assoc._reactor_checkpoint.set()
+            assoc.dimse.send_msg(request, self._context_id(context_class, syntax))
+            _, response = assoc.dimse.get_msg(block=True)  # the reactor is paused
         assert response is not None, "no C-STORE response (association ended?)"
         return int(response.Status)
 
     def release(self) -> None:
+        self.assoc._reactor_checkpoint.set()
         if self.assoc.is_established:
             self.assoc.release()
 

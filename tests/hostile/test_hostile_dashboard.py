@@ -47,6 +47,9 @@ def test_a_rebinding_page_gets_nothing_from_the_open_dashboard(open_node: Runnin
     refused = http(f"{base}/queue", headers=evil)
     assert refused.status == 400 and "allowed_hosts" in refused.text
     assert b"<table" not in refused.body
+    # The health probe answers any Host: a load balancer names the address it probes.
+    health = http(f"{base}/healthz", headers=evil)
+    assert health.status == 200 and health.text == "ok\n"
     # A review action posted by the page (same origin as far as the browser knows).
     form = urllib.parse.urlencode({"action": "confirm", "reviewer": "evil"}).encode()
     origin = {**evil, "Origin": f"http://evil.example:{port}"}

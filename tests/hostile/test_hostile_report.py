@@ -22,13 +22,13 @@ import pytest
 from sqlalchemy import select
 
 from node.queue.models import Series
-from node.report.build import HEADER_TYPE2_KEYWORDS
+from node.report.header import HEADER_TYPE2_KEYWORDS
 from tests.helpers.dcmtk import storescu
-from tests.helpers.node import start_node
+from tests.helpers.node import scoring_sections, start_node
 from tests.helpers.orthanc import Orthanc
 from tests.hostile.conftest import DATA, series_files
 from tests.hostile.corpus import SOP_INSTANCE_TAG, Source, with_value
-from tests.hostile.peers import MR_IMAGE, RawStoreSCU
+from tests.hostile.peers import MR_IMAGE, RawStoreSCU, conformance_answer
 
 pytestmark = pytest.mark.e2e
 
@@ -76,15 +76,8 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     orthanc.start()
     node = None
     try:
-        node = start_node(work / "node", sections={
-            "queue": {"series_idle_s": 1.0, "check_interval_s": 0.3},
-            "worker": {"enabled": True, "poll_interval_s": 0.3},
-            "model": {"bundle": str(bundle), "device": "cpu"},
-            "routing": {"rules": [{"name": "mr", "modality": "MR", "min_abnormal_slices": 3}]},
-            "delivery": {"retry_base_s": 0.5, "poll_interval_s": 0.3, "destinations": [
-                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                 "port": orthanc.dicom_port}]},
-        })
+        node = start_node(work / "node",
+                          sections=scoring_sections(bundle, orthanc.dicom_port))
         # The unknown-VR instance of the second series, first: refused, the series goes on.
         bad = Source.read(no_modality[-1])
         bad_uid = bad.sop_instance + ".9"
@@ -134,18 +127,24 @@ def test_a_series_without_its_type_2_header_attributes_reaches_pacs_as_an_sr(
            if ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
            .SeriesInstanceUID == scored["uids"]["stripped"]]
     assert len(srs) == 1
-    for keyword in HEADER_TYPE2_KEYWORDS:  # present, and empty (Type 2)
+    promised = conformance_answer("Type 2 patient or study attributes missing")
+    for keyword in HEADER_TYPE2_KEYWORDS:  # present, and empty (Type 2), as promised
+        assert f"`{keyword}`" in promised, keyword
         assert keyword in srs[0] and not srs[0][keyword].value, keyword
 
 
 def test_a_series_whose_first_instances_lack_modality_is_scored_whole(
         scored: dict[str, Any]) -> None:
+    assert "every image is scored" in conformance_answer("Modality missing from some images")
     row = scored["rows"]["no_modality"]
     assert str(row.status) == "done", row.status_reason
+    assert row.modality == "MR"
     assert row.scored_slices == scored["sent"]["no_modality"]
 
 
 def test_an_unknown_vr_instance_costs_its_series_nothing(scored: dict[str, Any]) -> None:
+    assert "scored with the instances that were stored" in conformance_answer(
+        "one instance of the series refused")
     assert scored["bad_status"] == 0xC210
     row = scored["rows"]["no_modality"]
     assert str(row.status) == "done" and row.instance_count == scored["sent"]["no_modality"]

@@ -578,7 +578,7 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path, processes: int) -> N
     client_key, client_crt = _make_cert(certs, "client", ca)
     stranger_key, stranger_crt = _make_cert(certs, "stranger")  # not signed by the CA
     node = start_node(tmp_path / "node", sections={"dicom": {
-        "listener_processes": processes, "tls": {
+        "listener_processes": processes, "acse_timeout_s": 3.0, "tls": {
             "enabled": True, "cert_file": str(node_crt), "key_file": str(node_key),
             "ca_file": str(ca[1]), "require_client_cert": True}}})
 
@@ -596,11 +596,15 @@ def test_dicom_tls_with_client_certificates(tmp_path: Path, processes: int) -> N
         assert echo("+tla", "+cf", str(ca[1])).returncode != 0  # no client certificate
         # Failed handshakes cost nothing lasting: the node still serves, on every listener,
         # also while a peer holds a connection without starting its handshake (one listener
-        # process: pynetdicom's accept loop did the handshake and waited on it forever).
-        with socket.create_connection(("127.0.0.1", node.port)):
+        # process: pynetdicom's accept loop did the handshake and waited on it forever), and
+        # closes that one within the ACSE timeout.
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as silent:
             for _ in range(processes):
                 again = echo("+tls", str(client_key), str(client_crt), "+cf", str(ca[1]))
                 assert again.returncode == 0, again.stderr
+            assert silent.recv(1) == b""
+        log = node.log_text()
+        assert "TLS handshake failed" in log and "Traceback" not in log, log[-3000:]
     finally:
         node.kill()
 

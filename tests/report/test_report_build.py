@@ -23,7 +23,6 @@ from pydicom.uid import (
 from node.errors import ReportError
 from node.report import build as build_module
 from node.report.build import (
-    HEADER_TYPE2_KEYWORDS,
     PRIVATE_SCHEME,
     ReportIdentity,
     build_kos,
@@ -32,6 +31,7 @@ from node.report.build import (
     report_series_uid,
 )
 from node.report.content import SeriesVerdict, SliceVerdict
+from node.report.header import HEADER_TYPE2_KEYWORDS
 from tests.helpers.reports import (
     dciodvfy,
     image_library,
