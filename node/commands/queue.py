@@ -63,9 +63,10 @@ def reference_dict(view: Any, needed: int) -> dict[str, Any]:
     }
 
 
-def _session(config: Any, *, read_only: bool = False) -> Any:
-    """A session on the configured queue database; ``read_only`` ones never wait for ingest."""
-    settings = setup(config)
+def _session(config: Any, *, read_only: bool = False, settings: Any = None) -> Any:
+    """A session on the configured queue database; ``read_only`` ones never wait for ingest.
+    ``settings``: already loaded from ``config``."""
+    settings = settings or setup(config)
     from node.queue.db import make_engine, make_read_session_factory, make_session_factory
 
     make = make_read_session_factory if read_only else make_session_factory
@@ -124,7 +125,7 @@ def senders_cmd(
 
     settings = setup(config)
     needed = settings.learning.series
-    with _session(config, read_only=True) as session:
+    with _session(config, read_only=True, settings=settings) as session:
         rows = [s for s in sender_stats(session, days) if s.series]
         views = reference_views(session)
     if as_json:
@@ -187,7 +188,7 @@ def relearn_cmd(
     from node.queue.references import restart_learning
 
     settings = setup(config)
-    with _session(config) as session:
+    with _session(config, settings=settings) as session:
         created = restart_learning(session, actor=f"cli:{getpass.getuser()}", note=note,
                                    station=station, protocol=protocol)
     if not created:
@@ -213,7 +214,8 @@ def show_cmd(
     from node.queue.models import Alert, Instance, Series, SeriesEvent
     from node.queue.references import judged_note
 
-    with _session(config, read_only=True) as session:
+    settings = setup(config)
+    with _session(config, read_only=True, settings=settings) as session:
         series = session.execute(
             select(Series).where(Series.series_instance_uid == series_uid)
         ).scalar_one_or_none()
@@ -231,7 +233,7 @@ def show_cmd(
         alerts = session.execute(
             select(Alert).where(Alert.series_id == series.id).order_by(Alert.id)
         ).scalars().all()
-        reference = judged_note(session, series, setup(config).learning.series)
+        reference = judged_note(session, series, settings.learning.series)
     out = series_dict(series)
     out["reference"] = reference
     out["events"] = [
