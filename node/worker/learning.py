@@ -105,7 +105,7 @@ def select_series(series: Sequence[LearningSeries]) -> Selection:
     """
     excluded = [s.series_id for s in series
                 if s.review is Review.FLAGGED or np.asarray(s.scores).size == 0]
-    usable = [s for s in series if s.series_id not in set(excluded)]
+    usable = [s for s in series if s.series_id not in excluded]
     count = int(TRIM_FRACTION * len(usable))
     worst: set[int] = set()
     if count:
@@ -114,7 +114,7 @@ def select_series(series: Sequence[LearningSeries]) -> Selection:
             order = np.argsort(summaries[:, column], kind="stable")[:count]
             worst |= {usable[i].series_id for i in order}
     trimmed = [s.series_id for s in usable if s.series_id in worst and s.review is Review.NONE]
-    kept = [s.series_id for s in usable if s.series_id not in set(trimmed)]
+    kept = [s.series_id for s in usable if s.series_id not in trimmed]
     return Selection(tuple(kept), tuple(trimmed), tuple(excluded))
 
 

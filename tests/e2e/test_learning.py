@@ -17,11 +17,9 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -34,6 +32,7 @@ from node.queue.models import Report, Series, SliceScore, StationReference
 from node.worker.station import normal_series_folders
 from tests.helpers.dcmtk import storescu
 from tests.helpers.node import RunningNode, start_node
+from tests.helpers.node import wait_for as wait
 from tests.helpers.reports import dciodvfy, measurement_groups
 from tests.helpers.series import IXI, WrittenSeries, load_volume, motion_block, write_series
 
@@ -86,19 +85,6 @@ def write_site_series(nifti: Path, out: Path, seed: int, *, whole_motion: bool =
     return write_series(volume, spacing, out, station_name=STATION, series_description=PROTOCOL,
                         patient_id=nifti.name[:6],
                         corrupted=range(*block) if block is not None else ())
-
-
-def wait(what: str, check: Callable[[], Any], timeout_s: float, node: RunningNode) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if node.proc.poll() is not None:
-            pytest.fail(f"vaenode serve exited while waiting for {what}\n"
-                        f"{node.log_text()[-4000:]}")
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{node.log_text()[-4000:]}")
 
 
 def send(node: RunningNode, series: WrittenSeries) -> None:
