@@ -22,6 +22,7 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from node.queue.models import AdminAction, Series, SliceScore, StationReference, utcnow
 from node.queue.states import SeriesState
@@ -86,7 +87,7 @@ def key_of(reference: StationReference) -> StationKey:
                       reference.protocol, reference.model_name, reference.model_version)
 
 
-def _current(key: StationKey) -> Sequence[object]:
+def _current(key: StationKey) -> tuple[ColumnElement[bool], ...]:
     return (StationReference.station == key.station,
             StationReference.station_source == key.station_source,
             StationReference.scanner_model == key.scanner_model,
@@ -154,7 +155,7 @@ def learned_counts(session: Session, reference_ids: Sequence[int]) -> dict[int, 
             Series.reference_id.in_(list(reference_ids)), Series.reference_state == LEARNING,
             Series.status == SeriesState.DONE, Series.abnormal.is_not(None))
         .group_by(Series.reference_id))
-    return {int(rid): int(n) for rid, n in rows}
+    return {int(rid): int(n) for rid, n in rows if rid is not None}
 
 
 def latest_reviews_of(session: Session, series_ids: Sequence[int]) -> dict[int, str]:

@@ -9,10 +9,10 @@ A queued series goes through :func:`process_series`: read headers, route, assemb
 judge against its station's reference (:mod:`node.worker.station`: the bundle's own verdict
 while the station learns), then in ONE transaction: mark it done (only if this worker still
 holds it), store the slice scores and the verdict, calibrate the station's reference when this
-was its last learning series, build and queue the reports. So a series is either done with its reports
-queued, or not done at all; a crash anywhere before the commit leaves it ``processing`` with a
-lease that recovery takes back. An exception while scoring marks that series ``failed`` with the
-reason, and the worker goes on with the next one.
+was its last learning series, build and queue the reports. So a series is either done with its
+reports queued, or not done at all; a crash anywhere before the commit leaves it
+``processing`` with a lease that recovery takes back. An exception while scoring marks that
+series ``failed`` with the reason, and the worker goes on with the next one.
 """
 
 from __future__ import annotations
