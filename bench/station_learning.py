@@ -12,15 +12,22 @@ are held out:
 - slice FPR: flagged foreground slices of the held-out clean series (target: the bundle's
   target rate, 1%); series flagged: held-out clean series with at least 3 flagged slices
   (the shipped routing rule's ``min_abnormal_slices``);
-- motion block: flagged slices of the motion block, for the held-out subjects that have one.
+- motion block: flagged slices of the motion block, for the held-out subjects that have one;
+- left out: learning series the rule left out (mean over splits).
 
-Rows: the bundle out of the box; the node's reference (``node.worker.learning``: the worst
-20% by median and by 10th percentile left out); the same without leaving anything out; and
-a candidate that leaves out only outliers (below the median by more than 3 robust standard
-deviations, by median or by 10th percentile).
+``--bad`` sets how many of the 20 learning series are bad: 0, 1 (a whole series with moderate
+motion) or 3 (that, and two with the motion block). Rows: the bundle out of the box; the
+node's reference (``node.worker.learning``: outliers below the other series, by median or by
+10th percentile, left out); the rule the node first had (the worst 20% by median and by 10th
+percentile left out); nothing left out; only the bad series left out (an oracle no station
+has: what the robust rules aim at); and a candidate that takes the node's kept series but
+sets the quantile level by leaving one series out (the level at which each kept series,
+judged by the others' low, is flagged at the target rate on average), against the small
+number of series.
 
     .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
-        [--site "noise 0.02"] [--site "gamma 0.75"] [--splits 300] [--cache /tmp/sl]
+        [--site "noise 0.02"] [--site "gamma 0.75"] [--bad 0 --bad 1 --bad 3] \\
+        [--splits 300] [--cache /tmp/sl]
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
 from node.worker.learning import (  # noqa: E402
     LearningSeries,
     build_reference,
-    map_scores,
+    select_series,
     series_summary,
 )
 
@@ -95,72 +102,101 @@ def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, 
     return out
 
 
-def outliers_only(series: list[LearningSeries], fpr: float) -> tuple[float, float]:
-    """The candidate: leave out only series far below the others (3 robust SDs)."""
-    summary = np.array([series_summary(s.scores) for s in series])
-    keep = np.ones(len(series), dtype=bool)
-    for column in range(2):
-        median = np.median(summary[:, column])
-        spread = 1.4826 * np.median(np.abs(summary[:, column] - median))
-        keep &= summary[:, column] >= median - 3.0 * spread
-    kept = [s.scores for s, k in zip(series, keep, strict=True) if k]
-    return (float(np.median([np.median(v) for v in kept])),
-            float(np.quantile(np.concatenate(kept), fpr)))
+Rule = Callable[[list[np.ndarray], set[int], float], tuple[float, int]]
 
 
-def untrimmed(series: list[LearningSeries], fpr: float) -> tuple[float, float]:
-    scores = [s.scores for s in series]
-    return (float(np.median([np.median(v) for v in scores])),
-            float(np.quantile(np.concatenate(scores), fpr)))
+def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    built = build_reference([LearningSeries(i, v) for i, v in enumerate(series)], fpr)
+    return built.low, len(built.selection.trimmed)
 
 
-def node_rule(series: list[LearningSeries], fpr: float) -> tuple[float, float]:
-    built = build_reference(series, fpr)
-    return built.centre, built.low
+def worst_fifth(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    """The node's first rule: the worst 20% by median and by 10th percentile left out."""
+    summary = np.array([series_summary(v) for v in series])
+    count = int(0.2 * len(series))
+    worst = set(np.argsort(summary[:, 0], kind="stable")[:count]) | set(
+        np.argsort(summary[:, 1], kind="stable")[:count])
+    kept = [v for i, v in enumerate(series) if i not in worst]
+    return float(np.quantile(np.concatenate(kept), fpr)), len(worst)
 
 
-RULES: dict[str, Callable[[list[LearningSeries], float], tuple[float, float]] | None] = {
+def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    return float(np.quantile(np.concatenate(series), fpr)), 0
+
+
+def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    kept = [v for i, v in enumerate(series) if i not in bad]
+    return float(np.quantile(np.concatenate(kept), fpr)), len(bad)
+
+
+def leave_one_out_level(kept: list[np.ndarray], fpr: float) -> float:
+    """The largest level (of 19 up to ``fpr``) at which each kept series, judged by the others'
+    pooled quantile at that level, is flagged at ``fpr`` or less on average."""
+    levels = fpr * np.linspace(0.1, 1.0, 19)
+    rates = np.zeros(levels.size)
+    for i, own in enumerate(kept):
+        others = np.concatenate([v for j, v in enumerate(kept) if j != i])
+        rates += np.array([np.mean(own < low) for low in np.quantile(others, levels)])
+    fitting = levels[rates / len(kept) <= fpr]
+    return float(fitting.max()) if fitting.size else float(levels[0])
+
+
+def leave_one_out(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
+    kept = [series[i] for i in selection.kept]
+    return (float(np.quantile(np.concatenate(kept), leave_one_out_level(kept, fpr))),
+            len(selection.trimmed))
+
+
+RULES: dict[str, Rule | None] = {
     "out of the box": None,
-    "learned (node: worst 20% left out)": node_rule,
+    "learned (the node: outliers left out)": node_rule,
+    "learned, worst 20% left out (the first rule)": worst_fifth,
     "learned, nothing left out": untrimmed,
-    "learned, outliers only (candidate)": outliers_only,
+    "learned, only the bad series left out (oracle)": oracle,
+    "learned, outliers left out, level by leaving one series out (candidate)": leave_one_out,
 }
 
 
-def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int) -> dict[str, list[float]]:
-    """Mean slice FPR, series flagged and motion-block flagged per rule over random splits."""
-    threshold, median = bundle.threshold, float(bundle.quantiles[100])
+def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
+             bad: int) -> dict[str, list[float]]:
+    """Mean slice FPR, series flagged, motion-block flagged and series left out per rule over
+    random splits, with ``bad`` bad learning series."""
+    threshold = bundle.threshold
     subjects = list(scores["clean"])
     fg = {s: v[0][v[1]] for s, v in scores["clean"].items()}
     rng = np.random.default_rng(0)
-    sums: dict[str, list[list[float]]] = {rule: [[], [], []] for rule in RULES}
+    sums: dict[str, list[list[float]]] = {rule: [[], [], [], []] for rule in RULES}
     for _ in range(splits):
         order = rng.permutation(len(subjects))
         learn = [subjects[i] for i in order[:LEARNING]]
         held = [subjects[i] for i in order[LEARNING:]]
-        series = [LearningSeries(k, fg[s]) for k, s in enumerate(learn)]
-        bad = [s for s in scores["whole"] if s not in held]
-        if bad:
-            sc, f = scores["whole"][bad[0]]
-            series[0] = LearningSeries(0, sc[f])
+        series = [fg[s] for s in learn]
+        spoiled: set[int] = set()
+        whole = [s for s in scores["whole"] if s not in held]
+        if bad >= 1 and whole:
+            sc, f = scores["whole"][whole[0]]
+            series[0] = sc[f]
+            spoiled.add(0)
+        for i in range(1, bad):
+            sc, f = scores["block"][learn[i]]
+            series[i] = sc[f]
+            spoiled.add(i)
         for rule, build in RULES.items():
-            if build is None:
-                def judge(x: np.ndarray) -> np.ndarray:
-                    return x < threshold
-            else:
-                centre, low = build(series, bundle.target_fpr)
-
-                def judge(x: np.ndarray, c: float = centre, lo: float = low) -> np.ndarray:
-                    return map_scores(x, c, lo, median, threshold) < threshold
-            flagged = [judge(fg[s]) for s in held]
+            # The mapping sends the station's low onto the threshold: a slice is flagged
+            # exactly when its own score is below the low (node.worker.learning).
+            low, left_out = (threshold, 0) if build is None else build(series, spoiled,
+                                                                        bundle.target_fpr)
+            flagged = [fg[s] < low for s in held]
             sums[rule][0].append(float(np.mean(np.concatenate(flagged))))
             sums[rule][1].append(float(np.mean([f.sum() >= MIN_ABNORMAL_SLICES
                                                 for f in flagged])))
+            sums[rule][3].append(float(left_out))
             for s in held:
                 sc, f = scores["block"][s]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
-                sums[rule][2].append(float(np.mean(judge(sc[inside & f]))))
+                sums[rule][2].append(float(np.mean(sc[inside & f] < low)))
     return {rule: [float(np.mean(v)) for v in values] for rule, values in sums.items()}
 
 
@@ -170,6 +206,8 @@ def main() -> None:
     parser.add_argument("--site", action="append", dest="sites",
                         help='"noise F" or "gamma G" (repeatable; default noise 0.02, gamma '
                              '0.75)')
+    parser.add_argument("--bad", type=int, action="append", choices=(0, 1, 3),
+                        help="bad learning series: 0, 1 or 3 (repeatable; default 1)")
     parser.add_argument("--splits", type=int, default=300)
     parser.add_argument("--cache", type=Path, help="keep each site's scores here")
     args = parser.parse_args()
@@ -191,17 +229,19 @@ def main() -> None:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(pickle.dumps(scores))
-        for rule, (fpr, flagged, block) in evaluate(bundle, scores, args.splits).items():
-            rows.append((kind, rule, fpr, flagged, block))
-    print(f"\n{bundle.name} {bundle.version}: {LEARNING} learning series (one of them a whole "
-          f"series with moderate motion), {len(subjects) - LEARNING} held out, "
-          f"{args.splits} splits\n")
-    print("| simulated site | reference | held-out normal slices flagged | held-out normal "
-          "series flagged | motion block flagged |")
-    print("|---|---|---|---|---|")
-    for kind, rule, fpr, flagged, block in rows:
-        print(f"| {kind} | {rule} | {100 * fpr:.2f}% | {100 * flagged:.1f}% | "
-              f"{100 * block:.1f}% |")
+        for bad in args.bad or [1]:
+            for rule, (fpr, flagged, block, left) in evaluate(bundle, scores, args.splits,
+                                                              bad).items():
+                rows.append((kind, bad, rule, fpr, flagged, block, left))
+    print(f"\n{bundle.name} {bundle.version}: {LEARNING} learning series (bad ones: a whole "
+          f"series with moderate motion, then series with the motion block), "
+          f"{len(subjects) - LEARNING} held out, {args.splits} splits\n")
+    print("| simulated site | bad learning series | reference | held-out normal slices flagged "
+          "| held-out normal series flagged | motion block flagged | series left out |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, bad, rule, fpr, flagged, block, left in rows:
+        print(f"| {kind} | {bad} | {rule} | {100 * fpr:.2f}% | {100 * flagged:.1f}% | "
+              f"{100 * block:.1f}% | {left:.1f} |")
 
 
 if __name__ == "__main__":

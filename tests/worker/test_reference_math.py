@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from node.worker.learning import (
+    MAD_TO_SD,
+    OUTLIER_Z,
     LearningSeries,
     ReferenceRefused,
     Review,
@@ -62,17 +64,27 @@ def test_a_few_bad_series_among_twenty_do_not_move_the_reference() -> None:
     assert naive_low(spoiled) < reference.low - 0.5 * (reference.centre - reference.low)
 
 
-def test_trimming_rounds_down_and_ranks_by_median_and_by_low_quantile() -> None:
-    site = normal_site(10, seed=3)
-    selection = select_series(site)
-    # 20% of 10: the 2 lowest medians and the 2 lowest 10th percentiles (overlapping or not).
-    medians = np.array([np.median(s.scores) for s in site])
-    lows = np.array([np.quantile(s.scores, 0.1) for s in site])
-    expected = set(np.argsort(medians)[:2]) | set(np.argsort(lows)[:2])
-    assert set(selection.trimmed) == expected
-    assert sorted(selection.kept + selection.trimmed) == list(range(10))
-    # Fewer than five usable series: nothing is trimmed.
-    assert select_series(site[:4]).trimmed == ()
+def test_only_outliers_below_the_other_series_are_trimmed_by_median_or_low_quantile() -> None:
+    # Series whose slice scores are one pattern shifted: median and 10th percentile shift too.
+    pattern = np.linspace(-3000.0, 3000.0, 101)
+    shifts = [0.0, 100.0, -100.0, 200.0, -200.0, 300.0, -300.0, 400.0, -400.0]
+    # With the two below: median -100, median absolute deviation 300, so the edge lies at
+    # -100 - 3.5 * 1.4826 * 300 = -1656.7.
+    edge = -100.0 - OUTLIER_Z * MAD_TO_SD * 300.0
+    assert -1700.0 < edge < -1600.0
+    site = [LearningSeries(i, pattern + d) for i, d in enumerate(shifts)]
+    inside = LearningSeries(9, pattern - 1500.0)
+    beyond = LearningSeries(10, pattern - 3000.0)
+    selection = select_series([*site, inside, beyond])
+    assert selection.trimmed == (10,)
+    assert sorted(selection.kept) == list(range(10))
+    # A series normal at its median but with a bad block low in it: its 10th percentile.
+    block = pattern.copy()
+    block[:15] -= 50000.0
+    assert select_series([*site, LearningSeries(11, block)]).trimmed == (11,)
+    assert np.median(block) == pytest.approx(np.median(pattern))
+    # A station's ordinary spread of subjects is kept whole: nothing trimmed from 20 normal.
+    assert select_series(normal_site(20, seed=3)).trimmed == ()
 
 
 def test_reviews_take_precedence_over_the_trimming() -> None:
