@@ -142,6 +142,11 @@ class ModelSettings(_Section):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
 
 
+class LearningSettings(_Section):
+    enabled: bool = True  # false: every verdict is the bundle's own; no station learns
+    series: int = Field(20, ge=3)  # scored series of a station and protocol before it calibrates
+
+
 #: Series descriptions the default brain T1 rule leaves alone although their echo time is short:
 #: angiography (time of flight) and susceptibility-weighted images are not T1 anatomy.
 BRAIN_T1_EXCLUDED_DESCRIPTIONS = r"(?<![a-z])(tof|angio|mra|swi|swan)"
@@ -428,6 +433,7 @@ class Settings(_Section):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)

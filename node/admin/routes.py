@@ -27,7 +27,9 @@ from node.admin.plots import plot_slice_scores
 from node.admin.thumbnails import ThumbnailError, render_thumbnail
 from node.alerts import outbox as alert_outbox
 from node.config import Settings
+from node.errors import AdminActionError
 from node.ingest.store import free_space_shortfall
+from node.queue import references
 from node.queue.models import Alert, Instance
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ QUEUE_REFRESH_S = 10
 RefreshQuery = Annotated[int, Query(ge=2, le=3600)]
 NORMAL_THUMBNAILS = 4
 FLAGGED_THUMBNAILS = 12
+#: Superseded station references listed on the Scanners page (newest first).
+EARLIER_REFERENCES = 50
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -175,6 +179,8 @@ def series_page(request: Request, session: ReadSessionDep, series_uid: str) -> H
                                    .where(Alert.series_id == series.id).order_by(Alert.id))],
         "actions": reviews.actions_for(session, series.id),
         "allowed": reviews.allowed_actions(session, series, verdict),
+        "reference": references.judged_note(session, series, settings.learning.series),
+        "reference_learning": series.reference_state == references.LEARNING,
     }
     _end_read(session)
     header = read_header_facts(first_path, settings.admin.show_patient_name)
@@ -279,11 +285,36 @@ def senders_page(
     request: Request, session: ReadSessionDep,
     days: Annotated[int, Query(ge=1, le=3650)] = 30,
 ) -> HTMLResponse:
-    """Per scanner (calling AE): series, verdicts, flag rate against the others', trend."""
+    """Per scanner (calling AE): series, verdicts, flag rate against the others', trend; per
+    station and protocol, what it has learned of its own normal."""
     rows = senders.sender_stats(session, days)
+    current = references.reference_views(session)
+    earlier = references.reference_views(session, superseded=True)[:EARLIER_REFERENCES]
     return _render(request, "senders.html", "senders", rows=rows, days=days,
                    weeks=rows[0].weeks if rows else (), high_p=senders.HIGH_P,
-                   min_scored=senders.MIN_SCORED_FOR_TEST)
+                   min_scored=senders.MIN_SCORED_FOR_TEST, references=current,
+                   earlier=earlier, learning=_settings(request).learning)
+
+
+@router.post("/senders/relearn", name="relearn")
+def relearn(
+    request: Request,
+    session: SessionDep,
+    reference_id: Annotated[int, Form()],
+    note: Annotated[str, Form()] = "",
+    reviewer: Annotated[str, Form()] = "",
+) -> RedirectResponse:
+    """Restart a station's learning (a new coil, a software upgrade); the old reference is
+    kept, superseded, with who and when."""
+    identity: auth.Identity | None = getattr(request.state, "identity", None)
+    actor = reviews.actor_name(identity, reviewer, request.client.host if request.client else None)
+    created = references.restart_learning(session, actor=f"admin:{actor}",
+                                          note=note.strip() or None,
+                                          reference_ids=[reference_id])
+    if not created:
+        raise AdminActionError(f"station reference {reference_id} is not current (restarted "
+                               "already?): reload the Scanners page")
+    return RedirectResponse(str(request.url_for("senders")) + "#references", status_code=303)
 
 
 @router.get("/models", response_class=HTMLResponse, name="models")

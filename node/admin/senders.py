@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from node.admin.reviews import CONFIRM, FALSE_ALARM, binomial_tail, latest_reviews
 from node.queue.models import Series, utcnow
+from node.queue.references import FROM_CALLING_AET, ReferenceView
 from node.queue.states import SeriesState
 
 #: A scanner is tested once it has this many scored series in the window.
@@ -197,3 +198,14 @@ def sender_stats(session: Session, days: int, now: datetime | None = None,
             scanner=t.scanners.most_common(1)[0][0] if t.scanners else "",
         ))
     return out
+
+
+def references_of(sender: SenderStats, views: list[ReferenceView]) -> list[ReferenceView]:
+    """The station references a scanner's series learn into: those of its Station Name, or,
+    when its series name none, of its calling AE title."""
+    if sender.station_name:
+        station = " ".join(sender.station_name.split()).upper()
+        return [v for v in views
+                if v.key.station_source != FROM_CALLING_AET and v.key.station.upper() == station]
+    return [v for v in views
+            if v.key.station_source == FROM_CALLING_AET and v.key.station == sender.calling_aet]

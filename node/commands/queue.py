@@ -44,12 +44,29 @@ def series_dict(series: Any) -> dict[str, Any]:
         "updated_at": _iso(series.updated_at),
         "expected_instances": series.expected_instances,
         "images_deleted_at": _iso(series.purged_at),
+        "reference_id": series.reference_id,
+        "reference_state": series.reference_state,
     }
 
 
-def _session(config: Any, *, read_only: bool = False) -> Any:
-    """A session on the configured queue database; ``read_only`` ones never wait for ingest."""
-    settings = setup(config)
+def reference_dict(view: Any, needed: int) -> dict[str, Any]:
+    """A station reference as ``queue senders --json`` prints it."""
+    key = view.key
+    return {
+        "reference_id": view.id, "station": key.station, "station_source": key.station_source,
+        "scanner_model": key.scanner_model, "protocol": key.protocol,
+        "model": f"{key.model_name} {key.model_version}", "state": view.state,
+        "series_learned": view.learned, "series_needed": needed,
+        "created_at": _iso(view.created_at), "calibrated_at": _iso(view.calibrated_at),
+        "centre": view.centre, "low": view.low, "series_used": view.series_used,
+        "series_trimmed": view.series_trimmed, "note": view.note,
+    }
+
+
+def _session(config: Any, *, read_only: bool = False, settings: Any = None) -> Any:
+    """A session on the configured queue database; ``read_only`` ones never wait for ingest.
+    ``settings``: already loaded from ``config``."""
+    settings = settings or setup(config)
     from node.queue.db import make_engine, make_read_session_factory, make_session_factory
 
     make = make_read_session_factory if read_only else make_session_factory
@@ -103,10 +120,14 @@ def senders_cmd(
 ) -> None:
     """Per scanner (calling AE and Station Name): series, verdicts, flag rate against the
     other scanners'."""
-    from node.admin.senders import sender_stats
+    from node.admin.senders import references_of, sender_stats
+    from node.queue.references import reference_views
 
-    with _session(config, read_only=True) as session:
+    settings = setup(config)
+    needed = settings.learning.series
+    with _session(config, read_only=True, settings=settings) as session:
         rows = [s for s in sender_stats(session, days) if s.series]
+        views = reference_views(session)
     if as_json:
         for s in rows:
             typer.echo(json.dumps({
@@ -117,6 +138,7 @@ def senders_cmd(
                 "false_alarms": s.false_alarms, "skipped": s.skipped, "failed": s.failed,
                 "in_progress": s.in_progress, "last_received": _iso(s.last_received),
                 "skip_reasons": [{"reason": r, "series": n} for r, n in s.skip_reasons],
+                "references": [reference_dict(v, needed) for v in references_of(s, views)],
             }))
         return
     typer.echo(f"{'CALLING AE':<16} {'STATION':<16} {'SERIES':>6} {'SCORED':>6} {'FLAGGED':>7} "
@@ -130,6 +152,54 @@ def senders_cmd(
                    f"{s.failed:>6}  {against}")
     if not rows:
         typer.echo(f"no series in the last {days} day(s)")
+    if not settings.learning.enabled:
+        typer.echo("\nstation learning is off ([learning].enabled = false)")
+    if views:
+        typer.echo(f"\n{'STATION':<16} {'MODEL':<16} {'PROTOCOL':<24} {'STATE':<10} "
+                   f"{'LEARNED':>7}  {'CALIBRATED (UTC)':<16} {'CENTRE':>10} {'LOW':>10}  BUNDLE")
+        for v in views:
+            when = f"{v.calibrated_at:%Y-%m-%d %H:%M}" if v.calibrated_at else "-"
+            centre = f"{v.centre:10.1f}" if v.centre is not None else f"{'-':>10}"
+            low = f"{v.low:10.1f}" if v.low is not None else f"{'-':>10}"
+            typer.echo(f"{v.key.station:<16} {(v.key.scanner_model or '-'):<16} "
+                       f"{(v.key.protocol or '-'):<24} {v.state:<10} "
+                       f"{f'{min(v.learned, needed)}/{needed}':>7}  {when:<16} {centre} {low}  "
+                       f"{v.key.model_name} {v.key.model_version}"
+                       + (f"\n    {v.note}" if v.note else ""))
+
+
+@queue_app.command("relearn")
+def relearn_cmd(
+    station: Annotated[str, typer.Option(
+        "--station", help="Station Name (or the calling AE title of a sender that names "
+        "none), case-insensitive.")],
+    config: ConfigOption = None,
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", help="Only this protocol (Series Description; case and spaces do not "
+        "matter); default: every protocol of the station.")] = None,
+    note: Annotated[str | None, typer.Option(
+        "--note", help="Why (a new coil, a software upgrade): kept with the old reference.")]
+    = None,
+) -> None:
+    """Restart a station's learning: its next [learning].series series learn its normal anew
+    (the old reference is kept, superseded)."""
+    import getpass
+
+    from node.queue.references import restart_learning
+
+    settings = setup(config)
+    with _session(config, settings=settings) as session:
+        created = restart_learning(session, actor=f"cli:{getpass.getuser()}", note=note,
+                                   station=station, protocol=protocol)
+    if not created:
+        raise NodeError(f"no station reference for station {station!r}"
+                        + (f", protocol {protocol!r}" if protocol else "")
+                        + " (vaenode queue senders lists them)")
+    for new in created:
+        typer.echo(f"learning restarted: {new.station}"
+                   + (f" ({new.scanner_model})" if new.scanner_model else "")
+                   + f", protocol '{new.protocol}', {new.model_name} {new.model_version}")
+    typer.echo(f"the next {settings.learning.series} scored series of each learn anew")
 
 
 @queue_app.command("show")
@@ -142,8 +212,10 @@ def show_cmd(
     from sqlalchemy import select
 
     from node.queue.models import Alert, Instance, Series, SeriesEvent
+    from node.queue.references import judged_note
 
-    with _session(config, read_only=True) as session:
+    settings = setup(config)
+    with _session(config, read_only=True, settings=settings) as session:
         series = session.execute(
             select(Series).where(Series.series_instance_uid == series_uid)
         ).scalar_one_or_none()
@@ -161,7 +233,9 @@ def show_cmd(
         alerts = session.execute(
             select(Alert).where(Alert.series_id == series.id).order_by(Alert.id)
         ).scalars().all()
+        reference = judged_note(session, series, settings.learning.series)
     out = series_dict(series)
+    out["reference"] = reference
     out["events"] = [
         {"at": _iso(e.at), "from": e.from_status, "to": e.to_status, "reason": e.reason,
          "actor": e.actor}

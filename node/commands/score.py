@@ -196,6 +196,7 @@ def _score_nifti(
                 log_likelihood=float(scores.log_likelihood[k]), kl=float(scores.kl[k]),
                 elbo=float(scores.elbo[k]), abnormal=bool(scores.abnormal[k]),
                 confidence=min(1.0, max(0.0, float(scores.confidence[k]))),
+                foreground=bool(scores.foreground[k]),
             )
             for k in range(len(stack))
         )

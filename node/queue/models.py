@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -136,6 +137,12 @@ class Series(Base):
     samples: Mapped[int | None] = mapped_column(Integer)
     routing_rule: Mapped[str | None] = mapped_column(String(128))
     scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Which station reference judged the current verdict (revision 0013_station_references):
+    #: its row in ``station_references`` and its state then, ``learning`` (the bundle's own
+    #: verdict, out of the box) or ``calibrated``; both None when learning is off
+    #: (``[learning].enabled``), or for verdicts made before that revision.
+    reference_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    reference_state: Mapped[str | None] = mapped_column(String(16))
 
     instances: Mapped[list[Instance]] = relationship(
         back_populates="series", order_by="Instance.instance_number"
@@ -219,8 +226,68 @@ class SliceScore(Base):
     elbo: Mapped[float] = mapped_column(Float)
     abnormal: Mapped[bool] = mapped_column(Boolean)
     confidence: Mapped[float] = mapped_column(Float)
+    #: False for the leading and trailing background slices of a stack, which are never
+    #: flagged and whose scores mean nothing (revision 0013_station_references; None for
+    #: slices scored before it).
+    foreground: Mapped[bool | None] = mapped_column(Boolean)
+    #: The bundle's own score, before a station reference mapped it onto ``log_likelihood``
+    #: (equal to it when the series was judged out of the box; None before revision 0013,
+    #: when ``log_likelihood`` was always the bundle's own score).
+    bundle_score: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("ix_slice_scores_series_slice", "series_id", "slice_index"),)
+
+
+class StationReference(Base):
+    """What one station's normal looks like to one bundle, learned from its first series.
+
+    A station is its Station Name (or the calling AE title when its series name none), its
+    Manufacturer's Model Name and its protocol (the normalized Series Description), as scored
+    by one bundle (name and version: a new version learns afresh). ``learning`` until
+    ``[learning].series`` of its series are scored, then ``calibrated`` with ``centre`` and
+    ``low`` (:mod:`node.worker.learning`). An admin's restart supersedes the row (kept for
+    history) and starts a new one in ``learning``; at most one row per station is current.
+    """
+
+    __tablename__ = "station_references"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    station: Mapped[str] = mapped_column(String(64))
+    #: ``station_name`` or ``calling_aet`` (the series named no station).
+    station_source: Mapped[str] = mapped_column(String(16))
+    scanner_model: Mapped[str] = mapped_column(String(64))  # "" when the series name none
+    protocol: Mapped[str] = mapped_column(String(256))  # "" when the series have no description
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="learning")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    calibrated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    centre: Mapped[float | None] = mapped_column(Float)
+    low: Mapped[float | None] = mapped_column(Float)
+    #: The bundle's median normal score M, threshold T and target false-positive rate, as
+    #: they were when the reference was built (the mapping's other two points).
+    bundle_median: Mapped[float | None] = mapped_column(Float)
+    bundle_threshold: Mapped[float | None] = mapped_column(Float)
+    target_fpr: Mapped[float | None] = mapped_column(Float)
+    series_used: Mapped[int | None] = mapped_column(Integer)
+    series_trimmed: Mapped[int | None] = mapped_column(Integer)
+    series_excluded: Mapped[int | None] = mapped_column(Integer)
+    slices: Mapped[int | None] = mapped_column(Integer)
+    #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
+    #: series), or None.
+    note: Mapped[str | None] = mapped_column(Text)
+    superseded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    superseded_by: Mapped[str | None] = mapped_column(String(128))
+    superseded_note: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint("state IN ('learning', 'calibrated')",
+                        name="ck_station_references_state"),
+        Index("uq_station_references_current", "station", "station_source", "scanner_model",
+              "protocol", "model_name", "model_version", unique=True,
+              sqlite_where=text("superseded_at IS NULL"),
+              postgresql_where=text("superseded_at IS NULL")),
+    )
 
 
 class Association(Base):

@@ -72,6 +72,10 @@ EVIDENCE_LOWER_BOUND = Code("VAE003", PRIVATE_SCHEME, "Evidence lower bound")
 SCORED_IMAGES = Code("VAE004", PRIVATE_SCHEME, "Number of scored images")
 FLAGGED_IMAGES = Code("VAE005", PRIVATE_SCHEME, "Number of non-diagnostic images")
 MIN_FLAGGED_IMAGES = Code("VAE006", PRIVATE_SCHEME, "Non-diagnostic images for series flag")
+#: The reference that judged the series (a station's own, or the bundle's out of the box).
+STATION_REFERENCE = Code("VAE007", PRIVATE_SCHEME, "Station reference")
+#: The bundle's own score of an image before the station's reference mapped it.
+BUNDLE_SCORE = Code("VAE008", PRIVATE_SCHEME, "Score before station reference")
 
 #: log p(x) of a continuous density in natural-log units; UCUM annotation syntax.
 NAT = Code("{nat}", "UCUM", "nat")
@@ -233,7 +237,8 @@ def _slice_group(
             hd.sr.Measurement(name=CERTAINTY_OF_FINDING, value=100.0 * s.confidence, unit=PERCENT),
             hd.sr.Measurement(name=KL_DIVERGENCE, value=s.kl, unit=NAT),
             hd.sr.Measurement(name=EVIDENCE_LOWER_BOUND, value=s.elbo, unit=NAT),
-        ],
+        ] + ([] if s.bundle_score is None else
+             [hd.sr.Measurement(name=BUNDLE_SCORE, value=s.bundle_score, unit=NAT)]),
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=IMAGE_QUALITY, value=_quality(s.abnormal))
         ],
@@ -243,7 +248,7 @@ def _slice_group(
 def _series_group(
     verdict: SeriesVerdict, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=stable_uid("series-finding", verdict.series_instance_uid),
             identifier="series summary",
@@ -262,6 +267,13 @@ def _series_group(
             hd.sr.QualitativeEvaluation(name=SERIES_QUALITY, value=_quality(verdict.abnormal))
         ],
     )
+    if verdict.reference:
+        # Which reference judged the series, as a TEXT item of the summary group: readers see
+        # whether the verdict is the bundle's own (a station still learning) or a station's.
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=STATION_REFERENCE, value=verdict.reference[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
 
 
 def _observer(identity: ReportIdentity, verdict: SeriesVerdict) -> hd.sr.ObserverContext:

@@ -20,11 +20,17 @@ class SliceVerdict:
         sop_class_uid: its SOP Class UID (needed to reference it from SR and KOS).
         frame: 1-based frame number inside a multi-frame instance; None for single-frame.
         index: position of the slice along the stack normal (0-based), for people and plots.
-        log_likelihood: the estimated log marginal likelihood log p(x) of the slice (nats).
+        log_likelihood: the score compared with the threshold (nats): the bundle's score (its
+            log marginal likelihood log p(x), corrected as the bundle says), mapped through
+            the station's reference when one judged the series.
         kl: KL divergence of the attribute distributions to N(0, I) (match likelihood).
         elbo: the evidence lower bound (negative loss) of the slice.
-        abnormal: True when log_likelihood is below the threshold.
+        abnormal: True when log_likelihood is below the threshold (foreground slices only).
         confidence: confidence in the verdict, in [0, 1].
+        foreground: False for a leading or trailing background slice of its stack (never
+            abnormal; its score means nothing).
+        bundle_score: the bundle's own score before a station reference mapped it; None when
+            none did (``log_likelihood`` is then the bundle's own score).
     """
 
     sop_instance_uid: str
@@ -36,6 +42,8 @@ class SliceVerdict:
     elbo: float
     abnormal: bool
     confidence: float
+    foreground: bool = True
+    bundle_score: float | None = None
 
     def __post_init__(self) -> None:
         if not self.sop_instance_uid or not self.sop_class_uid:
@@ -44,6 +52,8 @@ class SliceVerdict:
             raise ValueError(f"frame numbers start at 1 (DICOM), got {self.frame}")
         if not 0.0 <= self.confidence <= 1.0 or math.isnan(self.confidence):
             raise ValueError(f"confidence must lie in [0, 1], got {self.confidence}")
+        if self.abnormal and not self.foreground:
+            raise ValueError("a background slice is never abnormal")
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,9 @@ class SeriesVerdict:
         rule: name of the routing rule that chose the model, when known.
         score_note: how log_likelihood was derived when it is not the raw estimate (for example
             a complexity correction); written into the report so that readers know.
+        reference: which reference judged the series ("Reference: out of the box (station
+            learning, 7 of 20 series)", "Reference: calibrated for station ..."), for the
+            report; None when not known (``vaenode score``).
     """
 
     study_instance_uid: str
@@ -80,6 +93,7 @@ class SeriesVerdict:
     samples: int | None = None
     rule: str | None = None
     score_note: str | None = None
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         counted = sum(1 for s in self.slices if s.abnormal)
@@ -115,6 +129,7 @@ class SeriesVerdict:
         samples: int | None = None,
         rule: str | None = None,
         score_note: str | None = None,
+        reference: str | None = None,
     ) -> SeriesVerdict:
         """Aggregate slice verdicts into a series verdict (the counts are derived, not passed).
 
@@ -136,4 +151,5 @@ class SeriesVerdict:
             samples=samples,
             rule=rule,
             score_note=score_note,
+            reference=reference,
         )

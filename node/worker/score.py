@@ -5,12 +5,14 @@ This is the one place where the DICOM side (:mod:`node.worker.assemble`) meets t
 stack, because its score is relative to the stack (the bundle's series shift), and in batches
 of ``[worker].batch_size`` slices.
 
-A queued series goes through :func:`process_series`: read headers, route, assemble, score, then
-in ONE transaction: mark it done (only if this worker still holds it), store the slice scores
-and the verdict, build and queue the reports. So a series is either done with its reports
-queued, or not done at all; a crash anywhere before the commit leaves it ``processing`` with a
-lease that recovery takes back. An exception while scoring marks that series ``failed`` with the
-reason, and the worker goes on with the next one.
+A queued series goes through :func:`process_series`: read headers, route, assemble, score,
+judge against its station's reference (:mod:`node.worker.station`: the bundle's own verdict
+while the station learns), then in ONE transaction: mark it done (only if this worker still
+holds it), store the slice scores and the verdict, calibrate the station's reference when this
+was its last learning series, build and queue the reports. So a series is either done with its
+reports queued, or not done at all; a crash anywhere before the commit leaves it
+``processing`` with a lease that recovery takes back. An exception while scoring marks that
+series ``failed`` with the reason, and the worker goes on with the next one.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from node.config import Settings
 from node.errors import AssemblyError, ModelError, NodeError, NoImages, QueueConflict
 from node.queue import repo
 from node.queue.models import Instance, Series, SliceScore, utcnow
+from node.queue.references import LEARNING, station_key
 from node.report.content import SeriesVerdict, SliceVerdict
 from node.worker.assemble import AssembledSeries, assemble_series, read_headers, series_attributes
 from node.worker.routing import route
+from node.worker.station import BundleScale, Judgement, judge, settle_reference
 
 if TYPE_CHECKING:
     from node.model.bundle import Bundle
@@ -138,6 +142,7 @@ def score_series(
                     elbo=float(scores.elbo[k]),
                     abnormal=bool(scores.abnormal[k]),
                     confidence=min(1.0, max(0.0, float(scores.confidence[k]))),
+                    foreground=bool(scores.foreground[k]),
                 )
             )
     return ScoredSeries(tuple(verdicts), threshold, estimator, samples,
@@ -197,7 +202,7 @@ def _instance_paths(session: Session, settings: Settings, series_id: int) -> lis
 
 def _store_verdict(
     session: Session, series: Series, verdict: SeriesVerdict, slices: Sequence[SliceVerdict],
-    stacks: dict[tuple[str, int | None], int],
+    stacks: dict[tuple[str, int | None], int], judgement: Judgement,
 ) -> None:
     """Replace the series' slice scores and verdict columns (inside the caller's transaction)."""
     session.execute(delete(SliceScore).where(SliceScore.series_id == series.id))
@@ -217,6 +222,9 @@ def _store_verdict(
                     "elbo": s.elbo,
                     "abnormal": s.abnormal,
                     "confidence": s.confidence,
+                    "foreground": s.foreground,
+                    "bundle_score": (s.log_likelihood if s.bundle_score is None
+                                     else s.bundle_score),
                 }
                 for s in slices
             ],
@@ -236,6 +244,8 @@ def _store_verdict(
             samples=verdict.samples,
             routing_rule=verdict.rule,
             scored_at=utcnow(),
+            reference_id=judgement.reference_id,
+            reference_state=judgement.state,
         )
         .execution_options(synchronize_session=False)
     )
@@ -329,11 +339,20 @@ def process_series(
             device=settings.model.device,
         )
         scored = score_series(assembled, bundle, options)
+        scale = BundleScale.of(bundle)
+        key = station_key(
+            station_name=attrs.station_name or series.station_name,
+            calling_aet=series.calling_aet,
+            scanner_model=attrs.scanner_model or series.scanner_model,
+            series_description=attrs.series_description or series.series_description,
+            model_name=bundle.name, model_version=bundle.version)
+        judgement = judge(session_factory, settings.learning, key, series.id, scored.slices,
+                          scored.threshold, scale)
         t2 = time.monotonic()
         verdict = SeriesVerdict.from_slices(
             study_instance_uid=attrs.study_instance_uid or series.study_instance_uid,
             series_instance_uid=uid,
-            slices=scored.slices,
+            slices=judgement.slices,
             min_abnormal_slices=decision.rule.min_abnormal_slices,
             threshold=scored.threshold,
             estimator=scored.estimator,
@@ -342,6 +361,7 @@ def process_series(
             samples=scored.samples,
             rule=decision.rule.name,
             score_note=scored.score_note,
+            reference=judgement.note,
         )
         stacks = {(s.sop_instance_uid, s.frame): s.stack for s in assembled.slices}
         from node.alerts.outbox import enqueue as enqueue_alerts
@@ -363,7 +383,9 @@ def process_series(
                 + (" (series abnormal)" if verdict.abnormal else ""),
                 worker_id=worker_id,
             )
-            _store_verdict(session, current, verdict, scored.slices, stacks)
+            _store_verdict(session, current, verdict, verdict.slices, stacks, judgement)
+            if judgement.state == LEARNING and judgement.reference_id is not None:
+                settle_reference(session, settings.learning, judgement.reference_id, scale)
             report_series(session, settings, verdict, list(assembled.sources), prepared)
             alerts = enqueue_alerts(session, settings.alerts, current, verdict)
         log.info(
@@ -371,6 +393,7 @@ def process_series(
             verdict.abnormal_slices, len(verdict.slices),
             "abnormal" if verdict.abnormal else "normal",
             extra={**extra, "model": f"{bundle.name} {bundle.version}", "alerts": alerts,
+                   "reference": judgement.state or "off",
                    "assemble_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                    "report_build_s": round(t3 - t2, 2),
                    "store_s": round(time.monotonic() - t3, 2)},

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,10 +19,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.admin.app import RunningDashboard
 from node.admin.reviews import CONFIRM, FALSE_ALARM, binomial_tail
 from node.admin.senders import MIN_SCORED_FOR_TEST, sender_stats, week_start
-from node.config import Settings
-from node.queue.models import AdminAction, Series
+from node.config import LearningSettings, Settings
+from node.queue import references as refs
+from node.queue.models import AdminAction, Series, StationReference
 from node.queue.states import SeriesState
-from tests.admin.web import http
+from node.worker.station import BundleScale, settle_reference
+from tests.admin.web import TOKEN, http
+from tests.helpers.learning import KEY, add_learning_series, site_scores
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)  # a Thursday
 PROSTATE = ("no routing rule matches (rule brain-t1: body part PROSTATE is not one of HEAD, "
@@ -214,3 +219,85 @@ def test_scanners_page_and_cli(filled: tuple[Settings, sessionmaker[Session]],
     assert table.returncode == 0, table.stderr
     assert any(line.startswith("MR2") and "MR ROOM 2" in line and "UNUSUALLY HIGH" in line
                for line in table.stdout.splitlines())
+
+
+def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
+    make_settings: Callable[..., Settings],
+    session_factory_for: Callable[[Settings], sessionmaker[Session]],
+    run_dashboard: Callable[[Settings, sessionmaker[Session]], RunningDashboard],
+    tmp_path: Path,
+) -> None:
+    """Per station and protocol: state, series learned of N, when calibrated, C and L; the
+    restart button is a POST behind the token and the Origin check, recorded with who and
+    when; ``vaenode queue senders`` shows the same and ``vaenode queue relearn`` restarts."""
+    settings = make_settings(token=TOKEN).model_copy(
+        update={"learning": LearningSettings(series=5)})
+    factory = session_factory_for(settings)
+    with factory() as session:
+        calibrated = refs.ensure_reference(session, KEY)
+        learning = refs.ensure_reference(session, replace(KEY, protocol="t2 axial"))
+    for scores in site_scores(5, seed=1):
+        add_learning_series(factory, calibrated.id, scores)
+    add_learning_series(factory, learning.id, site_scores(1, seed=2)[0])
+    scale = BundleScale("brain-t1", "0.1.0", -36000.0, -2400.0, 0.01,
+                        tuple(float(q) for q in range(201)))
+    with factory.begin() as session:
+        assert settle_reference(session, settings.learning, calibrated.id, scale)
+    with factory() as session:
+        row = session.get(StationReference, calibrated.id)
+        assert row is not None and row.centre is not None
+    dash = run_dashboard(settings, factory)
+    base = f"http://127.0.0.1:{dash.port}"
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    html = http(f"{base}/senders", headers=bearer).text
+    shown = html.split(f'data-id="{calibrated.id}"', 1)[1].split("</tr>", 1)[0]
+    assert 'data-state="calibrated"' in shown and "5 of 5" in shown
+    assert f"{row.centre:.1f}" in shown and "t1 mprage sag" in shown
+    shown = html.split(f'data-id="{learning.id}"', 1)[1].split("</tr>", 1)[0]
+    assert 'data-state="learning"' in shown and "1 of 5" in shown
+    assert "earlier-references" not in html
+
+    form = urllib.parse.urlencode({"reference_id": calibrated.id, "reviewer": "tech anna",
+                                   "note": "new head coil"}).encode()
+    url = f"{base}/senders/relearn"
+    assert http(url, data=form, follow=False).status == 401
+    assert http(url, data=form, headers={**bearer, "Origin": "http://evil.example"},
+                follow=False).status == 403
+    done = http(url, data=form, headers={**bearer, "Origin": base}, follow=False)
+    assert done.status == 303 and done.headers["location"].endswith("/senders#references")
+    with factory() as session:
+        old = session.get(StationReference, calibrated.id)
+        new = refs.current_reference(session, KEY)
+    assert old is not None and old.superseded_at is not None and old.state == "calibrated"
+    assert (old.superseded_by, old.superseded_note) == ("admin:tech anna", "new head coil")
+    assert new is not None and new.state == "learning" and new.id != calibrated.id
+    html = http(f"{base}/senders", headers=bearer).text
+    assert 'data-state="learning"' in html.split(f'data-id="{new.id}"', 1)[1].split("</tr>")[0]
+    assert "admin:tech anna" in html.split('id="earlier-references"', 1)[1]
+    # The same button again: that reference is no longer current.
+    assert http(url, data=form, headers={**bearer, "Origin": base}, follow=False).status == 409
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{settings.database.url}"\n\n[learning]\nseries = 5\n',
+                      encoding="utf-8")
+    listed = subprocess.run([str(VAENODE), "queue", "senders", "--json", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    [sender] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sender["station_name"] == "MR ROOM 3"
+    assert sorted((r["protocol"], r["state"], r["series_learned"], r["series_needed"])
+                  for r in sender["references"]) == [("t1 mprage sag", "learning", 0, 5),
+                                                     ("t2 axial", "learning", 1, 5)]
+    table = subprocess.run([str(VAENODE), "queue", "senders", "--config", str(config)],
+                           capture_output=True, text=True, timeout=120)
+    assert any(line.startswith("MR ROOM 3") and "t2 axial" in line and "1/5" in line
+               for line in table.stdout.splitlines()), table.stdout
+    relearn = subprocess.run([str(VAENODE), "queue", "relearn", "--station", "mr room 3",
+                              "--protocol", "T2  AXIAL", "--config", str(config)],
+                             capture_output=True, text=True, timeout=120)
+    assert relearn.returncode == 0, relearn.stderr
+    assert "learning restarted: MR ROOM 3 (Prisma), protocol 't2 axial'" in relearn.stdout
+    with factory() as session:
+        assert refs.current_reference(session, KEY) is not None
+        assert refs.current_reference(session, replace(KEY, protocol="t2 axial")).id != (
+            learning.id)

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from node.queue.models import OutboxEntry, Report, Series
 from tests.helpers.alerts import AlertReceiver
 from tests.helpers.dcmtk import storescu
 from tests.helpers.node import RunningNode, start_node
+from tests.helpers.node import wait_for as wait
 from tests.helpers.orthanc import Orthanc
 from tests.helpers.reports import dciodvfy, kos_references, measurement_groups
 from tests.helpers.series import IXI, WrittenSeries, write_nifti_series
@@ -72,17 +73,6 @@ def node_sections(orthanc: Orthanc, **overrides: dict[str, Any]) -> dict[str, di
     for name, keys in overrides.items():
         sections.setdefault(name, {}).update(keys)
     return sections
-
-
-def wait(what: str, check: Callable[[], Any], timeout_s: float, node: RunningNode) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with the node's log otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{node.log_text()[-4000:]}")
 
 
 def send(node: RunningNode, series: WrittenSeries) -> None:

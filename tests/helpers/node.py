@@ -202,3 +202,20 @@ def start_node(
                                f"{node.log_text()}")
         time.sleep(0.05)
     return node
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float, node: RunningNode) -> Any:
+    """Poll ``check`` until it returns something truthy and return that; fail the test with
+    the node's log when the node exits or the time runs out."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.proc.poll() is not None:
+            pytest.fail(f"vaenode serve exited ({node.proc.returncode}) while waiting for "
+                        f"{what}\n{node.log_text()[-4000:]}")
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{node.log_text()[-4000:]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -105,6 +105,7 @@ class GroupView:
     units: dict[str, str]  # code meaning -> UCUM code
     evaluations: dict[str, str]  # code meaning of the concept -> code value of the answer
     algorithm: dict[str, list[str]]  # "Algorithm Name" / "Version" / "Parameters" -> texts
+    texts: dict[str, str] = field(default_factory=dict)  # other TEXT items: meaning -> value
 
 
 def _meaning(item: Dataset) -> str:
@@ -149,12 +150,15 @@ def measurement_groups(sr: Dataset) -> list[GroupView]:
         units: dict[str, str] = {}
         evaluations: dict[str, str] = {}
         algorithm: dict[str, list[str]] = {}
+        texts: dict[str, str] = {}
         for item in group.ContentSequence:
             meaning = _meaning(item)
             if item.ValueType == "TEXT" and meaning == "Tracking Identifier":
                 tracking = str(item.TextValue)
             elif item.ValueType == "TEXT" and meaning.startswith("Algorithm"):
                 algorithm.setdefault(meaning, []).append(str(item.TextValue))
+            elif item.ValueType == "TEXT":
+                texts[meaning] = str(item.TextValue)
             elif item.ValueType == "CODE" and meaning == "Finding":
                 finding = str(item.ConceptCodeSequence[0].CodeValue)
             elif item.ValueType == "CODE":
@@ -176,7 +180,8 @@ def measurement_groups(sr: Dataset) -> list[GroupView]:
                     (str(ref.ReferencedSOPClassUID), str(ref.ReferencedSOPInstanceUID), frame_tuple)
                 )
         groups.append(
-            GroupView(tracking, finding, tuple(refs), values, units, evaluations, algorithm)
+            GroupView(tracking, finding, tuple(refs), values, units, evaluations, algorithm,
+                      texts)
         )
     return groups
 

@@ -116,6 +116,7 @@ def _base_dataset(
     body_part: str | None,
     image_type: Sequence[str],
     now: datetime,
+    station_name: str | None = None,
 ) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -145,6 +146,8 @@ def _base_dataset(
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = "vaenode tests"
     ds.ManufacturerModelName = "tests.helpers.series"
+    if station_name:
+        ds.StationName = station_name
     # General Image, Image Pixel (C.7.6.1, C.7.6.3)
     ds.ImageType = list(image_type)
     ds.AcquisitionNumber = 1
@@ -187,6 +190,7 @@ def write_series(
     rescale_intercept: float | None = None,
     transfer_syntax: UID = ExplicitVRLittleEndian,
     corrupted: Sequence[int] = (),
+    station_name: str | None = None,
 ) -> WrittenSeries:
     """Write a RAS volume as an axial single-frame DICOM series, one file per slice.
 
@@ -207,6 +211,7 @@ def write_series(
         transfer_syntax: any syntax pydicom can encode (Explicit VR Little Endian, RLE...).
         corrupted: slice indices to record as corrupted in the result (the caller corrupted
             them, see :func:`write_nifti_series`).
+        station_name: Station Name (0008,1010) to write; none when None.
 
     Returns:
         The files and UIDs, in slice order.
@@ -246,6 +251,7 @@ def write_series(
         body_part=body_part,
         image_type=image_type,
         now=now,
+        station_name=station_name,
     )
     paths: list[Path] = []
     sops: list[str] = []

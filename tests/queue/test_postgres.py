@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -18,11 +20,15 @@ from alembic import command
 from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.orm import sessionmaker
 
+from node.config import LearningSettings
+from node.queue import references as refs
 from node.queue import repo
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
-from node.queue.models import Instance, Series, SeriesEvent, utcnow
+from node.queue.models import Instance, Series, SeriesEvent, StationReference, utcnow
+from node.worker.station import BundleScale, settle_reference
 from tests.helpers import dcmtk
 from tests.helpers.claims import drain_queue
+from tests.helpers.learning import KEY, add_learning_series, site_scores, write_learning_series
 from tests.helpers.node import VAENODE, start_node
 from tests.helpers.postgres import Postgres, start_postgres
 from tests.helpers.records import count_driver_path, driver_path_off, record_scenario
@@ -160,3 +166,53 @@ def test_record_instance_driver_sql_writes_what_sqlalchemy_writes(
         finally:
             engine.dispose()
     assert outcomes[0] == outcomes[1]
+
+
+def test_two_workers_storing_the_last_learning_series_calibrate_the_station_once(
+    postgres: Postgres,
+) -> None:
+    """Four workers create the same station's reference at once: one row. Two store the
+    station's last two learning series at once: whichever gets the reference's row lock
+    second sees the other's series and calibrates it, exactly once (without the lock each
+    would count one short and neither would)."""
+    url = postgres.new_database("learning")
+    upgrade(url)
+    engine = create_engine(url, pool_size=8)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    learning = LearningSettings(series=5)
+    scale = BundleScale("brain-t1", "0.1.0", -36000.0, -2400.0, 0.01,
+                        tuple(float(q) for q in range(201)))
+    try:
+        barrier = threading.Barrier(4)
+
+        def create() -> int:
+            barrier.wait()
+            with factory() as session:
+                return refs.ensure_reference(session, KEY).id
+
+        with ThreadPoolExecutor(4) as pool:
+            ids = set(pool.map(lambda _: create(), range(4)))
+        [reference_id] = ids
+        site = site_scores(5, seed=7)
+        for scores in site[:3]:
+            add_learning_series(factory, reference_id, scores)
+        both = threading.Barrier(2)
+
+        def store_last(scores: Any) -> bool:
+            with factory() as session, session.begin():
+                write_learning_series(session, reference_id, scores)
+                both.wait()
+                calibrated = settle_reference(session, learning, reference_id, scale)
+                time.sleep(0.5)  # hold the lock: the other one waits for it meanwhile
+                return calibrated
+
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(store_last, site[3:]))
+        assert sorted(outcomes) == [False, True]
+        with factory() as session:
+            row = session.get(StationReference, reference_id)
+            count = session.scalar(select(func.count()).select_from(StationReference))
+        assert count == 1 and row is not None and row.state == "calibrated"
+        assert (row.series_used or 0) + (row.series_trimmed or 0) == 5
+    finally:
+        engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -308,6 +309,48 @@ def test_verdict_counts_must_agree() -> None:
         SeriesVerdict("1", "2", (s,), False, 1, 1, 0.0, "importance", "m", "1")
     with pytest.raises(ValueError, match="confidence"):
         SliceVerdict("1.2.3", "1.2.840.10008.5.1.4.1.1.4", None, 0, -1.0, 0.0, -1.0, True, 1.5)
+    with pytest.raises(ValueError, match="background"):
+        SliceVerdict("1.2.3", "1.2.840.10008.5.1.4.1.1.4", None, 0, -1.0, 0.0, -1.0, True, 0.5,
+                     foreground=False)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_sr_says_which_reference_judged_the_series(sources: list[Dataset],
+                                                   tmp_path: Path) -> None:
+    """A station still learning: the bundle's own verdict, said so in a TEXT item of the
+    series summary. A calibrated station: each image also carries the bundle's own score
+    before the station's reference mapped it. Both pass dciodvfy."""
+    plain = make_verdict(sources, FLAGGED)
+    learning = dataclasses.replace(
+        plain, reference="Reference: out of the box (station learning, 7 of 20 series)")
+    calibrated = dataclasses.replace(
+        plain, reference="Reference: calibrated for station MR ROOM 3, protocol 't1 mprage "
+                         "sag', from 17 of 20 learning series on 2026-11-27",
+        slices=tuple(dataclasses.replace(s, bundle_score=s.log_likelihood * 3 + 7)
+                     for s in plain.slices))
+    for name, verdict in (("learning", learning), ("calibrated", calibrated)):
+        sr = roundtrip(build_sr(verdict, sources, identity=IDENTITY))
+        groups = measurement_groups(sr)
+        assert groups[-1].texts == {"Station reference": verdict.reference}
+        for s, group in zip(verdict.slices, groups[:-1], strict=True):
+            assert group.measurements["Log marginal likelihood"] == pytest.approx(
+                s.log_likelihood)
+            if s.bundle_score is None:
+                assert "Score before station reference" not in group.measurements
+            else:
+                assert group.measurements["Score before station reference"] == pytest.approx(
+                    s.bundle_score)
+                assert group.units["Score before station reference"] == "{nat}"
+        path = tmp_path / f"{name}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        errors, warnings = dciodvfy(path)
+        assert errors == [], errors
+        assert all("99VAENODE" in w for w in warnings), warnings
+        dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True,
+                              check=False)
+        assert dump.returncode == 0 and '"Station reference")="Reference: ' in dump.stdout
+    assert measurement_groups(roundtrip(build_sr(plain, sources, identity=IDENTITY)))[-1] \
+        .texts == {}
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")

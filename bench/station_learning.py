@@ -1,0 +1,248 @@
+"""What a station's learning does for a simulated site (run by hand, prints a table).
+
+A site is simulated by one change applied to whole IXI volumes of subjects the bundle never
+trained on (its evaluation and calibration subjects): noise added (a fraction of the 99.5th
+percentile) or a contrast curve (gamma). Each subject's axial stack is scored once as the
+worker scores it, clean and with the end-to-end test's block of moderate TorchIO motion
+(slices 55-70, seed 0); a few subjects also as a whole series with moderate motion (a bad
+series a station may send while it learns). Then, over random splits, 20 of the subjects are
+a station's learning series (one of them replaced by a whole-motion series) and the others
+are held out:
+
+- slice FPR: flagged foreground slices of the held-out clean series (target: the bundle's
+  target rate, 1%); series flagged: held-out clean series with at least 3 flagged slices
+  (the shipped routing rule's ``min_abnormal_slices``);
+- motion block: flagged slices of the motion block, for the held-out subjects that have one;
+- left out: learning series the rule left out (mean over splits).
+
+``--bad`` sets how many of the 20 learning series are bad: 0, 1 (a whole series with moderate
+motion) or 3 (that, and two with the motion block). Rows: the bundle out of the box; the
+node's reference (``node.worker.learning``: outliers below the other series, by median or by
+10th percentile, left out); the rule the node first had (the worst 20% by median and by 10th
+percentile left out); nothing left out; only the bad series left out (an oracle no station
+has: what the robust rules aim at); and a candidate that takes the node's kept series but
+sets the quantile level by leaving one series out (the level at which each kept series,
+judged by the others' low, is flagged at the target rate on average), against the small
+number of series.
+
+    .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
+        [--site "noise 0.02"] [--site "gamma 0.75"] [--bad 0 --bad 1 --bad 3] \\
+        [--splits 300] [--cache /tmp/sl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from node.model.artifacts import corrupt_volume, splice_block  # noqa: E402
+from node.model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
+from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
+from node.worker.learning import (  # noqa: E402
+    LearningSeries,
+    build_reference,
+    select_series,
+    series_summary,
+)
+
+IXI = ROOT.parent / "shared" / "data" / "ixi_t1"
+LEARNING = 20
+BLOCK = (55, 70)
+#: Subjects also scored as a whole series with motion (bad learning series).
+WHOLE_MOTION = 3
+MIN_ABNORMAL_SLICES = 3
+
+Scores = tuple[np.ndarray, np.ndarray]  # (score per slice, foreground per slice)
+
+
+def site(kind: str, vol: Volume, seed: int) -> Volume:
+    """``vol`` as the simulated site acquires it (``noise F`` or ``gamma G``)."""
+    name, value = kind.split()
+    d = vol.data.astype(np.float32)
+    hi = float(np.percentile(d, 99.5)) or 1.0
+    if name == "noise":
+        d = np.clip(d + np.random.default_rng(seed).normal(0.0, float(value) * hi, d.shape),
+                    0.0, None)
+    elif name == "gamma":
+        d = hi * np.clip(d / hi, 0.0, None) ** float(value)
+    else:
+        raise ValueError(f"unknown site change {kind!r}")
+    return Volume(vol.subject, d.astype(np.float32), vol.spacing, vol.source)
+
+
+def score(bundle: Bundle, vol: Volume) -> Scores:
+    images, spacing = plane_slices(vol, "axial")
+    s = bundle.score_slices(list(images), [spacing] * len(images), plane="axial",
+                            slice_spacing_mm=float(vol.spacing[2]))
+    return s.log_likelihood, s.foreground
+
+
+def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, Any]:
+    """Clean, motion-block and (for the first few) whole-motion scores per subject."""
+    out: dict[str, Any] = {"clean": {}, "block": {}, "whole": {}}
+    for i, subject in enumerate(subjects):
+        vol = site(kind, load_nifti(sorted(IXI.glob(f"{subject}*.nii.gz"))[0]), i)
+        out["clean"][subject] = score(bundle, vol)
+        moved = corrupt_volume(vol.data, vol.spacing, "motion", "moderate", 0)
+        block = splice_block(vol.data, moved, *BLOCK, axis=2)
+        out["block"][subject] = score(bundle, Volume(subject, block, vol.spacing, vol.source))
+        if i < WHOLE_MOTION:
+            out["whole"][subject] = score(bundle, Volume(subject, moved.astype(np.float32),
+                                                         vol.spacing, vol.source))
+        print(f"  scored {subject} ({i + 1}/{len(subjects)})", flush=True)
+    return out
+
+
+Rule = Callable[[list[np.ndarray], set[int], float], tuple[float, int]]
+
+
+def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    built = build_reference([LearningSeries(i, v) for i, v in enumerate(series)], fpr)
+    return built.low, len(built.selection.trimmed)
+
+
+def worst_fifth(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    """The node's first rule: the worst 20% by median and by 10th percentile left out."""
+    summary = np.array([series_summary(v) for v in series])
+    count = int(0.2 * len(series))
+    worst = set(np.argsort(summary[:, 0], kind="stable")[:count]) | set(
+        np.argsort(summary[:, 1], kind="stable")[:count])
+    kept = [v for i, v in enumerate(series) if i not in worst]
+    return float(np.quantile(np.concatenate(kept), fpr)), len(worst)
+
+
+def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    return float(np.quantile(np.concatenate(series), fpr)), 0
+
+
+def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    kept = [v for i, v in enumerate(series) if i not in bad]
+    return float(np.quantile(np.concatenate(kept), fpr)), len(bad)
+
+
+def leave_one_out_level(kept: list[np.ndarray], fpr: float) -> float:
+    """The largest level (of 19 up to ``fpr``) at which each kept series, judged by the others'
+    pooled quantile at that level, is flagged at ``fpr`` or less on average."""
+    levels = fpr * np.linspace(0.1, 1.0, 19)
+    rates = np.zeros(levels.size)
+    for i, own in enumerate(kept):
+        others = np.concatenate([v for j, v in enumerate(kept) if j != i])
+        rates += np.array([np.mean(own < low) for low in np.quantile(others, levels)])
+    fitting = levels[rates / len(kept) <= fpr]
+    return float(fitting.max()) if fitting.size else float(levels[0])
+
+
+def leave_one_out(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+    selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
+    kept = [series[i] for i in selection.kept]
+    return (float(np.quantile(np.concatenate(kept), leave_one_out_level(kept, fpr))),
+            len(selection.trimmed))
+
+
+RULES: dict[str, Rule | None] = {
+    "out of the box": None,
+    "learned (the node: outliers left out)": node_rule,
+    "learned, worst 20% left out (the first rule)": worst_fifth,
+    "learned, nothing left out": untrimmed,
+    "learned, only the bad series left out (oracle)": oracle,
+    "learned, outliers left out, level by leaving one series out (candidate)": leave_one_out,
+}
+
+
+def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
+             bad: int) -> dict[str, list[float]]:
+    """Mean slice FPR, series flagged, motion-block flagged and series left out per rule over
+    random splits, with ``bad`` bad learning series."""
+    threshold = bundle.threshold
+    subjects = list(scores["clean"])
+    fg = {s: v[0][v[1]] for s, v in scores["clean"].items()}
+    rng = np.random.default_rng(0)
+    sums: dict[str, list[list[float]]] = {rule: [[], [], [], []] for rule in RULES}
+    for _ in range(splits):
+        order = rng.permutation(len(subjects))
+        learn = [subjects[i] for i in order[:LEARNING]]
+        held = [subjects[i] for i in order[LEARNING:]]
+        series = [fg[s] for s in learn]
+        spoiled: set[int] = set()
+        whole = [s for s in scores["whole"] if s not in held]
+        if bad >= 1 and whole:
+            sc, f = scores["whole"][whole[0]]
+            series[0] = sc[f]
+            spoiled.add(0)
+        for i in range(1, bad):
+            sc, f = scores["block"][learn[i]]
+            series[i] = sc[f]
+            spoiled.add(i)
+        for rule, build in RULES.items():
+            # The mapping sends the station's low onto the threshold: a slice is flagged
+            # exactly when its own score is below the low (node.worker.learning).
+            low, left_out = (threshold, 0) if build is None else build(series, spoiled,
+                                                                        bundle.target_fpr)
+            flagged = [fg[s] < low for s in held]
+            sums[rule][0].append(float(np.mean(np.concatenate(flagged))))
+            sums[rule][1].append(float(np.mean([f.sum() >= MIN_ABNORMAL_SLICES
+                                                for f in flagged])))
+            sums[rule][3].append(float(left_out))
+            for s in held:
+                sc, f = scores["block"][s]
+                inside = np.zeros(len(sc), dtype=bool)
+                inside[BLOCK[0]:BLOCK[1]] = True
+                sums[rule][2].append(float(np.mean(sc[inside & f] < low)))
+    return {rule: [float(np.mean(v)) for v in values] for rule, values in sums.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=default_bundle_path())
+    parser.add_argument("--site", action="append", dest="sites",
+                        help='"noise F" or "gamma G" (repeatable; default noise 0.02, gamma '
+                             '0.75)')
+    parser.add_argument("--bad", type=int, action="append", choices=(0, 1, 3),
+                        help="bad learning series: 0, 1 or 3 (repeatable; default 1)")
+    parser.add_argument("--splits", type=int, default=300)
+    parser.add_argument("--cache", type=Path, help="keep each site's scores here")
+    args = parser.parse_args()
+    bundle = load_bundle(args.model)
+    meta = bundle.meta["training"]["subjects"]
+    subjects = [s for s in meta["evaluation"] + meta["calibration"]
+                if sorted(IXI.glob(f"{s}*.nii.gz"))]
+    if len(subjects) <= LEARNING:
+        raise SystemExit(f"{len(subjects)} held-out subjects; more than {LEARNING} needed")
+    rows = []
+    for kind in args.sites or ["noise 0.02", "gamma 0.75"]:
+        path = args.cache / f"{bundle.name}-{bundle.version}-{kind.replace(' ', '_')}.pkl" \
+            if args.cache else None
+        if path is not None and path.is_file():
+            scores = pickle.loads(path.read_bytes())
+        else:
+            print(f"{kind}: scoring {len(subjects)} subjects ...", flush=True)
+            scores = score_site(bundle, kind, subjects)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(pickle.dumps(scores))
+        for bad in args.bad or [1]:
+            for rule, (fpr, flagged, block, left) in evaluate(bundle, scores, args.splits,
+                                                              bad).items():
+                rows.append((kind, bad, rule, fpr, flagged, block, left))
+    print(f"\n{bundle.name} {bundle.version}: {LEARNING} learning series (bad ones: a whole "
+          f"series with moderate motion, then series with the motion block), "
+          f"{len(subjects) - LEARNING} held out, {args.splits} splits\n")
+    print("| simulated site | bad learning series | reference | held-out normal slices flagged "
+          "| held-out normal series flagged | motion block flagged | series left out |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, bad, rule, fpr, flagged, block, left in rows:
+        print(f"| {kind} | {bad} | {rule} | {100 * fpr:.2f}% | {100 * flagged:.1f}% | "
+              f"{100 * block:.1f}% | {left:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Station references in the queue database: the key of a station, its current reference,
+the series it learns from, calibration and restart.
+
+A reference belongs to a station (Station Name, or the calling AE title when the series name
+no station; Manufacturer's Model Name; the normalized protocol) and to one bundle (name and
+version). Creating one is safe with several workers on one database: a partial unique index
+allows one current row per key, and the loser of a race reads the winner's row. Calibration
+happens exactly once: the worker that stores a learning series takes the reference's row lock
+(``SELECT ... FOR UPDATE``; SQLite has one writer anyway) before counting, so two workers
+storing the last two learning series at once cannot both see one short of the number.
+
+The arithmetic lives in :mod:`node.worker.learning`; this module only reads and writes rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from node.queue.models import AdminAction, Series, SliceScore, StationReference, utcnow
+from node.queue.states import SeriesState
+
+log = logging.getLogger(__name__)
+
+LEARNING = "learning"
+CALIBRATED = "calibrated"
+#: Where a key's station comes from.
+FROM_STATION_NAME = "station_name"
+FROM_CALLING_AET = "calling_aet"
+
+#: The reviews the dashboard records (``admin_actions.action``).
+_CONFIRM = "confirm"
+_FALSE_ALARM = "false_alarm"
+
+
+def normalize_protocol(description: str | None) -> str:
+    """A Series Description as a protocol: trimmed, case-folded, runs of spaces collapsed
+    (``"T1  MPRAGE Sag "`` and ``"t1 mprage sag"`` are one protocol)."""
+    return " ".join((description or "").split()).casefold()
+
+
+@dataclass(frozen=True)
+class StationKey:
+    """What a reference belongs to: a station's protocol, as one bundle scores it."""
+
+    station: str
+    station_source: str
+    scanner_model: str
+    protocol: str
+    model_name: str
+    model_version: str
+
+    @property
+    def label(self) -> str:
+        """The station and protocol as people read them."""
+        model = f" ({self.scanner_model})" if self.scanner_model else ""
+        via = " (calling AE)" if self.station_source == FROM_CALLING_AET else ""
+        return f"{self.station}{via}{model}, protocol '{self.protocol}'"
+
+
+def station_key(*, station_name: str | None, calling_aet: str | None,
+                scanner_model: str | None, series_description: str | None,
+                model_name: str, model_version: str) -> StationKey | None:
+    """The key of a series' station, or None when it names no station and no calling AE."""
+    station = " ".join((station_name or "").split())
+    source = FROM_STATION_NAME
+    if not station:
+        station, source = (calling_aet or "").strip(), FROM_CALLING_AET
+    if not station:
+        return None
+    return StationKey(station=station[:64], station_source=source,
+                      scanner_model=" ".join((scanner_model or "").split())[:64],
+                      protocol=normalize_protocol(series_description)[:256],
+                      model_name=model_name[:128], model_version=model_version[:64])
+
+
+def key_of(reference: StationReference) -> StationKey:
+    """The key a reference row belongs to."""
+    return StationKey(reference.station, reference.station_source, reference.scanner_model,
+                      reference.protocol, reference.model_name, reference.model_version)
+
+
+def _current(key: StationKey) -> tuple[ColumnElement[bool], ...]:
+    return (StationReference.station == key.station,
+            StationReference.station_source == key.station_source,
+            StationReference.scanner_model == key.scanner_model,
+            StationReference.protocol == key.protocol,
+            StationReference.model_name == key.model_name,
+            StationReference.model_version == key.model_version,
+            StationReference.superseded_at.is_(None))
+
+
+def current_reference(session: Session, key: StationKey) -> StationReference | None:
+    """The key's current (not superseded) reference, if it has one."""
+    return session.scalars(select(StationReference).where(*_current(key))).first()
+
+
+def ensure_reference(session: Session, key: StationKey) -> StationReference:
+    """The key's current reference, created in ``learning`` when it has none (commits).
+
+    Two workers creating the same key at once: the unique index refuses the second insert,
+    which then reads the first one's row.
+    """
+    found = current_reference(session, key)
+    if found is None:
+        found = StationReference(station=key.station, station_source=key.station_source,
+                                 scanner_model=key.scanner_model, protocol=key.protocol,
+                                 model_name=key.model_name, model_version=key.model_version,
+                                 state=LEARNING, created_at=utcnow())
+        session.add(found)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            found = current_reference(session, key)
+            if found is None:
+                raise
+        else:
+            log.info("station reference created: learning",
+                     extra={"station": key.label, "reference_id": found.id})
+    session.commit()
+    return found
+
+
+def lock_reference(session: Session, reference_id: int) -> StationReference:
+    """The reference's row, locked until the caller's transaction ends (PostgreSQL: ``FOR
+    UPDATE``, read afresh; SQLite: the transaction already holds the write lock)."""
+    return session.scalars(select(StationReference).where(StationReference.id == reference_id)
+                           .with_for_update().execution_options(populate_existing=True)).one()
+
+
+def learning_series_ids(session: Session, reference_id: int) -> list[int]:
+    """Series judged ``learning`` by the reference and scored (done), oldest verdict first."""
+    return list(session.scalars(
+        select(Series.id).where(Series.reference_id == reference_id,
+                                Series.reference_state == LEARNING,
+                                Series.status == SeriesState.DONE,
+                                Series.abnormal.is_not(None))
+        .order_by(Series.scored_at, Series.id)))
+
+
+def learned_counts(session: Session, reference_ids: Sequence[int]) -> dict[int, int]:
+    """Scored learning series per reference."""
+    if not reference_ids:
+        return {}
+    rows = session.execute(
+        select(Series.reference_id, func.count()).where(
+            Series.reference_id.in_(list(reference_ids)), Series.reference_state == LEARNING,
+            Series.status == SeriesState.DONE, Series.abnormal.is_not(None))
+        .group_by(Series.reference_id))
+    return {int(rid): int(n) for rid, n in rows if rid is not None}
+
+
+def latest_reviews_of(session: Session, series_ids: Sequence[int]) -> dict[int, str]:
+    """Series id -> its latest review (``confirm`` or ``false_alarm``), for those reviewed."""
+    if not series_ids:
+        return {}
+    rows = session.execute(
+        select(AdminAction.series_id, AdminAction.action)
+        .where(AdminAction.series_id.in_(list(series_ids)),
+               AdminAction.action.in_((_CONFIRM, _FALSE_ALARM)))
+        .order_by(AdminAction.id))
+    return {int(sid): str(action) for sid, action in rows}
+
+
+@dataclass(frozen=True)
+class LearningRows:
+    """What the reference arithmetic needs of one learning series, read from the database.
+
+    Attributes:
+        series_id: the series.
+        scores: its foreground slices' bundle scores (before any station reference).
+        abnormal: its verdict (out of the box).
+        review: its latest review (``confirm``, ``false_alarm``) or None.
+    """
+
+    series_id: int
+    scores: tuple[float, ...]
+    abnormal: bool
+    review: str | None
+
+
+def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningRows]:
+    """The foreground bundle scores, verdict and review of each series, in the given order."""
+    if not series_ids:
+        return []
+    scores: dict[int, list[float]] = {i: [] for i in series_ids}
+    own = func.coalesce(SliceScore.bundle_score, SliceScore.log_likelihood)
+    for sid, value in session.execute(
+            select(SliceScore.series_id, own)
+            .where(SliceScore.series_id.in_(list(series_ids)),
+                   SliceScore.foreground.is_not(False))
+            .order_by(SliceScore.series_id, SliceScore.slice_index)):
+        scores[int(sid)].append(float(value))
+    verdicts = dict(session.execute(select(Series.id, Series.abnormal)
+                                    .where(Series.id.in_(list(series_ids)))).all())
+    reviews = latest_reviews_of(session, series_ids)
+    return [LearningRows(i, tuple(scores[i]), bool(verdicts.get(i)), reviews.get(i))
+            for i in series_ids]
+
+
+def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: float,
+                    bundle_median: float, bundle_threshold: float, target_fpr: float,
+                    used: int, trimmed: int, excluded: int, slices: int) -> None:
+    """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock)."""
+    session.execute(
+        update(StationReference)
+        .where(StationReference.id == reference_id, StationReference.state == LEARNING)
+        .values(state=CALIBRATED, calibrated_at=utcnow(), centre=centre, low=low,
+                bundle_median=bundle_median, bundle_threshold=bundle_threshold,
+                target_fpr=target_fpr, series_used=used, series_trimmed=trimmed,
+                series_excluded=excluded, slices=slices, note=None)
+        .execution_options(synchronize_session=False))
+
+
+def note_refusal(session: Session, reference_id: int, reason: str) -> None:
+    """Record why the reference could not calibrate yet (it stays ``learning``)."""
+    session.execute(update(StationReference).where(StationReference.id == reference_id)
+                    .values(note=reason[:2000]).execution_options(synchronize_session=False))
+
+
+def restart_learning(session: Session, *, actor: str, note: str | None = None,
+                     station: str | None = None, protocol: str | None = None,
+                     reference_ids: Sequence[int] = ()) -> list[StationReference]:
+    """Supersede current references and start each station afresh in ``learning`` (commits).
+
+    Chooses the current references of ``station`` (Station Name or calling AE title,
+    case-insensitive; with ``protocol``, that protocol only, normalized), or those of
+    ``reference_ids``. Each superseded row keeps its values and records who and when; a new
+    ``learning`` row with the same key takes its place, so the next ``[learning].series``
+    series of that station learn anew.
+
+    Returns:
+        The new rows (empty when nothing matched).
+    """
+    stmt = select(StationReference).where(StationReference.superseded_at.is_(None))
+    if reference_ids:
+        stmt = stmt.where(StationReference.id.in_(list(reference_ids)))
+    elif station is not None:
+        stmt = stmt.where(func.upper(StationReference.station) == " ".join(station.split())
+                          .upper())
+        if protocol is not None:
+            stmt = stmt.where(StationReference.protocol == normalize_protocol(protocol))
+    else:
+        raise ValueError("name a station or reference ids")
+    now = utcnow()
+    created = []
+    try:
+        old_rows = session.scalars(stmt.order_by(StationReference.id).with_for_update()).all()
+        for old in old_rows:
+            old.superseded_at = now
+            old.superseded_by = actor[:128]
+            old.superseded_note = note
+            session.flush()
+            new = StationReference(station=old.station, station_source=old.station_source,
+                                   scanner_model=old.scanner_model, protocol=old.protocol,
+                                   model_name=old.model_name, model_version=old.model_version,
+                                   state=LEARNING, created_at=now)
+            session.add(new)
+            session.flush()
+            created.append(new)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    for new in created:
+        log.info("station learning restarted", extra={"station": key_of(new).label,
+                                                      "reference_id": new.id, "actor": actor})
+    return created
+
+
+@dataclass(frozen=True)
+class ReferenceView:
+    """One reference as the Scanners page and ``vaenode queue senders`` show it."""
+
+    id: int
+    key: StationKey
+    state: str
+    learned: int
+    created_at: datetime
+    calibrated_at: datetime | None
+    centre: float | None
+    low: float | None
+    series_used: int | None
+    series_trimmed: int | None
+    note: str | None
+    superseded_at: datetime | None
+    superseded_by: str | None
+    superseded_note: str | None
+
+
+def reference_views(session: Session, *, superseded: bool = False) -> list[ReferenceView]:
+    """Current references (or, with ``superseded``, the superseded ones, newest first), by
+    station then protocol."""
+    stmt = select(StationReference)
+    if superseded:
+        stmt = stmt.where(StationReference.superseded_at.is_not(None)).order_by(
+            StationReference.superseded_at.desc(), StationReference.id.desc())
+    else:
+        stmt = stmt.where(StationReference.superseded_at.is_(None)).order_by(
+            StationReference.station, StationReference.protocol, StationReference.scanner_model,
+            StationReference.model_name, StationReference.model_version)
+    rows = session.scalars(stmt).all()
+    counts = learned_counts(session, [r.id for r in rows])
+    return [ReferenceView(id=r.id, key=key_of(r), state=r.state, learned=counts.get(r.id, 0),
+                          created_at=r.created_at, calibrated_at=r.calibrated_at,
+                          centre=r.centre, low=r.low, series_used=r.series_used,
+                          series_trimmed=r.series_trimmed, note=r.note,
+                          superseded_at=r.superseded_at, superseded_by=r.superseded_by,
+                          superseded_note=r.superseded_note)
+            for r in rows]
+
+
+def reference_note(state: str | None, reference: StationReference | None, *,
+                   learned: int = 0, needed: int = 0) -> str:
+    """What judged a series, as the SR, the dashboard and ``vaenode queue show`` say it.
+
+    Args:
+        state: the reference's state when it judged the series (None: learning off).
+        reference: its row (None: learning off).
+        learned: during learning, which learning series of the station this one is.
+        needed: ``[learning].series``.
+    """
+    if state == CALIBRATED and reference is not None:
+        when = f"{reference.calibrated_at:%Y-%m-%d}" if reference.calibrated_at else "?"
+        used = reference.series_used or 0
+        total = used + (reference.series_trimmed or 0) + (reference.series_excluded or 0)
+        return (f"Reference: calibrated for station {key_of(reference).label}, from {used} "
+                f"of {total} learning series on {when}")
+    if state == LEARNING and reference is not None:
+        return (f"Reference: out of the box (station learning, {min(learned, needed)} of "
+                f"{needed} series)")
+    return "Reference: out of the box (station learning is off)"
+
+
+def judged_note(session: Session, series: Series, needed: int) -> str | None:
+    """The "Reference: ..." line of a scored series' current verdict, as its report said it
+    (None before its first verdict; learning off for verdicts older than the references)."""
+    if series.abnormal is None:
+        return None
+    reference = (session.get(StationReference, series.reference_id)
+                 if series.reference_id is not None else None)
+    learned = 0
+    if series.reference_state == LEARNING and reference is not None:
+        ids = learning_series_ids(session, reference.id)
+        learned = ids.index(series.id) + 1 if series.id in ids else len(ids)
+    return reference_note(series.reference_state, reference, learned=learned, needed=needed)

@@ -1,0 +1,215 @@
+"""Judge a scored series against its station's reference, and learn the reference.
+
+The worker scores a series with the bundle as before, then asks here which reference judges
+it (:func:`judge`): while its station is ``learning`` the bundle's own verdict stands (out of
+the box, and said so in the report); once ``calibrated`` each slice score is mapped onto the
+bundle's scale through the station's centre and low (:mod:`node.worker.learning`) and judged
+against the same threshold. Inside the transaction that stores the verdict the worker calls
+:func:`settle_reference`: when that series makes the ``[learning].series``-th of its
+station, the reference is built from them, once, under the reference's row lock.
+
+:func:`normal_series_folders` lists a station's stored learning series that the reference
+kept (the same trimming and reviews), for training a network on that station's images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import LearningSettings
+from node.model.calibrate import confidence
+from node.queue import references as refs
+from node.queue.models import Instance, Series, StationReference
+from node.report.content import SliceVerdict
+from node.worker.learning import (
+    LearningSeries,
+    ReferenceRefused,
+    Review,
+    build_reference,
+    map_scores,
+    select_series,
+)
+
+if TYPE_CHECKING:
+    from node.model.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+#: The level of the bundle's 201 stored quantiles that is its median normal score.
+MEDIAN_QUANTILE = 100
+
+
+@dataclass(frozen=True)
+class BundleScale:
+    """What the mapping needs of a bundle: its threshold T, its median normal score M, its
+    target false-positive rate and its normal-score quantiles (for the confidence)."""
+
+    name: str
+    version: str
+    threshold: float
+    median: float
+    target_fpr: float
+    quantiles: tuple[float, ...]
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> BundleScale:
+        """The scale of a loaded bundle."""
+        return cls(bundle.name, bundle.version, float(bundle.threshold),
+                   float(bundle.quantiles[MEDIAN_QUANTILE]), float(bundle.target_fpr),
+                   tuple(float(q) for q in bundle.quantiles))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A series' slice verdicts as its reference judged them, and which reference that was.
+
+    Attributes:
+        slices: the verdicts (the bundle's own while learning; mapped once calibrated).
+        reference_id: the reference's row, or None (learning off, or no station to learn).
+        state: ``learning`` or ``calibrated``; None when no reference judged.
+        note: the "Reference: ..." line of the report and the dashboard.
+    """
+
+    slices: tuple[SliceVerdict, ...]
+    reference_id: int | None
+    state: str | None
+    note: str
+
+
+def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
+                    threshold: float, quantiles: Sequence[float]) -> tuple[SliceVerdict, ...]:
+    """The slice verdicts with each score mapped through a calibrated reference and judged
+    against ``threshold`` (the one in use) on foreground slices; confidence recomputed on the
+    mapped score; ``bundle_score`` keeps the bundle's own score."""
+    if (reference.centre is None or reference.low is None or reference.bundle_median is None
+            or reference.bundle_threshold is None):
+        raise ValueError(f"station reference {reference.id} is not calibrated")
+    own = np.array([s.log_likelihood for s in slices], dtype=np.float64)
+    mapped = map_scores(own, reference.centre, reference.low, reference.bundle_median,
+                        reference.bundle_threshold)
+    foreground = np.array([s.foreground for s in slices], dtype=bool)
+    abnormal = (mapped < threshold) & foreground
+    sure = confidence(mapped, threshold, np.asarray(quantiles, dtype=np.float64))
+    return tuple(
+        dataclasses.replace(s, log_likelihood=float(mapped[k]), abnormal=bool(abnormal[k]),
+                            confidence=min(1.0, max(0.0, float(sure[k]))),
+                            bundle_score=float(own[k]))
+        for k, s in enumerate(slices))
+
+
+def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
+          key: refs.StationKey | None, series_id: int, slices: Sequence[SliceVerdict],
+          threshold: float, scale: BundleScale) -> Judgement:
+    """Which reference judges the series, and the slice verdicts it gives.
+
+    Creates the station's reference (``learning``) on its first series. Its verdicts are the
+    bundle's own until the reference is calibrated.
+    """
+    slices = tuple(slices)
+    if not learning.enabled:
+        return Judgement(slices, None, None, refs.reference_note(None, None))
+    if key is None:
+        return Judgement(slices, None, None,
+                         "Reference: out of the box (the series names no station or calling "
+                         "AE to learn from)")
+    with session_factory() as session:
+        reference = refs.ensure_reference(session, key)
+        if reference.state == refs.CALIBRATED:
+            mapped = apply_reference(slices, reference, threshold, scale.quantiles)
+            return Judgement(mapped, reference.id, refs.CALIBRATED,
+                             refs.reference_note(refs.CALIBRATED, reference))
+        earlier = [i for i in refs.learning_series_ids(session, reference.id) if i != series_id]
+        note = refs.reference_note(refs.LEARNING, reference, learned=len(earlier) + 1,
+                                   needed=learning.series)
+        return Judgement(slices, reference.id, refs.LEARNING, note)
+
+
+def _review(row: refs.LearningRows) -> Review:
+    if row.review == "false_alarm" or (row.review == "confirm" and not row.abnormal):
+        return Review.NORMAL
+    if row.review == "confirm":
+        return Review.FLAGGED
+    return Review.NONE
+
+
+def _learning_series(session: Session, reference_id: int) -> list[LearningSeries]:
+    rows = refs.learning_rows(session, refs.learning_series_ids(session, reference_id))
+    return [LearningSeries(r.series_id, np.asarray(r.scores, dtype=np.float64), _review(r))
+            for r in rows]
+
+
+def settle_reference(session: Session, learning: LearningSettings, reference_id: int,
+                     scale: BundleScale) -> bool:
+    """Calibrate the reference when its learning series are enough, exactly once.
+
+    Runs inside the transaction that stored a learning series' verdict: the reference's row
+    is locked first, so that of two workers storing the last series at once the second sees
+    the first one's series (and its calibration). A refusal (no spread to map) is recorded as
+    the reference's note; it stays ``learning`` and tries again on its next series.
+
+    Returns:
+        True when this call calibrated it.
+    """
+    reference = refs.lock_reference(session, reference_id)
+    if reference.state != refs.LEARNING or reference.superseded_at is not None:
+        return False
+    series = _learning_series(session, reference_id)
+    if len(series) < learning.series:
+        return False
+    label = refs.key_of(reference).label
+    try:
+        built = build_reference(series, scale.target_fpr)
+    except ReferenceRefused as exc:
+        refs.note_refusal(session, reference_id, f"not calibrated from {len(series)} series: "
+                                                 f"{exc}")
+        log.warning("station reference not calibrated: %s", exc,
+                    extra={"station": label, "reference_id": reference_id})
+        return False
+    refs.mark_calibrated(session, reference_id, centre=built.centre, low=built.low,
+                         bundle_median=scale.median, bundle_threshold=scale.threshold,
+                         target_fpr=scale.target_fpr, used=len(built.selection.kept),
+                         trimmed=len(built.selection.trimmed),
+                         excluded=len(built.selection.excluded), slices=built.slices)
+    log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g",
+             len(built.selection.kept), len(built.selection.trimmed), built.centre, built.low,
+             extra={"station": label, "reference_id": reference_id})
+    return True
+
+
+def normal_series_folders(session: Session, storage_dir: Path, station: str,
+                          protocol: str | None = None) -> list[Path]:
+    """The stored series of a station usable as its normal training data, as folders.
+
+    The learning series of the station's current references (of every bundle; with
+    ``protocol``, of that protocol only) that the reference's trimming keeps, judged with the
+    reviews as they stand now (reviewed normal: always; confirmed flags: never), whose images
+    the retention job has not deleted. Each folder holds one series' instances as received
+    (``<storage>/<StudyUID>/<SeriesUID>/``), oldest verdict first.
+    """
+    stmt = select(StationReference.id).where(
+        StationReference.superseded_at.is_(None),
+        func.upper(StationReference.station) == " ".join(station.split()).upper())
+    if protocol is not None:
+        stmt = stmt.where(StationReference.protocol == refs.normalize_protocol(protocol))
+    kept: list[int] = []
+    for reference_id in session.scalars(stmt.order_by(StationReference.id)):
+        kept += select_series(_learning_series(session, reference_id)).kept
+    if not kept:
+        return []
+    stored = set(session.scalars(select(Series.id).where(Series.id.in_(kept),
+                                                         Series.purged_at.is_(None))))
+    folders: dict[int, Path] = {}
+    for series_id, path in session.execute(
+            select(Instance.series_id, Instance.path).where(Instance.series_id.in_(stored))
+            .order_by(Instance.id)):
+        folders.setdefault(int(series_id), storage_dir / Path(path).parent)
+    return [folders[i] for i in kept if i in folders]

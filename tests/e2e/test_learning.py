@@ -1,0 +1,282 @@
+"""A station teaches the node its own normal, through the real node and DCMTK ``storescu``.
+
+A simulated site: IXI subjects the shipped bundle never trained on (its evaluation and
+calibration subjects), changed one way (:func:`site_volume`), written as one scanner's axial
+series (Station Name ``MR ROOM 7``). Twenty such series go through ``vaenode serve``, one of
+them a whole series with moderate motion (a bad one nobody reviewed). The station goes from
+``learning`` (each series judged out of the box, and its SR says so) to ``calibrated``; then a
+clean series of the site is normal and the same series with a block of moderate motion is
+flagged (the bad learning series did not blind it), the SRs say which reference judged them,
+and a restart (``vaenode queue relearn``) starts learning afresh while keeping the old
+reference. Nothing here asserts what the bundle makes of the site out of the box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from node.model.bundle import default_bundle_path
+from node.queue.models import Report, Series, SliceScore, StationReference
+from node.worker.station import normal_series_folders
+from tests.helpers.dcmtk import storescu
+from tests.helpers.node import RunningNode, start_node
+from tests.helpers.node import wait_for as wait
+from tests.helpers.reports import dciodvfy, measurement_groups
+from tests.helpers.series import IXI, WrittenSeries, load_volume, motion_block, write_series
+
+pytestmark = pytest.mark.e2e
+
+BUNDLE = Path(os.environ.get("VAENODE_TEST_BUNDLE") or default_bundle_path())
+#: Subjects other tests use.
+TAKEN = ("IXI080", "IXI096", "IXI102")
+STATION = "MR ROOM 7"
+PROTOCOL = "T1  Axial SE"  # stored as "t1 axial se"
+LEARNING_SERIES = 20
+#: Which learning series is the bad one: a whole series with moderate motion.
+BAD = 4
+#: The site: Gaussian noise of this fraction of the 99.5th percentile, added to the volume.
+SITE_NOISE = 0.02
+#: Axial slices (inferior to superior) with moderate motion in the test series: mid-brain.
+MOTION_BLOCK = (55, 70)
+
+
+def site_volume(volume: np.ndarray, seed: int) -> np.ndarray:
+    """The volume as the simulated site's scanner acquires it: noisier than IXI's."""
+    scale = float(np.percentile(volume, 99.5)) or 1.0
+    noise = np.random.default_rng(seed).normal(0.0, SITE_NOISE * scale, volume.shape)
+    return np.clip(volume + noise, 0.0, None).astype(np.float32)
+
+
+def subjects() -> list[Path]:
+    """One IXI volume per evaluation or calibration subject of the bundle, in its order."""
+    meta = json.loads((BUNDLE / "model.json").read_text())["training"]["subjects"]
+    out = []
+    for subject in meta.get("evaluation", []) + meta.get("calibration", []):
+        matches = sorted(IXI.glob(f"{subject}*.nii.gz"))
+        if subject not in TAKEN and matches:
+            out.append(matches[0])
+    if len(out) < LEARNING_SERIES + 1:
+        pytest.fail(f"{len(out)} held-out subjects of {BUNDLE} under {IXI}; the test needs "
+                    f"{LEARNING_SERIES + 1}")
+    return out
+
+
+def write_site_series(nifti: Path, out: Path, seed: int, *, whole_motion: bool = False,
+                      block: tuple[int, int] | None = None) -> WrittenSeries:
+    """A series of the site; the motion (whole or a block) is the e2e flow's, seed 0."""
+    volume, spacing = load_volume(nifti)
+    volume = site_volume(volume, seed)
+    if whole_motion:
+        volume = motion_block(volume, spacing, (0, volume.shape[2]))
+    elif block is not None:
+        volume = motion_block(volume, spacing, block)
+    return write_series(volume, spacing, out, station_name=STATION, series_description=PROTOCOL,
+                        patient_id=nifti.name[:6],
+                        corrupted=range(*block) if block is not None else ())
+
+
+def send(node: RunningNode, series: WrittenSeries) -> None:
+    proc = storescu(node.port, [series.folder], called_aet=node.ae_title, calling_aet="MR7")
+    assert proc.returncode == 0, proc.stderr
+
+
+def vaenode(node: RunningNode, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).with_name("vaenode")), *args, "--config",
+                           str(node.config_path)], capture_output=True, text=True, timeout=120)
+
+
+def row_of(node: RunningNode, series: WrittenSeries) -> Series | None:
+    with node.session() as session:
+        return session.scalar(select(Series).where(
+            Series.series_instance_uid == series.series_instance_uid))
+
+
+def done(node: RunningNode, written: list[WrittenSeries]) -> bool:
+    rows = [row_of(node, s) for s in written]
+    return all(r is not None and str(r.status) == "done" for r in rows)
+
+
+def sr_of(node: RunningNode, series: WrittenSeries) -> tuple[Dataset, Path]:
+    """The current SR the node wrote about the series (from its storage folder)."""
+    with node.session() as session:
+        path = session.scalar(select(Report.path).join(Series).where(
+            Series.series_instance_uid == series.series_instance_uid, Report.kind == "SR",
+            Report.superseded.is_(False)))
+    assert path is not None
+    return pydicom.dcmread(node.storage / path), node.storage / path
+
+
+def sr_reference(node: RunningNode, series: WrittenSeries) -> str:
+    """The "Station reference" TEXT item of the SR's series summary (its last group)."""
+    sr, _ = sr_of(node, series)
+    measurements = next(i for i in sr.ContentSequence
+                        if i.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements")
+    summary = measurements.ContentSequence[-1]
+    [text] = [i.TextValue for i in summary.ContentSequence if i.ValueType == "TEXT"
+              and i.ConceptNameCodeSequence[0].CodeMeaning == "Station reference"]
+    return str(text)
+
+
+def flags(node: RunningNode, series: WrittenSeries) -> dict[str, tuple[bool, bool]]:
+    """SOP Instance UID -> (flagged, foreground), as the node stored them."""
+    with node.session() as session:
+        rows = session.execute(select(SliceScore.sop_instance_uid, SliceScore.abnormal,
+                                      SliceScore.foreground).join(Series).where(
+            Series.series_instance_uid == series.series_instance_uid)).all()
+    return {uid: (bool(a), bool(f)) for uid, a, f in rows}
+
+
+@dataclass
+class Site:
+    node: RunningNode
+    learning: list[WrittenSeries]
+    clean: WrittenSeries
+    motion: WrittenSeries
+    reference: StationReference
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """Twenty learning series through the node until the station is calibrated, then a clean
+    series of the site and the same with a motion block."""
+    workdir = tmp_path_factory.mktemp("learning")
+    pool = subjects()
+    node = start_node(workdir / "node", sections={
+        "queue": {"series_idle_s": 2.0, "check_interval_s": 0.3},
+        "worker": {"enabled": True, "poll_interval_s": 0.3, "lease_s": 300.0},
+        "model": {"device": "cpu", "bundle": str(BUNDLE)},
+        "learning": {"series": LEARNING_SERIES},
+    })
+    try:
+        learning = []
+        for i, nifti in enumerate(pool[:LEARNING_SERIES]):
+            written = write_site_series(nifti, workdir / f"learn-{i:02d}", seed=i,
+                                        whole_motion=i == BAD)
+            send(node, written)
+            learning.append(written)
+        wait("the 20 learning series scored", lambda: done(node, learning), 900, node)
+
+        def calibrated() -> StationReference | None:
+            with node.session() as session:
+                return session.scalar(select(StationReference).where(
+                    StationReference.state == "calibrated"))
+
+        reference = wait("the station calibrated", calibrated, 30, node)
+        test_subject = pool[LEARNING_SERIES]
+        clean = write_site_series(test_subject, workdir / "clean", seed=100)
+        motion = write_site_series(test_subject, workdir / "motion", seed=100,
+                                   block=MOTION_BLOCK)
+        send(node, clean)
+        send(node, motion)
+        wait("the test series scored", lambda: done(node, [clean, motion]), 300, node)
+        yield Site(node, learning, clean, motion, reference)
+    finally:
+        node.stop()
+
+
+def test_learning_series_are_judged_out_of_the_box_and_said_so(site: Site) -> None:
+    rows = [row_of(site.node, s) for s in site.learning]
+    assert all(r is not None and r.reference_state == "learning" for r in rows)
+    assert {r.reference_id for r in rows if r is not None} == {site.reference.id}
+    notes = sorted(sr_reference(site.node, s) for s in site.learning)
+    # Each says how far the station's learning was when it was judged (series k of 20).
+    assert notes == sorted(f"Reference: out of the box (station learning, {k} of 20 series)"
+                           for k in range(1, 21))
+    # The bundle's own score is the one stored, and the background slices are told apart.
+    marks = flags(site.node, site.learning[0])
+    assert any(fg for _, fg in marks.values()) and not all(fg for _, fg in marks.values())
+
+
+def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Site) -> None:
+    ref = site.reference
+    assert (ref.station, ref.station_source, ref.protocol) == (STATION, "station_name",
+                                                              "t1 axial se")
+    assert ref.scanner_model == "tests.helpers.series"
+    assert ref.centre is not None and ref.low is not None and ref.low < ref.centre
+    assert ref.series_used is not None and ref.series_trimmed is not None
+    assert ref.series_used + ref.series_trimmed == LEARNING_SERIES and ref.series_trimmed >= 1
+    # The hook for training on the station's images: the kept series, never the bad one.
+    with site.node.session() as session:
+        folders = normal_series_folders(session, site.node.storage, "mr room 7")
+    bad = site.learning[BAD]
+    assert len(folders) == ref.series_used
+    assert all(f.name != bad.series_instance_uid for f in folders)
+    senders = vaenode(site.node, "queue", "senders", "--json")
+    assert senders.returncode == 0, senders.stderr
+    [line] = [json.loads(x) for x in senders.stdout.splitlines() if x.strip()]
+    [shown] = line["references"]
+    assert (shown["state"], shown["series_learned"], shown["series_needed"]) == (
+        "calibrated", 20, 20)
+    assert shown["centre"] == pytest.approx(ref.centre) and shown["protocol"] == "t1 axial se"
+
+
+def test_after_calibration_a_clean_series_is_normal_and_a_motion_block_is_flagged(
+    site: Site,
+) -> None:
+    clean, motion = row_of(site.node, site.clean), row_of(site.node, site.motion)
+    assert clean is not None and motion is not None
+    assert (clean.reference_state, motion.reference_state) == ("calibrated", "calibrated")
+    assert clean.abnormal is False, f"{clean.abnormal_slices} clean slices flagged"
+    marks = flags(site.node, site.motion)
+    uids = site.motion.sop_instance_uids
+    block = [marks[uids[i]][0] for i in sorted(site.motion.corrupted)]
+    others = [marks[u] for i, u in enumerate(uids) if i not in site.motion.corrupted]
+    outside = sum(f for f, fg in others if fg) / sum(fg for _, fg in others)
+    assert motion.abnormal is True
+    assert sum(block) >= 0.6 * len(block), f"{sum(block)} of {len(block)} block slices flagged"
+    assert outside <= 0.05, f"{outside:.1%} of the other slices flagged"
+
+
+def test_the_sr_says_the_station_reference_judged_it_and_passes_dciodvfy(site: Site) -> None:
+    sr, path = sr_of(site.node, site.motion)
+    groups = measurement_groups(sr)
+    assert groups[-1].texts["Station reference"].startswith(
+        f"Reference: calibrated for station {STATION} (tests.helpers.series), protocol "
+        f"'t1 axial se', from {site.reference.series_used} of 20 learning series on ")
+    assert all("Score before station reference" in g.measurements for g in groups[:-1])
+    errors, warnings = dciodvfy(path)
+    assert errors == [], errors
+    assert all("99VAENODE" in w for w in warnings), warnings
+    shown = vaenode(site.node, "queue", "show", site.motion.series_instance_uid, "--json")
+    assert shown.returncode == 0, shown.stderr
+    out = json.loads(shown.stdout)
+    assert out["reference_state"] == "calibrated"
+    assert out["reference"] == groups[-1].texts["Station reference"]
+
+
+def test_restart_learning_keeps_the_old_reference_and_learns_afresh(
+    site: Site, tmp_path: Path,
+) -> None:
+    restarted = vaenode(site.node, "queue", "relearn", "--station", "mr room 7",
+                        "--note", "new head coil")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "learning restarted: MR ROOM 7" in restarted.stdout
+    with site.node.session() as session:
+        rows = session.scalars(select(StationReference).order_by(StationReference.id)).all()
+    old, new = rows
+    assert old.id == site.reference.id and old.superseded_at is not None
+    assert old.state == "calibrated" and old.superseded_note == "new head coil"
+    assert old.superseded_by is not None and old.superseded_by.startswith("cli:")
+    assert new.state == "learning" and new.superseded_at is None
+    again = write_site_series(subjects()[0], tmp_path / "again", seed=200)
+    send(site.node, again)
+    wait("the series after the restart scored", lambda: done(site.node, [again]), 300,
+         site.node)
+    row = row_of(site.node, again)
+    assert row is not None and (row.reference_id, row.reference_state) == (new.id, "learning")
+    assert sr_reference(site.node, again) == (
+        "Reference: out of the box (station learning, 1 of 20 series)")
+    missing = vaenode(site.node, "queue", "relearn", "--station", "NO SUCH ROOM")
+    assert missing.returncode == 1 and "no station reference" in missing.stderr

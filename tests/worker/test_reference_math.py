@@ -1,0 +1,134 @@
+"""The arithmetic of a station's reference: robust to a few bad learning series, reviews take
+precedence, and a reference with no spread is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from node.worker.learning import (
+    MAD_TO_SD,
+    OUTLIER_Z,
+    LearningSeries,
+    ReferenceRefused,
+    Review,
+    build_reference,
+    map_scores,
+    select_series,
+)
+
+#: A station's normal slices: series centres spread by SERIES_SD, slices by SLICE_SD (nats).
+SERIES_SD, SLICE_SD = 400.0, 1500.0
+SLICES = 110
+
+
+def normal_site(n: int, seed: int = 0, centre: float = -5000.0) -> list[LearningSeries]:
+    """n normal series of one simulated station (heavy-ish lower tail, as slice scores have)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        mu = centre + rng.normal(0.0, SERIES_SD)
+        scores = mu + SLICE_SD * rng.standard_t(8, SLICES)
+        out.append(LearningSeries(i, scores))
+    return out
+
+
+def motion_series(series_id: int, seed: int) -> LearningSeries:
+    """A whole series with motion: every slice far below normal, widely spread."""
+    rng = np.random.default_rng(seed)
+    return LearningSeries(series_id, -5000.0 - 12000.0 + 4000.0 * rng.standard_normal(SLICES))
+
+
+def bad_block_series(series_id: int, seed: int) -> LearningSeries:
+    """A normal series but for a block of 20 slices far below normal."""
+    rng = np.random.default_rng(seed)
+    scores = -5000.0 + SLICE_SD * rng.standard_t(8, SLICES)
+    scores[40:60] -= 20000.0
+    return LearningSeries(series_id, scores)
+
+
+def naive_low(series: list[LearningSeries]) -> float:
+    return float(np.quantile(np.concatenate([s.scores for s in series]), 0.01))
+
+
+def test_a_few_bad_series_among_twenty_do_not_move_the_reference() -> None:
+    clean = normal_site(20)
+    reference = build_reference(clean, 0.01)
+    # Two of the 20 replaced: one whole series with motion, one with a bad block.
+    spoiled = [*clean[:18], motion_series(18, 1), bad_block_series(19, 2)]
+    robust = build_reference(spoiled, 0.01)
+    assert set(robust.selection.trimmed) >= {18, 19}
+    assert abs(robust.centre - reference.centre) < 0.25 * SERIES_SD
+    assert abs(robust.low - reference.low) < 0.1 * (reference.centre - reference.low)
+    # Without the trimming the low would have moved far: the test can tell.
+    assert naive_low(spoiled) < reference.low - 0.5 * (reference.centre - reference.low)
+
+
+def test_only_outliers_below_the_other_series_are_trimmed_by_median_or_low_quantile() -> None:
+    # Series whose slice scores are one pattern shifted: median and 10th percentile shift too.
+    pattern = np.linspace(-3000.0, 3000.0, 101)
+    shifts = [0.0, 100.0, -100.0, 200.0, -200.0, 300.0, -300.0, 400.0, -400.0]
+    # With the two below: median -100, median absolute deviation 300, so the edge lies at
+    # -100 - 3.5 * 1.4826 * 300 = -1656.7.
+    edge = -100.0 - OUTLIER_Z * MAD_TO_SD * 300.0
+    assert -1700.0 < edge < -1600.0
+    site = [LearningSeries(i, pattern + d) for i, d in enumerate(shifts)]
+    inside = LearningSeries(9, pattern - 1500.0)
+    beyond = LearningSeries(10, pattern - 3000.0)
+    selection = select_series([*site, inside, beyond])
+    assert selection.trimmed == (10,)
+    assert sorted(selection.kept) == list(range(10))
+    # A series normal at its median but with a bad block low in it: its 10th percentile.
+    block = pattern.copy()
+    block[:15] -= 50000.0
+    assert select_series([*site, LearningSeries(11, block)]).trimmed == (11,)
+    assert np.median(block) == pytest.approx(np.median(pattern))
+    # A station's ordinary spread of subjects is kept whole: nothing trimmed from 20 normal.
+    assert select_series(normal_site(20, seed=3)).trimmed == ()
+
+
+def test_reviews_take_precedence_over_the_trimming() -> None:
+    site = normal_site(20, seed=4)
+    worst = motion_series(5, 7)
+    series = [worst if s.series_id == 5 else s for s in site]
+    assert 5 in select_series(series).trimmed
+    # A reviewer marked the worst one a false alarm (normal): always used, never trimmed.
+    reviewed = [LearningSeries(5, worst.scores, Review.NORMAL) if s.series_id == 5 else s
+                for s in series]
+    selection = select_series(reviewed)
+    assert 5 in selection.kept and 5 not in selection.trimmed
+    assert build_reference(reviewed, 0.01).low < build_reference(series, 0.01).low
+    # A confirmed flag is never used, however normal its slices look.
+    flagged = [LearningSeries(3, s.scores, Review.FLAGGED) if s.series_id == 3 else s
+               for s in series]
+    selection = select_series(flagged)
+    assert selection.excluded == (3,) and 3 not in selection.kept
+    assert 3 not in selection.trimmed
+
+
+def test_a_reference_without_spread_is_refused() -> None:
+    flat = [LearningSeries(i, np.full(50, -4000.0)) for i in range(5)]
+    with pytest.raises(ReferenceRefused, match="not below its centre"):
+        build_reference(flat, 0.01)
+    confirmed = [LearningSeries(i, np.linspace(-9000, -1000, 50), Review.FLAGGED)
+                 for i in range(3)]
+    with pytest.raises(ReferenceRefused, match="none of the 3"):
+        build_reference(confirmed, 0.01)
+    empty = [LearningSeries(0, np.array([])), LearningSeries(1, np.linspace(-9, -1, 9))]
+    assert build_reference(empty, 0.01).selection.excluded == (0,)
+
+
+def test_the_mapping_puts_the_station_centre_and_low_on_the_bundle_median_and_threshold() -> None:
+    centre, low, median, threshold = -30000.0, -80000.0, -2400.0, -36000.0
+    mapped = map_scores(np.array([centre, low, centre - 2 * (centre - low)]), centre, low,
+                        median, threshold)
+    assert mapped[0] == pytest.approx(median) and mapped[1] == pytest.approx(threshold)
+    assert mapped[2] == pytest.approx(median - 2 * (median - threshold))
+    with pytest.raises(ValueError):
+        map_scores(np.zeros(2), centre=1.0, low=1.0, median=median, threshold=threshold)
+    # About the target rate of the station's own normal slices falls below the threshold.
+    site = normal_site(20, seed=5, centre=-30000.0)
+    ref = build_reference(site, 0.01)
+    fresh = np.concatenate([s.scores for s in normal_site(20, seed=6, centre=-30000.0)])
+    rate = float(np.mean(map_scores(fresh, ref.centre, ref.low, median, threshold) < threshold))
+    assert 0.002 < rate < 0.03

@@ -1,0 +1,289 @@
+"""Station references in a real migrated database: the key, calibration exactly once when the
+N-th learning series is stored, refusal, judging after calibration, restart, and the series
+a station offers as normal training data."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alembic import command
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import DatabaseSettings, LearningSettings
+from node.queue import references as refs
+from node.queue.db import make_engine, make_session_factory
+from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
+from node.queue.models import AdminAction, Series, SliceScore, StationReference, utcnow
+from node.report.content import SliceVerdict
+from node.worker.learning import LearningSeries, build_reference, select_series
+from node.worker.station import (
+    BundleScale,
+    apply_reference,
+    judge,
+    normal_series_folders,
+    settle_reference,
+)
+from tests.helpers.db import insert_done_series, migrated_database
+from tests.helpers.learning import KEY, add_learning_series, site_scores
+
+LEARN = LearningSettings(series=5)
+QUANTILES = tuple(float(q) for q in np.linspace(-60000.0, 10000.0, 201))
+SCALE = BundleScale("brain-t1", "0.1.0", threshold=-36000.0, median=float(QUANTILES[100]),
+                    target_fpr=0.01, quantiles=QUANTILES)
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    with migrated_database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'q.db'}")) as f:
+        yield f
+
+
+def _reference(factory: sessionmaker[Session], key: refs.StationKey = KEY) -> StationReference:
+    with factory() as session:
+        return refs.ensure_reference(session, key)
+
+
+def _settle(factory: sessionmaker[Session], reference_id: int) -> bool:
+    with factory() as session, session.begin():
+        return settle_reference(session, LEARN, reference_id, SCALE)
+
+
+def _row(factory: sessionmaker[Session], reference_id: int) -> StationReference:
+    with factory() as session:
+        row = session.get(StationReference, reference_id)
+        assert row is not None
+        return row
+
+
+def test_the_station_key_normalizes_the_protocol_and_falls_back_to_the_calling_aet() -> None:
+    key = refs.station_key(station_name=" MR  ROOM 3 ", calling_aet="GATEWAY",
+                           scanner_model="Prisma", series_description="  T1  MPRAGE\tSag ",
+                           model_name="brain-t1", model_version="0.1.0")
+    assert key is not None
+    assert (key.station, key.station_source, key.protocol) == (
+        "MR ROOM 3", "station_name", "t1 mprage sag")
+    by_aet = refs.station_key(station_name=None, calling_aet="MR3", scanner_model=None,
+                              series_description=None, model_name="m", model_version="1")
+    assert by_aet is not None
+    assert (by_aet.station, by_aet.station_source, by_aet.protocol) == ("MR3", "calling_aet", "")
+    assert refs.station_key(station_name="", calling_aet=None, scanner_model=None,
+                            series_description="x", model_name="m", model_version="1") is None
+
+
+def test_calibrates_once_when_the_nth_learning_series_is_stored(
+    factory: sessionmaker[Session],
+) -> None:
+    reference = _reference(factory)
+    assert reference.state == refs.LEARNING
+    site = site_scores(5, seed=1)
+    ids = [add_learning_series(factory, reference.id, s) for s in site[:4]]
+    assert not _settle(factory, reference.id)
+    assert _row(factory, reference.id).state == refs.LEARNING
+    # A series judged by another reference, or still processing, does not count.
+    other = _reference(factory, refs.StationKey(**{**KEY.__dict__, "protocol": "other"}))
+    add_learning_series(factory, other.id, site[4])
+    assert not _settle(factory, reference.id)
+    ids.append(add_learning_series(factory, reference.id, site[4]))
+    assert _settle(factory, reference.id)
+    row = _row(factory, reference.id)
+    expected = build_reference([LearningSeries(i, s) for i, s in zip(ids, site, strict=True)],
+                               0.01)
+    assert row.state == refs.CALIBRATED and row.calibrated_at is not None
+    # The background slices' (meaningless, very low) scores were left out.
+    assert row.centre == pytest.approx(expected.centre)
+    assert row.low == pytest.approx(expected.low)
+    assert (row.series_used, row.series_trimmed, row.slices) == (
+        len(expected.selection.kept), len(expected.selection.trimmed), expected.slices)
+    assert expected.slices == 60 * len(expected.selection.kept)
+    assert (row.bundle_median, row.bundle_threshold) == (SCALE.median, SCALE.threshold)
+    # Exactly once: a later learning series (raced past the lock) does not rebuild it.
+    add_learning_series(factory, reference.id, site[0] - 50000.0)
+    assert not _settle(factory, reference.id)
+    assert _row(factory, reference.id).low == pytest.approx(expected.low)
+
+
+def test_a_reviewed_false_alarm_is_used_and_a_confirmed_flag_is_not(
+    factory: sessionmaker[Session],
+) -> None:
+    reference = _reference(factory)
+    site = site_scores(5, seed=2)
+    ids = [add_learning_series(factory, reference.id, s) for s in site[:3]]
+    bad = add_learning_series(factory, reference.id, site[3] - 20000.0, abnormal=True)
+    confirmed = add_learning_series(factory, reference.id, site[4], abnormal=True)
+    with factory.begin() as session:
+        session.execute(insert(AdminAction), [
+            {"series_id": bad, "actor": "dr", "action": "false_alarm", "at": utcnow()},
+            {"series_id": confirmed, "actor": "dr", "action": "confirm", "at": utcnow()}])
+    assert _settle(factory, reference.id)
+    row = _row(factory, reference.id)
+    assert (row.series_used, row.series_trimmed, row.series_excluded) == (4, 0, 1)
+    used = [LearningSeries(i, s) for i, s in zip([*ids, bad], [*site[:3], site[3] - 20000.0],
+                                                  strict=True)]
+    # Unreviewed, the false alarm would have been left out as an outlier; reviewed, it counts.
+    assert select_series(used).trimmed == (bad,)
+    assert row.low == pytest.approx(np.quantile(np.concatenate([s.scores for s in used]), 0.01))
+
+
+def test_no_spread_is_refused_with_a_reason_and_stays_learning(
+    factory: sessionmaker[Session],
+) -> None:
+    reference = _reference(factory)
+    for _ in range(5):
+        add_learning_series(factory, reference.id, [-4000.0] * 30)
+    assert not _settle(factory, reference.id)
+    row = _row(factory, reference.id)
+    assert row.state == refs.LEARNING
+    assert row.note is not None and "not below its centre" in row.note
+
+
+def _verdicts(scores: list[float], foreground: list[bool]) -> list[SliceVerdict]:
+    return [SliceVerdict(sop_instance_uid=f"1.2.{k}", sop_class_uid="1.2.840", frame=None,
+                         index=k, log_likelihood=s, kl=0.0, elbo=s, abnormal=False,
+                         confidence=0.5, foreground=fg)
+            for k, (s, fg) in enumerate(zip(scores, foreground, strict=True))]
+
+
+def test_judged_out_of_the_box_while_learning_then_against_the_station(
+    factory: sessionmaker[Session],
+) -> None:
+    slices = _verdicts([-5000.0, -7000.0, -20000.0, -60000.0], [True, True, True, False])
+    first = judge(factory, LEARN, KEY, 99, slices, SCALE.threshold, SCALE)
+    assert first.state == refs.LEARNING and first.slices == tuple(slices)
+    assert first.note == "Reference: out of the box (station learning, 1 of 5 series)"
+    for s in site_scores(5, seed=3):
+        add_learning_series(factory, first.reference_id or 0, s)
+    assert _settle(factory, first.reference_id or 0)
+    then = judge(factory, LEARN, KEY, 99, slices, SCALE.threshold, SCALE)
+    row = _row(factory, first.reference_id or 0)
+    assert then.state == refs.CALIBRATED and then.reference_id == row.id
+    assert then.note == ("Reference: calibrated for station MR ROOM 3 (Prisma), protocol "
+                         f"'t1 mprage sag', from {row.series_used} of 5 learning series on "
+                         f"{row.calibrated_at:%Y-%m-%d}")
+    assert [s.bundle_score for s in then.slices] == [-5000.0, -7000.0, -20000.0, -60000.0]
+    expected = SCALE.median + (np.array([-5000.0, -20000.0]) - row.centre) * (
+        SCALE.median - SCALE.threshold) / (row.centre - row.low)
+    assert [then.slices[0].log_likelihood, then.slices[2].log_likelihood] == pytest.approx(
+        expected)
+    # Near the station's centre: normal; far below its low: flagged; background: never.
+    assert [s.abnormal for s in then.slices] == [False, False, True, False]
+    assert all(0.0 <= s.confidence <= 1.0 for s in then.slices)
+    off = judge(factory, LearningSettings(enabled=False), KEY, 99, slices, SCALE.threshold,
+                SCALE)
+    assert (off.state, off.reference_id, off.slices) == (None, None, tuple(slices))
+    assert off.note == "Reference: out of the box (station learning is off)"
+    with pytest.raises(ValueError, match="not calibrated"):
+        apply_reference(slices, _reference(factory, refs.StationKey(
+            **{**KEY.__dict__, "model_version": "0.2.0"})), SCALE.threshold, QUANTILES)
+
+
+def test_restart_keeps_the_old_reference_and_learns_anew(factory: sessionmaker[Session]) -> None:
+    reference = _reference(factory)
+    for s in site_scores(5, seed=4):
+        add_learning_series(factory, reference.id, s)
+    assert _settle(factory, reference.id)
+    other = _reference(factory, refs.StationKey(**{**KEY.__dict__, "protocol": "t2 axial"}))
+    with factory() as session:
+        assert refs.restart_learning(session, actor="cli:tech", station="mr room 3",
+                                     protocol="Nothing like it") == []
+        [new] = refs.restart_learning(session, actor="cli:tech", note="new head coil",
+                                      station="mr  room 3", protocol=" T1 MPRAGE  sag")
+    old = _row(factory, reference.id)
+    assert old.state == refs.CALIBRATED and old.superseded_at is not None
+    assert (old.superseded_by, old.superseded_note) == ("cli:tech", "new head coil")
+    assert new.state == refs.LEARNING and refs.key_of(new) == KEY
+    assert _reference(factory).id == new.id
+    assert _row(factory, other.id).superseded_at is None
+    with factory() as session:
+        views = refs.reference_views(session)
+        earlier = refs.reference_views(session, superseded=True)
+    assert [(v.id, v.learned) for v in views] == [(new.id, 0), (other.id, 0)]
+    assert [(v.id, v.learned, v.centre) for v in earlier] == [(old.id, 5, old.centre)]
+    # One current row per key, whatever a second writer tries.
+    with pytest.raises(IntegrityError), factory.begin() as session:
+        session.add(StationReference(**{**KEY.__dict__, "state": "learning",
+                                        "created_at": utcnow()}))
+
+
+def test_two_workers_creating_a_station_get_one_reference(factory: sessionmaker[Session]) -> None:
+    barrier = threading.Barrier(4)
+    got: list[int] = []
+
+    def create() -> None:
+        barrier.wait()
+        got.append(_reference(factory).id)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 1
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(StationReference)) == 1
+
+
+def test_normal_series_folders_are_the_kept_stored_learning_series(
+    factory: sessionmaker[Session], tmp_path: Path,
+) -> None:
+    storage = tmp_path / "storage"
+    reference = _reference(factory)
+    site = site_scores(10, seed=5)
+    site[2] = site[2] - 30000.0  # a bad one: trimmed
+    ids = [add_learning_series(factory, reference.id, s, storage=storage) for s in site]
+    kept = select_series([LearningSeries(i, v) for i, v in zip(ids, site, strict=True)]).kept
+    assert ids[2] not in kept
+    purged = kept[-1]
+    with factory.begin() as session:
+        session.execute(update(Series).where(Series.id == purged).values(purged_at=utcnow()))
+    with factory() as session:
+        folders = normal_series_folders(session, storage, "Mr Room 3")
+        series = {s.id: s for s in session.scalars(select(Series))}
+        assert normal_series_folders(session, storage, "MR ROOM 3", "t2 axial") == []
+        assert normal_series_folders(session, storage, "MR ROOM 4") == []
+    assert folders == [storage / series[i].study_instance_uid / series[i].series_instance_uid
+                       for i in kept if i != purged]
+    assert all(any(folder.glob("*.dcm")) for folder in folders)
+
+
+def test_migration_0013_leaves_older_verdicts_as_they_were_and_goes_down_again(
+    tmp_path: Path,
+) -> None:
+    """Rows scored before revision 0013 keep their verdict: no reference judged them (the
+    model's own verdict), their slice rows say nothing of foreground or a station mapping;
+    the downgrade drops the table and the columns, and the upgrade works again."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0012_alerts_problems")
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        insert_done_series(db, 1, "1.2.3.1", "2026-11-20 08:00:00")
+        db.execute("UPDATE series SET abnormal = 0, threshold = -1.0 WHERE id = 1")
+        db.execute("INSERT INTO slice_scores (series_id, sop_instance_uid, sop_class_uid, "
+                   "stack, slice_index, log_likelihood, kl, elbo, abnormal, confidence) "
+                   "VALUES (1, '1.2.3.1.1', '1.2.840', 0, 0, -5.0, 1.0, -6.0, 0, 0.9)")
+    upgrade(url)
+    engine = make_engine(DatabaseSettings(url=url))
+    try:
+        with make_session_factory(engine)() as session:
+            series = session.get(Series, 1)
+            assert series is not None and series.reference_id is None
+            assert refs.judged_note(session, series, 20) == (
+                "Reference: out of the box (station learning is off)")
+            assert refs.learning_rows(session, [1])[0].scores == (-5.0,)
+            score = session.scalars(select(SliceScore)).one()
+            assert (score.foreground, score.bundle_score) == (None, None)
+    finally:
+        engine.dispose()
+    command.downgrade(alembic_config(url), "0012_alerts_problems")
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        columns = {r[1] for r in db.execute("PRAGMA table_info(slice_scores)")}
+        assert db.execute("SELECT log_likelihood FROM slice_scores").fetchall() == [(-5.0,)]
+    assert "station_references" not in tables and "bundle_score" not in columns
+    upgrade(url)
+    assert current_revision(url) == head_revision()
