@@ -19,8 +19,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
-from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -90,8 +91,12 @@ class Worker:
         session_factory: sessionmaker[Session],
         worker_id: str | None = None,
         bundles: BundleCache | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
+        # True once the node is stopping: a tick scores no further series (the one under way
+        # finishes), so that a stop does not wait for a whole tick's worth of series.
+        self._stopping = stopping or (lambda: False)
         self.session_factory = session_factory
         self.worker_id = worker_id or node_worker_id(settings)
         self.bundles = bundles or BundleCache()
@@ -145,7 +150,7 @@ class Worker:
                 self.warm_up()
             self.requeue_expired()
             outcomes: list[Outcome] = []
-            while len(outcomes) < max_series:
+            while len(outcomes) < max_series and not self._stopping():
                 outcome = self.process_next()
                 if outcome is None:
                     break
@@ -186,7 +191,8 @@ def install(
         log.info("worker disabled ([worker].enabled = false)")
         return
     validate_rules(settings)
-    worker = Worker(settings, session_factory)
+    worker = Worker(settings, session_factory,
+                    stopping=lambda: scheduler.state == STATE_STOPPED)
     worker.recover_at_startup()
     scheduler.add_job(
         worker.run_once,

@@ -187,6 +187,7 @@ def write_series(
     rescale_intercept: float | None = None,
     transfer_syntax: UID = ExplicitVRLittleEndian,
     corrupted: Sequence[int] = (),
+    images_in_acquisition: int | None = None,
 ) -> WrittenSeries:
     """Write a RAS volume as an axial single-frame DICOM series, one file per slice.
 
@@ -207,6 +208,9 @@ def write_series(
         transfer_syntax: any syntax pydicom can encode (Explicit VR Little Endian, RLE...).
         corrupted: slice indices to record as corrupted in the result (the caller corrupted
             them, see :func:`write_nifti_series`).
+        images_in_acquisition: Images in Acquisition (0020,1002) in every file, as scanners
+            declare the count of a series (the node's completion rule waits for it); absent
+            when None.
 
     Returns:
         The files and UIDs, in slice order.
@@ -247,6 +251,8 @@ def write_series(
         image_type=image_type,
         now=now,
     )
+    if images_in_acquisition is not None:
+        base.ImagesInAcquisition = images_in_acquisition
     paths: list[Path] = []
     sops: list[str] = []
     for k in range(n):
