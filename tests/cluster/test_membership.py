@@ -26,6 +26,7 @@ from node.queue import repo
 from node.queue.migrate import upgrade
 from node.queue.models import Alert, Series, utcnow
 from node.queue.states import SeriesState
+from node.service import role_of
 from tests.helpers.node import VAENODE, to_toml
 from tests.helpers.postgres import Postgres, start_postgres
 from tests.helpers.records import mr_instance
@@ -300,3 +301,13 @@ def test_the_nodes_view(database: str, factory: sessionmaker[Session]) -> None:
     finally:
         worker.leave()
         receiver.leave()
+
+
+def test_roles_from_one_config() -> None:
+    pg = {"database": {"url": "postgresql+psycopg://vaenode@127.0.0.1:1/vaenode"}}
+    assert role_of(Settings.model_validate(pg), worker_command=False) == "all"
+    receiver = Settings.model_validate({**pg, "worker": {"enabled": False}})
+    assert role_of(receiver, worker_command=False) == "receiver"
+    assert role_of(Settings.model_validate(pg), worker_command=True) == "worker"
+    with pytest.raises(ConfigError, match="nothing to do"):
+        role_of(receiver, worker_command=True)
