@@ -230,20 +230,32 @@ class Service:
         return address
 
     def _install_membership_jobs(self, serving: bool) -> None:
-        """The heartbeat; on a node that may run the cluster-wide jobs, their gate and the
-        periodic try to take them over."""
+        """The heartbeat; on a shared database the periodic check of the membership session
+        (and, on a node that may run the cluster-wide jobs, the try to take them over); on
+        such a node the gate of those jobs."""
         assert self.scheduler is not None and self.membership is not None
         assert self.heartbeat is not None
         c = self.settings.cluster
-        self.scheduler.add_job(self.heartbeat.beat, "interval", seconds=c.heartbeat_s,
-                               id=HEARTBEAT_JOB_ID, max_instances=1, coalesce=True)
-        if not serving:
-            return
-        run_on_one_node(self.scheduler, self.membership)
-        if self.membership.shared:
-            self.scheduler.add_job(self.membership.check_cluster_jobs, "interval",
-                                   seconds=c.takeover_check_s, id=MEMBERSHIP_JOB_ID,
-                                   max_instances=1, coalesce=True)
+        membership, heartbeat = self.membership, self.heartbeat
+
+        def beat() -> None:
+            try:
+                heartbeat.beat()
+            except Exception as exc:  # the database is away: the row goes stale meanwhile
+                log.warning("heartbeat not recorded: %s", exc)
+
+        def check() -> None:
+            held = membership.cluster_jobs.is_set()
+            if membership.check_cluster_jobs(take=serving) != held:
+                beat()  # the nodes view shows the change now, not at the next beat
+
+        self.scheduler.add_job(beat, "interval", seconds=c.heartbeat_s, id=HEARTBEAT_JOB_ID,
+                               max_instances=1, coalesce=True)
+        if serving:
+            run_on_one_node(self.scheduler, membership)
+        if membership.shared:
+            self.scheduler.add_job(check, "interval", seconds=c.takeover_check_s,
+                                   id=MEMBERSHIP_JOB_ID, max_instances=1, coalesce=True)
 
     def _start_serving(self, shared: bool) -> tuple[str, int]:
         """The dashboard, the store and the DICOM listener; returns the listening address."""

@@ -200,11 +200,11 @@ class Membership:
 
     # --- the cluster-wide jobs ---------------------------------------------------------------
 
-    def check_cluster_jobs(self) -> bool:
-        """Keep the cluster-wide jobs, or try to take them; returns whether this node runs them.
+    def check_cluster_jobs(self, take: bool = True) -> bool:
+        """Keep the cluster-wide jobs, or try to take them (``take``; a worker never does, and
+        only keeps its session and name); returns whether this node runs them.
 
-        Scheduled every ``[cluster].takeover_check_s`` on the nodes that may run them (``vaenode
-        serve``; workers never do), and once at start.
+        Scheduled every ``[cluster].takeover_check_s``, and once at start.
         """
         if not self.shared:
             return True
@@ -216,7 +216,7 @@ class Membership:
                     return False
                 assert self._conn is not None
                 self._conn.execute(text("SELECT 1"))
-                if not self.cluster_jobs.is_set():
+                if take and not self.cluster_jobs.is_set():
                     got = self._conn.execute(text("SELECT pg_try_advisory_lock(:c, :k)"),
                                              {"c": JOBS_LOCK_CLASS, "k": JOBS_KEY}).scalar()
                     if got:

@@ -28,17 +28,10 @@ from node.queue.models import Alert, Series, utcnow
 from node.queue.states import SeriesState
 from node.service import role_of
 from tests.helpers.node import VAENODE, to_toml
-from tests.helpers.postgres import Postgres, start_postgres
+from tests.helpers.postgres import Postgres
 from tests.helpers.records import mr_instance
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    server = start_postgres(tmp_path_factory.mktemp("postgres"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
