@@ -14,10 +14,11 @@ node on SQLite, one receiver on PostgreSQL, and two receivers on PostgreSQL (two
 each), with no worker running; instances per second over the whole transfer.
 
 CPU: the processes' user + system seconds over the run (from /proc, their listener children
-and PostgreSQL's backends included), per series: the workers' alone (what scoring costs), and
-everything (receivers, workers, PostgreSQL). On a machine with fewer cores than workers the
-workers share them, so series per minute cannot grow with more workers there; the CPU seconds
-per series say what each added machine would add.
+and PostgreSQL's backends included), per series: the workers' alone (what scoring costs; on
+SQLite the one node's, receiving included), and everything (receivers, workers, PostgreSQL);
+for ingest, per 1000 instances (receivers and PostgreSQL). On a machine with fewer cores than
+workers the workers share them, so series per minute cannot grow with more workers there; the
+CPU seconds per series say what each added machine would add.
 
     .venv/bin/python bench/cluster.py [--series 8] [--runs 1] [--workers 1,2,4]
         [--skip-ingest] [--skip-scoring]
@@ -195,30 +196,37 @@ def run_scoring(kind: str, workers: int, root: Path, postgres: Postgres, orthanc
 
 
 def run_ingest(kind: str, receivers: int, root: Path, postgres: Postgres,
-               series: list[WrittenSeries]) -> tuple[str, float]:
-    """Instances per second of four storescu at once, no worker; returns (label, rate)."""
+               series: list[WrittenSeries]) -> tuple[str, float, float]:
+    """Four storescu at once, no worker; returns (label, instances per second, CPU seconds
+    per 1000 instances of the receivers and, on PostgreSQL, the database server)."""
     common: dict[str, Any] = {"queue": {"series_idle_s": 600.0}, "worker": {"enabled": False}}
     groups = [s.paths for s in series]
     count = sum(len(g) for g in groups)
+
+    def measure(ports: list[int], counted: Counted) -> tuple[float, float]:
+        cpu0 = counted.read()[1]
+        started = time.time()
+        send_all(lambda i: ports[i % len(ports)], groups)
+        wall = time.time() - started
+        return count / wall, 1000.0 * (counted.read()[1] - cpu0) / count
+
     if kind == "sqlite":
         node = start_node(root / "node", sections=common)
         try:
-            started = time.time()
-            send_all(lambda _i: node.port, groups)
-            return "1 node, SQLite", count / (time.time() - started)
+            return ("1 node, SQLite",
+                    *measure([node.port], Counted([], [node.proc.pid])))
         finally:
             node.stop()
     deployment = Deployment(root / "nodes", postgres.new_database(root.name), root / "shared",
                             common=merge(common, {"dicom": {"listener_processes": 2}}))
     try:
         nodes = [deployment.receiver(f"r{i + 1}") for i in range(receivers)]
-        started = time.time()
-        send_all(lambda i: nodes[i % receivers].port, groups)
-        rate = count / (time.time() - started)
+        rate, cpu = measure([n.port for n in nodes],
+                            Counted([], [n.proc.pid for n in nodes] + [postgres.proc.pid]))
     finally:
         deployment.stop()
     label = f"{receivers} receiver{'s' if receivers > 1 else ''}, PostgreSQL"
-    return label, rate
+    return label, rate, cpu
 
 
 def load_average() -> str:
@@ -274,21 +282,24 @@ def main() -> None:
                       f"{med['total_cpu_s']:.1f} | {med['wall_s']:.0f} |")
         if not args.skip_ingest:
             rates: dict[str, list[float]] = {}
+            cpus: dict[str, list[float]] = {}
             for run in range(args.runs):
                 for i, (kind, n) in enumerate([("sqlite", 1), ("pg", 1), ("pg", 2)]):
                     root = tmp / f"ingest-{run}-{i}"
                     print(f"ingest: {kind} {n} receiver(s), run {run + 1}", file=sys.stderr)
-                    label, rate = run_ingest(kind, n, root, postgres, series[:4])
+                    label, rate, cpu = run_ingest(kind, n, root, postgres, series[:4])
                     rates.setdefault(label, []).append(rate)
+                    cpus.setdefault(label, []).append(cpu)
                     shutil.rmtree(root, ignore_errors=True)
             print(f"\nIngest: four storescu at once, one {args.slices}-instance MR series each "
                   f"({4 * args.slices} instances), no worker; {args.runs} run(s) per row, "
                   f"medians. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 2 CPU "
                   f"cores shared, load average {load_average()} at the end.\n")
-            print("| configuration | instances/s | runs |")
-            print("| --- | ---: | --- |")
+            print("| configuration | instances/s | CPU s per 1000 instances | runs (instances/s) |")
+            print("| --- | ---: | ---: | --- |")
             for label, values in rates.items():
                 print(f"| {label} | {statistics.median(values):.0f} | "
+                      f"{statistics.median(cpus[label]):.1f} | "
                       f"{', '.join(f'{v:.0f}' for v in values)} |")
     finally:
         orthanc.stop(graceful=False)
