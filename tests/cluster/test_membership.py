@@ -13,7 +13,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from alembic import command
+from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.alerts.problems import Problem, raise_problems
@@ -23,7 +24,7 @@ from node.cluster.storage_mark import MARKER, check_shared_storage
 from node.config import Settings
 from node.errors import ConfigError, QueueConflict
 from node.queue import repo
-from node.queue.migrate import upgrade
+from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import Alert, Series, utcnow
 from node.queue.states import SeriesState
 from node.service import role_of
@@ -121,6 +122,29 @@ def test_vaenode_worker_refuses_sqlite(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "SQLite cannot" in proc.stderr and "[database].url" in proc.stderr
+
+
+def test_migration_0013_adds_and_removes_the_cluster_tables_on_sqlite(tmp_path: Path) -> None:
+    """Down to 0012 and up again on SQLite (PostgreSQL goes down to base in
+    tests/queue/test_postgres.py); series rows are untouched."""
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    upgrade(url, revision="0013_nodes")
+    engine = create_engine(url)
+    try:
+        factory = sessionmaker(engine, expire_on_commit=False)
+        series_id = _receiving_series(factory, "1.2.9")
+        check_shared_storage(factory, tmp_path / "shared")
+        assert {"nodes", "cluster"} <= set(inspect(engine).get_table_names())
+        command.downgrade(alembic_config(url), "0012_alerts_problems")
+        assert current_revision(url) == "0012_alerts_problems"
+        assert not {"nodes", "cluster"} & set(inspect(engine).get_table_names())
+        upgrade(url)
+        assert current_revision(url) == head_revision()
+        with factory() as session:
+            assert session.scalar(select(Series.id).where(
+                Series.series_instance_uid == "1.2.9")) == series_id
+    finally:
+        engine.dispose()
 
 
 def test_default_names_tell_a_worker_from_a_receiver() -> None:
