@@ -5,6 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 
 from node.config import DatabaseSettings
 from node.queue.db import make_engine
@@ -15,6 +16,8 @@ if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+#: PostgreSQL advisory lock key that serializes migrations of one database ("vaenode" in ASCII).
+MIGRATION_LOCK = 0x7661656E6F6465
 
 
 def run_migrations_offline() -> None:
@@ -42,6 +45,12 @@ def run_migrations_online() -> None:
                 connection=connection, target_metadata=target_metadata, render_as_batch=True
             )
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Several nodes of one deployment start (and `vaenode db upgrade`) at
+                    # once: one applies the revisions, the others wait here for its commit
+                    # and then find the database at head (the lock ends with the transaction).
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                                       {"k": MIGRATION_LOCK})
                 context.run_migrations()
     finally:
         engine.dispose()

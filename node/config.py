@@ -416,6 +416,21 @@ class AdminSettings(_Section):
         return self
 
 
+class ClusterSettings(_Section):
+    # None: "<host name>/<AE title>" for `vaenode serve`, "<host name>/worker" for
+    # `vaenode worker` (node/cluster/membership.py).
+    node_name: str | None = Field(None, min_length=1, max_length=128)
+    heartbeat_s: float = Field(10.0, gt=0)
+    takeover_check_s: float = Field(15.0, gt=0)
+
+    @field_validator("node_name")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or not value.isprintable()):
+            raise ValueError(f"{value!r} is not a printable, non-blank name")
+        return value.strip() if value is not None else None
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -438,6 +453,7 @@ class Settings(_Section):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
 

@@ -12,11 +12,19 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.cluster.membership import ROLE_RECEIVER, Membership
 from node.config import Settings
 from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import upgrade
 from node.report import jobs as report_jobs
-from node.service import JOB_MODULES, WAKES, wake_on_hand_over
+from node.service import (
+    CLUSTER_JOB_IDS,
+    JOB_MODULES,
+    WAKES,
+    install_jobs,
+    run_on_one_node,
+    wake_on_hand_over,
+)
 
 
 def test_a_hand_over_runs_the_next_job_at_once() -> None:
@@ -125,3 +133,47 @@ def test_a_woken_delivery_job_does_not_overlap_a_running_one(
         release.set()
         scheduler.shutdown(wait=True)
         engine.dispose()
+
+
+def test_cluster_jobs_run_only_while_this_node_holds_them(tmp_path: Path) -> None:
+    """Every job of CLUSTER_JOB_IDS that a node with everything configured installs is gated
+    by the membership's flag; the worker's job and the takeover check are not."""
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    upgrade(url)
+    settings = Settings.model_validate({
+        "database": {"url": url}, "cluster": {"node_name": "n1"},
+        "alerts": {"urls": ["http://127.0.0.1:9/a"], "ops_urls": ["http://127.0.0.1:9/o"]},
+        "worker": {"enabled": False}})
+    engine = make_engine(settings.database)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    membership = Membership(settings, ROLE_RECEIVER)
+    try:
+        install_jobs(scheduler, settings, make_session_factory(engine))
+        assert run_on_one_node(scheduler, membership) == list(CLUSTER_JOB_IDS)
+        job = scheduler.get_job("queue.idle-series")
+        assert job.func(*job.args, **job.kwargs) is None  # not held: nothing ran
+        membership.cluster_jobs.set()
+        assert job.func(*job.args, **job.kwargs) == 0  # held: the completion ran (none due)
+    finally:
+        engine.dispose()
+
+
+def test_cross_node_wakes_name_every_taker_even_if_not_installed_here() -> None:
+    """A receiver without a worker still wakes the workers elsewhere when it queues series."""
+    scheduler = BackgroundScheduler(timezone="UTC")
+    asked: list[list[str]] = []
+    done = threading.Event()
+    scheduler.add_job(lambda: 3, "interval", hours=1, id="queue")
+
+    def notify_others(job_ids: list[str]) -> None:
+        asked.append(job_ids)
+        done.set()
+
+    wake_on_hand_over(scheduler, [("queue", "worker"), ("queue", "alerts")], notify_others)
+    scheduler.start()
+    try:
+        scheduler.get_job("queue").modify(next_run_time=_now())
+        assert done.wait(10.0)
+        assert asked == [["worker", "alerts"]]
+    finally:
+        scheduler.shutdown(wait=True)

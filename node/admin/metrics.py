@@ -5,6 +5,9 @@ may run in different processes (or on different nodes sharing one PostgreSQL que
 restart would zero every counter. The database already records every instance, status change,
 delivery attempt and review, so a custom collector derives each metric from it when Prometheus
 asks. The values are cumulative from the start of the database, which is what a counter means.
+So every node of a deployment answers the same figures of the whole queue (scrape one, or
+take ``max`` over nodes), and the ``vaenode_node_*`` families say, labelled ``node``, what
+each node is doing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin import reviews
 from node.admin.queries import status_counts
+from node.cluster.nodes import list_nodes
 from node.queue import repo
 from node.queue.models import Alert, Series, SeriesEvent, utcnow
 from node.queue.states import SeriesState
@@ -117,6 +121,38 @@ class QueueCollector(Collector):
         oldest.add_metric([], max(0.0, (utcnow() - since).total_seconds()) if since else 0.0)
         return oldest
 
+    def _node_metrics(self, session: Session) -> Iterator[Metric]:
+        """Per node of the deployment (node/cluster/nodes.py), labelled ``node``: up or not,
+        heartbeat age, which one runs the cluster-wide jobs, series it scores now and has
+        scored. Every node's ``/metrics`` shows them all (they come from the database)."""
+        views = list_nodes(session)
+        up = GaugeMetricFamily("vaenode_node_up",
+                               "1 while a node's heartbeat is current, 0 stopped or lost.",
+                               labels=["node", "role", "version"])
+        age = GaugeMetricFamily("vaenode_node_heartbeat_age_seconds",
+                                "Seconds since a node's last heartbeat.", labels=["node"])
+        jobs = GaugeMetricFamily(
+            "vaenode_node_cluster_jobs",
+            "1 on the node running the cluster-wide jobs (completion, retention, problems, "
+            "outboxes).", labels=["node"])
+        scoring = GaugeMetricFamily("vaenode_node_series_processing",
+                                    "Series a node is scoring now.", labels=["node"])
+        for n in views:
+            up.add_metric([n.name, n.role, n.version], 1.0 if n.state == "up" else 0.0)
+            age.add_metric([n.name], n.heartbeat_age_s)
+            jobs.add_metric([n.name], 1.0 if n.cluster_jobs else 0.0)
+            scoring.add_metric([n.name], float(len(n.scoring)))
+        yield from (up, age, jobs, scoring)
+        scored = CounterMetricFamily("vaenode_node_series_scored",
+                                     "Series scored (verdicts stored), by the node that scored "
+                                     "them.", labels=["node"])
+        for actor, n in session.execute(
+                select(SeriesEvent.actor, func.count(SeriesEvent.id))
+                .where(SeriesEvent.to_status == str(SeriesState.DONE))
+                .group_by(SeriesEvent.actor)):
+            scored.add_metric([actor or ""], float(n))
+        yield scored
+
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus_client on each scrape)."""
         with self._session_factory() as session:
@@ -183,6 +219,7 @@ class QueueCollector(Collector):
             for state in ("pending", "sent", "failed"):
                 alerts.add_metric([state], float(by_state.get(state, 0)))
             yield alerts
+            yield from self._node_metrics(session)
 
 
 def build_registry(session_factory: sessionmaker[Session],

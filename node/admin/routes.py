@@ -26,6 +26,9 @@ from node.admin.header import read_header_facts
 from node.admin.plots import plot_slice_scores
 from node.admin.thumbnails import ThumbnailError, render_thumbnail
 from node.alerts import outbox as alert_outbox
+from node.cluster import nodes as cluster_nodes
+from node.cluster.membership import is_shared
+from node.cluster.storage_mark import MARKER, read_marker
 from node.config import Settings
 from node.errors import AdminActionError
 from node.ingest.store import free_space_shortfall
@@ -280,6 +283,15 @@ def associations_page(
                    rows=queries.list_associations(session), refresh_s=refresh)
 
 
+@router.get("/nodes", response_class=HTMLResponse, name="nodes")
+def nodes_page(
+    request: Request, session: ReadSessionDep, refresh: RefreshQuery = QUEUE_REFRESH_S
+) -> HTMLResponse:
+    """Every node on this queue database (receivers, workers): up or not, what each holds."""
+    return _render(request, "nodes.html", "nodes", rows=cluster_nodes.list_nodes(session),
+                   refresh_s=refresh)
+
+
 @router.get("/senders", response_class=HTMLResponse, name="senders")
 def senders_page(
     request: Request, session: ReadSessionDep,
@@ -339,9 +351,10 @@ def metrics(request: Request) -> Response:
 
 @router.get("/healthz", name="healthz")
 def healthz(request: Request) -> PlainTextResponse:
-    """200 ``ok`` when the database answers and the storage folder is writable and has its
-    minimum free space; 503 otherwise, ``degraded`` first when only the space is short (the
-    node runs, but refuses every C-STORE with 0xA700)."""
+    """200 ``ok`` when the database answers and the storage folder is writable, has its
+    minimum free space and (on a shared database) is the deployment's shared folder; 503
+    otherwise, ``degraded`` first when only the space is short (the node runs, but refuses
+    every C-STORE with 0xA700)."""
     settings = _settings(request)
     problems: list[str] = []
     try:
@@ -354,6 +367,9 @@ def healthz(request: Request) -> PlainTextResponse:
         problems.append(f"storage: {storage} is not a folder")
     elif not os.access(storage, os.W_OK | os.X_OK):
         problems.append(f"storage: {storage} is not writable")
+    elif is_shared(settings.database.url) and read_marker(storage) is None:
+        problems.append(f"storage: {storage} has no {MARKER}: the shared folder is not "
+                        "mounted here")
     if problems:
         return PlainTextResponse("\n".join(problems) + "\n", status_code=503)
     shortfall = free_space_shortfall(storage, settings.storage.min_free_mb)

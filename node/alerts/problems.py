@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.alerts.outbox import PENDING
+from node.cluster.membership import JOBS_LOCK_CLASS, PROBLEMS_KEY
 from node.config import Settings
 from node.queue.models import Alert, OutboxEntry, Series, utcnow
 from node.queue.states import DeliveryState, SeriesState
@@ -143,6 +144,12 @@ def raise_problems(session_factory: sessionmaker[Session], settings: Settings,
     told = 0
     repeat_after = now - timedelta(hours=settings.alerts.ops_repeat_h)
     with session_factory.begin() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            # One node runs this check (node/cluster/membership.py); should two overlap for a
+            # moment (a holder cut off that has not noticed yet), the second waits here and
+            # then sees the first one's rows: a problem is still told once.
+            session.execute(text("SELECT pg_advisory_xact_lock(:c, :k)"),
+                            {"c": JOBS_LOCK_CLASS, "k": PROBLEMS_KEY})
         for problem in problems:
             recent = session.scalar(
                 select(Alert.id).where(Alert.event == problem.event,

@@ -9,6 +9,7 @@ import typer
 # One module per group; each adds its commands to the app. Order is the order in --help.
 _MODULES = (
     "node.commands.serve",
+    "node.commands.worker",
     "node.commands.db",
     "node.commands.queue",
     "node.commands.echo",

@@ -202,6 +202,49 @@ def relearn_cmd(
     typer.echo(f"the next {settings.learning.series} scored series of each learn anew")
 
 
+@queue_app.command("nodes")
+def nodes_cmd(
+    config: ConfigOption = None,
+    forget: Annotated[str | None, typer.Option(
+        "--forget", metavar="NAME",
+        help="Remove a stopped or lost node from the view (a node taken out for good).")]
+    = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Every node on this queue database: role, version, heartbeat, what it holds now."""
+    from node.cluster import nodes
+
+    if forget is not None:
+        with _session(config) as session, session.begin():
+            try:
+                found = nodes.forget(session, forget)
+            except ValueError as exc:
+                raise NodeError(str(exc)) from exc
+        if not found:
+            raise NodeError(f"no node named {forget!r}")
+        typer.echo(f"node {forget} forgotten")
+        return
+    with _session(config, read_only=True) as session:
+        rows = nodes.list_nodes(session)
+    if as_json:
+        for n in rows:
+            typer.echo(json.dumps({
+                "name": n.name, "role": n.role, "state": n.state, "version": n.version,
+                "host": n.host, "pid": n.pid, "started_at": _iso(n.started_at),
+                "heartbeat_at": _iso(n.heartbeat_at), "heartbeat_age_s": n.heartbeat_age_s,
+                "cluster_jobs": n.cluster_jobs, "clock_offset_s": n.clock_offset_s,
+                "scoring": list(n.scoring)}))
+        return
+    typer.echo(f"{'NODE':<28} {'ROLE':<8} {'STATE':<7} {'VERSION':<8} {'HEARTBEAT':>9}  HOLDS")
+    for n in rows:
+        holds = (["cluster-wide jobs"] if n.cluster_jobs else []) + [
+            f"scoring {uid}" for uid in n.scoring]
+        typer.echo(f"{n.name:<28} {n.role:<8} {n.state:<7} {n.version:<8} "
+                   f"{n.heartbeat_age_s:>7.0f} s  {', '.join(holds) or '-'}")
+    if not rows:
+        typer.echo("no node has run on this database yet")
+
+
 @queue_app.command("show")
 def show_cmd(
     series_uid: Annotated[str, typer.Argument(help="Series Instance UID.")],

@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.queue import repo
@@ -46,6 +47,20 @@ MAX_BATCH = 64
 #: Longest wait for a sender's file while holding the write transaction; a sender stuck longer
 #: (a hung disk) gets a failure instead of stalling every other association's commits.
 FILE_WAIT_S = 30.0
+
+
+#: SQLSTATEs of a transaction PostgreSQL aborted because of another one (deadlock detected,
+#: serialization failure): tried again once.
+_RETRY_SQLSTATES = ("40P01", "40001")
+
+
+def _race(exc: BaseException) -> bool:
+    """Whether ``exc`` is a race with another writer that a second try resolves: the first
+    instance of a series (or the same instance) recorded by another receiver a moment before
+    (a unique key; the second try updates), or a deadlock between two receivers' batches."""
+    return isinstance(exc, IntegrityError) or (
+        isinstance(exc, DBAPIError)
+        and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES)
 
 
 class FileNotWritten(Exception):
@@ -167,7 +182,7 @@ class GroupCommitter:
         with self._write_lock():
             self._commit_locked(batch)
 
-    def _commit_locked(self, batch: list[Ticket]) -> None:
+    def _commit_locked(self, batch: list[Ticket], retried: bool = False) -> None:
         try:
             with self._session_factory.begin() as session:
                 results = [repo.record_instance(session, p.record) for p in batch]
@@ -186,11 +201,15 @@ class GroupCommitter:
             return
         except Exception as exc:
             if len(batch) == 1:
+                if not retried and _race(exc):
+                    self._commit_locked(batch, retried=True)
+                    return
                 log.exception("cannot record instance",
                               extra={"sop_uid": batch[0].record.sop_instance_uid})
                 batch[0].future.set_exception(exc)
                 return
-            # One bad row must not fail the others (or a PostgreSQL insert race): one by one.
+            # One bad row must not fail the others (or a race with another receiver's
+            # transaction): one by one.
             for pending in batch:
                 self._commit_locked([pending])
             return

@@ -277,12 +277,25 @@ class Store:
         """
         with self._session_factory.begin() as session:
             missing = [instance_id for instance_id, rel in repo.receiving_instances(session)
-                       if not (self.root / rel).is_file()]
+                       if not self._present(rel)]
             repo.drop_instances(session, missing)
         if missing:
             log.warning("removed rows whose file a crash lost before it was acknowledged",
                         extra={"count": len(missing)})
         return len(missing)
+
+    def _present(self, rel: str) -> bool:
+        """Whether the stored file ``rel`` exists. A miss is checked again by listing its
+        folder: on a network file system shared with other receivers a name one of them made
+        a moment ago may be missing from this machine's cache of names, and a row is never
+        dropped on a stale cache."""
+        path = self.root / rel
+        if path.is_file():
+            return True
+        try:
+            return path.name in os.listdir(path.parent)
+        except FileNotFoundError:
+            return False
 
     def sweep_partials(self, started_before: float) -> int:
         """Remove temporary files (instances, reports) last written before ``started_before``

@@ -436,3 +436,42 @@ class Alert(_Attempts, Base):
 
     __table_args__ = (Index("ix_alerts_due", "state", "next_attempt_at"),
                       Index("ix_alerts_problem", "event", "problem_key", "created_at"))
+
+
+class Node(Base):
+    """One process of the deployment (``vaenode serve`` or ``vaenode worker``) as it last told
+    the database: the nodes view of the dashboard and ``vaenode queue nodes``
+    (node/cluster/nodes.py). Each process writes only its own row, every
+    ``[cluster].heartbeat_s``; the series it is scoring are those whose ``worker_id`` is its
+    name."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # "all" (serve with the worker), "receiver" (serve, [worker].enabled = false), "worker"
+    role: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_s: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Whether it runs the cluster-wide jobs now (node/cluster/membership.py).
+    cluster_jobs: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Its clock minus the database server's at the last heartbeat (PostgreSQL only).
+    clock_offset_s: Mapped[float | None] = mapped_column(Float)
+
+
+class ClusterInfo(Base):
+    """Facts of the whole deployment, one row: the identity of its shared storage folder, which
+    every node checks against the marker file in its ``[storage].dir`` at start
+    (node/cluster/storage_mark.py)."""
+
+    __tablename__ = "cluster"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    storage_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (CheckConstraint("id = 1", name="ck_cluster_one_row"),)

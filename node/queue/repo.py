@@ -194,6 +194,7 @@ class RecordResult:
 _SELECT_SERIES = select(Series.id, Series.status).where(
     Series.series_instance_uid == bindparam("b_uid")
 )
+_SELECT_SERIES_LOCKED = _SELECT_SERIES.with_for_update()
 _INSERT_SERIES = insert(Series).returning(Series.id)
 _INSERT_EVENT = insert(SeriesEvent)
 _SELECT_INSTANCE = select(Instance.id, Instance.series_id, Instance.path).where(
@@ -241,7 +242,8 @@ class _DriverSql:
 
     def __init__(self, dialect: Any) -> None:
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        self.select_series = f"SELECT id, status FROM series WHERE series_instance_uid = {mark}"
+        self.select_series = (f"SELECT id, status FROM series WHERE series_instance_uid = {mark}"
+                              + _row_lock(dialect))
         self.select_instance = (
             f"SELECT id, series_id, path FROM instances WHERE sop_instance_uid = {mark}")
         self.insert_instance = (
@@ -273,6 +275,19 @@ class _DriverSql:
 
 
 _DRIVER_SQL: dict[tuple[str, str, str], _DriverSql] = {}
+
+
+def _row_lock(dialect: Any) -> str:
+    """`` FOR UPDATE`` where the database has row locks (not SQLite: one writer at a time).
+
+    Ingest reads the series' status and then adds the instance; the completion job (on another
+    node, or another thread) may queue the series in between. Locking the series row when it
+    is read makes the two take turns: the completion's conditional UPDATE waits for ingest's
+    commit and then finds the series no longer idle, or ingest waits for the completion's and
+    then reopens the series it finds queued. Without the lock an instance could join a
+    series that was already queued, and be left out of its verdict.
+    """
+    return "" if dialect.name == "sqlite" else " FOR UPDATE"
 
 
 def _record_receiving(conn: Connection, sql: _DriverSql,
@@ -329,7 +344,10 @@ def record_instance(session: Session, rec: InstanceRecord) -> RecordResult:
         sql = _DriverSql.for_dialect(conn.dialect)
         if sql is not None and (done := _record_receiving(conn, sql, rec)) is not None:
             return done
-        row = conn.execute(_SELECT_SERIES, {"b_uid": rec.series_instance_uid}).first()
+        select_series = _SELECT_SERIES
+        if conn.dialect.name != "sqlite":
+            select_series = _SELECT_SERIES_LOCKED  # see _row_lock()
+        row = conn.execute(select_series, {"b_uid": rec.series_instance_uid}).first()
         if row is None:
             series_id = conn.execute(_INSERT_SERIES, {
                 "study_instance_uid": rec.study_instance_uid,
@@ -685,25 +703,30 @@ def requeue_expired_leases(
     now = now or utcnow()
     changed = []
     with _transaction(session):
+        # Every worker of a deployment runs this: rows another one is taking back right now
+        # are skipped (PostgreSQL; SQLite has one writer at a time).
         rows = session.execute(
             select(Series.id, Series.attempts).where(
                 Series.status == SeriesState.PROCESSING, Series.lease_until < now
-            )
+            ).with_for_update(skip_locked=True)
         ).all()
         for row in rows:
             gone = row.attempts >= max_attempts
-            changed.append(
-                _transition(
-                    session,
-                    row.id,
-                    SeriesState.FAILED if gone else SeriesState.QUEUED,
-                    allowed_from=[SeriesState.PROCESSING],
-                    reason="abandoned" if gone else "lease expired",
-                    actor=ACTOR_SCHEDULER,
-                    extra_where=[Series.lease_until < now],
-                    values={"lease_until": None, "worker_id": None},
+            try:
+                changed.append(
+                    _transition(
+                        session,
+                        row.id,
+                        SeriesState.FAILED if gone else SeriesState.QUEUED,
+                        allowed_from=[SeriesState.PROCESSING],
+                        reason="abandoned" if gone else "lease expired",
+                        actor=ACTOR_SCHEDULER,
+                        extra_where=[Series.lease_until < now],
+                        values={"lease_until": None, "worker_id": None},
+                    )
                 )
-            )
+            except QueueConflict as exc:  # renewed or finished since it was read
+                log.debug("lease not taken back: %s", exc)
     return changed
 
 

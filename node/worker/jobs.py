@@ -2,10 +2,15 @@
 
 At start-up, series left ``processing`` by this node (a crash, ``kill -9``, a power cut) go back
 to ``queued``: with SQLite the database belongs to this one node, so every such series is ours;
-with a shared database (PostgreSQL) only those held under this node's worker id are, and other
-nodes' dead work comes back through lease expiry. Each tick then requeues expired leases
-(``attempts + 1``, or ``failed`` "abandoned" past ``[worker].max_attempts``) and scores queued
-series one after another until none is left (or the tick's budget is spent).
+with a shared database (PostgreSQL) only those held under this node's worker id (its
+``[cluster].node_name``, which no other running process may hold) are, and other nodes' dead
+work comes back through lease expiry. Each tick then requeues expired leases (``attempts + 1``,
+or ``failed`` "abandoned" past ``[worker].max_attempts``) and scores queued series one after
+another until none is left (or the tick's budget is spent).
+
+While a series is scored, a :class:`LeaseKeeper` renews its lease every third of
+``[worker].lease_s``: a live worker keeps a series however long it takes, and a dead one's
+series comes back to the queue within ``lease_s`` (a deployment can set a short lease).
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
-from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.errors import ModelError
+from node.errors import ModelError, QueueConflict
 from node.queue import repo
 from node.worker.routing import validate_rules
-from node.worker.score import BundleCache, Outcome, process_next
+from node.worker.score import BundleCache, Outcome, process_series
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +39,47 @@ MAX_SERIES_PER_TICK = 20
 
 
 def node_worker_id(settings: Settings) -> str:
-    """This node's worker identity: stable across restarts, so its own leftovers are found."""
+    """This node's worker identity: its ``[cluster].node_name`` (the service fills in the
+    default), else ``<host name>/<AE title>``; stable across restarts, so its own leftovers are
+    found."""
+    if settings.cluster.node_name is not None:
+        return settings.cluster.node_name
     return f"{socket.gethostname()}/{settings.dicom.ae_title}"[:128]
+
+
+class LeaseKeeper:
+    """Renews the lease of one claimed series in a thread while the worker scores it.
+
+    Stops when the series is no longer this worker's (reopened by a new instance, or taken
+    back): the worker then finds out itself when it tries to mark it done.
+    """
+
+    def __init__(self, session_factory: sessionmaker[Session], series_id: int,
+                 worker_id: str, lease_s: float) -> None:
+        self._session_factory = session_factory
+        self._series_id = series_id
+        self._worker_id = worker_id
+        self._lease_s = lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._lease_s / 3.0):
+            try:
+                with self._session_factory() as session:
+                    repo.renew_lease(session, self._series_id, self._worker_id, self._lease_s)
+            except QueueConflict:
+                return
+            except Exception as exc:  # the database had a moment: the next renewal may work
+                log.warning("cannot renew the lease of series id %s: %s", self._series_id, exc)
 
 
 class Worker:
@@ -46,8 +91,12 @@ class Worker:
         session_factory: sessionmaker[Session],
         worker_id: str | None = None,
         bundles: BundleCache | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
+        # True once the node is stopping: a tick scores no further series (the one under way
+        # finishes), so that a stop does not wait for a whole tick's worth of series.
+        self._stopping = stopping or (lambda: False)
         self.session_factory = session_factory
         self.worker_id = worker_id or node_worker_id(settings)
         self.bundles = bundles or BundleCache()
@@ -101,15 +150,26 @@ class Worker:
                 self.warm_up()
             self.requeue_expired()
             outcomes: list[Outcome] = []
-            while len(outcomes) < max_series:
-                outcome = process_next(self.session_factory, self.settings, self.worker_id,
-                                       self.bundles)
+            while len(outcomes) < max_series and not self._stopping():
+                outcome = self.process_next()
                 if outcome is None:
                     break
                 outcomes.append(outcome)
             return outcomes
         finally:
             self._running.release()
+
+    def process_next(self) -> Outcome | None:
+        """Claim the oldest queued series and score it under a kept lease; None when nothing
+        is queued."""
+        lease_s = self.settings.worker.lease_s
+        with self.session_factory() as session:
+            series = repo.claim_next_queued(session, self.worker_id, lease_s)
+        if series is None:
+            return None
+        with LeaseKeeper(self.session_factory, series.id, self.worker_id, lease_s):
+            return process_series(self.session_factory, self.settings, series, self.worker_id,
+                                  self.bundles)
 
     def run_until_idle(self, timeout_s: float = 60.0) -> list[Outcome]:
         """Score until nothing is queued (for tests and ``vaenode queue retry --now``)."""
@@ -131,7 +191,8 @@ def install(
         log.info("worker disabled ([worker].enabled = false)")
         return
     validate_rules(settings)
-    worker = Worker(settings, session_factory)
+    worker = Worker(settings, session_factory,
+                    stopping=lambda: scheduler.state == STATE_STOPPED)
     worker.recover_at_startup()
     scheduler.add_job(
         worker.run_once,

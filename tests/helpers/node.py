@@ -28,6 +28,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 REPO = Path(__file__).resolve().parents[2]
 VAENODE = Path(sys.executable).with_name("vaenode")
+#: What ``vaenode worker`` logs once its job is scheduled (node/service.py).
+WORKER_READY = "vaenode worker running"
 
 
 def free_port() -> int:
@@ -171,11 +173,13 @@ def start_node(
     port: int | None = None,
     env: Mapping[str, str] | None = None,
     timeout_s: float = 60.0,
+    command: str = "serve",
 ) -> RunningNode:
     """Write the configuration, start ``vaenode serve`` and wait until it listens.
 
     Starting again with the same ``workdir`` and ``port`` reuses storage and database (that is
-    how tests restart a node after a crash).
+    how tests restart a node after a crash). ``command="worker"`` starts ``vaenode worker``
+    instead (no port: it is waited for until it logs that it runs).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -183,22 +187,30 @@ def start_node(
     config_path = workdir / "node.toml"
     config_path.write_text(to_toml(config), encoding="utf-8")
     log_path = workdir / "node.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
     run_env.update(env or {})
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [str(VAENODE), "serve", "--config", str(config_path)],
+            [str(VAENODE), command, "--config", str(config_path)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=run_env,
         )
     node = RunningNode(proc, workdir, port, config_path, log_path,
                        ae_title=config["dicom"]["ae_title"])
     deadline = time.monotonic() + timeout_s
-    while not _listening(port):
+
+    def ready() -> bool:
+        if command == "worker":  # this run's lines only: a restart appends to the same log
+            return WORKER_READY.encode() in log_path.read_bytes()[log_start:]
+        return _listening(port)
+
+    while not ready():
         if proc.poll() is not None:
-            raise RuntimeError(f"vaenode serve exited with {proc.returncode}:\n{node.log_text()}")
+            raise RuntimeError(f"vaenode {command} exited with {proc.returncode}:\n"
+                               f"{node.log_text()}")
         if time.monotonic() > deadline:
             node.kill()
-            raise RuntimeError(f"vaenode serve did not listen within {timeout_s}s:\n"
+            raise RuntimeError(f"vaenode {command} was not ready within {timeout_s}s:\n"
                                f"{node.log_text()}")
         time.sleep(0.05)
     return node

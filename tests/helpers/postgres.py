@@ -58,6 +58,14 @@ class Postgres:
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql+psycopg://vaenode@127.0.0.1:{self.port}/{name}"
 
+    def start_again(self, timeout_s: float = 60.0) -> None:
+        """Start the stopped server again on the same folder and port (the database back
+        after an outage)."""
+        binary = pg_bin()
+        assert binary is not None and self.proc.poll() is not None
+        self.proc = _launch(binary, self.datadir.parent, self.port)
+        _wait_ready(self, binary, timeout_s)
+
     def stop(self) -> None:
         """Fast shutdown by PID, then wait for it."""
         if self.proc.poll() is None:
@@ -67,6 +75,38 @@ class Postgres:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _launch(binary: Path, workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start the server of the cluster in ``workdir`` (``data``, ``sockets``) on ``port``."""
+    log = (workdir / "postgres.log").open("ab")
+    try:
+        return subprocess.Popen(
+            [str(binary / "postgres"), "-D", str(workdir / "data"), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1",
+             "-c", f"unix_socket_directories={workdir / 'sockets'}",
+             "-c", "fsync=off", "-c", "max_connections=100"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, **_server_user(),
+        )
+    finally:
+        log.close()
+
+
+def _wait_ready(server: Postgres, binary: Path, timeout_s: float) -> None:
+    """Wait until the server accepts connections; stop it and raise if it does not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready = subprocess.run(
+            [str(binary / "pg_isready"), "-h", "127.0.0.1", "-p", str(server.port)],
+            capture_output=True, timeout=10)
+        if ready.returncode == 0:
+            return
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            log = server.datadir.parent / "postgres.log"
+            raise RuntimeError("PostgreSQL did not start: "
+                               + log.read_text(errors="replace")[-2000:])
+        time.sleep(0.2)
 
 
 def start_postgres(workdir: Path, timeout_s: float = 60.0) -> Postgres:
@@ -96,28 +136,8 @@ def start_postgres(workdir: Path, timeout_s: float = 60.0) -> Postgres:
     if init.returncode != 0:
         raise RuntimeError(f"initdb failed: {init.stderr or init.stdout}")
     port = free_port()
-    log = (workdir / "postgres.log").open("ab")
-    try:
-        proc = subprocess.Popen(
-            [str(binary / "postgres"), "-D", str(datadir), "-p", str(port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sockets}",
-             "-c", "fsync=off", "-c", "max_connections=100"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, **_server_user(),
-        )
-    finally:
-        log.close()
-    server = Postgres(proc, port, datadir)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ready = subprocess.run([str(binary / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                               capture_output=True, timeout=10)
-        if ready.returncode == 0:
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError("PostgreSQL did not start: "
-                               + (workdir / "postgres.log").read_text(errors="replace")[-2000:])
-        time.sleep(0.2)
+    server = Postgres(_launch(binary, workdir, port), port, datadir)
+    _wait_ready(server, binary, timeout_s)
     made = subprocess.run([str(binary / "createdb"), "-h", "127.0.0.1", "-p", str(port),
                            "-U", "vaenode", "vaenode"], capture_output=True, text=True, timeout=60)
     if made.returncode != 0:

@@ -191,6 +191,7 @@ def write_series(
     transfer_syntax: UID = ExplicitVRLittleEndian,
     corrupted: Sequence[int] = (),
     station_name: str | None = None,
+    images_in_acquisition: int | None = None,
 ) -> WrittenSeries:
     """Write a RAS volume as an axial single-frame DICOM series, one file per slice.
 
@@ -212,6 +213,9 @@ def write_series(
         corrupted: slice indices to record as corrupted in the result (the caller corrupted
             them, see :func:`write_nifti_series`).
         station_name: Station Name (0008,1010) to write; none when None.
+        images_in_acquisition: Images in Acquisition (0020,1002) in every file, as scanners
+            declare the count of a series (the node's completion rule waits for it); absent
+            when None.
 
     Returns:
         The files and UIDs, in slice order.
@@ -253,6 +257,8 @@ def write_series(
         now=now,
         station_name=station_name,
     )
+    if images_in_acquisition is not None:
+        base.ImagesInAcquisition = images_in_acquisition
     paths: list[Path] = []
     sops: list[str] = []
     for k in range(n):

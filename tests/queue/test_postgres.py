@@ -8,7 +8,6 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -30,18 +29,11 @@ from tests.helpers import dcmtk
 from tests.helpers.claims import drain_queue
 from tests.helpers.learning import KEY, add_learning_series, site_scores, write_learning_series
 from tests.helpers.node import VAENODE, start_node
-from tests.helpers.postgres import Postgres, start_postgres
+from tests.helpers.postgres import Postgres
 from tests.helpers.records import count_driver_path, driver_path_off, record_scenario
 from tests.helpers.synthetic import write_ct_series
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    server = start_postgres(tmp_path_factory.mktemp("postgres"))
-    yield server
-    server.stop()
 
 
 def _tables(url: str) -> set[str]:
