@@ -64,10 +64,9 @@ def _load_training_data(paths: list[Path]) -> list:
 
 
 def train(
-    data: Annotated[
-        list[Path], typer.Option("--data", help="NIfTI files, DICOM series, or folders of them.")
-    ],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", help="NIfTI files, DICOM series, or folders of them.")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training slices.")] = 8,
     latent: Annotated[int, typer.Option(help="Latent attributes.")] = 128,
     image_size: Annotated[int, typer.Option(help="Model grid side in pixels.")] = 128,
@@ -99,13 +98,39 @@ def train(
         "--init", help="Start from this bundle's weights (its architecture, preprocessing and "
                        "score settings) instead of random ones: adapt it to a scanner's own "
                        "normal series, e.g. with --epochs 4 --lr 0.0002.")] = None,
+    from_queue: Annotated[bool, typer.Option(
+        "--from-queue", help="Adapt to one station's stored normal series (--station): the "
+                             "learning series its station reference kept (reviews first); "
+                             "starts from --init, default the shipped model.")
+    ] = False,
+    station: Annotated[str | None, typer.Option(
+        help="Station Name (0008,1010) whose series --from-queue takes.")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        help="With --from-queue: that protocol's learning series only (as the Scanners page "
+             "names it); default every protocol of the station.")] = None,
+    min_series: Annotated[int, typer.Option(
+        help="With --from-queue: refuse with fewer normal series than this.")] = 10,
     config: ConfigOption = None,
 ) -> None:
     """Train a VAE on normal volumes and series and write a calibrated model bundle."""
-    setup(config)
+    settings = setup(config)
     from node.model.train import TrainConfig, run_training
 
-    vols = _load_training_data(data)
+    paths = list(data or [])
+    if from_queue:
+        if not station:
+            raise typer.BadParameter("--from-queue needs --station", param_hint="--station")
+        if init is None:
+            from node.model.bundle import default_bundle_path
+
+            init = default_bundle_path()
+        paths += _station_normal_folders(settings, station, protocol, min_series)
+    elif station or protocol is not None:
+        raise typer.BadParameter("needs --from-queue", param_hint="--station/--protocol")
+    if not paths:
+        raise typer.BadParameter("give --data, or --from-queue with --station",
+                                 param_hint="--data")
+    vols = _load_training_data(paths)
     cfg = TrainConfig(
         epochs=epochs, latent_dim=latent, image_size=image_size, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, samples=samples,
@@ -117,8 +142,30 @@ def train(
     )
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     is_ixi = any("IXI" in v.subject for v in vols)
-    run_training(vols, cfg, out, command=command, data_sources=[str(p) for p in data],
+    run_training(vols, cfg, out, command=command, data_sources=[str(p) for p in paths],
                  attribution=IXI_ATTRIBUTION if is_ixi else {}, report=typer.echo)
+    if from_queue:
+        typer.echo(f"route {station}'s series to it: add this rule to the config before the "
+                   "general ones (the shipped brain rule, narrowed to the station)\n"
+                   + _station_rule(station, out))
+
+
+def _station_rule(station: str, bundle: Path) -> str:
+    """The shipped brain T1 routing rule narrowed to one station and scored with ``bundle``,
+    as TOML (JSON string and list syntax is valid TOML for these values)."""
+    import json
+
+    from node.config import default_rules
+
+    rule = default_rules()[0].model_copy(update={
+        "name": f"{default_rules()[0].name} {station} (adapted)", "station_name": [station],
+        "model": bundle.resolve()})
+    lines = ["[[routing.rules]]"]
+    for key, value in rule.model_dump(exclude_defaults=True).items():
+        if isinstance(value, tuple):
+            value = list(value)
+        lines.append(f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}")
+    return "\n".join(lines)
 
 
 def evaluate(
@@ -308,6 +355,33 @@ def calibrate(
                        "too few or too varied normal series, or images too unlike the model's "
                        "training data for a recalibration alone (then train on the site's data)",
                        err=True)
+
+
+def _station_normal_folders(settings: Any, station: str, protocol: str | None,
+                            min_series: int) -> list[Path]:
+    """The storage folders of a station's normal series as its learning kept them
+    (:func:`node.worker.station.normal_series_folders`), each named on the console.
+
+    Raises:
+        NodeError: fewer than ``min_series``.
+    """
+    from node.errors import NodeError
+    from node.queue.db import make_engine, make_read_session_factory
+    from node.worker.station import normal_series_folders
+
+    with make_read_session_factory(make_engine(settings.database))() as session:
+        folders = normal_series_folders(session, settings.storage.dir, station, protocol)
+    if len(folders) < min_series:
+        raise NodeError(f"station {station} has {len(folders)} stored normal learning series"
+                        + (f" of protocol '{protocol}'" if protocol else "")
+                        + f" in the queue, fewer than --min-series {min_series}")
+    for folder in folders:
+        if not folder.is_dir():
+            raise NodeError(f"the stored images of series {folder.name} are not at {folder} "
+                            "([storage].dir is relative to the working directory: run from "
+                            "the node's, or give an absolute path)")
+        typer.echo(f"from the queue: series {folder.name} (station {station})")
+    return folders
 
 
 def _reviewed_normal_folders(settings: Any, stations: list[str], calling_aets: list[str],
