@@ -78,23 +78,33 @@ def load_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return vol.data, vol.spacing
 
 
-def motion_block(
+def artifact_block(
     volume: np.ndarray,
     spacing: tuple[float, float, float],
     block: tuple[int, int],
     *,
+    artifact: str = "motion",
     severity: str = "moderate",
     seed: int = 0,
 ) -> np.ndarray:
-    """The volume with axial slices ``block[0]:block[1]`` replaced by motion-corrupted ones.
+    """The volume with axial slices ``block[0]:block[1]`` replaced by corrupted ones.
 
-    The whole volume is corrupted by TorchIO's RandomMotion (k-space, 3D) and only the block is
-    spliced in: the patient moved during that part of a 2D multi-slice acquisition.
+    The whole volume is corrupted by TorchIO (:data:`node.model.artifacts.ARTIFACTS`: motion
+    and ghosting in k-space, 3D) and only the block is spliced in: the patient moved, or the
+    RF spike happened, during that part of a 2D multi-slice acquisition.
     """
     from node.model.artifacts import corrupt_volume, splice_block
 
-    corrupted = corrupt_volume(volume, spacing, "motion", severity, seed)
+    corrupted = corrupt_volume(volume, spacing, artifact, severity, seed)
     return splice_block(volume, corrupted, block[0], block[1], axis=2)
+
+
+def motion_block(volume: np.ndarray, spacing: tuple[float, float, float],
+                 block: tuple[int, int], *, severity: str = "moderate", seed: int = 0,
+                 ) -> np.ndarray:
+    """:func:`artifact_block` with motion."""
+    return artifact_block(volume, spacing, block, artifact="motion", severity=severity,
+                          seed=seed)
 
 
 def axial_slices(volume: np.ndarray) -> np.ndarray:
@@ -313,17 +323,18 @@ def write_nifti_series(
     out_dir: Path,
     *,
     corrupt_block: tuple[int, int] | None = None,
+    artifact: str = "motion",
     severity: str = "moderate",
     seed: int = 0,
     **kwargs: object,
 ) -> WrittenSeries:
-    """Write a NIfTI volume as an axial DICOM series, optionally with a motion-corrupted block.
+    """Write a NIfTI volume as an axial DICOM series, optionally with a corrupted block.
 
     Args:
         nifti: a NIfTI file (for example an IXI T1 volume).
         out_dir: folder for the files.
         corrupt_block: (start, stop) axial slice indices (inferior to superior) that carry
-            TorchIO motion of ``severity``; None for a clean series.
+            the TorchIO ``artifact`` (default motion) of ``severity``; None for a clean series.
         severity: ``mild`` or ``moderate`` (:data:`node.model.artifacts.PARAMETERS`).
         seed: seed of the artifact's random parameters.
         **kwargs: passed to :func:`write_series` (UIDs, modality, image type...).
@@ -334,6 +345,7 @@ def write_nifti_series(
         start, stop = corrupt_block
         if not 0 <= start < stop <= volume.shape[2]:
             raise ValueError(f"block {corrupt_block} outside 0..{volume.shape[2]}")
-        volume = motion_block(volume, spacing, corrupt_block, severity=severity, seed=seed)
+        volume = artifact_block(volume, spacing, corrupt_block, artifact=artifact,
+                                severity=severity, seed=seed)
         corrupted = range(start, stop)
     return write_series(volume, spacing, out_dir, corrupted=corrupted, **kwargs)  # type: ignore[arg-type]

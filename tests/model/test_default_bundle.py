@@ -19,8 +19,12 @@ def test_shipped_bundle_loads_and_is_small() -> None:
     assert b.meta["data_attribution"]["license"] == "CC BY-SA 3.0"
     assert b.meta["training"]["command"].startswith("vaenode train")
     assert b.target_fpr == 0.01
-    # The position reference covers the three planes the model serves.
-    assert set(b.scoring.position_profiles) == {"axial", "coronal", "sagittal"}
+    # Trained with scanner variation on the head-centred grid; scored by log p(x) with the
+    # worst-explained 1% of pixels counted twice.
+    config = b.meta["training"]["config"]
+    assert config["augment"] and config["variation"]["fov_edge_p"] > 0
+    assert b.preprocess.center_head
+    assert b.scoring.tail_weight == 1.0
 
 
 def test_shipped_bundle_keeps_a_clean_evaluation_series_normal() -> None:
