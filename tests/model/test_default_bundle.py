@@ -19,12 +19,8 @@ def test_shipped_bundle_loads_and_is_small() -> None:
     assert b.meta["data_attribution"]["license"] == "CC BY-SA 3.0"
     assert b.meta["training"]["command"].startswith("vaenode train")
     assert b.target_fpr == 0.01
-    # Trained with scanner variation on the head-centred grid; scored by log p(x) with the
-    # worst-explained 1% of pixels counted twice.
-    config = b.meta["training"]["config"]
-    assert config["augment"] and config["variation"]["fov_edge_p"] > 0
-    assert b.preprocess.center_head
-    assert b.scoring.tail_weight == 1.0
+    # The position reference covers the three planes the model serves.
+    assert set(b.scoring.position_profiles) == {"axial", "coronal", "sagittal"}
 
 
 def test_shipped_bundle_keeps_a_clean_evaluation_series_normal() -> None:
@@ -48,3 +44,17 @@ def test_shipped_bundle_flags_pure_noise() -> None:
     noise = [rng.random((120, 120)).astype(np.float32) * 1000 for _ in range(12)]
     s = load_bundle().score_slices(noise, [(2.0, 2.0)] * 12)
     assert s.abnormal.mean() >= 0.9
+
+
+def test_opt_in_multiscanner_bundle_loads_and_is_small() -> None:
+    """``brain-t1-multiscanner``: trained with scanner variation on the head-centred grid,
+    scored by log p(x) alone; attributed like the default."""
+    path = default_bundle_path().parent / "brain-t1-multiscanner"
+    assert sum(p.stat().st_size for p in path.iterdir()) <= 20 * 1024 * 1024
+    b = load_bundle(path)
+    assert (b.name, b.meta["version"]) == ("brain-t1-multiscanner", "0.2.0")
+    assert b.meta["data_attribution"]["license"] == "CC BY-SA 3.0"
+    config = b.meta["training"]["config"]
+    assert config["augment"] and config["variation"]["fov_edge_p"] > 0
+    assert b.preprocess.center_head
+    assert (b.scoring.tail_weight, b.scoring.complexity, b.scoring.position_bins) == (0.0, False, 0)
