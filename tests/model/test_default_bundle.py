@@ -48,7 +48,7 @@ def test_shipped_bundle_flags_pure_noise() -> None:
 
 def test_opt_in_multiscanner_bundle_loads_and_is_small() -> None:
     """``brain-t1-multiscanner``: trained with scanner variation on the head-centred grid,
-    scored by log p(x) alone; attributed like the default."""
+    scored by log p(x) with the worst 1% of pixels counted twice; attributed like the default."""
     path = default_bundle_path().parent / "brain-t1-multiscanner"
     assert sum(p.stat().st_size for p in path.iterdir()) <= 20 * 1024 * 1024
     b = load_bundle(path)
@@ -57,4 +57,4 @@ def test_opt_in_multiscanner_bundle_loads_and_is_small() -> None:
     config = b.meta["training"]["config"]
     assert config["augment"] and config["variation"]["fov_edge_p"] > 0
     assert b.preprocess.center_head
-    assert (b.scoring.tail_weight, b.scoring.complexity, b.scoring.position_bins) == (0.0, False, 0)
+    assert (b.scoring.tail_weight, b.scoring.complexity, b.scoring.position_bins) == (1.0, False, 0)
