@@ -17,7 +17,7 @@ other intensity units, air zeroed by the scanner or an export.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def thick_slices(vol: Volume, strength: str, rng: np.random.Generator) -> Volume
     n = vol.data.shape[2] // k
     data = vol.data[:, :, : n * k].reshape(*vol.data.shape[:2], n, k).mean(axis=3)
     sx, sy, sz = vol.spacing
-    return Volume(vol.subject, data.astype(np.float32), (sx, sy, sz * k), vol.source)
+    return replace(vol, data=data.astype(np.float32), spacing=(sx, sy, sz * k))
 
 
 def apodized(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
@@ -59,15 +59,14 @@ def apodized(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
         w = 0.5 * (1 + np.cos(np.pi * (f - edge) / max(alpha, 1e-6)))
         return np.where(f <= edge, 1.0, w)
 
-    return Volume(vol.subject, _kspace_filter(vol.data, weight), vol.spacing, vol.source)
+    return replace(vol, data=_kspace_filter(vol.data, weight))
 
 
 def zero_filled(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
     """A coarser acquired matrix, zero-filled to the same grid: the central 75% / 55% of
     k-space kept along each in-plane axis (with the Gibbs ringing that comes with it)."""
     keep = {"mild": 0.75, "strong": 0.55}[strength]
-    return Volume(vol.subject, _kspace_filter(vol.data, lambda f: (f <= keep).astype(float)),
-                  vol.spacing, vol.source)
+    return replace(vol, data=_kspace_filter(vol.data, lambda f: (f <= keep).astype(float)))
 
 
 def noisier(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
@@ -75,14 +74,13 @@ def noisier(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
     sigma = {"mild": 0.005, "strong": 0.01}[strength] * _robust_max(vol.data)
     real = vol.data + rng.normal(0, sigma, vol.data.shape)
     imag = rng.normal(0, sigma, vol.data.shape)
-    return Volume(vol.subject, np.hypot(real, imag).astype(np.float32), vol.spacing,
-                  vol.source)
+    return replace(vol, data=np.hypot(real, imag).astype(np.float32))
 
 
 def _gamma(vol: Volume, gamma: float) -> Volume:
     hi = _robust_max(vol.data)
     data = (np.clip(vol.data, 0, None) / hi) ** gamma * hi
-    return Volume(vol.subject, data.astype(np.float32), vol.spacing, vol.source)
+    return replace(vol, data=data.astype(np.float32))
 
 
 def flatter_contrast(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
@@ -103,8 +101,7 @@ def bias_field(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
     axes = [np.linspace(-1, 1, n) for n in vol.data.shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     field = amp * (-0.6 * y + 0.4 * z + 0.5 * (x**2 + y**2) - 0.3)
-    return Volume(vol.subject, (vol.data * np.exp(field)).astype(np.float32), vol.spacing,
-                  vol.source)
+    return replace(vol, data=(vol.data * np.exp(field)).astype(np.float32))
 
 
 def shifted(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
@@ -118,7 +115,7 @@ def shifted(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
         index: list[slice] = [slice(None)] * 3
         index[axis] = slice(0, k)
         data[tuple(index)] = 0
-    return Volume(vol.subject, data.astype(np.float32), vol.spacing, vol.source)
+    return replace(vol, data=data.astype(np.float32))
 
 
 def partial_coverage(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
@@ -129,29 +126,27 @@ def partial_coverage(vol: Volume, strength: str, rng: np.random.Generator) -> Vo
     if fg.size == 0:
         return vol
     start = int(fg[-1] - keep * (fg[-1] - fg[0]))
-    return Volume(vol.subject, vol.data[:, :, start:].copy(), vol.spacing, vol.source)
+    return replace(vol, data=vol.data[:, :, start:].copy())
 
 
 def head_turned(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
     """Another head position: turned 90 degrees about the body axis (decubitus, mild) or
     180 degrees (prone, strong)."""
     turns = {"mild": 1, "strong": 2}[strength]
-    return Volume(vol.subject, np.ascontiguousarray(np.rot90(vol.data, turns, axes=(0, 1))),
-                  vol.spacing, vol.source)
+    return replace(vol, data=np.ascontiguousarray(np.rot90(vol.data, turns, axes=(0, 1))))
 
 
 def other_units(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
     """Other intensity units (the scanner's scaling): all values times 0.25 / 8."""
     factor = {"mild": 0.25, "strong": 8.0}[strength]
-    return Volume(vol.subject, (vol.data * factor).astype(np.float32), vol.spacing, vol.source)
+    return replace(vol, data=(vol.data * factor).astype(np.float32))
 
 
 def zeroed_air(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
     """The air set to exactly 0 (a scanner's background suppression or an export): values
     below 3% / 8% of the robust maximum."""
     level = {"mild": 0.03, "strong": 0.08}[strength] * _robust_max(vol.data)
-    return Volume(vol.subject, np.where(vol.data < level, 0, vol.data).astype(np.float32),
-                  vol.spacing, vol.source)
+    return replace(vol, data=np.where(vol.data < level, 0, vol.data).astype(np.float32))
 
 
 @dataclass(frozen=True)

@@ -211,11 +211,13 @@ def train_vae(
     report: Callable[[str], None] | None = None,
     feature_ae: FeatureAE | None = None,
     init: VAE | None = None,
+    clip_max: float = PreprocessConfig.clip_max,
 ) -> tuple[VAE, dict[str, Any]]:
     """Minimize the negative ELBO on ``train_set``; returns the model and a training history.
 
     ``init``: a trained VAE of the same architecture to start from (adapting a bundle to a
     scanner's own series) instead of random weights; it is copied, not changed.
+    ``clip_max``: the preprocessing's upper clip, which the scanner variation keeps.
 
     With ``feature_ae`` (the compression stage) every batch is augmented in pixel space, then
     encoded by the frozen autoencoder, and the VAE models the feature map.
@@ -248,7 +250,6 @@ def train_vae(
         opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     pixels = vcfg.in_channels * vcfg.image_size**2  # modelled values per slice
-    clip_max = PreprocessConfig().clip_max
     history: dict[str, Any] = {"epochs": []}
     step = 0
     t0 = time.time()
@@ -712,7 +713,8 @@ def run_training(
         compression = {"history": ae_history}
     model, history = train_vae(train_set, val_set, cfg, checkpoint=out_dir / "checkpoint.pt",
                                report=report, feature_ae=feature_ae,
-                               init=base.model if base is not None else None)
+                               init=base.model if base is not None else None,
+                               clip_max=pcfg.clip_max)
     scoring = base.scoring if base is not None else ScoreConfig(
         estimator=cfg.estimator, samples=cfg.samples,
         complexity=cfg.complexity and not cfg.compress,
