@@ -1,15 +1,15 @@
 """What ``vaenode calibrate --site`` does for a scanner whose normal images differ (run by hand,
 prints a table).
 
-A "site" is simulated by one change applied to whole IXI volumes, one that the shipped
-bundle's series shift cannot absorb: noise of 3% of the 99.5th percentile added (as
-``bench/explore_stress.py`` found, the shipped background part then flags nearly every slice),
-or a contrast curve with gamma 0.6 (beyond the 0.75 of the calibration's site variants). The
-shipped bundle is calibrated with ``--site`` on 6 such volumes (calibration subjects 1-6 of
-the bundle, changed the same way; the site check of ``node.model.site_check`` is printed),
-then both bundles score 5 other changed volumes (calibration subjects 7-11; never evaluation
-subjects) as the worker scores an axial series, clean and with the site check's block of
-moderate TorchIO motion (:func:`node.model.site_check.motion_check`: 40-55% of the axial
+A "site" is simulated by one change applied to whole IXI volumes, one that the shipped bundle's
+series shift cannot absorb: noise of 3% of the 99.5th percentile added (an exploration on the
+calibration subjects found that the shipped background part then flags nearly every slice;
+node/models/README.md), or a contrast curve with gamma 0.6 (beyond the 0.75 of the calibration's
+site variants). The shipped bundle is calibrated with ``--site`` on 6 such volumes (calibration
+subjects 1-6 of the bundle, changed the same way; the site check of ``node.model.site_check`` is
+printed), then both bundles score 5 other changed volumes (calibration subjects 7-11; never
+evaluation subjects) as the worker scores an axial series, clean and with the site check's block
+of moderate TorchIO motion (:func:`node.model.site_check.motion_check`: 40-55% of the axial
 stack). Printed: the fraction of foreground slices flagged on the clean series, in the motion
 block, and outside it.
 
