@@ -70,9 +70,6 @@ def train(
     epochs: Annotated[int, typer.Option(help="Passes over the training slices.")] = 8,
     latent: Annotated[int, typer.Option(help="Latent attributes.")] = 128,
     image_size: Annotated[int, typer.Option(help="Model grid side in pixels.")] = 128,
-    slab_mm: Annotated[float | None, typer.Option(
-        help="Average slices thinner than this (mm) with their neighbours to it, in training "
-             "and scoring (default: each slice as it is).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (split, init, order).")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Subjects held out.")] = 0.2,
     batch_size: Annotated[int, typer.Option(help="Slices per step.")] = 64,
@@ -137,7 +134,7 @@ def train(
         target_fpr=target_fpr, tail_weight=tail_weight, max_series_shift=max_series_shift,
         complexity=complexity, augment=augment, heteroscedastic=heteroscedastic,
         max_train_slices=max_train_slices, compress=compress, compress_dim=compress_dim, name=name,
-        version=version, device=device, slab_mm=slab_mm,
+        version=version, device=device,
         init_bundle=str(init) if init is not None else None,
     )
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -247,25 +244,6 @@ def calibrate(
     background_cap: Annotated[float | None, typer.Option(
         min=0.0, help="Cap of the background part's series shift (nats per pixel) instead of "
                       "fitting it; needs --background-part.")] = None,
-    detail_part: Annotated[str | None, typer.Option(
-        metavar="QUANTILE",
-        help="Add the detail part (the finest-detail power of the decoder's residual, "
-             "node.model.scoring item 7) with its one-sided series shift at this quantile, "
-             "e.g. 0.5; 'none' removes it. Its cap is fitted on normal site variants of the "
-             "calibration volumes unless --detail-cap is given.")] = None,
-    detail_weight: Annotated[float | None, typer.Option(
-        min=0.0, help="Weight of the detail part in units of the main score's normal spread "
-                      "(default 1.0); needs --detail-part.")] = None,
-    detail_cap: Annotated[float | None, typer.Option(
-        min=0.0, help="Cap of the detail part's series lift (log power) instead of fitting "
-                      "it; needs --detail-part.")] = None,
-    detail_step: Annotated[str | None, typer.Option(
-        metavar="SETTINGS",
-        help="Add the detail step part (each slice's finest-detail power of the decoder's "
-             "residual against its own series' robust straight line, node.model.scoring "
-             "item 8): 'default', or KEY=VALUE,... of tukey_c, tukey_c_high (0: a symmetric "
-             "fit), positioned (true/false), guard_quantile (0: no guard); 'none' removes "
-             "it.")] = None,
     site: Annotated[bool, typer.Option(
         "--site",
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
@@ -289,10 +267,6 @@ def calibrate(
     version: Annotated[str | None, typer.Option(
         help="Version of the written bundle (default: the source bundle's); its reports "
              "carry it.")] = None,
-    slab_mm: Annotated[float | None, typer.Option(
-        help="Average slices thinner than this (mm) with their neighbours to it before "
-             "scoring, e.g. the model's 2 mm for a 1 mm 3D series; 0 removes it (default: "
-             "the source bundle's).")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Change how a bundle forms its score and calibrate its threshold again (same weights)."""
@@ -308,21 +282,9 @@ def calibrate(
     if alternative:
         changes["alternatives"] = [_parse_alternative(a) for a in alternative if a != "none"]
     if background_part is not None:
-        changes["background"] = _parse_part(background_part, background_cap, "background")
+        changes["background"] = _parse_background_part(background_part, background_cap)
     elif background_cap is not None:
         raise typer.BadParameter("needs --background-part", param_hint="--background-cap")
-    if detail_part is not None:
-        changes["detail"] = _parse_part(detail_part, detail_cap, "detail")
-        if detail_weight is not None:
-            if changes["detail"] is None:
-                raise typer.BadParameter("'none' takes no weight", param_hint="--detail-weight")
-            changes["detail"]["weight_spreads"] = detail_weight
-    elif detail_cap is not None or detail_weight is not None:
-        raise typer.BadParameter("needs --detail-part",
-                                 param_hint="--detail-cap" if detail_cap is not None
-                                 else "--detail-weight")
-    if detail_step is not None:
-        changes["detail_step"] = _parse_detail_step(detail_step)
     paths = list(data or [])
     if from_queue:
         if not site:
@@ -338,7 +300,7 @@ def calibrate(
     volumes = _load_training_data(paths) if site else _load_volumes(paths)
     try:
         recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site,
-                    version=version, slab_mm=slab_mm)
+                    version=version)
     except ValueError as exc:  # data that cannot calibrate these settings; nothing written
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -445,51 +407,20 @@ def _parse_alternative(text: str) -> dict[str, float]:
     return out
 
 
-def _parse_detail_step(text: str) -> dict[str, Any] | None:
-    """``--detail-step``: 'none', 'default' or KEY=VALUE,... of
-    :class:`node.model.scoring.DetailStepPart`'s settings; exits 2 when wrong."""
-    word = text.strip().lower()
-    if word in ("none", "default"):
-        return None if word == "none" else {}
-    out: dict[str, Any] = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        try:
-            if not sep or key not in ("tukey_c", "tukey_c_high", "positioned",
-                                      "guard_quantile"):
-                raise ValueError("expected KEY=VALUE with KEY one of guard_quantile, "
-                                 "positioned, tukey_c, tukey_c_high, or 'default' or 'none'")
-            if key == "positioned":
-                if value.lower() not in ("true", "false"):
-                    raise ValueError("positioned is true or false")
-                out[key] = value.lower() == "true"
-            else:
-                number = float(value)
-                if not number >= 0.0 or (key == "guard_quantile" and not number < 1.0):
-                    raise ValueError(f"{key} is a number >= 0"
-                                     + (" and < 1" if key == "guard_quantile" else ""))
-                zero_is_none = key in ("tukey_c_high", "guard_quantile")
-                out[key] = None if zero_is_none and number == 0.0 else number
-        except ValueError as exc:
-            raise typer.BadParameter(f"{item!r}: {exc}", param_hint="--detail-step") from None
-    return out
-
-
-def _parse_part(quantile: str, cap: float | None, name: str) -> dict[str, float] | None:
-    """``--background-part`` / ``--detail-part`` (``name``): a quantile in (0, 1), or 'none'
-    (remove); exits 2 when wrong."""
+def _parse_background_part(quantile: str, cap: float | None) -> dict[str, float] | None:
+    """``--background-part``: a quantile in (0, 1), or 'none' (remove); exits 2 when wrong."""
     if quantile.strip().lower() == "none":
         if cap is not None:
-            raise typer.BadParameter("'none' takes no cap", param_hint=f"--{name}-cap")
+            raise typer.BadParameter("'none' takes no cap", param_hint="--background-cap")
         return None
     try:
         q = float(quantile)
     except ValueError:
         raise typer.BadParameter(f"{quantile!r} is not a quantile or 'none'",
-                                 param_hint=f"--{name}-part") from None
+                                 param_hint="--background-part") from None
     if not 0.0 < q < 1.0:
         raise typer.BadParameter(f"{quantile!r}: a quantile is in (0, 1)",
-                                 param_hint=f"--{name}-part")
+                                 param_hint="--background-part")
     out = {"shift_quantile": q}
     if cap is not None:
         out["max_series_shift"] = cap

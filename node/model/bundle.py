@@ -39,19 +39,12 @@ from node.model.compress import FeatureAE, FeatureAEConfig
 from node.model.likelihood import (
     BACKGROUND_DILATION,
     BACKGROUND_LEVEL,
-    DETAIL_BAND,
-    DETAIL_EROSION,
     ESTIMATORS,
     background_log_likelihood,
-    detail_log_power,
     estimate,
 )
-from node.model.preprocess import (
-    PreprocessConfig,
-    preprocess_stack,
-    slab_average,
-    stack_scale,
-)
+from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
+from node.model.removed import drop_removed
 from node.model.scoring import (
     ScoreConfig,
     png_nats,
@@ -68,10 +61,8 @@ MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 FEATURE_WEIGHTS = "feature_ae.pt"
 DEFAULT_NAME = "brain-t1"
-#: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``; ``detail``
-#: only when asked for or used by the bundle).
-COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background",
-              "detail")
+#: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``).
+COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background")
 
 
 def default_bundle_path() -> Path:
@@ -153,15 +144,9 @@ class Bundle:
         self,
         images: Sequence[np.ndarray],
         pixel_spacing: Sequence[tuple[float, float] | None] | None = None,
-        slice_spacing_mm: float | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """Model-grid tensor of a stack and its foreground mask (leading/trailing background).
-
-        ``slice_spacing_mm``: the distance between the slices, for the bundle's slab averaging
-        (``preprocessing.slab_mm``; None: unknown, each slice as it is).
-        """
-        arrays = slab_average([np.nan_to_num(np.asarray(im, dtype=np.float32)) for im in images],
-                              slice_spacing_mm, self.preprocess.slab_mm)
+        """Model-grid tensor of a stack and its foreground mask (leading/trailing background)."""
+        arrays = [np.nan_to_num(np.asarray(im, dtype=np.float32)) for im in images]
         scale = stack_scale(arrays, self.preprocess.norm_percentile) if arrays else 1.0
         x = preprocess_stack(arrays, pixel_spacing, self.preprocess, scale=scale)
         return x, stack_foreground(arrays, scale)
@@ -177,12 +162,11 @@ class Bundle:
         device: str = "auto",
         seed: int = 0,
         progress: bool = False,
-        detail: bool | None = None,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        plain, background, detail (with ``detail``; default: when a part of the bundle reads it)
-        and png_nats, the background and detail with the bundle's parts' mask settings, else
-        the defaults. Scores are reproducible: the Monte-Carlo draws come from ``seed``."""
+        plain, background and png_nats, the background with the bundle's background part's mask
+        settings, else the defaults. Scores are reproducible: the Monte-Carlo draws come from
+        ``seed``."""
         estimator = estimator or self.scoring.estimator
         samples = samples or self.scoring.samples
         if estimator not in ESTIMATORS:
@@ -192,8 +176,6 @@ class Bundle:
         ae = self.feature_ae.to(dev) if self.feature_ae is not None else None
         gen = torch.Generator(device=dev).manual_seed(seed)
         where = self._mask_settings()
-        keys = [k for k in COMPONENTS if k != "detail"
-                or (self.scoring.uses_detail if detail is None else detail)]
         parts: dict[str, list[np.ndarray]] = {}
         starts = range(0, len(x), batch_size)
         if progress:
@@ -204,58 +186,48 @@ class Bundle:
             xb = x[start : start + batch_size].to(dev)
             if ae is not None:  # compression stage: the VAE models the features
                 xb = ae.features(xb)
-            est = estimate(model, xb, estimator, samples, generator=gen,
-                           detail="detail" in keys, **where)
-            for key in keys:
+            est = estimate(model, xb, estimator, samples, generator=gen, **where)
+            for key in COMPONENTS:
                 parts.setdefault(key, []).append(getattr(est, key).double().cpu().numpy())
         out = {k: np.concatenate(v) for k, v in parts.items()}
         if not parts:
-            out = {k: np.zeros(0) for k in keys}
+            out = {k: np.zeros(0) for k in COMPONENTS}
         out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
         return out
 
     def _mask_settings(self) -> dict[str, Any]:
-        """The head-mask settings of the background and detail components (the bundle's
-        parts', else the defaults of :func:`node.model.likelihood.estimate`)."""
-        out: dict[str, Any] = {}
+        """The head-mask settings of the background component (the bundle's background
+        part's, else the defaults of :func:`node.model.likelihood.estimate`)."""
         bg = self.scoring.background
-        detail = self.scoring.detail or self.scoring.detail_step  # same settings (ScoreConfig)
-        if bg is not None:
-            out.update(background_level=bg.head_level, background_dilation=bg.dilation)
-        if detail is not None:
-            out.update(detail_erosion=detail.erosion, detail_band=detail.band)
-        return out
+        if bg is None:
+            return {}
+        return {"background_level": bg.head_level, "background_dilation": bg.dilation}
 
     @torch.no_grad()
     def posterior_mean_values(
         self, x: torch.Tensor, *, batch_size: int = 64, device: str = "auto",
         **settings: Any,
     ) -> dict[str, np.ndarray]:
-        """The ``background`` and ``detail`` components alone (one encode and one decode per
-        slice at z = the posterior mean, no Monte-Carlo samples), for fitting those parts'
-        series-shift caps on many series; the same values as :meth:`components` gives with
-        the same mask settings (``settings``: keyword arguments of
-        :func:`node.model.likelihood.estimate` such as ``background_dilation``; default: the
-        bundle's)."""
+        """The ``background`` component alone (one encode and one decode per slice at z = the
+        posterior mean, no Monte-Carlo samples), for fitting the background part's series-shift
+        cap on many series; the same values as :meth:`components` gives with the same mask
+        settings (``settings``: keyword arguments of :func:`node.model.likelihood.estimate`
+        such as ``background_dilation``; default: the bundle's)."""
         if self.feature_ae is not None:
-            raise ModelError("the background and detail parts need a pixel-space model (this "
-                             "bundle has a compression stage)")
+            raise ModelError("the background part needs a pixel-space model (this bundle has a "
+                             "compression stage)")
         where = {**self._mask_settings(), **settings}
         level = where.get("background_level", BACKGROUND_LEVEL)
         dev = resolve_device(device)
         model = self.model.to(dev)
-        out: dict[str, list[np.ndarray]] = {"background": [np.zeros(0)], "detail": [np.zeros(0)]}
+        out: dict[str, list[np.ndarray]] = {"background": [np.zeros(0)]}
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(dev)
             mu, _ = model.encode(xb)
             mean, log_sigma = model.decode(mu)
             bg = background_log_likelihood(
                 xb, mean, log_sigma, level, where.get("background_dilation", BACKGROUND_DILATION))
-            detail = detail_log_power(xb, mean, log_sigma, level,
-                                      where.get("detail_erosion", DETAIL_EROSION),
-                                      where.get("detail_band", DETAIL_BAND))
             out["background"].append(bg.double().cpu().numpy())
-            out["detail"].append(detail.double().cpu().numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
 
     @property
@@ -296,8 +268,8 @@ class Bundle:
             descending: the slices run against the plane's anatomical direction (left to
                 right, posterior to anterior, inferior to superior).
             slice_spacing_mm: distance between slices along the normal, for the position
-                reference's coverage check and the slab averaging of thin slices (None:
-                unknown, no position reference when the bundle checks coverage, no slab).
+                reference's coverage check (None: unknown, no position reference when the
+                bundle checks coverage).
 
         Returns:
             A :class:`SliceScores` with one entry per input slice.
@@ -308,7 +280,7 @@ class Bundle:
         est = estimator or self.scoring.estimator
         n_samples = samples or self.scoring.samples
         thr = self.threshold if threshold is None else float(threshold)
-        x, fg = self.preprocess_stack(images, pixel_spacing, slice_spacing_mm)
+        x, fg = self.preprocess_stack(images, pixel_spacing)
         comp = self.components(
             x, estimator=est, samples=n_samples, batch_size=batch_size, device=device,
             progress=progress,
@@ -388,10 +360,14 @@ _REQUIRED = ("name", "version", "architecture", "preprocessing", "scoring", "cal
 def load_bundle(path: Path | None = None) -> Bundle:
     """Load a bundle folder (default: :func:`default_bundle_path`).
 
+    A setting of a removed part (:mod:`node.model.removed`) is dropped where it turned the
+    part off; ``meta`` then lacks it.
+
     Raises:
         ModelError: the folder, ``model.json`` or the weights are missing or unreadable, the
-            format is not one this code reads, a required entry is missing, the checksum does
-            not match, or the weights do not fit the architecture. The message names the cause.
+            format is not one this code reads, a required entry is missing, a removed part is
+            used, the checksum does not match, or the weights do not fit the architecture. The
+            message names the cause.
     """
     path = Path(path) if path is not None else default_bundle_path()
     if not path.is_dir():
@@ -413,6 +389,12 @@ def load_bundle(path: Path | None = None) -> Bundle:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise ModelError(f"model bundle {path}: {MODEL_JSON} lacks {', '.join(missing)}")
+    for section in ("preprocessing", "scoring"):
+        if isinstance(meta[section], dict):
+            try:
+                meta[section] = drop_removed(section, meta[section])
+            except ModelError as exc:
+                raise ModelError(f"model bundle {path}: {MODEL_JSON} {exc}") from None
     try:
         arch = dict(meta["architecture"])
         if arch.pop("type", None) != "conv-vae":

@@ -127,7 +127,7 @@ def _stack_record(
     bundle: Bundle, images: list[np.ndarray], spacing: tuple[float, float], samples: int | None,
     slice_spacing_mm: float,
 ) -> dict[str, Any]:
-    x, fg = bundle.preprocess_stack(images, [spacing] * len(images), slice_spacing_mm)
+    x, fg = bundle.preprocess_stack(images, [spacing] * len(images))
     comp = bundle.components(x, samples=samples)
     comp.update({f"qc_{k}": v for k, v in qc_metrics(x).items()})
     return {"x": x, "foreground": fg, "components": comp, "slice_spacing_mm": slice_spacing_mm}
@@ -145,8 +145,7 @@ def collect(
     ref_metrics: dict[str, list[np.ndarray]] = {}
     for vol in reference:
         images, spacing = plane_slices(vol, "axial")
-        x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images),
-                                        slice_spacing(vol, "axial"))
+        x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
         for k, v in qc_metrics(x[fg]).items():
             ref_metrics.setdefault(k, []).append(v)
     qc_ref = qc_reference({k: np.concatenate(v) for k, v in ref_metrics.items()})

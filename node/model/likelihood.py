@@ -19,8 +19,7 @@ The ELBO (E_q[log p(x,z) - log q(z|x)]) comes free with the importance samples; 
 attribute distributions to N(0, I) is closed-form (the "match likelihood": the smaller, the
 more normal). The decode of the posterior mean, done once for the reconstruction error, also
 gives the background log-likelihood (:func:`background_log_likelihood`, the background part of
-:mod:`node.model.scoring`) and the finest-detail power of the residual
-(:func:`detail_log_power`, its detail part).
+:mod:`node.model.scoring`).
 
 Models only need ``encode(x) -> (mu, logvar)`` and ``decode(z) -> (mean, log_sigma)``, which
 lets the tests use a linear-Gaussian model whose log p(x) is known exactly.
@@ -42,11 +41,6 @@ ESTIMATORS = ("importance", "plain", "mcmc")
 BACKGROUND_LEVEL = 0.1
 #: Pixels by which the head mask is dilated before the background is taken.
 BACKGROUND_DILATION = 1
-#: Pixels by which the head mask is eroded before the detail is taken (its edge would leak
-#: into the spectrum).
-DETAIL_EROSION = 2
-#: Spatial frequency (cycles per pixel, radius) from which the detail band starts.
-DETAIL_BAND = 0.5
 
 
 class LatentModel(Protocol):
@@ -71,9 +65,6 @@ class Estimate:
         plain: the ``plain`` estimate (eq. 2) from the same q samples, for comparison.
         background: mean per-pixel log p(x | z = posterior mean) over the background
             (:func:`background_log_likelihood`; nats per pixel).
-        detail: log of the finest-detail power of the standardized residual at z = posterior
-            mean, relative to what the decoder's Gaussian expects (:func:`detail_log_power`);
-            None when not asked for (``estimate(..., detail=False)``).
     """
 
     log_likelihood: torch.Tensor
@@ -83,7 +74,6 @@ class Estimate:
     rec_error: torch.Tensor
     plain: torch.Tensor
     background: torch.Tensor
-    detail: torch.Tensor | None
 
 
 def background_log_likelihood(
@@ -108,43 +98,6 @@ def background_log_likelihood(
     ll = -0.5 * r * r - log_sigma - 0.5 * LOG_2PI
     n = bg.flatten(1).sum(dim=1)
     return (ll * bg).flatten(1).sum(dim=1) / n.clamp(min=1.0)
-
-
-def detail_log_power(
-    x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
-    level: float = BACKGROUND_LEVEL, erosion: int = DETAIL_EROSION, band: float = DETAIL_BAND,
-) -> torch.Tensor:
-    """How much of its finest detail a slice keeps, as the decoder's likelihood sees it: one
-    value per slice, 0.0 being what the likelihood expects.
-
-    With r = (x - mean) / sigma, the standardized residual whose squares the Gaussian
-    log p(x|z) sums, restricted to the head (decoder mean above ``level``, eroded by
-    ``erosion`` pixels: the mask's edge would leak into the spectrum), R its 2D Fourier
-    transform and n the mask's pixel count: log of the mean of |R_f|^2 / n over the
-    frequencies of radius at least ``band`` cycles per pixel. By Parseval the likelihood's
-    quadratic term is a sum over frequencies, and under the decoder's Gaussian r is white
-    with unit variance (E |R_f|^2 = n): a slice that lost its finest detail (blur, the k-space
-    mixing of motion) has little power there, and its likelihood RISES. Normal slices sit at
-    a level of their own (the model is not perfect); the detail part of
-    :mod:`node.model.scoring` compares a slice with them. A slice with no head pixels gives
-    0.0. Images are ``[B, C, H, W]`` (channels averaged); other shapes give 0.0.
-    """
-    if x.dim() != 4:
-        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    head = (mean > level).to(x.dtype)
-    inner = head
-    if erosion > 0:
-        inner = 1.0 - F.max_pool2d(1.0 - head, 2 * erosion + 1, stride=1, padding=erosion)
-    r = (x - mean) * torch.exp(-log_sigma)
-    power = torch.fft.fft2((r * inner).double()).abs() ** 2
-    h, w = x.shape[-2:]
-    fy = torch.fft.fftfreq(h, device=x.device, dtype=torch.float64).view(h, 1)
-    fx = torch.fft.fftfreq(w, device=x.device, dtype=torch.float64).view(1, w)
-    top = (fy * fy + fx * fx).sqrt() >= band
-    n = inner.double().flatten(2).sum(dim=2)  # [B, C]
-    share = power[..., top].mean(dim=-1) / n.clamp(min=1.0)
-    value = torch.log(share + 1e-30).mean(dim=1)
-    return torch.where(n.sum(dim=1) > 0, value, torch.zeros_like(value)).to(x.dtype)
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -196,9 +149,6 @@ def estimate(
     mcmc_burn_in: int = 64,
     background_level: float = BACKGROUND_LEVEL,
     background_dilation: int = BACKGROUND_DILATION,
-    detail_erosion: int = DETAIL_EROSION,
-    detail_band: float = DETAIL_BAND,
-    detail: bool = True,
 ) -> Estimate:
     """Estimate log p(x), KL, ELBO and the residual tail for a batch of slices.
 
@@ -211,10 +161,6 @@ def estimate(
         mcmc_burn_in: Metropolis steps before samples are used (``mcmc`` only).
         background_level: head level of :func:`background_log_likelihood`.
         background_dilation: head dilation of :func:`background_log_likelihood`.
-        detail_erosion: head erosion of :func:`detail_log_power`.
-        detail_band: lowest frequency of :func:`detail_log_power`'s band.
-        detail: compute :func:`detail_log_power` (an FFT per slice, about 4% of the scoring
-            time; bundles without a detail part do not ask for it).
 
     Returns:
         An :class:`Estimate` with one value per slice.
@@ -244,9 +190,7 @@ def estimate(
     rec = ((x - mean0) ** 2).flatten(1).mean(dim=1)
     background = background_log_likelihood(x, mean0, log_sigma0, background_level,
                                            background_dilation)
-    power = (detail_log_power(x, mean0, log_sigma0, background_level, detail_erosion,
-                              detail_band) if detail else None)
-    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain, background, power)
+    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain, background)
 
 
 def _log_joint(model: LatentModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,6 @@ class PreprocessConfig:
             The training slices never extend beyond it, so the model has no opinion about
             what lies there, and a larger field of view of another scanner must not be held
             against its slices.
-        slab_mm: thickness in mm that slices of a thinner-sliced stack are averaged to before
-            scoring (:func:`slab_average`); None: each slice as it is (bundles made before
-            the option).
         center_head: crop the model grid around the head (the centroid of the stack's pixels
             above ``HEAD_LEVEL``) instead of around the image centre: scanners place the
             field of view differently, and a head lying on its side often sits far from the
@@ -50,22 +47,20 @@ class PreprocessConfig:
     norm_percentile: float = 99.5
     clip_max: float = 2.0
     fov_mm: float = 240.0
-    slab_mm: float | None = None
     center_head: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for ``model.json`` (``slab_mm`` and ``center_head`` only when set, so
-        that a bundle without them keeps the ``model.json`` older versions of the node read)."""
+        """Plain values for ``model.json`` (``center_head`` only when set, so that a bundle
+        without it keeps the ``model.json`` older versions of the node read)."""
         out = asdict(self)
-        if out["slab_mm"] is None:
-            del out["slab_mm"]
         if not out["center_head"]:
             del out["center_head"]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer bundle format)."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer bundle format; the
+        settings of removed parts are dealt with before, by :mod:`node.model.removed`)."""
         return cls(**data)
 
 
@@ -78,32 +73,6 @@ def stack_scale(images: Sequence[np.ndarray], percentile: float) -> float:
     step = max(1, flat.size // 2_000_000)
     value = float(np.percentile(flat[::step], percentile)) if flat.size else 0.0
     return value if value > 0 else 1.0
-
-
-def slab_average(
-    images: Sequence[np.ndarray], slice_spacing_mm: float | None, slab_mm: float | None
-) -> list[np.ndarray]:
-    """Each slice of a stack thinner than the model's slab averaged with its neighbours to it.
-
-    The model knows slices as thick as its pixels are wide (IXI: 2 mm voxels). A slice a third
-    as thick holds less tissue and less averaged noise along its normal, so it is noisier and
-    sharper through the plane than anything the model has seen, and the score reacts to noise
-    first; the commonest brain T1, a 3D gradient echo at about 1 mm, is such a stack. With
-    k = round(slab / spacing) >= 2, slice i becomes the mean of the k slices centred on it (for
-    even k one more towards the stack's end), the window cut short at the ends; each slice
-    keeps its own place and verdict. Nothing changes when k < 2, when the spacing or the slab
-    is unknown, or when the slices differ in shape (not one stack).
-    """
-    arrays = [np.asarray(im, dtype=np.float32) for im in images]
-    if not slab_mm or not slice_spacing_mm or slice_spacing_mm <= 0 or len(arrays) < 2:
-        return arrays
-    k = round(slab_mm / slice_spacing_mm)
-    if k < 2 or len({a.shape for a in arrays}) != 1:
-        return arrays
-    stack = np.stack(arrays)
-    n = len(stack)
-    return [stack[max(0, i - (k - 1) // 2): min(n, i + k // 2 + 1)].mean(axis=0)
-            for i in range(n)]
 
 
 def _target_shape(

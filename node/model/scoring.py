@@ -69,54 +69,6 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    calibration subjects need) and the same affine map onto the main score's scale as an
    alternative (item 4), and joins the minimum. Bundles without it score as before.
 
-7. Detail part (optional, :class:`DetailPart`): blur and the k-space mixing of motion take
-   away a slice's finest detail, and a Gaussian decoder finds such a slice MORE likely, which
-   no weighting of items 1-4 undoes at mild severities. The ``detail`` component
-   (:func:`node.model.likelihood.detail_log_power`) is the log of the power of the decoder's
-   standardized residual r = (x - mean) / sigma in the top spatial-frequency band (radius at
-   least 0.5 cycles per pixel) inside the head, relative to the power the Gaussian expects
-   there (by Parseval, the top band's share of the likelihood's quadratic term). It gets a
-   ONE-SIDED capped series shift at its own quantile: a series whose detail is low as a whole
-   (a smoother scanner) is lifted back, at most by the cap (1.25 times the largest lift the
-   normal site variants of the calibration subjects need), but a series whose detail is high
-   is not pushed down, so a block that raises it (spikes, noise, a bias field) does not make
-   the rest of its series look blurred. The shifted values are then compared with normal
-   calibration slices at the same relative position of the same plane (as in item 5, with
-   this part's own per-bin median and spread; a stack item 5 does not reference is compared
-   with all normal slices), giving z (0: a typical normal slice; -1: a normal slice's 5th
-   percentile at that position), and ``weight`` * z is ADDED to the main score after its
-   series shift (``weight``: ``weight_spreads`` times the main score's median minus its 5th
-   percentile on the calibration slices). Added rather than joining the minimum: as a
-   separate part its own normal spread hid the signals of the other parts (a mild bias field
-   lost 0.045 AUROC on the calibration subjects), added it costs little where it has nothing
-   to say. Bundles without it score as before. The shipped bundle does not use it: it
-   catches mild motion, but it flagged the lower-brain slices of another site's normal
-   series, whose detail varies along the series unlike the calibration scanner's
-   (``node/models/README.md``).
-
-8. Detail step part (optional, :class:`DetailStepPart`): the ``detail`` component of item 7
-   compared with the slice's OWN SERIES instead of with other subjects. A straight line is
-   fitted robustly to it along the series' foreground slices (:func:`series_trend_residuals`:
-   Siegel's repeated-median line, then Tukey-biweight reweighting), and only to the slices
-   the other parts find ordinary (``guard_quantile``: their minimum at least its 2nd
-   percentile on normal slices), so that neither a block of blurred slices (up to about a
-   third of the series) nor a block the other parts catch (a bias field or spikes, which
-   RAISE the detail) pulls the line. Each slice's residual from the line is divided by the
-   spread of normal calibration residuals (with ``positioned``, the spread at its relative
-   position: item 5's bins), giving z, and only z below 0 counts (a slice with LESS detail
-   than its series' trend; a block that raises it, spikes or noise, is left to the other
-   parts). The part joins the minimum like item 6, mapped onto the main score's
-   scale. Why the series' own line: another scanner's detail differs from the calibration
-   scanner's in level and in how it changes from the skull base to the vertex (item 7
-   flagged the lower brain of such a series); a straight trend along the series is the
-   series' own, whereas a block of blurred or moved slices departs from it. What it cannot
-   see: a whole series blurred or moved from its first slice to its last (items 1-6 judge
-   that), and series of fewer than ``min_series_slices`` foreground slices (z = 0). The
-   shipped bundle does not use it: without the guard, a block that raises the detail tilted
-   the line under the rest of its series, which was then flagged too often held out; with
-   it, the check on calibration subjects the choice had not used still found 2.02 pp more
-   of a bias-field series flagged outside the block (``node/models/README.md``).
-
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
 either.
@@ -135,12 +87,7 @@ import torch
 from PIL import Image
 
 from node.model.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
-from node.model.likelihood import (
-    BACKGROUND_DILATION,
-    BACKGROUND_LEVEL,
-    DETAIL_BAND,
-    DETAIL_EROSION,
-)
+from node.model.likelihood import BACKGROUND_DILATION, BACKGROUND_LEVEL
 
 
 @dataclass(frozen=True)
@@ -174,8 +121,6 @@ class ScoreConfig:
         fallback_offset: its intercept.
         background: the background part (item 6), or None (absent from ``model.json``: the
             bundles before it score exactly as they did).
-        detail: the detail part (item 7), or None (likewise).
-        detail_step: the detail step part (item 8), or None (likewise).
     """
 
     estimator: str = "importance"
@@ -197,34 +142,19 @@ class ScoreConfig:
     fallback_gain: float = 1.0
     fallback_offset: float = 0.0
     background: BackgroundPart | None = None
-    detail: DetailPart | None = None
-    detail_step: DetailStepPart | None = None
-
-    def __post_init__(self) -> None:
-        d, step = self.detail, self.detail_step
-        if d is not None and step is not None and (d.band, d.erosion) != (step.band,
-                                                                          step.erosion):
-            raise ValueError("the detail and detail step parts share the 'detail' component: "
-                             "give them the same band and erosion")
-
-    @property
-    def uses_detail(self) -> bool:
-        """Whether a part reads the ``detail`` component (items 7 and 8)."""
-        return self.detail is not None or self.detail_step is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values for ``model.json`` (no ``background``, ``detail`` or ``detail_step``
-        key when there is no such part, so that a bundle without it writes the same
-        ``model.json`` as before)."""
+        """Plain values for ``model.json`` (no ``background`` key when there is no such part,
+        so that a bundle without it writes the same ``model.json`` as before)."""
         out = asdict(self)
-        for key in ("background", "detail", "detail_step"):
-            if out[key] is None:
-                del out[key]
+        if out["background"] is None:
+            del out["background"]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoreConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (the settings of removed parts are dealt with before, by
+        :mod:`node.model.removed`)."""
         alts = tuple(a if isinstance(a, AlternativeScore) else AlternativeScore(**a)
                      for a in data.get("alternatives", ()))
         profiles = _profiles(data.get("position_profiles", {}))
@@ -233,21 +163,13 @@ class ScoreConfig:
         bg = data.get("background")
         if bg is not None and not isinstance(bg, BackgroundPart):
             bg = BackgroundPart(**bg)
-        detail = data.get("detail")
-        if detail is not None and not isinstance(detail, DetailPart):
-            detail = DetailPart(**{**detail, "profiles": _profiles(detail.get("profiles", {}))})
-        step = data.get("detail_step")
-        if step is not None and not isinstance(step, DetailStepPart):
-            step = DetailStepPart(**{**step, "profiles": _profiles(step.get("profiles", {}))})
         return cls(**{**data, "alternatives": alts, "position_profiles": profiles,
-                      "position_min_extent_mm": extents, "background": bg, "detail": detail,
-                      "detail_step": step})
+                      "position_min_extent_mm": extents, "background": bg})
 
     def part(self, alt: AlternativeScore) -> ScoreConfig:
         """The settings of one alternative as a stand-alone score (no alternatives of its own)."""
         return ScoreConfig.from_dict({
             **self.to_dict(), "alternatives": (), "position_bins": 0, "background": None,
-            "detail": None, "detail_step": None,
             "complexity": alt.complexity_weight > 0,
             "complexity_weight": alt.complexity_weight or 1.0, "tail_weight": alt.tail_weight,
             "max_series_shift": alt.max_series_shift, "shift_quantile": alt.shift_quantile,
@@ -298,90 +220,6 @@ def _profiles(data: dict[str, Any]) -> Profiles:
     """Per-plane (medians, spreads) per position bin from their ``model.json`` lists."""
     return {plane: (tuple(map(float, med)), tuple(map(float, spread)))
             for plane, (med, spread) in data.items()}
-
-
-@dataclass(frozen=True)
-class DetailPart:
-    """The detail part (item 7 of the module docstring): the ``detail`` component with a
-    one-sided capped series shift, compared with normal slices at its position, added to the
-    main score.
-
-    Attributes:
-        shift_quantile: quantile of its foreground values that sets its series shift.
-        max_series_shift: cap of the lift (log power).
-        weight_spreads: its weight in units of the main score's normal spread.
-        erosion: pixels by which the head mask is eroded.
-        band: lowest spatial frequency of the band (cycles per pixel, radius).
-        reference_median: its typical normal series quantile (set by calibration).
-        weight: nats added per unit of z (set by calibration).
-        profiles: per plane, the (medians, spreads) of its shifted normal values per
-            position bin (set by calibration; the bins of item 5).
-        level: median of all its shifted normal values (for stacks without a position
-            reference; set by calibration).
-        spread: their median minus their 5th percentile (likewise).
-    """
-
-    shift_quantile: float = 0.5
-    max_series_shift: float = 0.0
-    weight_spreads: float = 1.0
-    erosion: int = DETAIL_EROSION
-    band: float = DETAIL_BAND
-    reference_median: float = 0.0
-    weight: float = 0.0
-    profiles: Profiles = field(default_factory=dict)
-    level: float = 0.0
-    spread: float = 1.0
-
-
-#: Tukey's biweight constant of the series trend (item 8): 95% efficiency under normal noise.
-TUKEY_C = 4.685
-#: Item 8's line is fitted to the slices whose minimum of the other parts is at least this
-#: quantile of the normal calibration slices' (chosen on the calibration subjects,
-#: ``bench/explore-logs/guarded.log``).
-GUARD_QUANTILE = 0.02
-
-
-@dataclass(frozen=True)
-class DetailStepPart:
-    """The detail step part (item 8 of the module docstring): the ``detail`` component's
-    residual from its series' own robust straight line, in normal spreads, below 0 only,
-    joining the minimum.
-
-    Attributes:
-        erosion: pixels by which the head mask is eroded (the ``detail`` component's).
-        band: lowest spatial frequency of the band (cycles per pixel, radius; likewise).
-        tukey_c: the biweight's tuning constant (0: Siegel's line alone).
-        tukey_c_high: the constant for residuals above the line (None: ``tukey_c``, a
-            symmetric fit); see :func:`series_trend_residuals`.
-        positioned: divide by the spread of normal residuals at the slice's position (item
-            5's bins, ``profiles``) instead of by one spread for all positions.
-        guard_quantile: fit the line only to the slices whose minimum of the other parts
-            (items 1-4 and 6, before item 5) is at least this quantile of the normal
-            calibration slices' (None: to all foreground slices): a block those parts
-            already find unusual (a bias field, spikes, noise) cannot tilt it.
-        guard_cut: that quantile in nats (set by calibration).
-        level: median of the normal calibration residuals (set by calibration).
-        spread: their median minus their 5th percentile (set by calibration; with
-            ``positioned``, for stacks item 5 does not reference).
-        profiles: with ``positioned``, per plane, the (medians, spreads) of the normal
-            residuals per position bin (set by calibration; the bins of item 5; the spreads
-            are used, the level is ``level`` everywhere: the series' own line sets it).
-        gain: slope of the map onto the main score's scale (set by calibration).
-        offset: intercept of that map (set by calibration).
-    """
-
-    erosion: int = DETAIL_EROSION
-    band: float = DETAIL_BAND
-    tukey_c: float = TUKEY_C
-    tukey_c_high: float | None = None
-    positioned: bool = True
-    guard_quantile: float | None = GUARD_QUANTILE
-    guard_cut: float | None = None
-    level: float = 0.0
-    spread: float = 1.0
-    profiles: Profiles = field(default_factory=dict)
-    gain: float = 1.0
-    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -477,20 +315,12 @@ def stack_scores(
     absolute = absolute_score(comp, cfg, pixels, clip_max)
     shift = series_shift(absolute, foreground, cfg)
     final = absolute - shift
-    if cfg.detail is not None:
-        final = final + cfg.detail.weight * detail_z(comp, foreground, cfg, plane, descending,
-                                                     slice_spacing_mm)
     for alt in cfg.alternatives:
         part = alternative_final(comp, foreground, cfg.part(alt), pixels, clip_max)
         final = np.minimum(final, alt.offset + alt.gain * part)
     if cfg.background is not None:
         part = background_final(comp, foreground, cfg)
         final = np.minimum(final, cfg.background.offset + cfg.background.gain * part)
-    step = cfg.detail_step
-    if step is not None:
-        part = detail_step_z(comp, foreground, cfg, plane, descending, slice_spacing_mm,
-                             others=final)
-        final = np.minimum(final, step.offset + step.gain * part)
     final = position_normalized(final, foreground, cfg, plane, descending, slice_spacing_mm)
     return final, absolute, shift
 
@@ -602,143 +432,6 @@ def background_final(comp: dict[str, np.ndarray], foreground: np.ndarray,
                          "existed): score the slices again")
     a = np.asarray(comp["background"], dtype=np.float64)
     return a - series_shift(a, foreground, cfg.background_shift_config())
-
-
-def detail_shifted(comp: dict[str, np.ndarray], foreground: np.ndarray,
-                   cfg: ScoreConfig) -> np.ndarray:
-    """The ``detail`` component after the detail part's one-sided series shift (item 7): a
-    series below the normal reference quantile is lifted, at most by the cap; one above it
-    is left as it is.
-
-    Raises:
-        ValueError: ``comp`` lacks the ``detail`` component (records scored before it), or
-            the score has no detail part.
-    """
-    part = cfg.detail
-    if part is None:
-        raise ValueError("this score has no detail part")
-    v = _detail_values(comp)
-    if not cfg.series_relative or int(foreground.sum()) < cfg.min_series_slices:
-        return v.copy()
-    lift = float(np.quantile(v[foreground], part.shift_quantile)) - part.reference_median
-    return v - float(np.clip(lift, -part.max_series_shift, 0.0))
-
-
-def detail_z(comp: dict[str, np.ndarray], foreground: np.ndarray, cfg: ScoreConfig,
-             plane: str | None, descending: bool = False,
-             slice_spacing_mm: float | None = None) -> np.ndarray:
-    """The detail part's z of every slice (item 7): its shifted value against normal slices
-    at its position, or against all normal slices where item 5 does not reference the
-    stack."""
-    part = cfg.detail
-    v = detail_shifted(comp, foreground, cfg)
-    assert part is not None
-    z = (v - part.level) / part.spread
-    k = reference_bins(foreground, cfg, plane, part.profiles, descending, slice_spacing_mm)
-    if k is not None:
-        medians, spreads = (np.asarray(a, dtype=np.float64) for a in part.profiles[plane or ""])
-        z[foreground] = (v[foreground] - medians[k]) / spreads[k]
-    return z
-
-
-def _detail_values(comp: dict[str, np.ndarray]) -> np.ndarray:
-    """The ``detail`` component as float64.
-
-    Raises:
-        ValueError: ``comp`` lacks it (records scored before the detail parts existed).
-    """
-    if "detail" not in comp:
-        raise ValueError("the components lack 'detail' (scored before the detail part "
-                         "existed): score the slices again")
-    return np.asarray(comp["detail"], dtype=np.float64)
-
-
-def series_trend_residuals(values: np.ndarray, foreground: np.ndarray,
-                           tukey_c: float = TUKEY_C, tukey_c_high: float | None = None,
-                           fit: np.ndarray | None = None) -> np.ndarray:
-    """Each foreground value minus its series' robust straight line along the relative
-    position (item 8); 0.0 for background slices, and everywhere when fewer than 3 foreground
-    slices.
-
-    The line starts as Siegel's repeated median (the median over slices of the median slope
-    to every other slice, then the median intercept), which holds while fewer than half the
-    slices depart from it, and is refined by 10 iterations of Tukey-biweight weighted least
-    squares with the residuals' scale from their median absolute deviation (``tukey_c`` 0:
-    no refinement). ``tukey_c_high``: residuals above the line get this (smaller) constant
-    instead, and the scale comes from the residuals below the line only (their median
-    distance from it), so that a block of slices that RAISES the value (spikes, noise, a bias
-    field in the detail) is dropped from the fit rather than lifting the line under the rest
-    of the series. ``fit``: the slices the line is fitted to (default: all foreground
-    slices; fewer than 3 of them: 0.0 everywhere); the residuals are those of all foreground
-    slices."""
-    v = np.asarray(values, dtype=np.float64)
-    out = np.zeros(v.size)
-    idx = np.flatnonzero(foreground)
-    use = np.ones(idx.size, dtype=bool) if fit is None else np.asarray(fit, dtype=bool)[idx]
-    if int(use.sum()) < 3:
-        return out
-    p_all = np.linspace(0.0, 1.0, idx.size)
-    p, y = p_all[use], v[idx][use]
-    dp = p[None, :] - p[:, None]
-    np.fill_diagonal(dp, np.nan)
-    slope = float(np.median(np.nanmedian((y[None, :] - y[:, None]) / dp, axis=1)))
-    intercept = float(np.median(y - slope * p))
-    basis = np.stack([p, np.ones_like(p)], axis=1)
-    for _ in range(10 if tukey_c > 0 else 0):
-        r = y - (slope * p + intercept)
-        if tukey_c_high is None:
-            scale = 1.4826 * float(np.median(np.abs(r - np.median(r)))) + 1e-9
-            u = r / (tukey_c * scale)
-        else:
-            below = r[r <= 0.0]
-            scale = 1.4826 * float(np.median(-below)) + 1e-9 if below.size else 1e-9
-            u = r / (np.where(r > 0.0, tukey_c_high, tukey_c) * scale)
-        w = np.sqrt(np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0))
-        slope, intercept = np.linalg.lstsq(basis * w[:, None], y * w, rcond=None)[0]
-    out[idx] = v[idx] - (slope * p_all + intercept)
-    return out
-
-
-def detail_step_residuals(comp: dict[str, np.ndarray], foreground: np.ndarray,
-                          cfg: ScoreConfig, others: np.ndarray | None = None,
-                          ) -> np.ndarray | None:
-    """The ``detail`` component's residuals from its series' line (item 8), or None when the
-    series has fewer than ``min_series_slices`` foreground slices (no line is fitted).
-    ``others``: the minimum of the other parts per slice, for the guard (``guard_cut``);
-    without it, or without a cut, the line is fitted to all foreground slices."""
-    part = cfg.detail_step
-    if part is None:
-        raise ValueError("this score has no detail step part")
-    values = _detail_values(comp)
-    if int(foreground.sum()) < cfg.min_series_slices:
-        return None
-    fit = None
-    if others is not None and part.guard_cut is not None:
-        fit = foreground & (np.asarray(others, dtype=np.float64) >= part.guard_cut)
-    return series_trend_residuals(values, foreground, part.tukey_c, part.tukey_c_high, fit)
-
-
-def detail_step_z(comp: dict[str, np.ndarray], foreground: np.ndarray, cfg: ScoreConfig,
-                  plane: str | None, descending: bool = False,
-                  slice_spacing_mm: float | None = None,
-                  others: np.ndarray | None = None) -> np.ndarray:
-    """The detail step part's value of every slice (item 8): min(0, z), z the residual from
-    the series' line against normal residuals at its position (or all normal residuals where
-    item 5 does not reference the stack, or the part is not ``positioned``); 0 on background
-    slices and short series. ``others``: see :func:`detail_step_residuals`."""
-    part = cfg.detail_step
-    residuals = detail_step_residuals(comp, foreground, cfg, others)
-    z = np.zeros(len(foreground))
-    if residuals is None:
-        return z
-    assert part is not None
-    spread = np.full(len(foreground), part.spread)
-    k = (reference_bins(foreground, cfg, plane, part.profiles, descending, slice_spacing_mm)
-         if part.positioned else None)
-    if k is not None:
-        spread[foreground] = np.asarray(part.profiles[plane or ""][1], dtype=np.float64)[k]
-    z[foreground] = (residuals[foreground] - part.level) / spread[foreground]
-    return np.minimum(z, 0.0)
 
 
 def match_scales(main: np.ndarray, other: np.ndarray, low: float = 0.01) -> tuple[float, float]:

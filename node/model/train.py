@@ -56,19 +56,13 @@ from node.model.data import (
     plane_slices,
     split_subjects,
 )
-from node.model.preprocess import PreprocessConfig, preprocess_stack, slab_average, stack_scale
+from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import (
     BackgroundPart,
-    DetailPart,
-    DetailStepPart,
     Profiles,
     ScoreConfig,
     absolute_score,
     background_final,
-    detail_shifted,
-    detail_step_residuals,
-    detail_step_z,
-    detail_z,
     fit_position_profiles,
     match_scales,
     position_normalized,
@@ -88,7 +82,6 @@ class TrainConfig:
     latent_dim: int = 128
     image_size: int = 128
     spacing_mm: float = 2.0
-    slab_mm: float | None = None
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     heteroscedastic: bool = True
     sigma_min: float = 0.01
@@ -178,9 +171,6 @@ def build_slices(
     stack_of: list[int] = []
     for vol in volumes:
         for plane, stack, spacings in item_stacks(vol, planes):
-            if pcfg.slab_mm:
-                stack = np.stack(slab_average(stack, item_slice_spacing(vol, plane),
-                                              pcfg.slab_mm))
             keep = foreground_mask(stack)
             if not keep.any():
                 continue
@@ -368,7 +358,7 @@ def stack_components(
         descending = isinstance(vol, SeriesStack) and vol.descending
         for plane, images, spacing in volume_stacks(vol, planes):
             gap = item_slice_spacing(vol, plane)
-            x, fg = bundle.preprocess_stack(images, spacing, gap)
+            x, fg = bundle.preprocess_stack(images, spacing)
             out.append({"subject": vol.subject, "plane": plane, "descending": descending,
                          "slice_spacing_mm": gap, "foreground": fg,
                          "components": bundle.components(x)})
@@ -411,21 +401,14 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         parts = [v[s["foreground"]] for v, s in zip(per_stack, stacks, strict=True)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    main_cfg = replace(bundle.scoring, alternatives=(), background=None, detail=None,
-                       detail_step=None, position_profiles={}, position_min_extent_mm={},
-                       fallback_gain=1.0, fallback_offset=0.0)
+    main_cfg = replace(bundle.scoring, alternatives=(), background=None, position_profiles={},
+                       position_min_extent_mm={}, fallback_gain=1.0, fallback_offset=0.0)
     main_cfg, medians, finals = with_reference(main_cfg)
     main_scores = foreground(finals)
     if main_scores.size == 0:
         raise ValueError("no foreground calibration slices")
-    if main_cfg.position_bins > 0:  # the coverage check of items 5 and 7
+    if main_cfg.position_bins > 0:  # the coverage check of item 5
         main_cfg = replace(main_cfg, position_min_extent_mm=_coverage(stacks))
-    detail = bundle.scoring.detail
-    if detail is not None:  # item 7 of node.model.scoring: added to the main score
-        detail, held_out = _detail_reference(main_cfg, detail, stacks,
-                                             robust_level(main_scores)[1])
-        finals = [f + detail.weight * z for f, z in zip(finals, held_out, strict=True)]
-        main_scores = foreground(finals)
     alternatives = []
     for alt in bundle.scoring.alternatives:
         part, _, alt_finals = with_reference(main_cfg.part(alt))
@@ -453,14 +436,7 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         background = replace(background, gain=gain, offset=offset)
         finals = [np.minimum(f, offset + gain * b) for f, b in zip(finals, bg_finals,
                                                                    strict=True)]
-    step = bundle.scoring.detail_step
-    if step is not None:  # item 8 of node.model.scoring: like the background part
-        step, step_z = _detail_step_reference(main_cfg, step, stacks, finals)
-        gain, offset = match_scales(main_scores, foreground(step_z))
-        step = replace(step, gain=gain, offset=offset)
-        finals = [np.minimum(f, offset + gain * z) for f, z in zip(finals, step_z, strict=True)]
-    scoring = replace(main_cfg, alternatives=tuple(alternatives), background=background,
-                      detail=detail, detail_step=step)
+    scoring = replace(main_cfg, alternatives=tuple(alternatives), background=background)
     if scoring.position_bins > 0:
         scoring, finals = _position_reference(scoring, stacks, finals, target_fpr)
     scores = foreground(finals)
@@ -527,84 +503,6 @@ def _subject_profiles(
     return without, fit_position_profiles(_canonical(stacks, values), bins, least)
 
 
-def _detail_reference(
-    main_cfg: ScoreConfig, detail: DetailPart, stacks: list[dict[str, Any]],
-    main_spread: float,
-) -> tuple[DetailPart, list[np.ndarray]]:
-    """The detail part calibrated (item 7 of :mod:`node.model.scoring`): its reference
-    series quantile, its normal level and per-position profiles fitted on all calibration
-    stacks, and its weight; with each stack's z computed from the profiles of the OTHER
-    subjects (what the threshold is set on, as for the position reference)."""
-    values = [np.asarray(s["components"]["detail"], dtype=np.float64) if "detail" in
-              s["components"] else None for s in stacks]
-    if any(v is None for v in values):
-        raise ValueError("the components lack 'detail': score the calibration slices again")
-    quantiles = [float(np.quantile(v[s["foreground"]], detail.shift_quantile))
-                 for v, s in zip(values, stacks, strict=True)
-                 if s["foreground"].sum() >= main_cfg.min_series_slices]
-    detail = replace(detail, reference_median=float(np.median(quantiles)) if quantiles else 0.0,
-                     weight=detail.weight_spreads * main_spread)
-    shifted = [detail_shifted(s["components"], s["foreground"], replace(main_cfg, detail=detail))
-               for s in stacks]
-    normal = np.concatenate([v[s["foreground"]] for v, s in zip(shifted, stacks, strict=True)])
-    if not np.ptp(normal) > 0:
-        raise ValueError("the detail part does not vary on the calibration slices (no pixels "
-                         "inside the decoder's eroded head mask?)")
-    level, spread = robust_level(normal)
-    detail = replace(detail, level=level, spread=spread)
-    if main_cfg.position_bins <= 0:
-        cfg = replace(main_cfg, detail=detail)
-        return detail, [detail_z(s["components"], s["foreground"], cfg, s["plane"],
-                                 s["descending"], s["slice_spacing_mm"]) for s in stacks]
-    without, profiles = _subject_profiles(main_cfg, stacks, shifted)
-    held_out = [detail_z(s["components"], s["foreground"],
-                         replace(main_cfg, detail=replace(detail, profiles=without[s["subject"]])),
-                         s["plane"], s["descending"], s["slice_spacing_mm"]) for s in stacks]
-    return replace(detail, profiles=profiles), held_out
-
-
-def _detail_step_reference(
-    main_cfg: ScoreConfig, step: DetailStepPart, stacks: list[dict[str, Any]],
-    others: list[np.ndarray],
-) -> tuple[DetailStepPart, list[np.ndarray]]:
-    """The detail step part calibrated (item 8 of :mod:`node.model.scoring`): the guard's cut
-    (the ``guard_quantile`` of ``others``, the minimum of the other parts, on the foreground
-    calibration slices), the level and spread of the normal residuals from each series'
-    line, and (``positioned``) their per-position spreads, fitted on all calibration stacks,
-    with each stack's values then computed from the spreads of the OTHER subjects (what the
-    map and the threshold are set on, as for item 7)."""
-    if step.guard_quantile is not None:
-        normal = np.concatenate([o[s["foreground"]] for o, s in zip(others, stacks,
-                                                                     strict=True)])
-        step = replace(step, guard_cut=float(np.quantile(normal, step.guard_quantile)))
-    cfg = replace(main_cfg, detail_step=step)
-    residuals = [detail_step_residuals(s["components"], s["foreground"], cfg, o)
-                 for s, o in zip(stacks, others, strict=True)]
-    used = [(s, r) for s, r in zip(stacks, residuals, strict=True) if r is not None]
-    if not used:
-        raise ValueError("the detail step part needs calibration stacks of at least "
-                         f"{main_cfg.min_series_slices} foreground slices")
-    normal = np.concatenate([r[s["foreground"]] for s, r in used])
-    if not np.ptp(normal) > 0:
-        raise ValueError("the detail step part does not vary on the calibration slices (no "
-                         "pixels inside the decoder's eroded head mask?)")
-    level, spread = robust_level(normal)
-    step = replace(step, level=level, spread=spread)
-    filled = [np.zeros(len(s["foreground"])) if r is None else r
-              for s, r in zip(stacks, residuals, strict=True)]
-
-    def values(profiles_of: Any) -> list[np.ndarray]:
-        return [detail_step_z(s["components"], s["foreground"],
-                              replace(main_cfg, detail_step=replace(step, profiles=profiles_of(s))),
-                              s["plane"], s["descending"], s["slice_spacing_mm"], o)
-                for s, o in zip(stacks, others, strict=True)]
-
-    if main_cfg.position_bins <= 0 or not step.positioned:
-        return step, values(lambda s: {})
-    without, profiles = _subject_profiles(main_cfg, stacks, filled)
-    return replace(step, profiles=profiles), values(lambda s: without[s["subject"]])
-
-
 def _position_reference(
     scoring: ScoreConfig, stacks: list[dict[str, Any]], finals: list[np.ndarray],
     target_fpr: float,
@@ -662,7 +560,7 @@ def run_training(
         cfg = replace(cfg, latent_dim=arch.latent_dim, image_size=arch.image_size,
                       channels=tuple(arch.channels), heteroscedastic=arch.heteroscedastic,
                       sigma_min=arch.sigma_min, spacing_mm=base.preprocess.spacing_mm,
-                      slab_mm=base.preprocess.slab_mm, center_head=base.preprocess.center_head)
+                      center_head=base.preprocess.center_head)
     subjects = [v.subject for v in volumes]
     train_ids, val_ids = split_subjects(subjects, cfg.val_fraction, cfg.seed)
     # Validation subjects: calibration half and evaluation half (by subject).
@@ -683,8 +581,7 @@ def run_training(
     if n_dicom:
         say(f"{len(volumes) - n_dicom} NIfTI volume(s), {n_dicom} DICOM stack(s)")
     pcfg = base.preprocess if base is not None else PreprocessConfig(
-        image_size=cfg.image_size, spacing_mm=cfg.spacing_mm, slab_mm=cfg.slab_mm,
-        center_head=cfg.center_head)
+        image_size=cfg.image_size, spacing_mm=cfg.spacing_mm, center_head=cfg.center_head)
     say(f"{len(train_ids)} training subjects, {len(cal_ids)} calibration, "
         f"{len(eval_ids)} evaluation")
     train_set = build_slices(train_vols, cfg.planes, pcfg)
@@ -776,20 +673,19 @@ def site_variant_stacks(
     for vol in volumes:
         for name, data in {"original": vol.data, **site_variants(vol.data, rng)}.items():
             images, spacing = plane_slices(Volume(vol.subject, data, vol.spacing, ""), "axial")
-            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images),
-                                            vol.spacing[2])
+            x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
             yield vol.subject, name, x, fg
 
 
 def fit_site_cap(
-    bundle: Bundle, volumes: Sequence[TrainingItem], component: str, quantile: float,
-    seed: int = 0, **settings: Any,
+    bundle: Bundle, volumes: Sequence[TrainingItem], quantile: float, seed: int = 0,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """The series-shift cap of the background or detail part (``component``), fitted as
-    ``bench/select_score.py`` fits the other parts' caps: each NIfTI calibration volume's
-    axial stack and its normal site variants (:func:`node.model.artifacts.site_variants`:
-    contrast curves, smoothing, added noise) give the ``quantile`` quantile of their
-    foreground values of the component (computed with the mask ``settings``, keyword
+    """The series-shift cap of the background part, fitted as ``bench/select_score.py`` fits
+    the other parts' caps: each NIfTI calibration volume's axial stack and its normal site
+    variants (:func:`node.model.artifacts.site_variants`: contrast curves, smoothing, added
+    noise) give the ``quantile`` quantile of their foreground values of the ``background``
+    component (computed with the mask ``settings``, keyword
     arguments of :meth:`Bundle.posterior_mean_values`); the cap is ``SITE_CAP_FACTOR`` times
     the largest distance of any of them from the median over the unaltered stacks.
 
@@ -805,10 +701,10 @@ def fit_site_cap(
     for _subject, name, x, fg in site_variant_stacks(bundle, nifti, rng):
         if int(fg.sum()) < bundle.scoring.min_series_slices:
             continue
-        values = bundle.posterior_mean_values(x, **settings)[component]
+        values = bundle.posterior_mean_values(x, **settings)["background"]
         found.setdefault(name, []).append(float(np.quantile(values[fg], quantile)))
     if not found.get("original"):
-        raise ValueError(f"the {component} part's cap needs NIfTI calibration volumes with at "
+        raise ValueError(f"the background part's cap needs NIfTI calibration volumes with at "
                          f"least {bundle.scoring.min_series_slices} foreground axial slices")
     ref = float(np.median(found["original"]))
     needs = {name: max(abs(v - ref) for v in vals) for name, vals in found.items()}
@@ -824,7 +720,6 @@ def recalibrate(
     command: str = "",
     site: bool = False,
     version: str | None = None,
-    slab_mm: float | None = None,
 ) -> Path:
     """Write a copy of ``bundle`` with other score settings, calibrated again.
 
@@ -836,19 +731,13 @@ def recalibrate(
     them; the caps are kept unless a change adds a part without one), and the recalibrated
     bundle is checked on them with a simulated motion block
     (:func:`node.model.site_check.motion_check`, recorded as ``site_check``).
-    ``changes["background"]``, ``changes["detail"]`` and ``changes["detail_step"]`` add the
-    background, detail and detail step parts (a dict of :class:`BackgroundPart` /
-    :class:`DetailPart` / :class:`DetailStepPart` fields, or None to remove it); without
-    ``max_series_shift`` the cap of the background or detail part is fitted by
+    ``changes["background"]`` adds the background part (a dict of :class:`BackgroundPart`
+    fields, or None to remove it); without ``max_series_shift`` its cap is fitted by
     :func:`fit_site_cap`. ``version``: the copy's version (its reports name it, so a PACS can
     tell findings of the recalibrated bundle from the original's); the source's is recorded.
-    ``slab_mm``: the slab thin slices are averaged to (``preprocessing.slab_mm``, see
-    :func:`node.model.preprocess.slab_average`); 0 removes it, None keeps the source's.
     """
     if version is not None and not version.strip():
         raise ValueError("the bundle version must not be empty")
-    if slab_mm is not None and slab_mm < 0:
-        raise ValueError("the slab thickness must be 0 (none) or positive")
     ids = set(bundle.meta.get("training", {}).get("subjects", {}).get("calibration", []))
     cal = list(volumes) if site else [v for v in volumes if v.subject in ids]
     if not cal:
@@ -858,31 +747,19 @@ def recalibrate(
         raise ValueError(f"a site calibration needs normal series of at least "
                          f"{SITE_MIN_SUBJECTS} subjects (patients), got {subjects}")
     record: dict[str, Any] = {"site": True} if site else {}
-    if slab_mm is not None:  # before anything is scored: the caps and the threshold see it
-        bundle.preprocess = replace(bundle.preprocess, slab_mm=slab_mm or None)
-        bundle.meta["preprocessing"] = bundle.preprocess.to_dict()
-        record["slab_mm"] = slab_mm or None
-    if changes.get("detail_step") is not None and bundle.feature_ae is not None:
-        raise ValueError("the detail_step part needs a pixel-space model (this bundle has a "
-                         "compression stage)")
-    for key, part_cls, settings in (
-        ("background", BackgroundPart,
-         lambda p: {"background_level": p.head_level, "background_dilation": p.dilation}),
-        ("detail", DetailPart,
-         lambda p: {"detail_erosion": p.erosion, "detail_band": p.band}),
-    ):
-        change = changes.get(key)
-        if change is None:
-            continue
+    change = changes.get("background")
+    if change is not None:
         if bundle.feature_ae is not None:
-            raise ValueError(f"the {key} part needs a pixel-space model (this bundle has a "
+            raise ValueError("the background part needs a pixel-space model (this bundle has a "
                              "compression stage)")
-        part = part_cls(**{**change, "max_series_shift": 0.0})
+        part = BackgroundPart(**{**change, "max_series_shift": 0.0})
         if change.get("max_series_shift") is None:  # fit the cap on site variants
-            fitted = fit_site_cap(bundle, cal, key, part.shift_quantile, **settings(part))
-            changes = {**changes, key: {**change, "max_series_shift": fitted["cap"]}}
-            record[f"{key}_cap"] = {"fitted": fitted["cap"], "factor": SITE_CAP_FACTOR,
-                                    "site_variant_needs": fitted["needs"]}
+            fitted = fit_site_cap(bundle, cal, part.shift_quantile,
+                                  background_level=part.head_level,
+                                  background_dilation=part.dilation)
+            changes = {**changes, "background": {**change, "max_series_shift": fitted["cap"]}}
+            record["background_cap"] = {"fitted": fitted["cap"], "factor": SITE_CAP_FACTOR,
+                                        "site_variant_needs": fitted["needs"]}
     scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), **changes})
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()

@@ -150,16 +150,16 @@ def test_model_json_without_the_part_round_trips_unchanged(tiny_bundle_path: Pat
     assert json.loads(json.dumps(cfg.to_dict())) == shipped["scoring"]
 
     # Loading and saving an old bundle writes the same scoring entry, and it scores the same
-    # with or without the background and detail components present.
+    # with or without the background component present.
     bundle = load_bundle(tiny_bundle_path)
     out = save_bundle(tmp_path / "copy", bundle.model, bundle.meta)
     assert (json.loads((out / "model.json").read_text())["scoring"]
             == json.loads((tiny_bundle_path / "model.json").read_text())["scoring"])
     images, spacing = plane_slices(load_nifti(IXI / SUBJECTS[0]), "axial")
     x, fg = bundle.preprocess_stack(list(images), [spacing] * len(images))
-    comp = bundle.components(x, device="cpu", detail=True)
-    assert "background" in comp and "detail" in comp
-    without = {k: v for k, v in comp.items() if k not in ("background", "detail")}
+    comp = bundle.components(x, device="cpu")
+    assert "background" in comp
+    without = {k: v for k, v in comp.items() if k != "background"}
     args = (fg, bundle.scoring, bundle.modelled_values, bundle.preprocess.clip_max)
     for a, b in zip(stack_scores(comp, *args), stack_scores(without, *args), strict=True):
         assert np.array_equal(a, b)
@@ -167,7 +167,6 @@ def test_model_json_without_the_part_round_trips_unchanged(tiny_bundle_path: Pat
     cheap = bundle.posterior_mean_values(x, background_level=0.1, background_dilation=1,
                                          device="cpu")
     assert np.allclose(cheap["background"], comp["background"])
-    assert np.allclose(cheap["detail"], comp["detail"])
 
 
 def _calibrate(src: Path, out: Path, *extra: str,

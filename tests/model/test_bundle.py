@@ -87,6 +87,41 @@ def test_architecture_mismatch(copy: Path) -> None:
         load_bundle(copy)
 
 
+def _set(path: Path, section: str, key: str, value: object) -> None:
+    meta = json.loads((path / MODEL_JSON).read_text())
+    meta[section][key] = value
+    (path / MODEL_JSON).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("scoring", "detail", None), ("scoring", "detail_step", None),
+    ("preprocessing", "slab_mm", None), ("preprocessing", "slab_mm", 0),
+])
+def test_a_removed_part_that_was_off_is_dropped(tiny_bundle_path: Path, copy: Path,
+                                                section: str, key: str, value: object) -> None:
+    # Bundles written before the detail, detail step and slab options were removed carry
+    # their settings; off, they are dropped and the bundle scores exactly as before.
+    _set(copy, section, key, value)
+    b = load_bundle(copy)
+    assert key not in b.meta[section]
+    images = [np.random.default_rng(i).random((90, 120)) * 500 for i in range(3)]
+    before = load_bundle(tiny_bundle_path).score_slices(images)
+    assert np.array_equal(b.score_slices(images).log_likelihood, before.log_likelihood)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("scoring", "detail", {"shift_quantile": 0.5, "weight": 900.0}),
+    ("scoring", "detail_step", {}),
+    ("preprocessing", "slab_mm", 2.0),
+])
+def test_a_removed_part_in_use_is_refused(copy: Path, section: str, key: str,
+                                          value: object) -> None:
+    _set(copy, section, key, value)
+    with pytest.raises(ModelError, match=rf"{section}\.{key} = .*removed from the node \(its "
+                                         r"last version is at commit 61ced1f; .*'Removed parts'"):
+        load_bundle(copy)
+
+
 def test_score_slices_any_size_and_plane(tiny_bundle_path: Path) -> None:
     b = load_bundle(tiny_bundle_path)
     rng = np.random.default_rng(0)
