@@ -342,12 +342,12 @@ def position_bin(positions: np.ndarray, bins: int) -> np.ndarray:
 
 
 def reference_bins(foreground: np.ndarray, cfg: ScoreConfig, plane: str | None,
-                   profiles: Profiles, descending: bool = False,
+                   descending: bool = False,
                    slice_spacing_mm: float | None = None) -> np.ndarray | None:
     """The position bin of each foreground slice when the stack is compared with normal
     slices at its positions (item 5: a known plane with a profile, enough foreground slices
     spanning enough of the plane), else None."""
-    if cfg.position_bins <= 0 or (plane or "") not in profiles:
+    if cfg.position_bins <= 0 or (plane or "") not in cfg.position_profiles:
         return None
     n_fg = int(foreground.sum())
     least = cfg.position_min_extent_mm.get(plane or "")
@@ -367,8 +367,7 @@ def position_normalized(score: np.ndarray, foreground: np.ndarray, cfg: ScoreCon
     same scale (unchanged when the bundle has no position reference)."""
     if cfg.position_bins <= 0:
         return score
-    k = reference_bins(foreground, cfg, plane, cfg.position_profiles, descending,
-                       slice_spacing_mm)
+    k = reference_bins(foreground, cfg, plane, descending, slice_spacing_mm)
     if k is None:
         return cfg.fallback_offset + cfg.fallback_gain * np.asarray(score, dtype=np.float64)
     medians, spreads = (np.asarray(v, dtype=np.float64)
