@@ -80,6 +80,10 @@ def train(
     max_series_shift: Annotated[float, typer.Option(help="Cap of series shift, nats.")] = 0.0,
     complexity: Annotated[bool, typer.Option(help="PNG complexity correction.")] = True,
     augment: Annotated[bool, typer.Option(help="Normal-variation augmentation.")] = True,
+    variation: Annotated[list[str] | None, typer.Option(
+        help="Change one range of the scanner variation, name=value (a range: lo,hi), e.g. "
+             "scale=0.8,1.3; repeatable. Names: the fields of node.model.augment.AugmentConfig."
+    )] = None,
     heteroscedastic: Annotated[
         bool, typer.Option(help="Per-pixel decoder variance (else one learned global value).")
     ] = True,
@@ -127,14 +131,20 @@ def train(
     if not paths:
         raise typer.BadParameter("give --data, or --from-queue with --station",
                                  param_hint="--data")
+    from node.model.augment import AugmentConfig
+
+    try:
+        varied = AugmentConfig().with_settings(variation or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--variation") from None
     vols = _load_training_data(paths)
     cfg = TrainConfig(
         epochs=epochs, latent_dim=latent, image_size=image_size, seed=seed,
         val_fraction=val_fraction, batch_size=batch_size, lr=lr, samples=samples,
         target_fpr=target_fpr, tail_weight=tail_weight, max_series_shift=max_series_shift,
-        complexity=complexity, augment=augment, heteroscedastic=heteroscedastic,
-        max_train_slices=max_train_slices, compress=compress, compress_dim=compress_dim, name=name,
-        version=version, device=device,
+        complexity=complexity, augment=augment, variation=varied,
+        heteroscedastic=heteroscedastic, max_train_slices=max_train_slices, compress=compress,
+        compress_dim=compress_dim, name=name, version=version, device=device,
         init_bundle=str(init) if init is not None else None,
     )
     command = "vaenode " + " ".join(shlex.quote(a) for a in sys.argv[1:])

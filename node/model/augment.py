@@ -81,6 +81,31 @@ class AugmentConfig:
         """Inverse of :meth:`to_dict`."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
+    def with_settings(self, settings: list[str]) -> AugmentConfig:
+        """This configuration with ``name=value`` settings applied (``vaenode train
+        --variation scale=0.8,1.3``): a range takes two comma-separated numbers."""
+        current = self.to_dict()
+        changed: dict[str, Any] = {}
+        for item in settings:
+            name, sep, text = item.partition("=")
+            name = name.strip()
+            if not sep or name not in current:
+                raise ValueError(f"not a variation setting: {item!r} (name=value; names: "
+                                 f"{', '.join(current)})")
+            old = current[name]
+            try:
+                if isinstance(old, list):
+                    value: Any = tuple(float(v) for v in text.split(","))
+                    if len(value) != len(old):
+                        raise ValueError
+                else:
+                    value = type(old)(text)
+            except ValueError:
+                shape = "two numbers, lo,hi" if isinstance(old, list) else type(old).__name__
+                raise ValueError(f"{name} takes {shape}, not {text!r}") from None
+            changed[name] = value
+        return AugmentConfig.from_dict({**current, **changed})
+
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return torch.empty(n).uniform_(lo, hi, generator=gen)

@@ -144,3 +144,13 @@ def test_plane_of_rendered_site_is_still_sliced(ixi_volume: Volume) -> None:
     thick = render(ixi_volume, "thick_slices", "mild")
     stack, spacing = plane_slices(thick, "axial")
     assert len(stack) == ixi_volume.data.shape[2] // 2 and spacing == ixi_volume.spacing[1::-1]
+
+
+def test_variation_settings_change_only_what_they_name() -> None:
+    cfg = AugmentConfig().with_settings(["scale=0.8,1.3", "blur_p=0.5", "slab_neighbours=3"])
+    assert (cfg.scale, cfg.blur_p, cfg.slab_neighbours) == ((0.8, 1.3), 0.5, 3)
+    assert cfg.rotate_deg == AugmentConfig().rotate_deg
+    assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in ["scale=0.8", "scale", "zoom=1.2", "blur_p=often"]:
+        with pytest.raises(ValueError, match="scale|zoom|blur_p"):
+            AugmentConfig().with_settings([bad])
