@@ -23,7 +23,8 @@ percentile left out); nothing left out; only the bad series left out (an oracle 
 has: what the robust rules aim at); and a candidate that takes the node's kept series but
 sets the quantile level by leaving one series out (the level at which each kept series,
 judged by the others' low, is flagged at the target rate on average), against the small
-number of series.
+number of series. A bundle with a station score (``station_scoring`` in ``model.json``) is
+judged out of the box by its own score and, learned, by the station score, as the node does.
 
     .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
         [--site "noise 0.02"] [--site "gamma 0.75"] [--bad 0 --bad 1 --bad 3] \\
@@ -61,7 +62,8 @@ BLOCK = (55, 70)
 WHOLE_MOTION = 3
 MIN_ABNORMAL_SLICES = 3
 
-Scores = tuple[np.ndarray, np.ndarray]  # (score per slice, foreground per slice)
+#: (the bundle's own score per slice, the score a station learns per slice, foreground)
+Scores = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def site(kind: str, vol: Volume, seed: int) -> Volume:
@@ -83,7 +85,8 @@ def score(bundle: Bundle, vol: Volume) -> Scores:
     images, spacing = plane_slices(vol, "axial")
     s = bundle.score_slices(list(images), [spacing] * len(images), plane="axial",
                             slice_spacing_mm=float(vol.spacing[2]))
-    return s.log_likelihood, s.foreground
+    learned = s.log_likelihood if s.station_score is None else s.station_score
+    return s.log_likelihood, learned, s.foreground
 
 
 def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, Any]:
@@ -164,7 +167,8 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
     random splits, with ``bad`` bad learning series."""
     threshold = bundle.threshold
     subjects = list(scores["clean"])
-    fg = {s: v[0][v[1]] for s, v in scores["clean"].items()}
+    own = {s: v[0][v[2]] for s, v in scores["clean"].items()}
+    fg = {s: v[1][v[2]] for s, v in scores["clean"].items()}
     rng = np.random.default_rng(0)
     sums: dict[str, list[list[float]]] = {rule: [[], [], [], []] for rule in RULES}
     for _ in range(splits):
@@ -175,25 +179,29 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
         spoiled: set[int] = set()
         whole = [s for s in scores["whole"] if s not in held]
         if bad >= 1 and whole:
-            sc, f = scores["whole"][whole[0]]
+            _, sc, f = scores["whole"][whole[0]]
             series[0] = sc[f]
             spoiled.add(0)
         for i in range(1, bad):
-            sc, f = scores["block"][learn[i]]
+            _, sc, f = scores["block"][learn[i]]
             series[i] = sc[f]
             spoiled.add(i)
         for rule, build in RULES.items():
             # The mapping sends the station's low onto the threshold: a slice is flagged
             # exactly when its own score is below the low (node.worker.learning).
+            # Out of the box: the bundle's own score against its threshold; learned: the
+            # station score (the bundle's own where it declares none) against the low.
+            which = 0 if build is None else 1
             low, left_out = (threshold, 0) if build is None else build(series, spoiled,
                                                                         bundle.target_fpr)
-            flagged = [fg[s] < low for s in held]
+            pool = own if build is None else fg
+            flagged = [pool[s] < low for s in held]
             sums[rule][0].append(float(np.mean(np.concatenate(flagged))))
             sums[rule][1].append(float(np.mean([f.sum() >= MIN_ABNORMAL_SLICES
                                                 for f in flagged])))
             sums[rule][3].append(float(left_out))
             for s in held:
-                sc, f = scores["block"][s]
+                sc, f = scores["block"][s][which], scores["block"][s][2]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
                 sums[rule][2].append(float(np.mean(sc[inside & f] < low)))

@@ -274,6 +274,12 @@ def calibrate(
     days: Annotated[int | None, typer.Option(
         min=1, help="With --from-queue: only series first received in the last N days.")]
     = None,
+    station_score: Annotated[str | None, typer.Option(
+        metavar="SETTINGS",
+        help="The score station references learn, e.g. complexity_weight=0.75,tail_weight=4 "
+             "(complexity correction and tail weight; the rest as the bundle's score), or "
+             "'none' (stations learn the bundle's own score). Not calibrated here: each "
+             "station's reference does that.")] = None,
     version: Annotated[str | None, typer.Option(
         help="Version of the written bundle (default: the source bundle's); its reports "
              "carry it.")] = None,
@@ -291,6 +297,8 @@ def calibrate(
     changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if alternative:
         changes["alternatives"] = [_parse_alternative(a) for a in alternative if a != "none"]
+    if station_score is not None:
+        changes["station_scoring"] = _parse_station_score(station_score)
     if background_part is not None:
         changes["background"] = _parse_background_part(background_part, background_cap)
     elif background_cap is not None:
@@ -414,6 +422,34 @@ def _parse_alternative(text: str) -> dict[str, float]:
         raise typer.BadParameter(f"{text!r} lacks {', '.join(sorted(missing))}",
                                  param_hint="--alternative")
     AlternativeScore(**out)
+    return out
+
+
+def _parse_station_score(text: str) -> dict[str, Any] | None:
+    """``--station-score``: ``complexity_weight=W,tail_weight=T`` (either or both), or 'none';
+    exits 2 when wrong."""
+    if text.strip() == "none":
+        return None
+    out: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("complexity_weight", "tail_weight"):
+            raise typer.BadParameter(f"{item!r}: expected complexity_weight=W or tail_weight=T",
+                                     param_hint="--station-score")
+        try:
+            number = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{key}: {value!r} is not a number",
+                                     param_hint="--station-score") from None
+        if not number >= 0.0:
+            raise typer.BadParameter(f"{key} must be 0 or more, got {value}",
+                                     param_hint="--station-score")
+        out[key] = number
+    if not out:
+        raise typer.BadParameter("give complexity_weight=W and/or tail_weight=T, or 'none'",
+                                 param_hint="--station-score")
+    if "complexity_weight" in out:
+        out["complexity"] = out["complexity_weight"] > 0.0
     return out
 
 

@@ -98,6 +98,10 @@ class SliceScores:
         estimator: the estimator used.
         samples: Monte-Carlo samples per slice.
         series_shift: nats subtracted from every slice of this stack.
+        station_score: the bundle's station score per slice (``station_scoring`` in
+            ``model.json``), the score a station's reference learns from and judges once
+            calibrated; None when the bundle declares none (the station then learns
+            ``log_likelihood``).
     """
 
     log_likelihood: np.ndarray
@@ -112,6 +116,7 @@ class SliceScores:
     samples: int
     series_shift: float = 0.0
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    station_score: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.log_likelihood)
@@ -130,6 +135,7 @@ class Bundle:
         self.feature_ae = feature_ae.eval() if feature_ae is not None else None
         self.preprocess = PreprocessConfig.from_dict(meta["preprocessing"])
         self.scoring = ScoreConfig.from_dict(meta["scoring"])
+        self.station_scoring = station_scoring(meta)
         cal = meta["calibration"]
         self.threshold: float = float(cal["threshold"])
         self.target_fpr: float = float(cal["target_fpr"])
@@ -288,6 +294,11 @@ class Bundle:
         score, absolute, shift = stack_scores(comp, fg, self.scoring, self.modelled_values,
                                               self.preprocess.clip_max, plane, descending,
                                               slice_spacing_mm)
+        station = None
+        if self.station_scoring is not None:
+            station, _, _ = stack_scores(comp, fg, self.station_scoring, self.modelled_values,
+                                         self.preprocess.clip_max, plane, descending,
+                                         slice_spacing_mm)
         abnormal = (score < thr) & fg
         conf = calibrate.confidence(score, thr, self.quantiles)
         conf = np.where(fg | abnormal, conf, np.maximum(conf, 0.0))
@@ -304,7 +315,26 @@ class Bundle:
             samples=n_samples,
             series_shift=shift,
             extra={"absolute": absolute, **comp},
+            station_score=station,
         )
+
+
+def station_scoring(meta: dict[str, Any]) -> ScoreConfig | None:
+    """The score a station's reference learns, or None: ``station_scoring`` in ``model.json``
+    holds the settings in which it differs from ``scoring`` (same components, another
+    weighting).
+
+    Why a second weighting: out of the box a score must not flag another scanner's normal
+    series, so it leaves out what differs between scanners (the complexity correction, a heavy
+    tail); a station's reference is that scanner's own normal, so what it learns may keep the
+    parts that see motion and ghosting (node/models/README.md).
+    """
+    over = meta.get("station_scoring")
+    if over is None:
+        return None
+    if not isinstance(over, dict):
+        raise TypeError(f"station_scoring must be an object, got {type(over).__name__}")
+    return ScoreConfig.from_dict({**meta["scoring"], **over})
 
 
 def _sha256(path: Path) -> str:
@@ -402,6 +432,7 @@ def load_bundle(path: Path | None = None) -> Bundle:
         cfg = VAEConfig.from_dict(arch)
         PreprocessConfig.from_dict(meta["preprocessing"])
         ScoreConfig.from_dict(meta["scoring"])
+        station_scoring(meta)
         float(meta["calibration"]["threshold"])
         float(meta["calibration"]["target_fpr"])
         if len(meta["calibration"]["quantiles"]) != len(calibrate.QUANTILE_LEVELS):

@@ -43,7 +43,7 @@ import torch
 
 from node.model import calibrate
 from node.model.augment import AugmentConfig, scanner_variation
-from node.model.bundle import Bundle, resolve_device, save_bundle
+from node.model.bundle import Bundle, resolve_device, save_bundle, station_scoring
 from node.model.compress import FeatureAE, FeatureAEConfig, train_feature_ae
 from node.model.data import (
     PLANES,
@@ -760,7 +760,16 @@ def recalibrate(
             changes = {**changes, "background": {**change, "max_series_shift": fitted["cap"]}}
             record["background_cap"] = {"fitted": fitted["cap"], "factor": SITE_CAP_FACTOR,
                                         "site_variant_needs": fitted["needs"]}
+    changes = dict(changes)
+    if "station_scoring" in changes:  # not calibrated here: each station's reference does it
+        station = changes.pop("station_scoring")
+        record["station_scoring"] = station
+        if station is None:
+            bundle.meta.pop("station_scoring", None)
+        else:
+            bundle.meta["station_scoring"] = dict(station)
     scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), **changes})
+    bundle.station_scoring = station_scoring(bundle.meta | {"scoring": scoring.to_dict()})
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
     planes = bundle.meta.get("training", {}).get("config", {}).get("planes", list(PLANES))

@@ -234,6 +234,10 @@ class SliceScore(Base):
     #: (equal to it when the series was judged out of the box; None before revision 0013,
     #: when ``log_likelihood`` was always the bundle's own score).
     bundle_score: Mapped[float | None] = mapped_column(Float)
+    #: The bundle's station score, which a station's reference learns and maps (revision
+    #: 0015_station_score; None where the bundle declares none, the reference then learning
+    #: ``bundle_score``, and for slices scored before it).
+    station_score: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("ix_slice_scores_series_slice", "series_id", "slice_index"),)
 

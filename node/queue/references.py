@@ -176,7 +176,8 @@ class LearningRows:
 
     Attributes:
         series_id: the series.
-        scores: its foreground slices' bundle scores (before any station reference).
+        scores: its foreground slices' station scores where the bundle gives them, else its
+            own scores (before any station reference).
         abnormal: its verdict (out of the box).
         review: its latest review (``confirm``, ``false_alarm``) or None.
     """
@@ -188,11 +189,13 @@ class LearningRows:
 
 
 def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningRows]:
-    """The foreground bundle scores, verdict and review of each series, in the given order."""
+    """The foreground scores a reference learns (station score, else the bundle's own), the
+    verdict and the review of each series, in the given order."""
     if not series_ids:
         return []
     scores: dict[int, list[float]] = {i: [] for i in series_ids}
-    own = func.coalesce(SliceScore.bundle_score, SliceScore.log_likelihood)
+    own = func.coalesce(SliceScore.station_score, SliceScore.bundle_score,
+                        SliceScore.log_likelihood)
     for sid, value in session.execute(
             select(SliceScore.series_id, own)
             .where(SliceScore.series_id.in_(list(series_ids)),

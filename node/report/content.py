@@ -31,6 +31,8 @@ class SliceVerdict:
             abnormal; its score means nothing).
         bundle_score: the bundle's own score before a station reference mapped it; None when
             none did (``log_likelihood`` is then the bundle's own score).
+        station_score: the bundle's station score (the one a station's reference learns and
+            maps), never mapped; None when the bundle declares none.
     """
 
     sop_instance_uid: str
@@ -44,6 +46,7 @@ class SliceVerdict:
     confidence: float
     foreground: bool = True
     bundle_score: float | None = None
+    station_score: float | None = None
 
     def __post_init__(self) -> None:
         if not self.sop_instance_uid or not self.sop_class_uid:

@@ -143,6 +143,8 @@ def score_series(
                     abnormal=bool(scores.abnormal[k]),
                     confidence=min(1.0, max(0.0, float(scores.confidence[k]))),
                     foreground=bool(scores.foreground[k]),
+                    station_score=(None if scores.station_score is None
+                                   else float(scores.station_score[k])),
                 )
             )
     return ScoredSeries(tuple(verdicts), threshold, estimator, samples,
@@ -225,6 +227,7 @@ def _store_verdict(
                     "foreground": s.foreground,
                     "bundle_score": (s.log_likelihood if s.bundle_score is None
                                      else s.bundle_score),
+                    "station_score": s.station_score,
                 }
                 for s in slices
             ],

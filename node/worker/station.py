@@ -4,9 +4,12 @@ The worker scores a series with the bundle as before, then asks here which refer
 it (:func:`judge`): while its station is ``learning`` the bundle's own verdict stands (out of
 the box, and said so in the report); once ``calibrated`` each slice score is mapped onto the
 bundle's scale through the station's centre and low (:mod:`node.worker.learning`) and judged
-against the same threshold. Inside the transaction that stores the verdict the worker calls
-:func:`settle_reference`: when that series makes the ``[learning].series``-th of its
-station, the reference is built from them, once, under the reference's row lock.
+against the same threshold. The score learned and mapped is the bundle's station score where
+it declares one (``station_scoring``: a weighting that sees motion but would flag other
+scanners' normal series out of the box), else its own. Inside the transaction that stores
+the verdict the worker calls :func:`settle_reference`: when that series makes the
+``[learning].series``-th of its station, the reference is built from them, once, under the
+reference's row lock.
 
 :func:`normal_series_folders` lists a station's stored learning series that the reference
 kept (the same trimming and reviews), for training a network on that station's images.
@@ -89,11 +92,16 @@ def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
                     threshold: float, quantiles: Sequence[float]) -> tuple[SliceVerdict, ...]:
     """The slice verdicts with each score mapped through a calibrated reference and judged
     against ``threshold`` (the one in use) on foreground slices; confidence recomputed on the
-    mapped score; ``bundle_score`` keeps the bundle's own score."""
+    mapped score; ``bundle_score`` keeps the bundle's own score.
+
+    The score mapped is the one the reference learned: the slice's station score where the
+    bundle gives one, else its own score."""
     if (reference.centre is None or reference.low is None or reference.bundle_median is None
             or reference.bundle_threshold is None):
         raise ValueError(f"station reference {reference.id} is not calibrated")
-    own = np.array([s.log_likelihood for s in slices], dtype=np.float64)
+    bundle_own = [s.log_likelihood for s in slices]
+    own = np.array([s.log_likelihood if s.station_score is None else s.station_score
+                    for s in slices], dtype=np.float64)
     mapped = map_scores(own, reference.centre, reference.low, reference.bundle_median,
                         reference.bundle_threshold)
     foreground = np.array([s.foreground for s in slices], dtype=bool)
@@ -102,7 +110,7 @@ def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
     return tuple(
         dataclasses.replace(s, log_likelihood=float(mapped[k]), abnormal=bool(abnormal[k]),
                             confidence=min(1.0, max(0.0, float(sure[k]))),
-                            bundle_score=float(own[k]))
+                            bundle_score=float(bundle_own[k]))
         for k, s in enumerate(slices))
 
 

@@ -30,11 +30,13 @@ def add_learning_series(session_factory: sessionmaker[Session], reference_id: in
 def write_learning_series(session: Session, reference_id: int, scores: Sequence[float], *,
                           background: int = 3, abnormal: bool = False, state: str = LEARNING,
                           status: SeriesState = SeriesState.DONE,
-                          storage: Path | None = None) -> int:
+                          storage: Path | None = None,
+                          station_scores: Sequence[float] | None = None) -> int:
     """A scored series judged by ``reference_id`` (in the caller's transaction): ``scores`` on
     its foreground slices, a few background slices before them with meaningless scores; its
     id. With ``storage``, one instance file per slice is recorded (empty files) under
-    ``<storage>/<study>/<series>/``."""
+    ``<storage>/<study>/<series>/``. With ``station_scores``, the slices also carry a station
+    score (a bundle that declares one)."""
     now = utcnow()
     study, uid = generate_uid(), generate_uid()
     series = Series(study_instance_uid=study, series_instance_uid=uid, modality="MR",
@@ -50,13 +52,16 @@ def write_learning_series(session: Session, reference_id: int, scores: Sequence[
     session.add(series)
     session.flush()
     values = [-1e9] * background + [float(s) for s in scores]
+    station = (None if station_scores is None
+               else [-1e9] * background + [float(s) for s in station_scores])
     for k, value in enumerate(values):
         sop = generate_uid()
         session.add(SliceScore(series_id=series.id, sop_instance_uid=sop,
                                sop_class_uid=MRImageStorage, frame=None, stack=0,
                                slice_index=k, log_likelihood=value, kl=1.0, elbo=value,
                                abnormal=False, confidence=0.5,
-                               foreground=k >= background, bundle_score=value))
+                               foreground=k >= background, bundle_score=value,
+                               station_score=None if station is None else station[k]))
         if storage is not None:
             rel = Path(study) / uid / f"{sop}.dcm"
             (storage / rel).parent.mkdir(parents=True, exist_ok=True)

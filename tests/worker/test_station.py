@@ -4,6 +4,7 @@ a station offers as normal training data."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -181,6 +182,33 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
     with pytest.raises(ValueError, match="not calibrated"):
         apply_reference(slices, _reference(factory, refs.StationKey(
             **{**KEY.__dict__, "model_version": "0.2.0"})), SCALE.threshold, QUANTILES)
+
+
+def test_a_bundle_with_a_station_score_learns_and_judges_by_it(
+    factory: sessionmaker[Session],
+) -> None:
+    """The reference is built from the station scores, not the bundle's own, and a calibrated
+    station maps the station score; the report keeps the bundle's own score."""
+    reference_id = _reference(factory).id
+    for own, station in zip(site_scores(5, seed=3), site_scores(5, seed=4, centre=90000.0),
+                            strict=True):
+        add_learning_series(factory, reference_id, own, station_scores=station)
+    assert _settle(factory, reference_id)
+    row = _row(factory, reference_id)
+    assert row.centre is not None and row.low is not None
+    assert 85000.0 < row.low < row.centre < 95000.0  # the station scores' scale
+    slices = [dataclasses.replace(v, station_score=st) for v, st in zip(
+        _verdicts([-5000.0, -5000.0, -60000.0], [True, True, True]),
+        [90000.0, 60000.0, 90000.0], strict=True)]
+    judged = judge(factory, LEARN, KEY, 99, slices, SCALE.threshold, SCALE)
+    assert judged.state == refs.CALIBRATED
+    # Normal on the bundle's own score but far below the station's low: flagged; the other
+    # way round: normal. The bundle's own score is kept beside the mapped one.
+    assert [s.abnormal for s in judged.slices] == [False, True, False]
+    assert [s.bundle_score for s in judged.slices] == [-5000.0, -5000.0, -60000.0]
+    expected = SCALE.median + (90000.0 - row.centre) * (SCALE.median - SCALE.threshold) / (
+        row.centre - row.low)
+    assert judged.slices[0].log_likelihood == pytest.approx(expected)
 
 
 def test_restart_keeps_the_old_reference_and_learns_anew(factory: sessionmaker[Session]) -> None:
