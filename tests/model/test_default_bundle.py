@@ -48,13 +48,17 @@ def test_shipped_bundle_flags_pure_noise() -> None:
 
 def test_opt_in_multiscanner_bundle_loads_and_is_small() -> None:
     """``brain-t1-multiscanner``: trained with scanner variation on the head-centred grid,
-    scored by log p(x) with the worst 1% of pixels counted twice; attributed like the default."""
+    scored by log p(x) with the worst 1% of pixels counted twice, and a station score (complexity
+    correction and a heavier tail) for stations that have learned; attributed like the default."""
     path = default_bundle_path().parent / "brain-t1-multiscanner"
     assert sum(p.stat().st_size for p in path.iterdir()) <= 20 * 1024 * 1024
     b = load_bundle(path)
-    assert (b.name, b.meta["version"]) == ("brain-t1-multiscanner", "0.2.0")
+    assert (b.name, b.meta["version"]) == ("brain-t1-multiscanner", "0.2.1")
     assert b.meta["data_attribution"]["license"] == "CC BY-SA 3.0"
     config = b.meta["training"]["config"]
     assert config["augment"] and config["variation"]["fov_edge_p"] > 0
     assert b.preprocess.center_head
     assert (b.scoring.tail_weight, b.scoring.complexity, b.scoring.position_bins) == (1.0, False, 0)
+    assert b.station_scoring is not None
+    assert (b.station_scoring.complexity, b.station_scoring.complexity_weight,
+            b.station_scoring.tail_weight) == (True, 1.0, 8.0)
