@@ -101,6 +101,7 @@ def test_scores_and_reports_a_queued_series(
     assert all(r.frame is None and 0.0 <= r.confidence <= 1.0 for r in rows)
     assert all(np.isfinite([r.log_likelihood, r.kl, r.elbo]).all() for r in rows)
     assert sum(r.abnormal for r in rows) == series.abnormal_slices
+    assert all(r.station_score is None for r in rows)  # the bundle declares no station score
     kinds = sorted(r.kind for r in reports)
     assert kinds == (["KOS", "SR"] if series.abnormal_slices else ["SR"])
     sr = next(r for r in reports if r.kind == "SR")
@@ -159,6 +160,33 @@ def test_missing_model_fails_only_the_series_routed_to_it(
     assert failed.status_reason is not None and failed.status_reason.startswith("model:")
     assert "no-such-bundle" in failed.status_reason
     assert status_of(session_factory, mr_id).status is SeriesState.DONE
+
+
+def test_a_bundle_station_score_is_stored_beside_its_own_score(
+    tmp_path: Path, worker_settings: Settings, session_factory: sessionmaker[Session],
+    make_series: Callable[..., WrittenSeries],
+) -> None:
+    """Each slice row keeps the station score a station's reference learns (the bundle's
+    ``station_scoring``), computed from the same components as the score it is judged by."""
+    import json
+
+    station = tmp_path / "bundle-station"
+    shutil.copytree(Path(worker_settings.model.bundle), station)
+    meta = json.loads((station / "model.json").read_text())
+    meta["station_scoring"] = {"complexity": True, "complexity_weight": 1.0, "tail_weight": 8.0}
+    (station / "model.json").write_text(json.dumps(meta))
+    settings = worker_settings.model_copy(
+        update={"model": worker_settings.model.model_copy(update={"bundle": station})})
+    written = make_series(z=(44, 56))
+    series_id = store_and_queue(session_factory, settings, written.paths)
+    assert Worker(settings, session_factory).run_until_idle() == [Outcome.DONE]
+    with session_factory() as session:
+        rows = session.execute(select(SliceScore).where(SliceScore.series_id == series_id)
+                               .order_by(SliceScore.slice_index)).scalars().all()
+    assert len(rows) == 12
+    assert all(r.station_score is not None and np.isfinite(r.station_score) for r in rows)
+    assert all(r.bundle_score == r.log_likelihood for r in rows)  # judged out of the box
+    assert any(r.station_score != r.log_likelihood for r in rows)
 
 
 def test_one_scanner_scored_by_its_own_bundle_by_station_name(
