@@ -168,14 +168,14 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
     threshold = bundle.threshold
     subjects = list(scores["clean"])
     own = {s: v[0][v[2]] for s, v in scores["clean"].items()}
-    fg = {s: v[1][v[2]] for s, v in scores["clean"].items()}
+    learned = {s: v[1][v[2]] for s, v in scores["clean"].items()}
     rng = np.random.default_rng(0)
     sums: dict[str, list[list[float]]] = {rule: [[], [], [], []] for rule in RULES}
     for _ in range(splits):
         order = rng.permutation(len(subjects))
         learn = [subjects[i] for i in order[:LEARNING]]
         held = [subjects[i] for i in order[LEARNING:]]
-        series = [fg[s] for s in learn]
+        series = [learned[s] for s in learn]
         spoiled: set[int] = set()
         whole = [s for s in scores["whole"] if s not in held]
         if bad >= 1 and whole:
@@ -187,21 +187,21 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
             series[i] = sc[f]
             spoiled.add(i)
         for rule, build in RULES.items():
-            # The mapping sends the station's low onto the threshold: a slice is flagged
-            # exactly when its own score is below the low (node.worker.learning).
-            # Out of the box: the bundle's own score against its threshold; learned: the
-            # station score (the bundle's own where it declares none) against the low.
-            which = 0 if build is None else 1
-            low, left_out = (threshold, 0) if build is None else build(series, spoiled,
-                                                                        bundle.target_fpr)
-            pool = own if build is None else fg
-            flagged = [pool[s] < low for s in held]
+            # Out of the box: the bundle's own score against its threshold. Learned: the
+            # mapping sends the station's low onto the threshold, so a slice is flagged
+            # exactly when its station score (the bundle's own where it declares none) is
+            # below the low (node.worker.learning).
+            if build is None:
+                low, left_out, judged, k = threshold, 0, own, 0
+            else:
+                (low, left_out), judged, k = build(series, spoiled, bundle.target_fpr), learned, 1
+            flagged = [judged[s] < low for s in held]
             sums[rule][0].append(float(np.mean(np.concatenate(flagged))))
             sums[rule][1].append(float(np.mean([f.sum() >= MIN_ABNORMAL_SLICES
                                                 for f in flagged])))
             sums[rule][3].append(float(left_out))
             for s in held:
-                sc, f = scores["block"][s][which], scores["block"][s][2]
+                sc, f = scores["block"][s][k], scores["block"][s][2]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
                 sums[rule][2].append(float(np.mean(sc[inside & f] < low)))

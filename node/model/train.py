@@ -769,11 +769,12 @@ def recalibrate(
         else:
             bundle.meta["station_scoring"] = dict(station)
     scoring = ScoreConfig.from_dict({**bundle.scoring.to_dict(), **changes})
-    bundle.station_scoring = station_scoring(bundle.meta | {"scoring": scoring.to_dict()})
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
     planes = bundle.meta.get("training", {}).get("config", {}).get("planes", list(PLANES))
     calibrate_bundle(bundle, cal, planes, target_fpr or bundle.target_fpr)
+    # As loading the written bundle builds it: on the calibrated score settings.
+    bundle.station_scoring = station_scoring(bundle.meta)
     if site:  # does the site-calibrated bundle still see motion in the site's own series?
         from node.model.site_check import motion_check
 
