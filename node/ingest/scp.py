@@ -39,7 +39,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 from sqlalchemy.orm import Session, sessionmaker
@@ -105,6 +105,9 @@ class _AssocState:
     # The largest Images in Acquisition an instance of each series declared (single-frame
     # instances only), noted with the release: a released series short of it is not complete.
     declared: dict[str, int] = field(default_factory=dict)
+    # The peer sent its A-RELEASE-RQ: the association ends released even when pynetdicom
+    # reports the connection closing before the release (see Scp._on_acse_recv).
+    release_requested: bool = False
 
 
 def _any_uid(value: Any) -> tuple[bool, str]:
@@ -288,6 +291,7 @@ class Scp:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
@@ -479,9 +483,25 @@ class Scp:
     def _on_aborted(self, event: evt.Event) -> None:
         self._end(event.assoc, "aborted")
 
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        # pynetdicom's association thread takes the peer's A-RELEASE-RQ (this event), sends
+        # the A-RELEASE-RP, then fires EVT_RELEASED; a sender that closes its socket on the
+        # reply (storescu does) can make the DUL thread fire EVT_CONN_CLOSE first. Noting the
+        # request here keeps that release a release (the queue's completion rule reads it).
+        primitive = event.primitive
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            with self._lock:
+                state = self._states.get(id(event.assoc))
+                if state is not None:
+                    state.release_requested = True
+
     def _on_conn_close(self, event: evt.Event) -> None:
-        # A peer that drops the TCP connection without release or abort.
-        self._end(event.assoc, "connection closed")
+        # A peer that drops the TCP connection without release or abort, or one that closed
+        # it on our A-RELEASE-RP before pynetdicom fired EVT_RELEASED (_on_acse_recv).
+        with self._lock:
+            state = self._states.get(id(event.assoc))
+            released = state is not None and state.release_requested
+        self._end(event.assoc, "released" if released else "connection closed")
 
     # --- DIMSE services --------------------------------------------------------------------
 
