@@ -92,8 +92,11 @@ def train(
         bool, typer.Option(help="Compression stage: an autoencoder first, the VAE on its features.")
     ] = False,
     compress_dim: Annotated[int, typer.Option(help="Feature channels of --compress.")] = 8,
-    name: Annotated[str, typer.Option(help="Bundle name.")] = "brain-t1",
-    version: Annotated[str, typer.Option(help="Bundle version.")] = "0.1.0",
+    name: Annotated[str | None, typer.Option(
+        help="Bundle name; default brain-t1, or with --init the starting bundle's.")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="Bundle version; default 0.1.0, or with --init the starting bundle's followed by "
+             "+adapted.<UTC time> (a version of its own: stations learn it afresh).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
     init: Annotated[Path | None, typer.Option(
         "--init", help="Start from this bundle's weights (its architecture, preprocessing and "

@@ -73,6 +73,10 @@ from node.model.vae import VAE, VAEConfig
 
 log = logging.getLogger(__name__)
 
+#: A new network's name and version, unless ``vaenode train --name/--version`` say otherwise.
+DEFAULT_NAME = "brain-t1"
+DEFAULT_VERSION = "0.1.0"
+
 
 @dataclass
 class TrainConfig:
@@ -106,8 +110,12 @@ class TrainConfig:
     compress: bool = False
     compress_dim: int = 8
     compress_stages: int = 2
-    name: str = "brain-t1"
-    version: str = "0.1.0"
+    # None: "brain-t1" 0.1.0 for a new network; adapting (``init_bundle``), the starting
+    # bundle's name and its version marked as adapted, so that the adapted network never
+    # takes the identity of the one it came from (station references are learned per name and
+    # version, and reports name the model that judged).
+    name: str | None = None
+    version: str | None = None
     device: str = "auto"
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -618,9 +626,10 @@ def run_training(
         tail_weight=cfg.tail_weight, series_relative=cfg.series_relative,
         max_series_shift=cfg.max_series_shift,
     )
+    name, version = bundle_identity(cfg, base)
     meta: dict[str, Any] = {
-        "name": cfg.name,
-        "version": cfg.version,
+        "name": name,
+        "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "description": "VAE of normal brain T1-weighted MR slices (any plane); scores each slice "
         "by its log marginal likelihood (see scoring).",
@@ -643,6 +652,8 @@ def run_training(
                                     "version": base.version}
         meta["data_attribution"] = {**base.meta.get("data_attribution", {}),
                                     **meta["data_attribution"]}
+        if "station_scoring" in base.meta:  # the score stations learn comes with the score
+            meta["station_scoring"] = dict(base.meta["station_scoring"])
     if compression is not None:
         meta["compression"] = compression
     bundle = Bundle(out_dir, meta, model, feature_ae=feature_ae)
@@ -655,6 +666,16 @@ def run_training(
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # training state, not part of a bundle
     say(f"bundle written to {out_dir} (threshold {bundle.threshold:.1f})")
     return out_dir
+
+
+def bundle_identity(cfg: TrainConfig, base: Bundle | None) -> tuple[str, str]:
+    """The new bundle's name and version: ``cfg``'s where given; otherwise "brain-t1" 0.1.0
+    for a new network, and for an adapted one the starting bundle's name with its version
+    followed by ``+adapted.`` and the UTC time (a version of its own)."""
+    if base is None:
+        return cfg.name or DEFAULT_NAME, cfg.version or DEFAULT_VERSION
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    return cfg.name or base.name, cfg.version or f"{base.version}+adapted.{stamp}"
 
 
 #: The background part's cap is this many times the largest shift normal site variants need.

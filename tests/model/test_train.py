@@ -69,3 +69,34 @@ def test_adapting_a_bundle_starts_from_its_weights(tiny_bundle_path: Path,
     # fine-tuning at a small rate stays near the start (random weights would be far)
     w0, w1 = base.model.encoder.head.weight.detach(), out.model.encoder.head.weight.detach()
     assert float((w1 - w0).norm()) < 0.5 * float(w0.norm())
+
+
+def test_an_adapted_bundle_keeps_the_station_score_and_takes_a_version_of_its_own(
+        tiny_bundle_path: Path, tmp_path: Path) -> None:
+    """Adapting a bundle that declares a station score: the adapted one declares the same (its
+    stations learn that score), and without --name/--version it is the starting bundle's name
+    at a version of its own, never the starting bundle's identity."""
+    import json
+    import shutil
+
+    from node.model.data import load_nifti
+    from node.model.train import TrainConfig, run_training
+    from tests.helpers.tiny_bundle import IXI, SUBJECTS
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_bundle_path, start)
+    meta = json.loads((start / "model.json").read_text())
+    meta["station_scoring"] = {"complexity": True, "complexity_weight": 1.0, "tail_weight": 8.0}
+    (start / "model.json").write_text(json.dumps(meta))
+    base = load_bundle(start)
+    cfg = TrainConfig(epochs=1, seed=5, val_fraction=0.34, batch_size=16, max_train_slices=32,
+                      planes=("axial",), samples=4, lr=1e-4, device="cpu",
+                      init_bundle=str(start))
+    out = load_bundle(run_training([load_nifti(IXI / n) for n in SUBJECTS], cfg,
+                                   tmp_path / "adapted"))
+    assert out.meta["station_scoring"] == meta["station_scoring"]
+    assert out.station_scoring is not None and base.station_scoring is not None
+    assert [getattr(out.station_scoring, k) for k in meta["station_scoring"]] == [
+        getattr(base.station_scoring, k) for k in meta["station_scoring"]] == [True, 1.0, 8.0]
+    assert out.name == base.name and out.version.startswith(f"{base.version}+adapted.")
+    assert out.version != base.version

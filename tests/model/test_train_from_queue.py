@@ -6,6 +6,7 @@ series to the new bundle."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tomllib
 from pathlib import Path
@@ -67,6 +68,11 @@ def test_train_adapts_to_the_series_a_station_learned_as_normal(
             if line.startswith("from the queue: series")] == taken
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["init"]["bundle"] == str(tiny_bundle_path)
+    # Its own identity: the starting bundle's name, a version of its own (stations learn it
+    # afresh; its reports do not claim to be the bundle it came from).
+    base = load_bundle(tiny_bundle_path)
+    assert meta["name"] == base.name
+    assert re.fullmatch(re.escape(base.version) + r"\+adapted\.\d{14}", meta["version"])
     subjects = meta["training"]["subjects"]
     assert sorted(subjects["train"] + subjects["calibration"]) == [
         "ROOM3-0", "ROOM3-2", "ROOM3-3", "ROOM3-4"]
