@@ -8,7 +8,10 @@ mean little; its interfaces are the real ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,19 @@ def calibration_axial_scores(bundle: Any) -> Iterator[Any]:
             continue
         images, spacing = plane_slices(load_nifti(path), "axial")
         yield bundle.score_slices(list(images), [spacing] * len(images), device="cpu")
+
+
+def calibrate_cli(src: Path, out: Path, *extra: str,
+                  data: Sequence[Path] = tuple(IXI / name for name in SUBJECTS),
+                  ) -> subprocess.CompletedProcess[str]:
+    """``vaenode calibrate --model src --out out`` on ``data`` (default: the tiny bundle's
+    subjects) with ``extra`` options, in a subprocess run from ``out``'s folder with no
+    ``VAENODE_`` settings of the caller's environment."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(src), "--out", str(out)]
+    for path in data:
+        args += ["--data", str(path)]
+    return subprocess.run([*args, *extra], cwd=out.parent, env=env, capture_output=True,
+                          text=True, timeout=900)

@@ -4,9 +4,6 @@ alternatives, calibrated on that minimum (node.model.scoring, item 4)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +19,7 @@ from node.model.scoring import (
     series_shift,
     stack_scores,
 )
-from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibration_axial_scores
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.tiny_bundle import calibrate_cli, calibration_axial_scores
 
 
 def _components(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -82,25 +77,12 @@ def test_alternatives_survive_model_json() -> None:
     assert back == cfg
 
 
-def _calibrate(src: Path, out: Path, *alts: str,
-               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
-    args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(src), "--out", str(out)]
-    for name in SUBJECTS:
-        args += ["--data", str(IXI / name)]
-    for a in alts:
-        args += ["--alternative", a]
-    args += extra
-    return subprocess.run(args, cwd=out.parent, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_calibrate_fits_the_maps_and_holds_the_rate(tiny_bundle_path: Path,
                                                     tmp_path: Path) -> None:
     out = tmp_path / "alt"
-    proc = _calibrate(tiny_bundle_path, out,
-                      "complexity_weight=0.5,tail_weight=4,max_series_shift=2000,"
-                      "shift_quantile=0.75")
+    proc = calibrate_cli(tiny_bundle_path, out, "--alternative",
+                         "complexity_weight=0.5,tail_weight=4,max_series_shift=2000,"
+                         "shift_quantile=0.75")
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(out)
     (alt,) = bundle.scoring.alternatives
@@ -123,7 +105,7 @@ def test_calibrate_fits_the_maps_and_holds_the_rate(tiny_bundle_path: Path,
 
     # 'none' removes them again; --version names the new bundle and records the source's.
     plain = tmp_path / "plain"
-    proc = _calibrate(out, plain, "none", extra=("--version", "0.2.0-site"))
+    proc = calibrate_cli(out, plain, "--alternative", "none", "--version", "0.2.0-site")
     assert proc.returncode == 0, proc.stderr
     again = load_bundle(plain)
     assert again.scoring.alternatives == ()
@@ -136,7 +118,8 @@ def test_calibrate_fits_the_maps_and_holds_the_rate(tiny_bundle_path: Path,
 
 def test_calibrate_rejects_a_malformed_alternative(tiny_bundle_path: Path,
                                                    tmp_path: Path) -> None:
-    proc = _calibrate(tiny_bundle_path, tmp_path / "x", "complexity_weight=1,tail=0")
+    proc = calibrate_cli(tiny_bundle_path, tmp_path / "x", "--alternative",
+                         "complexity_weight=1,tail=0")
     assert proc.returncode == 2
     assert "tail" in proc.stderr and "--alternative" in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +24,7 @@ from node.model.scoring import (
     series_shift,
     stack_scores,
 )
-from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibration_axial_scores
+from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibrate_cli, calibration_axial_scores
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_2PI = math.log(2 * math.pi)
@@ -169,24 +165,10 @@ def test_model_json_without_the_part_round_trips_unchanged(tiny_bundle_path: Pat
     assert np.allclose(cheap["background"], comp["background"])
 
 
-def _calibrate(src: Path, out: Path, *extra: str,
-               data: Sequence[Path] = tuple(IXI / name for name in SUBJECTS),
-               ) -> subprocess.CompletedProcess[str]:
-    """``vaenode calibrate --model src --out out`` on ``data`` (default: the tiny bundle's
-    subjects) with ``extra`` options, in a subprocess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(src), "--out", str(out)]
-    for path in data:
-        args += ["--data", str(path)]
-    return subprocess.run([*args, *extra], cwd=out.parent, env=env, capture_output=True,
-                          text=True, timeout=900)
-
-
 def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / "bg"
-    proc = _calibrate(tiny_bundle_path, out, "--background-part", "0.75")
+    proc = calibrate_cli(tiny_bundle_path, out, "--background-part", "0.75")
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(out)
     part = bundle.scoring.background
@@ -217,15 +199,15 @@ def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path:
 
     # A given cap is kept; recalibrating keeps the part; 'none' removes it.
     capped = tmp_path / "capped"
-    assert _calibrate(out, capped, "--background-part", "0.5", "--background-cap",
+    assert calibrate_cli(out, capped, "--background-part", "0.5", "--background-cap",
                       "0.25").returncode == 0
     got = load_bundle(capped).scoring.background
     assert got is not None and (got.shift_quantile, got.max_series_shift) == (0.5, 0.25)
     again = tmp_path / "again"
-    assert _calibrate(capped, again).returncode == 0
+    assert calibrate_cli(capped, again).returncode == 0
     assert load_bundle(again).scoring.background.max_series_shift == 0.25
     plain = tmp_path / "plain"
-    assert _calibrate(again, plain, "--background-part", "none").returncode == 0
+    assert calibrate_cli(again, plain, "--background-part", "none").returncode == 0
     assert load_bundle(plain).scoring.background is None
     assert "background" not in json.loads((plain / "model.json").read_text())["scoring"]
 
@@ -235,7 +217,7 @@ def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path:
                                   ("--background-cap", "0.2")])
 def test_calibrate_rejects_a_bad_background_option(tiny_bundle_path: Path, tmp_path: Path,
                                                    args: tuple[str, ...]) -> None:
-    proc = _calibrate(tiny_bundle_path, tmp_path / "x", *args)
+    proc = calibrate_cli(tiny_bundle_path, tmp_path / "x", *args)
     assert proc.returncode == 2
     assert "--background-" in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -5,9 +5,6 @@ referenced scores (node.model.scoring, item 5)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from node.model.scoring import (
     robust_level,
 )
 from node.model.train import calibrate_bundle
-from tests.helpers.tiny_bundle import IXI, SUBJECTS
+from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibrate_cli
 
 #: Normal scores that fall from the middle of the head towards the ends, as real ones do.
 N_SLICES = 41
@@ -158,14 +155,8 @@ def test_calibration_thresholds_leave_one_subject_out_scores(tiny_bundle_path: P
 
 
 def test_calibrate_refuses_too_few_subjects(tiny_bundle_path: Path, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
     out = tmp_path / "p"
-    args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(tiny_bundle_path),
-            "--out", str(out), "--position-bins", "10"]
-    for name in SUBJECTS:
-        args += ["--data", str(IXI / name)]
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = calibrate_cli(tiny_bundle_path, out, "--position-bins", "10")
     assert proc.returncode == 1
     assert "needs at least 3 calibration subjects" in proc.stderr
     assert not out.exists()

@@ -4,10 +4,7 @@ beside the bundle's own score from the same components, and refused when malform
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +12,7 @@ import pytest
 
 from node.errors import ModelError
 from node.model.bundle import MODEL_JSON, load_bundle
-from tests.helpers.tiny_bundle import IXI, SUBJECTS
-
-
-def _calibrate(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VAENODE_")}
-    args = [sys.executable, "-m", "node.cli", "calibrate", "--model", str(src), "--out", str(out)]
-    for name in SUBJECTS:
-        args += ["--data", str(IXI / name)]
-    return subprocess.run([*args, *extra], cwd=out.parent, env=env, capture_output=True,
-                          text=True, timeout=600)
+from tests.helpers.tiny_bundle import calibrate_cli
 
 
 def _images() -> list[np.ndarray]:
@@ -35,7 +23,7 @@ def _images() -> list[np.ndarray]:
 def test_calibrate_writes_the_station_score_and_none_removes_it(tiny_bundle_path: Path,
                                                                 tmp_path: Path) -> None:
     out = tmp_path / "station"
-    proc = _calibrate(tiny_bundle_path, out, "--station-score",
+    proc = calibrate_cli(tiny_bundle_path, out, "--station-score",
                       "complexity_weight=1,tail_weight=8")
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(out)
@@ -65,7 +53,7 @@ def test_calibrate_writes_the_station_score_and_none_removes_it(tiny_bundle_path
     assert not np.allclose(own.station_score, own.log_likelihood)
 
     gone = tmp_path / "gone"
-    proc = _calibrate(out, gone, "--station-score", "none")
+    proc = calibrate_cli(out, gone, "--station-score", "none")
     assert proc.returncode == 0, proc.stderr
     again = load_bundle(gone)
     assert "station_scoring" not in again.meta and again.station_scoring is None
@@ -80,7 +68,7 @@ def test_calibrate_writes_the_station_score_and_none_removes_it(tiny_bundle_path
 def test_calibrate_refuses_a_malformed_station_score(tiny_bundle_path: Path, tmp_path: Path,
                                                     setting: str, message: str) -> None:
     out = tmp_path / "bad"
-    proc = _calibrate(tiny_bundle_path, out, "--station-score", setting)
+    proc = calibrate_cli(tiny_bundle_path, out, "--station-score", setting)
     assert proc.returncode == 2
     assert message in " ".join(proc.stderr.replace("\u2502", " ").split())
     assert not out.exists()
