@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom import _config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,7 +58,14 @@ def held() -> Iterator[_HoldAfterRelease]:
 
 def test_a_release_answered_then_closed_is_recorded_as_released(
         tmp_path: Path, store: Store, session_factory: sessionmaker[Session],
-        held: _HoldAfterRelease) -> None:
+        held: _HoldAfterRelease, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SCP sets pynetdicom's process-wide settings (any storage SOP class accepted, its own
+    # UID check), as the node's own process wants; here they are put back afterwards, or
+    # the test SCPs that later tests start in this process would accept what they refuse.
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE",
+                        _config.UNRESTRICTED_STORAGE_SERVICE)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", _config.LOG_HANDLER_LEVEL)
+    monkeypatch.setitem(_config.VALIDATORS, "UI", _config.VALIDATORS["UI"])
     scp = Scp(DicomSettings(bind_address="127.0.0.1", port=free_port()), store, session_factory)
     _, port = scp.start()
     try:
