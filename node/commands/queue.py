@@ -59,7 +59,8 @@ def reference_dict(view: Any, needed: int) -> dict[str, Any]:
         "series_learned": view.learned, "series_needed": needed,
         "created_at": _iso(view.created_at), "calibrated_at": _iso(view.calibrated_at),
         "centre": view.centre, "low": view.low, "series_used": view.series_used,
-        "series_trimmed": view.series_trimmed, "note": view.note,
+        "series_trimmed": view.series_trimmed, "series_flagged": view.series_flagged,
+        "note": view.note,
     }
 
 
@@ -156,14 +157,20 @@ def senders_cmd(
         typer.echo("\nstation learning is off ([learning].enabled = false)")
     if views:
         typer.echo(f"\n{'STATION':<16} {'MODEL':<16} {'PROTOCOL':<24} {'STATE':<10} "
-                   f"{'LEARNED':>7}  {'CALIBRATED (UTC)':<16} {'CENTRE':>10} {'LOW':>10}  BUNDLE")
+                   f"{'LEARNED':>7}  {'CALIBRATED (UTC)':<16} {'CENTRE':>10} {'LOW':>10} "
+                   f"{'FLAGS':>7}  BUNDLE")
         for v in views:
             when = f"{v.calibrated_at:%Y-%m-%d %H:%M}" if v.calibrated_at else "-"
             centre = f"{v.centre:10.1f}" if v.centre is not None else f"{'-':>10}"
             low = f"{v.low:10.1f}" if v.low is not None else f"{'-':>10}"
+            # Of its kept learning series, how many the reference flags: the station's
+            # expected false-alarm share once calibrated.
+            flags = (f"{v.series_flagged}/{v.series_used}"
+                     if v.series_flagged is not None and v.series_used else "-")
             typer.echo(f"{v.key.station:<16} {(v.key.scanner_model or '-'):<16} "
                        f"{(v.key.protocol or '-'):<24} {v.state:<10} "
-                       f"{f'{min(v.learned, needed)}/{needed}':>7}  {when:<16} {centre} {low}  "
+                       f"{f'{min(v.learned, needed)}/{needed}':>7}  {when:<16} {centre} {low} "
+                       f"{flags:>7}  "
                        f"{v.key.model_name} {v.key.model_version}"
                        + (f"\n    {v.note}" if v.note else ""))
 

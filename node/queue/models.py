@@ -277,6 +277,9 @@ class StationReference(Base):
     series_trimmed: Mapped[int | None] = mapped_column(Integer)
     series_excluded: Mapped[int | None] = mapped_column(Integer)
     slices: Mapped[int | None] = mapped_column(Integer)
+    #: Kept learning series the reference would have flagged (node.worker.learning): about
+    #: the share of the station's normal series it will flag (revision 0016).
+    series_flagged: Mapped[int | None] = mapped_column(Integer)
     #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
     #: series), or None.
     note: Mapped[str | None] = mapped_column(Text)

@@ -180,17 +180,20 @@ class LearningRows:
             own scores (before any station reference).
         abnormal: its verdict (out of the box).
         review: its latest review (``confirm``, ``false_alarm``) or None.
+        min_abnormal_slices: flagged slices that made it abnormal (its routing rule's).
     """
 
     series_id: int
     scores: tuple[float, ...]
     abnormal: bool
     review: str | None
+    min_abnormal_slices: int = 1
 
 
 def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningRows]:
     """The foreground scores a reference learns (station score, else the bundle's own), the
-    verdict and the review of each series, in the given order."""
+    verdict, the review and the routing rule's slice count of each series, in the given
+    order."""
     if not series_ids:
         return []
     scores: dict[int, list[float]] = {i: [] for i in series_ids}
@@ -202,16 +205,21 @@ def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningR
                    SliceScore.foreground.is_not(False))
             .order_by(SliceScore.series_id, SliceScore.slice_index)):
         scores[int(sid)].append(float(value))
-    verdicts = dict(session.execute(select(Series.id, Series.abnormal)
-                                    .where(Series.id.in_(list(series_ids)))).all())
+    verdicts = {int(i): (bool(abnormal), int(least or 1)) for i, abnormal, least in
+                session.execute(select(Series.id, Series.abnormal, Series.min_abnormal_slices)
+                                .where(Series.id.in_(list(series_ids))))}
     reviews = latest_reviews_of(session, series_ids)
-    return [LearningRows(i, tuple(scores[i]), bool(verdicts.get(i)), reviews.get(i))
-            for i in series_ids]
+    rows = []
+    for i in series_ids:
+        abnormal, least = verdicts.get(i, (False, 1))
+        rows.append(LearningRows(i, tuple(scores[i]), abnormal, reviews.get(i), least))
+    return rows
 
 
 def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: float,
                     bundle_median: float, bundle_threshold: float, target_fpr: float,
-                    used: int, trimmed: int, excluded: int, slices: int) -> None:
+                    used: int, trimmed: int, excluded: int, slices: int,
+                    series_flagged: int) -> None:
     """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock)."""
     session.execute(
         update(StationReference)
@@ -219,7 +227,8 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
         .values(state=CALIBRATED, calibrated_at=utcnow(), centre=centre, low=low,
                 bundle_median=bundle_median, bundle_threshold=bundle_threshold,
                 target_fpr=target_fpr, series_used=used, series_trimmed=trimmed,
-                series_excluded=excluded, slices=slices, note=None)
+                series_excluded=excluded, slices=slices, series_flagged=series_flagged,
+                note=None)
         .execution_options(synchronize_session=False))
 
 
@@ -293,6 +302,7 @@ class ReferenceView:
     low: float | None
     series_used: int | None
     series_trimmed: int | None
+    series_flagged: int | None
     note: str | None
     superseded_at: datetime | None
     superseded_by: str | None
@@ -315,7 +325,8 @@ def reference_views(session: Session, *, superseded: bool = False) -> list[Refer
     return [ReferenceView(id=r.id, key=key_of(r), state=r.state, learned=counts.get(r.id, 0),
                           created_at=r.created_at, calibrated_at=r.calibrated_at,
                           centre=r.centre, low=r.low, series_used=r.series_used,
-                          series_trimmed=r.series_trimmed, note=r.note,
+                          series_trimmed=r.series_trimmed, series_flagged=r.series_flagged,
+                          note=r.note,
                           superseded_at=r.superseded_at, superseded_by=r.superseded_by,
                           superseded_note=r.superseded_note)
             for r in rows]

@@ -27,6 +27,15 @@ ordinary low subjects, its L is then too high, and held-out normal slices of sim
 were flagged at about three times the target rate (``bench/station_learning.py``, README). A
 person's review on the dashboard overrides this: a series marked a false alarm or confirmed
 normal is always used and never left out; a confirmed flag is never used.
+
+With the low the reference also counts its kept learning series that it would have flagged
+(at least their routing rule's slices below L): what to expect of the station's normal series
+once calibrated. A 1% slice rate is not a 1% series rate: a series' low slices come together
+(its ends, its subject), and on simulated sites of whole axial IXI series one normal series
+in six to eight gets 3 or more slices below L (``bench/station_learning.py``), the count in
+the learning series being a fair estimate of that share on average. The Scanners page and
+``vaenode queue senders`` show it, so that the admin sees the rate the station will flag at
+before its verdicts do.
 """
 
 from __future__ import annotations
@@ -66,6 +75,9 @@ class LearningSeries:
     series_id: int
     scores: np.ndarray
     review: Review = Review.NONE
+    #: Slices below the low that make this series abnormal (its routing rule's
+    #: ``min_abnormal_slices``).
+    min_flagged: int = 1
 
 
 @dataclass(frozen=True)
@@ -92,12 +104,15 @@ class Reference:
         low: L, the ``target_fpr`` quantile of the kept series' pooled foreground scores.
         selection: which series it was built from.
         slices: foreground slices pooled for ``low``.
+        series_flagged: kept series with at least their ``min_flagged`` slices below
+            ``low`` (the module docstring).
     """
 
     centre: float
     low: float
     selection: Selection
     slices: int
+    series_flagged: int = 0
 
 
 def series_summary(scores: np.ndarray) -> tuple[float, float]:
@@ -159,7 +174,9 @@ def build_reference(series: Sequence[LearningSeries], target_fpr: float) -> Refe
     if not (np.isfinite(centre) and np.isfinite(low)) or centre - low <= 0.0:
         raise ReferenceRefused(f"the station's low ({low:.6g}) is not below its centre "
                                f"({centre:.6g}): its series give no spread to map")
-    return Reference(centre, low, selection, int(pooled.size))
+    flagged = sum(int(np.sum(v < low)) >= by_id[i].min_flagged
+                  for i, v in zip(selection.kept, kept, strict=True))
+    return Reference(centre, low, selection, int(pooled.size), int(flagged))
 
 
 def map_scores(scores: np.ndarray, centre: float, low: float, median: float,

@@ -151,7 +151,8 @@ def _review(row: refs.LearningRows) -> Review:
 
 def _learning_series(session: Session, reference_id: int) -> list[LearningSeries]:
     rows = refs.learning_rows(session, refs.learning_series_ids(session, reference_id))
-    return [LearningSeries(r.series_id, np.asarray(r.scores, dtype=np.float64), _review(r))
+    return [LearningSeries(r.series_id, np.asarray(r.scores, dtype=np.float64), _review(r),
+                           r.min_abnormal_slices)
             for r in rows]
 
 
@@ -186,9 +187,11 @@ def settle_reference(session: Session, learning: LearningSettings, reference_id:
                          bundle_median=scale.median, bundle_threshold=scale.threshold,
                          target_fpr=scale.target_fpr, used=len(built.selection.kept),
                          trimmed=len(built.selection.trimmed),
-                         excluded=len(built.selection.excluded), slices=built.slices)
-    log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g",
-             len(built.selection.kept), len(built.selection.trimmed), built.centre, built.low,
+                         excluded=len(built.selection.excluded), slices=built.slices,
+                         series_flagged=built.series_flagged)
+    log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g; "
+             "it flags %d of those series", len(built.selection.kept),
+             len(built.selection.trimmed), built.centre, built.low, built.series_flagged,
              extra={"station": label, "reference_id": reference_id})
     return True
 

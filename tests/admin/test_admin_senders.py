@@ -253,9 +253,26 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     shown = html.split(f'data-id="{calibrated.id}"', 1)[1].split("</tr>", 1)[0]
     assert 'data-state="calibrated"' in shown and "5 of 5" in shown
     assert f"{row.centre:.1f}" in shown and "t1 mprage sag" in shown
+    # How many of its learning series the reference flags: what to expect once calibrated.
+    assert row.series_flagged is not None and row.series_used == 5
+    assert f'<td class="num series-flagged">{row.series_flagged} of 5</td>' in shown
     shown = html.split(f'data-id="{learning.id}"', 1)[1].split("</tr>", 1)[0]
     assert 'data-state="learning"' in shown and "1 of 5" in shown
     assert "earlier-references" not in html
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{settings.database.url}"\n\n[learning]\nseries = 5\n',
+                      encoding="utf-8")
+    listed = subprocess.run([str(VAENODE), "queue", "senders", "--json", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    [sender] = [json.loads(line) for line in listed.stdout.splitlines()]
+    [done_ref] = [r for r in sender["references"] if r["state"] == "calibrated"]
+    assert (done_ref["series_used"], done_ref["series_flagged"]) == (5, row.series_flagged)
+    table = subprocess.run([str(VAENODE), "queue", "senders", "--config", str(config)],
+                           capture_output=True, text=True, timeout=120)
+    assert any("t1 mprage sag" in line and f" {row.series_flagged}/5 " in line
+               for line in table.stdout.splitlines()), table.stdout
 
     form = urllib.parse.urlencode({"reference_id": calibrated.id, "reviewer": "tech anna",
                                    "note": "new head coil"}).encode()
@@ -277,9 +294,6 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     # The same button again: that reference is no longer current.
     assert http(url, data=form, headers={**bearer, "Origin": base}, follow=False).status == 409
 
-    config = tmp_path / "node.toml"
-    config.write_text(f'[database]\nurl = "{settings.database.url}"\n\n[learning]\nseries = 5\n',
-                      encoding="utf-8")
     listed = subprocess.run([str(VAENODE), "queue", "senders", "--json", "--config",
                              str(config)], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr

@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from node.model.bundle import default_bundle_path
 from node.queue.models import Report, Series, SliceScore, StationReference
@@ -213,6 +213,16 @@ def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Si
     bad = site.learning[BAD]
     assert len(folders) == ref.series_used
     assert all(f.name != bad.series_instance_uid for f in folders)
+    # It counted the kept series its low flags (3 slices, the shipped rule): the share of
+    # the station's normal series to expect flagged.
+    with site.node.session() as session:
+        learned = func.coalesce(SliceScore.station_score, SliceScore.bundle_score)
+        below = session.execute(
+            select(Series.series_instance_uid, func.count()).select_from(SliceScore).join(Series)
+            .where(Series.series_instance_uid.in_([f.name for f in folders]),
+                   SliceScore.foreground.is_(True), learned < ref.low)
+            .group_by(Series.series_instance_uid)).all()
+    assert ref.series_flagged == sum(n >= 3 for _, n in below)
     senders = vaenode(site.node, "queue", "senders", "--json")
     assert senders.returncode == 0, senders.stderr
     [line] = [json.loads(x) for x in senders.stdout.splitlines() if x.strip()]

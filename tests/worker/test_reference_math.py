@@ -132,3 +132,31 @@ def test_the_mapping_puts_the_station_centre_and_low_on_the_bundle_median_and_th
     fresh = np.concatenate([s.scores for s in normal_site(20, seed=6, centre=-30000.0)])
     rate = float(np.mean(map_scores(fresh, ref.centre, ref.low, median, threshold) < threshold))
     assert 0.002 < rate < 0.03
+
+
+def test_the_reference_counts_the_kept_series_its_low_would_flag() -> None:
+    """Each kept series whose slices below the low reach its own routing rule's count is
+    counted; trimmed series are not, whatever they hold."""
+    rng = np.random.default_rng(3)
+    series = []
+    for i in range(20):
+        scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
+        # Series 0-2: four slices well below the others (a station's low subjects); series 3:
+        # two such slices; the rest none.
+        dips = 4 if i < 3 else 2 if i == 3 else 0
+        scores[:dips] = -9000.0 - 10.0 * np.arange(dips)
+        series.append(LearningSeries(i, scores, min_flagged=3))
+    series.append(motion_series(20, 5))  # trimmed, though every slice is below the low
+    reference = build_reference(series, 0.01)
+    assert reference.selection.trimmed == (20,)
+    below = {s.series_id: int(np.sum(s.scores < reference.low)) for s in series[:20]}
+    # All 14 dips lie below the low (the 1% quantile of 2,200 kept slices), so series 0-2
+    # are flagged; others only where their own normal slices reach 3 below it.
+    assert all(below[i] >= 4 for i in range(3)) and below[3] >= 2
+    expected = sum(n >= 3 for n in below.values())
+    assert reference.series_flagged == expected >= 3
+    # The count follows each series' own rule: with one slice enough, series 3 is flagged.
+    series[3] = LearningSeries(3, series[3].scores, min_flagged=1)
+    again = build_reference(series, 0.01)
+    assert again.low == reference.low
+    assert again.series_flagged == expected + (below[3] < 3)

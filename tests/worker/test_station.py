@@ -94,8 +94,9 @@ def test_calibrates_once_when_the_nth_learning_series_is_stored(
     ids.append(add_learning_series(factory, reference.id, site[4]))
     assert _settle(factory, reference.id)
     row = _row(factory, reference.id)
-    expected = build_reference([LearningSeries(i, s) for i, s in zip(ids, site, strict=True)],
-                               0.01)
+    # The learning series' routing rule makes 3 flagged slices an abnormal series.
+    expected = build_reference([LearningSeries(i, s, min_flagged=3)
+                                for i, s in zip(ids, site, strict=True)], 0.01)
     assert row.state == refs.CALIBRATED and row.calibrated_at is not None
     # The background slices' (meaningless, very low) scores were left out.
     assert row.centre == pytest.approx(expected.centre)
@@ -103,6 +104,9 @@ def test_calibrates_once_when_the_nth_learning_series_is_stored(
     assert (row.series_used, row.series_trimmed, row.slices) == (
         len(expected.selection.kept), len(expected.selection.trimmed), expected.slices)
     assert expected.slices == 60 * len(expected.selection.kept)
+    # What the station will flag: its kept learning series with 3 or more slices below L.
+    assert row.series_flagged == expected.series_flagged == sum(
+        int(np.sum(s < expected.low)) >= 3 for s in site)
     assert (row.bundle_median, row.bundle_threshold) == (SCALE.median, SCALE.threshold)
     # Exactly once: a later learning series (raced past the lock) does not rebuild it.
     add_learning_series(factory, reference.id, site[0] - 50000.0)
