@@ -163,17 +163,22 @@ RULES: dict[str, Rule | None] = {
 }
 
 
+#: What ``evaluate`` averages per rule, in the table's order.
+COLUMNS = ("slices", "series", "block", "caught", "left")
+
+
 def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
-             bad: int) -> dict[str, list[float]]:
-    """Mean slice FPR, series flagged, motion-block slices flagged, series left out and
-    motion-block series flagged per rule over random splits, with ``bad`` bad learning
-    series."""
+             bad: int) -> dict[str, dict[str, float]]:
+    """Per rule over random splits, with ``bad`` bad learning series, the mean of each of
+    ``COLUMNS``: held-out normal slices flagged, normal series flagged, motion-block slices
+    flagged, motion-block series flagged, learning series left out."""
     threshold = bundle.threshold
     subjects = list(scores["clean"])
     own = {s: v[0][v[2]] for s, v in scores["clean"].items()}
     learned = {s: v[1][v[2]] for s, v in scores["clean"].items()}
     rng = np.random.default_rng(0)
-    sums: dict[str, list[list[float]]] = {rule: [[], [], [], [], []] for rule in RULES}
+    sums: dict[str, dict[str, list[float]]] = {rule: {c: [] for c in COLUMNS}
+                                               for rule in RULES}
     for _ in range(splits):
         order = rng.permutation(len(subjects))
         learn = [subjects[i] for i in order[:LEARNING]]
@@ -199,17 +204,18 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
             else:
                 (low, left_out), judged, k = build(series, spoiled, bundle.target_fpr), learned, 1
             flagged = [judged[s] < low for s in held]
-            sums[rule][0].append(float(np.mean(np.concatenate(flagged))))
-            sums[rule][1].append(float(np.mean([f.sum() >= MIN_ABNORMAL_SLICES
-                                                for f in flagged])))
-            sums[rule][3].append(float(left_out))
+            sums[rule]["slices"].append(float(np.mean(np.concatenate(flagged))))
+            sums[rule]["series"].append(float(np.mean([f.sum() >= MIN_ABNORMAL_SLICES
+                                                       for f in flagged])))
+            sums[rule]["left"].append(float(left_out))
             for s in held:
                 sc, f = scores["block"][s][k], scores["block"][s][2]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
-                sums[rule][2].append(float(np.mean(sc[inside & f] < low)))
-                sums[rule][4].append(float((sc[f] < low).sum() >= MIN_ABNORMAL_SLICES))
-    return {rule: [float(np.mean(v)) for v in values] for rule, values in sums.items()}
+                sums[rule]["block"].append(float(np.mean(sc[inside & f] < low)))
+                sums[rule]["caught"].append(float((sc[f] < low).sum() >= MIN_ABNORMAL_SLICES))
+    return {rule: {c: float(np.mean(v)) for c, v in values.items()}
+            for rule, values in sums.items()}
 
 
 def main() -> None:
@@ -242,9 +248,8 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(pickle.dumps(scores))
         for bad in args.bad or [1]:
-            for rule, (fpr, flagged, block, left, caught) in evaluate(
-                    bundle, scores, args.splits, bad).items():
-                rows.append((kind, bad, rule, fpr, flagged, block, caught, left))
+            for rule, means in evaluate(bundle, scores, args.splits, bad).items():
+                rows.append((kind, bad, rule, *(means[c] for c in COLUMNS)))
     print(f"\n{bundle.name} {bundle.version}: {LEARNING} learning series (bad ones: a whole "
           f"series with moderate motion, then series with the motion block), "
           f"{len(subjects) - LEARNING} held out, {args.splits} splits\n")

@@ -404,22 +404,29 @@ def _reviewed_normal_folders(settings: Any, stations: list[str], calling_aets: l
     return folders
 
 
+def _numbers(text: str, allowed: set[str], expected: str, hint: str) -> dict[str, float]:
+    """``key=number,...`` with keys from ``allowed`` (the option ``hint``'s value); exits 2,
+    saying ``expected``, when an item is not one of them or not a number."""
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            raise typer.BadParameter(f"{item!r}: expected {expected}", param_hint=hint)
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{key}: {value!r} is not a number",
+                                     param_hint=hint) from None
+    return out
+
+
 def _parse_alternative(text: str) -> dict[str, float]:
     """``key=value,...`` of :class:`node.model.scoring.AlternativeScore`; exits 2 when wrong."""
     from node.model.scoring import AlternativeScore
 
     allowed = {"complexity_weight", "tail_weight", "max_series_shift", "shift_quantile"}
-    out: dict[str, float] = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in allowed:
-            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of "
-                                     f"{', '.join(sorted(allowed))}", param_hint="--alternative")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise typer.BadParameter(f"{key}: {value!r} is not a number",
-                                     param_hint="--alternative") from None
+    out = _numbers(text, allowed, f"KEY=VALUE with KEY one of {', '.join(sorted(allowed))}",
+                   "--alternative")
     missing = {"complexity_weight", "tail_weight", "max_series_shift"} - set(out)
     if missing:
         raise typer.BadParameter(f"{text!r} lacks {', '.join(sorted(missing))}",
@@ -433,21 +440,12 @@ def _parse_station_score(text: str) -> dict[str, Any] | None:
     exits 2 when wrong."""
     if text.strip() == "none":
         return None
-    out: dict[str, Any] = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("complexity_weight", "tail_weight"):
-            raise typer.BadParameter(f"{item!r}: expected complexity_weight=W or tail_weight=T",
-                                     param_hint="--station-score")
-        try:
-            number = float(value)
-        except ValueError:
-            raise typer.BadParameter(f"{key}: {value!r} is not a number",
-                                     param_hint="--station-score") from None
+    out: dict[str, Any] = _numbers(text, {"complexity_weight", "tail_weight"},
+                                   "complexity_weight=W or tail_weight=T", "--station-score")
+    for key, number in out.items():
         if not number >= 0.0:
-            raise typer.BadParameter(f"{key} must be 0 or more, got {value}",
+            raise typer.BadParameter(f"{key} must be 0 or more, got {number:g}",
                                      param_hint="--station-score")
-        out[key] = number
     if not out:
         raise typer.BadParameter("give complexity_weight=W and/or tail_weight=T, or 'none'",
                                  param_hint="--station-score")

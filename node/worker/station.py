@@ -99,10 +99,9 @@ def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
     if (reference.centre is None or reference.low is None or reference.bundle_median is None
             or reference.bundle_threshold is None):
         raise ValueError(f"station reference {reference.id} is not calibrated")
-    bundle_own = [s.log_likelihood for s in slices]
-    own = np.array([s.log_likelihood if s.station_score is None else s.station_score
-                    for s in slices], dtype=np.float64)
-    mapped = map_scores(own, reference.centre, reference.low, reference.bundle_median,
+    learned = np.array([s.log_likelihood if s.station_score is None else s.station_score
+                        for s in slices], dtype=np.float64)
+    mapped = map_scores(learned, reference.centre, reference.low, reference.bundle_median,
                         reference.bundle_threshold)
     foreground = np.array([s.foreground for s in slices], dtype=bool)
     abnormal = (mapped < threshold) & foreground
@@ -110,7 +109,7 @@ def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
     return tuple(
         dataclasses.replace(s, log_likelihood=float(mapped[k]), abnormal=bool(abnormal[k]),
                             confidence=min(1.0, max(0.0, float(sure[k]))),
-                            bundle_score=float(bundle_own[k]))
+                            bundle_score=float(s.log_likelihood))
         for k, s in enumerate(slices))
 
 

@@ -271,8 +271,9 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     assert (done_ref["series_used"], done_ref["series_flagged"]) == (5, row.series_flagged)
     table = subprocess.run([str(VAENODE), "queue", "senders", "--config", str(config)],
                            capture_output=True, text=True, timeout=120)
-    assert any("t1 mprage sag" in line and f" {row.series_flagged}/5 " in line
-               for line in table.stdout.splitlines()), table.stdout
+    # The FLAGS column right after LOW (LEARNED also reads "5/5").
+    assert any("t1 mprage sag" in line and f"{row.low:10.1f} {f'{row.series_flagged}/5':>7}  "
+               in line for line in table.stdout.splitlines()), table.stdout
 
     form = urllib.parse.urlencode({"reference_id": calibrated.id, "reviewer": "tech anna",
                                    "note": "new head coil"}).encode()
