@@ -335,8 +335,10 @@ def calibrate(
                    f"{100 * check['elsewhere_flagged']:.1f}% of the others")
         if check["blind"]:
             typer.echo("warning: the site-calibrated bundle barely flags motion in these series: "
-                       "too few or too varied normal series, or images too unlike the model's "
-                       "training data for a recalibration alone (then train on the site's data)",
+                       "too few or too varied normal series, images too unlike the model's "
+                       "training data for a recalibration alone (then train on the site's data), "
+                       "or a bundle whose own score barely sees motion (brain-t1-multiscanner "
+                       "out of the box: its stations' learning judges by its station score)",
                        err=True)
 
 

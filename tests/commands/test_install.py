@@ -80,4 +80,5 @@ def test_wheel_install_migrates_and_loads_the_default_model(tmp_path: Path) -> N
     loaded = _run([str(python), "-c",
                    "from node.model.bundle import load_bundle, default_bundle_path; "
                    "print(load_bundle(default_bundle_path()).name)"], env=env, cwd=work)
-    assert loaded.returncode == 0 and loaded.stdout.strip() == "brain-t1", loaded.stderr
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "brain-t1-multiscanner"

@@ -4,8 +4,9 @@ The six Siemens Prisma series of ``../shared/data/dicom/`` (2D FLASH sagittal in
 positions; XA30 3D TFL as enhanced multi-frame) and the studyforrest T1 (another site's
 scanner, converted from NIfTI: DERIVED, so scored through a rule with ``score_derived``) are
 sent with DCMTK ``storescu`` to ``vaenode serve`` with the shipped config's routing rule and
-the opt-in bundle ``node/models/brain-t1-multiscanner`` (the default ``brain-t1`` 0.1.0 flags
-4 to 14 slices of each Prisma series: issue 18); each must end ``done`` with a normal
+no model named, so the default bundle scores them (``node/models/brain-t1-multiscanner``; the
+earlier default ``brain-t1`` 0.1.0 flags 4 to 14 slices of each Prisma series: issue 18),
+as ``make run`` serves; each must end ``done`` with a normal
 verdict, at most 2% of its slices flagged (issue 18's target), and its SR in a real Orthanc
 must say so. Station learning is on as shipped: these are each station's first series,
 judged out of the box.
@@ -13,6 +14,7 @@ judged out of the box.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Iterator
@@ -37,8 +39,11 @@ pytestmark = pytest.mark.e2e
 
 DICOM = DATA / "dicom"
 REPO = Path(__file__).resolve().parents[2]
-BUNDLE = Path(os.environ.get("VAENODE_TEST_BUNDLE")
-              or default_bundle_path().parent / "brain-t1-multiscanner")
+#: ``VAENODE_TEST_BUNDLE`` names another bundle; unset, the node loads its default.
+BUNDLE = os.environ.get("VAENODE_TEST_BUNDLE")
+_META = json.loads((Path(BUNDLE or default_bundle_path()) / "model.json").read_text())
+#: (name, version) of the bundle the series must be scored by.
+SCORED_BY = (_META["name"], _META["version"])
 SCANNER_SERIES = ("siemens_prisma_t1_fl2d_sag_hfs", "siemens_prisma_t1_fl2d_sag_hfp",
                   "siemens_prisma_t1_fl2d_sag_hfdl", "siemens_prisma_t1_fl2d_sag_hfdr",
                   "siemens_prisma_xa30_t1_tfl_5", "siemens_prisma_xa30_t1_tfl_6")
@@ -88,7 +93,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     node = start_node(workdir / "node", sections={
         "queue": {"series_idle_s": 2.0, "check_interval_s": 0.3},
         "worker": {"enabled": True, "poll_interval_s": 0.3, "lease_s": 300.0},
-        "model": {"device": "cpu", "bundle": str(BUNDLE)},
+        "model": {"device": "cpu", **({"bundle": BUNDLE} if BUNDLE else {})},
         "routing": {"rules": shipped_rules()},
         "delivery": {"retry_base_s": 0.5, "retry_max_s": 2.0, "poll_interval_s": 0.3,
                      "destinations": [{"name": "pacs", "ae_title": orthanc.ae_title,
@@ -128,6 +133,7 @@ def test_each_real_series_is_done_and_normal(run: Run) -> None:
         assert row.abnormal_slices <= MAX_FLAGGED * row.scored_slices, sent.name
         expected_rule = "studyforrest-converted" if sent.name == CONVERTED else "brain-t1-mr"
         assert row.routing_rule == expected_rule, sent.name
+        assert (row.model_name, row.model_version) == SCORED_BY, sent.name
 
 
 def test_each_sr_in_orthanc_says_normal(run: Run) -> None:

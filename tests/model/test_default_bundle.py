@@ -11,16 +11,24 @@ from tests.helpers.tiny_bundle import IXI
 
 
 def test_shipped_bundle_loads_and_is_small() -> None:
+    """The default, ``brain-t1-multiscanner``: trained with scanner variation on the
+    head-centred grid, scored by log p(x) with the worst 1% of pixels counted twice, and a
+    station score (complexity correction and a heavier tail) for stations that have learned."""
     path = default_bundle_path()
-    size = sum(p.stat().st_size for p in path.iterdir())
-    assert size <= 20 * 1024 * 1024
+    assert path.name == "brain-t1-multiscanner"
+    assert sum(p.stat().st_size for p in path.iterdir()) <= 20 * 1024 * 1024
     b = load_bundle()
-    assert b.name == "brain-t1"
+    assert (b.name, b.meta["version"]) == ("brain-t1-multiscanner", "0.2.1")
     assert b.meta["data_attribution"]["license"] == "CC BY-SA 3.0"
     assert b.meta["training"]["command"].startswith("vaenode train")
     assert b.target_fpr == 0.01
-    # The position reference covers the three planes the model serves.
-    assert set(b.scoring.position_profiles) == {"axial", "coronal", "sagittal"}
+    config = b.meta["training"]["config"]
+    assert config["augment"] and config["variation"]["fov_edge_p"] > 0
+    assert b.preprocess.center_head
+    assert (b.scoring.tail_weight, b.scoring.complexity, b.scoring.position_bins) == (1.0, False, 0)
+    assert b.station_scoring is not None
+    assert (b.station_scoring.complexity, b.station_scoring.complexity_weight,
+            b.station_scoring.tail_weight) == (True, 1.0, 8.0)
 
 
 def test_shipped_bundle_keeps_a_clean_evaluation_series_normal() -> None:
@@ -46,19 +54,13 @@ def test_shipped_bundle_flags_pure_noise() -> None:
     assert s.abnormal.mean() >= 0.9
 
 
-def test_opt_in_multiscanner_bundle_loads_and_is_small() -> None:
-    """``brain-t1-multiscanner``: trained with scanner variation on the head-centred grid,
-    scored by log p(x) with the worst 1% of pixels counted twice, and a station score (complexity
-    correction and a heavier tail) for stations that have learned; attributed like the default."""
-    path = default_bundle_path().parent / "brain-t1-multiscanner"
+def test_opt_in_ixi_bundle_loads_and_is_small() -> None:
+    """``brain-t1`` 0.1.0, the default until 2026-12-05, kept beside it: trained on IXI's
+    scanner alone, its score position-referenced in the three planes; attributed the same."""
+    path = default_bundle_path().parent / "brain-t1"
     assert sum(p.stat().st_size for p in path.iterdir()) <= 20 * 1024 * 1024
     b = load_bundle(path)
-    assert (b.name, b.meta["version"]) == ("brain-t1-multiscanner", "0.2.1")
+    assert (b.name, b.meta["version"]) == ("brain-t1", "0.1.0")
     assert b.meta["data_attribution"]["license"] == "CC BY-SA 3.0"
-    config = b.meta["training"]["config"]
-    assert config["augment"] and config["variation"]["fov_edge_p"] > 0
-    assert b.preprocess.center_head
-    assert (b.scoring.tail_weight, b.scoring.complexity, b.scoring.position_bins) == (1.0, False, 0)
-    assert b.station_scoring is not None
-    assert (b.station_scoring.complexity, b.station_scoring.complexity_weight,
-            b.station_scoring.tail_weight) == (True, 1.0, 8.0)
+    assert not b.preprocess.center_head and b.station_scoring is None
+    assert set(b.scoring.position_profiles) == {"axial", "coronal", "sagittal"}

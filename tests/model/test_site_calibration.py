@@ -1,5 +1,10 @@
 """``vaenode calibrate --site``: a bundle calibrated on a site's own normal series (NIfTI or
-DICOM) instead of its own calibration subjects."""
+DICOM) instead of its own calibration subjects.
+
+On ``brain-t1`` 0.1.0, the shipped bundle whose parts (series references, position profiles)
+site calibration refits and whose site check sees motion; the default
+``brain-t1-multiscanner`` sees no motion out of the box, so its site check warns (the last
+test)."""
 
 from __future__ import annotations
 
@@ -14,29 +19,32 @@ from node.model.data import load_nifti, plane_slices
 from tests.helpers.series import write_nifti_series
 from tests.helpers.tiny_bundle import IXI, calibrate_cli
 
+#: The bundle recalibrated here (see the module docstring).
+SHIPPED = default_bundle_path().parent / "brain-t1"
+
 pytestmark = pytest.mark.skipif(not IXI.is_dir(), reason=f"IXI data not found at {IXI}")
 
 
 def _site_subjects(n: int = 6) -> list[Path]:
     """``n`` IXI volumes of the shipped bundle's TRAINING subjects (neither its calibration
     nor its evaluation subjects), standing in for a site's normal series."""
-    held = load_bundle().meta["training"]["subjects"]
+    held = load_bundle(SHIPPED).meta["training"]["subjects"]
     other = set(held["calibration"]) | set(held["evaluation"])
     return [p for p in sorted(IXI.glob("*.nii.gz")) if p.name.split("-")[0] not in other][:n]
 
 
 def test_site_calibration_fits_everything_on_the_given_subjects(tmp_path: Path) -> None:
-    shipped = load_bundle()
+    shipped = load_bundle(SHIPPED)
     site = _site_subjects()
     ids = sorted(p.name.split("-")[0] for p in site)
     assert not set(ids) & set(shipped.meta["training"]["subjects"]["calibration"])
     # Without --site these volumes are not the bundle's calibration subjects: refused.
-    proc = calibrate_cli(default_bundle_path(), tmp_path / "no", data=site)
+    proc = calibrate_cli(SHIPPED, tmp_path / "no", data=site)
     assert proc.returncode == 1 and "calibration subjects" in proc.stderr
     assert not (tmp_path / "no").exists()
 
     out = tmp_path / "site"
-    proc = calibrate_cli(default_bundle_path(), out, "--site", data=site)
+    proc = calibrate_cli(SHIPPED, out, "--site", data=site)
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(out)
     meta = bundle.meta
@@ -79,7 +87,7 @@ def test_site_check_warns_when_the_recalibrated_bundle_is_blind(tmp_path: Path) 
         hi = float(np.percentile(d, 99.5))
         nib.save(nib.Nifti1Image((d / hi).clip(0) ** 0.6 * hi, img.affine), site / path.name)
     out = tmp_path / "bundle"
-    proc = calibrate_cli(default_bundle_path(), out, "--site", data=[site])
+    proc = calibrate_cli(SHIPPED, out, "--site", data=[site])
     assert proc.returncode == 0, proc.stderr  # written: the admin decides, warned
     check = load_bundle(out).meta["training"]["recalibrations"][-1]["site_check"]
     assert check["blind"] and check["block_flagged"] < 0.25
@@ -92,7 +100,7 @@ def test_site_calibration_reads_dicom_series(tmp_path: Path) -> None:
         write_nifti_series(path, site / f"s{i}", patient_id=f"SITE-{i}",
                            series_description="T1 axial (site)")
     out = tmp_path / "bundle"
-    proc = calibrate_cli(default_bundle_path(), out, "--site", data=[site])
+    proc = calibrate_cli(SHIPPED, out, "--site", data=[site])
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "model.json").read_text())
     assert meta["calibration"]["subjects"] == [f"SITE-{i}" for i in range(6)]
@@ -101,7 +109,7 @@ def test_site_calibration_reads_dicom_series(tmp_path: Path) -> None:
     assert meta["training"]["recalibrations"][-1]["site_check"]["series"] == 6
     # Five subjects are too few (the leave-one-subject-out profiles get too noisy): refused
     # before any scoring, nothing written.
-    proc = calibrate_cli(default_bundle_path(), tmp_path / "five", "--site",
+    proc = calibrate_cli(SHIPPED, tmp_path / "five", "--site",
                       data=[site / f"s{i}" for i in range(5)])
     assert proc.returncode == 1 and "at least 6 subjects" in proc.stderr
     assert not (tmp_path / "five").exists()
@@ -171,7 +179,7 @@ def test_site_calibration_from_the_queue_takes_what_people_reviewed_as_normal(
     assert every == {*uids[:6], uids[8]} and by_aet == []
 
     out = tmp_path / "room3"
-    proc = calibrate_cli(default_bundle_path(), out, "--site", "--from-queue", "--station",
+    proc = calibrate_cli(SHIPPED, out, "--site", "--from-queue", "--station",
                       "mr room 3", "--days", "30", "--config", str(config), data=())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("from the queue: series") == 6
@@ -180,18 +188,29 @@ def test_site_calibration_from_the_queue_takes_what_people_reviewed_as_normal(
     assert meta["training"]["recalibrations"][-1]["site_check"]["series"] == 6
 
     # Refusals: not without --site; nothing reviewed for that station; --station alone.
-    lone = calibrate_cli(default_bundle_path(), tmp_path / "x", "--from-queue", "--config",
+    lone = calibrate_cli(SHIPPED, tmp_path / "x", "--from-queue", "--config",
                       str(config), data=())
     assert lone.returncode == 2 and "--site" in lone.stderr
-    none = calibrate_cli(default_bundle_path(), tmp_path / "y", "--site", "--from-queue",
+    none = calibrate_cli(SHIPPED, tmp_path / "y", "--site", "--from-queue",
                       "--station", "CT ROOM 9", "--config", str(config), data=())
     assert none.returncode == 1 and "no stored series reviewed as normal" in none.stderr
     assert "CT ROOM 9" in none.stderr and not (tmp_path / "y").exists()
-    stray = calibrate_cli(default_bundle_path(), tmp_path / "z", "--station", "MR ROOM 3",
+    stray = calibrate_cli(SHIPPED, tmp_path / "z", "--station", "MR ROOM 3",
                        data=subjects[:6])
     assert stray.returncode == 2 and "--from-queue" in stray.stderr
     moved = tmp_path / "moved"
     storage.rename(moved)  # e.g. a relative [storage].dir read from another working directory
-    gone = calibrate_cli(default_bundle_path(), tmp_path / "w", "--site", "--from-queue",
+    gone = calibrate_cli(SHIPPED, tmp_path / "w", "--site", "--from-queue",
                       "--config", str(config), data=())
     assert gone.returncode == 1 and "are not at" in gone.stderr
+
+
+def test_site_check_warns_on_the_default_bundle(tmp_path: Path) -> None:
+    """The default bundle flags no motion out of the box, so recalibrating it on a site's
+    series leaves it blind to the site check's motion block, and the command says so."""
+    out = tmp_path / "default-site"
+    proc = calibrate_cli(default_bundle_path(), out, "--site", data=_site_subjects())
+    assert proc.returncode == 0, proc.stderr
+    check = load_bundle(out).meta["training"]["recalibrations"][-1]["site_check"]
+    assert check["blind"] and check["block_flagged"] < 0.25
+    assert "warning" in proc.stderr
