@@ -95,8 +95,9 @@ def train(
     name: Annotated[str | None, typer.Option(
         help="Bundle name; default brain-t1, or with --init the starting bundle's.")] = None,
     version: Annotated[str | None, typer.Option(
-        help="Bundle version; default 0.1.0, or with --init the starting bundle's followed by "
-             "+adapted.<UTC time> (a version of its own: stations learn it afresh).")] = None,
+        help="Bundle version; default 0.1.0+trained.<UTC time>, or with --init the starting "
+             "bundle's followed by +adapted.<UTC time> (a version of its own, never a shipped "
+             "bundle's: stations learn it afresh).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
     init: Annotated[Path | None, typer.Option(
         "--init", help="Start from this bundle's weights (its architecture, preprocessing and "

@@ -110,10 +110,11 @@ class TrainConfig:
     compress: bool = False
     compress_dim: int = 8
     compress_stages: int = 2
-    # None: "brain-t1" 0.1.0 for a new network; adapting (``init_bundle``), the starting
-    # bundle's name and its version marked as adapted, so that the adapted network never
-    # takes the identity of the one it came from (station references are learned per name and
-    # version, and reports name the model that judged).
+    # None: "brain-t1" at a version marked as trained here for a new network (never the shipped
+    # brain-t1 0.1.0's identity); adapting (``init_bundle``), the starting bundle's name and its
+    # version marked as adapted, so that the new network never takes the identity of a shipped
+    # or starting one (station references are learned per name and version, and reports name
+    # the model that judged).
     name: str | None = None
     version: str | None = None
     device: str = "auto"
@@ -669,12 +670,13 @@ def run_training(
 
 
 def bundle_identity(cfg: TrainConfig, base: Bundle | None) -> tuple[str, str]:
-    """The new bundle's name and version: ``cfg``'s where given; otherwise "brain-t1" 0.1.0
-    for a new network, and for an adapted one the starting bundle's name with its version
-    followed by ``+adapted.`` and the UTC time (a version of its own)."""
-    if base is None:
-        return cfg.name or DEFAULT_NAME, cfg.version or DEFAULT_VERSION
+    """The new bundle's name and version: ``cfg``'s where given; otherwise, for a new network,
+    "brain-t1" at 0.1.0 followed by ``+trained.`` and the UTC time, and for an adapted one the
+    starting bundle's name with its version followed by ``+adapted.`` and the UTC time: a
+    version of its own, never a shipped bundle's (``brain-t1`` 0.1.0 ships)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    if base is None:
+        return cfg.name or DEFAULT_NAME, cfg.version or f"{DEFAULT_VERSION}+trained.{stamp}"
     return cfg.name or base.name, cfg.version or f"{base.version}+adapted.{stamp}"
 
 

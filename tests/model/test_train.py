@@ -100,3 +100,13 @@ def test_an_adapted_bundle_keeps_the_station_score_and_takes_a_version_of_its_ow
         getattr(base.station_scoring, k) for k in meta["station_scoring"]] == [True, 1.0, 8.0]
     assert out.name == base.name and out.version.startswith(f"{base.version}+adapted.")
     assert out.version != base.version
+
+
+def test_a_new_network_never_takes_the_shipped_bundles_identity() -> None:
+    """Without --name/--version a freshly trained bundle is "brain-t1" at a version of its own:
+    the shipped opt-in bundle is brain-t1 0.1.0, and stations learn per name and version."""
+    from node.model.train import TrainConfig, bundle_identity
+
+    name, version = bundle_identity(TrainConfig(), None)
+    assert name == "brain-t1" and version.startswith("0.1.0+trained.") and version != "0.1.0"
+    assert bundle_identity(TrainConfig(name="mine", version="2.0"), None) == ("mine", "2.0")
