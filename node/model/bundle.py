@@ -212,10 +212,10 @@ class Bundle:
         return {"background_level": bg.head_level, "background_dilation": bg.dilation}
 
     @torch.no_grad()
-    def posterior_mean_values(
+    def background_values(
         self, x: torch.Tensor, *, batch_size: int = 64, device: str = "auto",
         **settings: Any,
-    ) -> dict[str, np.ndarray]:
+    ) -> np.ndarray:
         """The ``background`` component alone (one encode and one decode per slice at z = the
         posterior mean, no Monte-Carlo samples), for fitting the background part's series-shift
         cap on many series; the same values as :meth:`components` gives with the same mask
@@ -228,15 +228,15 @@ class Bundle:
         level = where.get("background_level", BACKGROUND_LEVEL)
         dev = resolve_device(device)
         model = self.model.to(dev)
-        out: dict[str, list[np.ndarray]] = {"background": [np.zeros(0)]}
+        out: list[np.ndarray] = [np.zeros(0)]
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(dev)
             mu, _ = model.encode(xb)
             mean, log_sigma = model.decode(mu)
             bg = background_log_likelihood(
                 xb, mean, log_sigma, level, where.get("background_dilation", BACKGROUND_DILATION))
-            out["background"].append(bg.double().cpu().numpy())
-        return {k: np.concatenate(v) for k, v in out.items()}
+            out.append(bg.double().cpu().numpy())
+        return np.concatenate(out)
 
     @property
     def modelled_values(self) -> int:

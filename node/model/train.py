@@ -709,7 +709,7 @@ def fit_site_cap(
     variants (:func:`node.model.artifacts.site_variants`: contrast curves, smoothing, added
     noise) give the ``quantile`` quantile of their foreground values of the ``background``
     component (computed with the mask ``settings``, keyword
-    arguments of :meth:`Bundle.posterior_mean_values`); the cap is ``SITE_CAP_FACTOR`` times
+    arguments of :meth:`Bundle.background_values`); the cap is ``SITE_CAP_FACTOR`` times
     the largest distance of any of them from the median over the unaltered stacks.
 
     Returns:
@@ -724,7 +724,7 @@ def fit_site_cap(
     for _subject, name, x, fg in site_variant_stacks(bundle, nifti, rng):
         if int(fg.sum()) < bundle.scoring.min_series_slices:
             continue
-        values = bundle.posterior_mean_values(x, **settings)["background"]
+        values = bundle.background_values(x, **settings)
         found.setdefault(name, []).append(float(np.quantile(values[fg], quantile)))
     if not found.get("original"):
         raise ValueError(f"the background part's cap needs NIfTI calibration volumes with at "
