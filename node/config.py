@@ -134,8 +134,14 @@ class WorkerSettings(_Section):
     batch_size: int = Field(32, ge=1)
 
 
+#: The model bundle shipped as the default since 2026-12-05 (issue 18: specific on real
+#: scanners' series; the earlier default ``brain-t1`` 0.1.0 stays beside it, opt-in). Here,
+#: torch-free, so that the model layer and the dashboard read one name.
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "brain-t1-multiscanner"
+
+
 class ModelSettings(_Section):
-    bundle: Path | None = None  # None: the default model shipped in node/models/
+    bundle: Path | None = None  # None: DEFAULT_BUNDLE
     estimator: Literal["importance", "plain", "mcmc"] | None = None  # None: the bundle's default
     samples: int | None = Field(None, ge=1)
     threshold: float | None = None  # overrides the bundle's calibrated threshold

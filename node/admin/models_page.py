@@ -12,13 +12,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from node.config import RoutingRule, Settings
+from node.config import DEFAULT_BUNDLE, RoutingRule, Settings
 from node.worker.routing import describe_rule
 
-# The bundle layout of node/model/bundle.py (MODEL_JSON, DEFAULT_NAME), restated rather than
-# imported: importing that module would import torch.
+# The bundle layout of node/model/bundle.py (MODEL_JSON), restated rather than imported:
+# importing that module would import torch.
 MODEL_JSON = "model.json"
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "brain-t1-multiscanner"
 # Sections of model.json worth listing as validation figures, when a bundle has them.
 METRIC_SECTIONS = ("validation", "metrics", "evaluation")
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from node.config import DEFAULT_BUNDLE
 from node.errors import ModelError
 from node.model import calibrate
 from node.model.compress import FeatureAE, FeatureAEConfig
@@ -60,16 +61,13 @@ FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 FEATURE_WEIGHTS = "feature_ae.pt"
-#: The default bundle since 2026-12-05 (issue 18: specific on real scanners' series; the
-#: earlier default ``brain-t1`` 0.1.0 stays beside it, opt-in).
-DEFAULT_NAME = "brain-t1-multiscanner"
 #: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``).
 COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background")
 
 
 def default_bundle_path() -> Path:
-    """The default model shipped with the node (``node/models/brain-t1-multiscanner``)."""
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_NAME
+    """The default model shipped with the node (:data:`node.config.DEFAULT_BUNDLE`)."""
+    return DEFAULT_BUNDLE
 
 
 def resolve_device(device: str) -> torch.device:
