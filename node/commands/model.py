@@ -258,6 +258,11 @@ def calibrate(
     background_cap: Annotated[float | None, typer.Option(
         min=0.0, help="Cap of the background part's series shift (nats per pixel) instead of "
                       "fitting it; needs --background-part.")] = None,
+    background_statistic: Annotated[str | None, typer.Option(
+        metavar="STATISTIC",
+        help="What the background part averages: 'log_likelihood' (all terms, the default) "
+             "or 'residual' (-0.5 r^2 alone, without the decoder's -log sigma); needs "
+             "--background-part.")] = None,
     site: Annotated[bool, typer.Option(
         "--site",
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
@@ -304,9 +309,11 @@ def calibrate(
     if station_score is not None:
         changes["station_scoring"] = _parse_station_score(station_score)
     if background_part is not None:
-        changes["background"] = _parse_background_part(background_part, background_cap)
-    elif background_cap is not None:
-        raise typer.BadParameter("needs --background-part", param_hint="--background-cap")
+        changes["background"] = _parse_background_part(background_part, background_cap,
+                                                       background_statistic)
+    elif background_cap is not None or background_statistic is not None:
+        raise typer.BadParameter("needs --background-part",
+                                 param_hint="--background-cap/--background-statistic")
     paths = list(data or [])
     if from_queue:
         if not site:
@@ -457,12 +464,20 @@ def _parse_station_score(text: str) -> dict[str, Any] | None:
     return out
 
 
-def _parse_background_part(quantile: str, cap: float | None) -> dict[str, float] | None:
+def _parse_background_part(quantile: str, cap: float | None,
+                           statistic: str | None = None) -> dict[str, Any] | None:
     """``--background-part``: a quantile in (0, 1), or 'none' (remove); exits 2 when wrong."""
     if quantile.strip().lower() == "none":
-        if cap is not None:
-            raise typer.BadParameter("'none' takes no cap", param_hint="--background-cap")
+        if cap is not None or statistic is not None:
+            raise typer.BadParameter("'none' takes no cap or statistic",
+                                     param_hint="--background-cap/--background-statistic")
         return None
+    from node.model.scoring import BACKGROUND_STATISTICS
+
+    if statistic is not None and statistic not in BACKGROUND_STATISTICS:
+        raise typer.BadParameter(f"{statistic!r}: expected one of "
+                                 f"{', '.join(BACKGROUND_STATISTICS)}",
+                                 param_hint="--background-statistic")
     try:
         q = float(quantile)
     except ValueError:
@@ -471,9 +486,11 @@ def _parse_background_part(quantile: str, cap: float | None) -> dict[str, float]
     if not 0.0 < q < 1.0:
         raise typer.BadParameter(f"{quantile!r}: a quantile is in (0, 1)",
                                  param_hint="--background-part")
-    out = {"shift_quantile": q}
+    out: dict[str, Any] = {"shift_quantile": q}
     if cap is not None:
         out["max_series_shift"] = cap
+    if statistic is not None:
+        out["statistic"] = statistic
     return out
 
 

@@ -62,7 +62,8 @@ MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 FEATURE_WEIGHTS = "feature_ae.pt"
 #: Per-slice estimator outputs of :meth:`Bundle.components` (besides ``png_nats``).
-COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background")
+COMPONENTS = ("log_likelihood", "kl", "elbo", "tail", "rec_error", "plain", "background",
+              "background_residual")
 
 
 def default_bundle_path() -> Path:
@@ -170,9 +171,9 @@ class Bundle:
         progress: bool = False,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        plain, background and png_nats, the background with the bundle's background part's mask
-        settings, else the defaults. Scores are reproducible: the Monte-Carlo draws come from
-        ``seed``."""
+        plain, background, background_residual and png_nats, the background ones with the
+        bundle's background part's mask settings, else the defaults. Scores are
+        reproducible: the Monte-Carlo draws come from ``seed``."""
         estimator = estimator or self.scoring.estimator
         samples = samples or self.scoring.samples
         if estimator not in ESTIMATORS:
@@ -212,9 +213,10 @@ class Bundle:
     @torch.no_grad()
     def background_values(
         self, x: torch.Tensor, *, batch_size: int = 64, device: str = "auto",
-        **settings: Any,
+        residual_only: bool = False, **settings: Any,
     ) -> np.ndarray:
-        """The ``background`` component alone (one encode and one decode per slice at z = the
+        """The ``background`` component alone, or with ``residual_only`` the
+        ``background_residual`` one (one encode and one decode per slice at z = the
         posterior mean, no Monte-Carlo samples), for fitting the background part's series-shift
         cap on many series; the same values as :meth:`components` gives with the same mask
         settings (``settings``: keyword arguments of :func:`node.model.likelihood.estimate`
@@ -232,7 +234,8 @@ class Bundle:
             mu, _ = model.encode(xb)
             mean, log_sigma = model.decode(mu)
             bg = background_log_likelihood(
-                xb, mean, log_sigma, level, where.get("background_dilation", BACKGROUND_DILATION))
+                xb, mean, log_sigma, level, where.get("background_dilation", BACKGROUND_DILATION),
+                residual_only=residual_only)
             out.append(bg.double().cpu().numpy())
         return np.concatenate(out)
 

@@ -18,8 +18,8 @@ Estimators (``name`` as used in config and model.json):
 The ELBO (E_q[log p(x,z) - log q(z|x)]) comes free with the importance samples; the KL of the
 attribute distributions to N(0, I) is closed-form (the "match likelihood": the smaller, the
 more normal). The decode of the posterior mean, done once for the reconstruction error, also
-gives the background log-likelihood (:func:`background_log_likelihood`, the background part of
-:mod:`node.model.scoring`).
+gives the background log-likelihood and its residual term alone
+(:func:`background_log_likelihood`, the background part of :mod:`node.model.scoring`).
 
 Models only need ``encode(x) -> (mu, logvar)`` and ``decode(z) -> (mean, log_sigma)``, which
 lets the tests use a linear-Gaussian model whose log p(x) is known exactly.
@@ -65,6 +65,8 @@ class Estimate:
         plain: the ``plain`` estimate (eq. 2) from the same q samples, for comparison.
         background: mean per-pixel log p(x | z = posterior mean) over the background
             (:func:`background_log_likelihood`; nats per pixel).
+        background_residual: its residual term alone, the mean of ``-0.5 r^2`` over the
+            same pixels (``residual_only``; nats per pixel).
     """
 
     log_likelihood: torch.Tensor
@@ -74,11 +76,13 @@ class Estimate:
     rec_error: torch.Tensor
     plain: torch.Tensor
     background: torch.Tensor
+    background_residual: torch.Tensor
 
 
 def background_log_likelihood(
     x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
     level: float = BACKGROUND_LEVEL, dilation: int = BACKGROUND_DILATION,
+    residual_only: bool = False,
 ) -> torch.Tensor:
     """Mean per-pixel Gaussian log-likelihood of ``x`` outside the head, one value per slice.
 
@@ -89,13 +93,18 @@ def background_log_likelihood(
     background does not move the mask, it lowers the likelihood there. A slice whose whole
     grid is head scores 0.0. Images are ``[B, C, H, W]`` (the mask per channel); other shapes
     (a model of flat vectors) get the undilated mask.
+
+    ``residual_only`` keeps the ``-0.5 r^2`` term alone: on real normal 3D series the
+    ``-log sigma`` term by itself flags the middle sagittal slices, where the head fills most
+    of the grid, while their residuals stay small (node/models/README.md); a ghost or a smear
+    in the air shows in the residual.
     """
     head = (mean > level).to(x.dtype)
     if dilation > 0 and head.dim() == 4:
         head = F.max_pool2d(head, 2 * dilation + 1, stride=1, padding=dilation)
     bg = (head < 0.5).to(x.dtype)
     r = (x - mean) * torch.exp(-log_sigma)
-    ll = -0.5 * r * r - log_sigma - 0.5 * LOG_2PI
+    ll = -0.5 * r * r if residual_only else -0.5 * r * r - log_sigma - 0.5 * LOG_2PI
     n = bg.flatten(1).sum(dim=1)
     return (ll * bg).flatten(1).sum(dim=1) / n.clamp(min=1.0)
 
@@ -190,7 +199,9 @@ def estimate(
     rec = ((x - mean0) ** 2).flatten(1).mean(dim=1)
     background = background_log_likelihood(x, mean0, log_sigma0, background_level,
                                            background_dilation)
-    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain, background)
+    residual = background_log_likelihood(x, mean0, log_sigma0, background_level,
+                                         background_dilation, residual_only=True)
+    return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain, background, residual)
 
 
 def _log_joint(model: LatentModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,10 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    item 3, at its own quantile; cap 1.25 times the largest shift normal site variants of the
    calibration subjects need) and the same affine map onto the main score's scale as an
    alternative (item 4), and joins the minimum. Bundles without it score as before.
+   Its ``statistic`` may instead be the residual term alone, the mean of ``-0.5 r^2`` over
+   the same pixels: on real normal sagittal 3D series the ``-log sigma`` term alone flags
+   the middle slices, where the head fills most of the grid, and the residual sees a ghost
+   or smear without it (node/models/README.md).
 
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
@@ -88,6 +92,9 @@ from PIL import Image
 
 from node.model.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
 from node.model.likelihood import BACKGROUND_DILATION, BACKGROUND_LEVEL
+
+#: The background part's statistics and the estimator components that hold them.
+BACKGROUND_STATISTICS = {"log_likelihood": "background", "residual": "background_residual"}
 
 
 @dataclass(frozen=True)
@@ -145,10 +152,13 @@ class ScoreConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json`` (no ``background`` key when there is no such part,
-        so that a bundle without it writes the same ``model.json`` as before)."""
+        and no ``statistic`` in it when it is the log-likelihood, so that bundles written
+        before either existed write the same ``model.json`` as before)."""
         out = asdict(self)
         if out["background"] is None:
             del out["background"]
+        elif out["background"]["statistic"] == "log_likelihood":
+            del out["background"]["statistic"]
         return out
 
     @classmethod
@@ -192,9 +202,12 @@ class ScoreConfig:
 @dataclass(frozen=True)
 class BackgroundPart:
     """The background part (item 6 of the module docstring): the mean per-pixel decoder
-    log-likelihood outside the decoder-mean head mask, with its own series shift and map.
+    log-likelihood outside the decoder-mean head mask, or its residual term alone, with its
+    own series shift and map.
 
     Attributes:
+        statistic: ``log_likelihood`` (all terms: the ``background`` component) or
+            ``residual`` (``-0.5 r^2`` alone: the ``background_residual`` component).
         shift_quantile: quantile of its foreground values that sets its series shift.
         max_series_shift: cap of its series shift (nats per pixel).
         head_level: decoder-mean level above which a pixel is head (preprocessed units).
@@ -206,11 +219,22 @@ class BackgroundPart:
 
     shift_quantile: float = 0.75
     max_series_shift: float = 0.0
+    statistic: str = "log_likelihood"
     head_level: float = BACKGROUND_LEVEL
     dilation: int = BACKGROUND_DILATION
     reference_median: float = 0.0
     gain: float = 1.0
     offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.statistic not in BACKGROUND_STATISTICS:
+            raise ValueError(f"unknown background statistic {self.statistic!r}; expected one "
+                             f"of {tuple(BACKGROUND_STATISTICS)}")
+
+    @property
+    def component(self) -> str:
+        """The estimator component this part reads."""
+        return BACKGROUND_STATISTICS[self.statistic]
 
 
 Profiles = dict[str, tuple[tuple[float, ...], tuple[float, ...]]]
@@ -424,12 +448,15 @@ def background_final(comp: dict[str, np.ndarray], foreground: np.ndarray,
     """The background part (item 6) after its own series shift, unmapped.
 
     Raises:
-        ValueError: ``comp`` lacks the ``background`` component (records scored before it).
+        ValueError: ``comp`` lacks the part's component (records scored before it existed).
     """
-    if "background" not in comp:
-        raise ValueError("the components lack 'background' (scored before the background part "
+    if cfg.background is None:
+        raise ValueError("this score has no background part")
+    key = cfg.background.component
+    if key not in comp:
+        raise ValueError(f"the components lack {key!r} (scored before the background part "
                          "existed): score the slices again")
-    a = np.asarray(comp["background"], dtype=np.float64)
+    a = np.asarray(comp[key], dtype=np.float64)
     return a - series_shift(a, foreground, cfg.background_shift_config())
 
 

@@ -428,7 +428,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
                                                                     strict=True)]
     background = bundle.scoring.background
     if background is not None:  # item 6 of node.model.scoring: like an alternative
-        values = [np.asarray(s["components"]["background"], dtype=np.float64) for s in stacks]
+        values = [np.asarray(s["components"][background.component], dtype=np.float64)
+                  for s in stacks]
         quantiles = [float(np.quantile(v[s["foreground"]], background.shift_quantile))
                      for v, s in zip(values, stacks, strict=True)
                      if s["foreground"].sum() >= main_cfg.min_series_slices]
@@ -708,7 +709,7 @@ def fit_site_cap(
     the other parts' caps: each NIfTI calibration volume's axial stack and its normal site
     variants (:func:`node.model.artifacts.site_variants`: contrast curves, smoothing, added
     noise) give the ``quantile`` quantile of their foreground values of the ``background``
-    component (computed with the mask ``settings``, keyword
+    component, or of ``background_residual`` (computed with the mask ``settings``, keyword
     arguments of :meth:`Bundle.background_values`); the cap is ``SITE_CAP_FACTOR`` times
     the largest distance of any of them from the median over the unaltered stacks.
 
@@ -778,6 +779,7 @@ def recalibrate(
         part = BackgroundPart(**{**change, "max_series_shift": 0.0})
         if change.get("max_series_shift") is None:  # fit the cap on site variants
             fitted = fit_site_cap(bundle, cal, part.shift_quantile,
+                                  residual_only=part.statistic == "residual",
                                   background_level=part.head_level,
                                   background_dilation=part.dilation)
             changes = {**changes, "background": {**change, "max_series_shift": fitted["cap"]}}

@@ -1,5 +1,6 @@
-"""The background part: the decoder's log-likelihood outside the head, a fourth part of the
-minimum (node.model.scoring, item 6), and bundles without it scoring as before."""
+"""The background part: the decoder's log-likelihood outside the head, or its residual term
+alone, a fourth part of the minimum (node.model.scoring, item 6), and bundles without it scoring
+as before."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def test_background_statistic_on_a_known_mask() -> None:
     ghost[..., 2, 2:14] = 1.0
     lower = float(background_log_likelihood(ghost, mean, log_sigma, level=0.1, dilation=1))
     assert lower == pytest.approx(expected + (-0.5 * 4.0 * 12) / 192, rel=1e-6)
+    # The residual term alone: the same pixels without -log sigma - 0.5 log 2 pi.
+    residual = float(background_log_likelihood(ghost, mean, log_sigma, level=0.1, dilation=1,
+                                               residual_only=True))
+    assert residual == pytest.approx(-0.5 * 4.0 * (16 + 12) / 192, rel=1e-6)
 
     # Without dilation the background is 256 - 36 pixels; with no background at all: 0.0.
     undilated = float(background_log_likelihood(mean, mean, log_sigma, level=0.1, dilation=0))
@@ -79,6 +84,9 @@ def test_estimate_gives_the_background_at_the_posterior_mean() -> None:
     mean, log_sigma = _Linear().decode(_Linear().encode(x)[0])
     assert torch.allclose(est.background, background_log_likelihood(x, mean, log_sigma))
     assert est.background[1] < est.background[0] == est.background[2]
+    assert torch.allclose(est.background_residual,
+                          background_log_likelihood(x, mean, log_sigma, residual_only=True))
+    assert est.background_residual[1] < est.background_residual[0] == 0.0
     # The statistic draws nothing: the Monte-Carlo outputs do not depend on its settings.
     other = estimate(_Linear(), x, "importance", 4, generator=torch.Generator().manual_seed(0),
                      background_level=0.5, background_dilation=0)
@@ -116,6 +124,30 @@ def test_background_part_joins_the_minimum() -> None:
     # Records scored before the part existed are refused with a clear message.
     with pytest.raises(ValueError, match="background"):
         stack_scores({k: v for k, v in comp.items() if k != "background"}, fg, cfg, 100, 2.0)
+
+
+def test_a_residual_part_reads_the_residual_component() -> None:
+    comp = _components(40)
+    comp["background_residual"] = np.random.default_rng(1).normal(-0.6, 0.1, 40)
+    fg = np.ones(40, dtype=bool)
+    part = BackgroundPart(statistic="residual", gain=2e3, offset=-500.0)
+    cfg = ScoreConfig(background=part)
+    assert part.component == "background_residual"
+    assert np.array_equal(background_final(comp, fg, cfg), comp["background_residual"])
+    main = absolute_score(comp, cfg, 100, 2.0)
+    final = stack_scores(comp, fg, cfg, 100, 2.0)[0]
+    assert np.allclose(final, np.minimum(main, -500.0 + 2e3 * comp["background_residual"]))
+    # Records scored before the residual component existed are refused, naming it.
+    with pytest.raises(ValueError, match="background_residual"):
+        stack_scores({k: v for k, v in comp.items() if k != "background_residual"}, fg, cfg,
+                     100, 2.0)
+    # model.json names the statistic (the log-likelihood, the default, stays unnamed).
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["background"]["statistic"] == "residual"
+    assert ScoreConfig.from_dict(data) == cfg
+    assert "statistic" not in ScoreConfig(background=BackgroundPart()).to_dict()["background"]
+    with pytest.raises(ValueError, match="unknown background statistic"):
+        BackgroundPart(statistic="sigma")
 
 
 def test_background_part_survives_model_json() -> None:
@@ -200,12 +232,14 @@ def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path:
     # A given cap is kept; recalibrating keeps the part; 'none' removes it.
     capped = tmp_path / "capped"
     assert calibrate_cli(out, capped, "--background-part", "0.5", "--background-cap",
-                      "0.25").returncode == 0
+                         "0.25", "--background-statistic", "residual").returncode == 0
     got = load_bundle(capped).scoring.background
     assert got is not None and (got.shift_quantile, got.max_series_shift) == (0.5, 0.25)
+    assert got.statistic == "residual" and got.gain > 0 and got.gain != part.gain
     again = tmp_path / "again"
     assert calibrate_cli(capped, again).returncode == 0
-    assert load_bundle(again).scoring.background.max_series_shift == 0.25
+    kept = load_bundle(again).scoring.background
+    assert kept.max_series_shift == 0.25 and kept.statistic == "residual"
     plain = tmp_path / "plain"
     assert calibrate_cli(again, plain, "--background-part", "none").returncode == 0
     assert load_bundle(plain).scoring.background is None
@@ -214,7 +248,10 @@ def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path:
 
 @pytest.mark.parametrize("args", [("--background-part", "1.5"),
                                   ("--background-part", "high"),
-                                  ("--background-cap", "0.2")])
+                                  ("--background-cap", "0.2"),
+                                  ("--background-statistic", "residual"),
+                                  ("--background-part", "0.75", "--background-statistic",
+                                   "sigma")])
 def test_calibrate_rejects_a_bad_background_option(tiny_bundle_path: Path, tmp_path: Path,
                                                    args: tuple[str, ...]) -> None:
     proc = calibrate_cli(tiny_bundle_path, tmp_path / "x", *args)
