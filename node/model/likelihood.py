@@ -41,6 +41,9 @@ ESTIMATORS = ("importance", "plain", "mcmc")
 BACKGROUND_LEVEL = 0.1
 #: Pixels by which the head mask is dilated before the background is taken.
 BACKGROUND_DILATION = 1
+#: Cap of each pixel's 0.5 r^2 in the background residual (r = 5): a handful of bright pixels
+#: that the head mask leaves out must not decide a slice; a ghost spreads over many pixels.
+RESIDUAL_CAP = 12.5
 
 
 class LatentModel(Protocol):
@@ -65,8 +68,9 @@ class Estimate:
         plain: the ``plain`` estimate (eq. 2) from the same q samples, for comparison.
         background: mean per-pixel log p(x | z = posterior mean) over the background
             (:func:`background_log_likelihood`; nats per pixel).
-        background_residual: its residual term alone, the mean of ``-0.5 r^2`` over the
-            same pixels (``residual_only``; nats per pixel).
+        background_residual: its residual term alone, the mean of ``-0.5 r^2`` (each
+            pixel's capped at ``RESIDUAL_CAP``) over the same pixels (``residual_only``; nats
+            per pixel).
     """
 
     log_likelihood: torch.Tensor
@@ -94,17 +98,22 @@ def background_log_likelihood(
     grid is head scores 0.0. Images are ``[B, C, H, W]`` (the mask per channel); other shapes
     (a model of flat vectors) get the undilated mask.
 
-    ``residual_only`` keeps the ``-0.5 r^2`` term alone: on real normal 3D series the
-    ``-log sigma`` term by itself flags the middle sagittal slices, where the head fills most
-    of the grid, while their residuals stay small (node/models/README.md); a ghost or a smear
-    in the air shows in the residual.
+    ``residual_only`` keeps the ``-0.5 r^2`` term alone, each pixel's capped at
+    ``RESIDUAL_CAP``: on real normal 3D series the ``-log sigma`` term by itself flags the
+    middle sagittal slices, where the head fills most of the grid, while their residuals stay
+    small; uncapped, 11 bright pixels at the edge of one real normal slice's head carried 87%
+    of its residual and flagged it (node/models/README.md). A ghost or a smear in the air
+    shows in the residual either way.
     """
     head = (mean > level).to(x.dtype)
     if dilation > 0 and head.dim() == 4:
         head = F.max_pool2d(head, 2 * dilation + 1, stride=1, padding=dilation)
     bg = (head < 0.5).to(x.dtype)
     r = (x - mean) * torch.exp(-log_sigma)
-    ll = -0.5 * r * r if residual_only else -0.5 * r * r - log_sigma - 0.5 * LOG_2PI
+    if residual_only:
+        ll = -(0.5 * r * r).clamp(max=RESIDUAL_CAP)
+    else:
+        ll = -0.5 * r * r - log_sigma - 0.5 * LOG_2PI
     n = bg.flatten(1).sum(dim=1)
     return (ll * bg).flatten(1).sum(dim=1) / n.clamp(min=1.0)
 

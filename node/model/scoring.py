@@ -69,9 +69,9 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    calibration subjects need) and the same affine map onto the main score's scale as an
    alternative (item 4), and joins the minimum. Bundles without it score as before.
    Its ``statistic`` may instead be the residual term alone, the mean of ``-0.5 r^2`` over
-   the same pixels: on real normal sagittal 3D series the ``-log sigma`` term alone flags
-   the middle slices, where the head fills most of the grid, and the residual sees a ghost
-   or smear without it (node/models/README.md).
+   the same pixels, each pixel's capped at 12.5 (r = 5): on real normal sagittal 3D series
+   the ``-log sigma`` term alone flags the middle slices, where the head fills most of the
+   grid, and the residual sees a ghost or smear without it (node/models/README.md).
 
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
@@ -207,7 +207,8 @@ class BackgroundPart:
 
     Attributes:
         statistic: ``log_likelihood`` (all terms: the ``background`` component) or
-            ``residual`` (``-0.5 r^2`` alone: the ``background_residual`` component).
+            ``residual`` (``-0.5 r^2`` alone, capped per pixel: the ``background_residual``
+            component).
         shift_quantile: quantile of its foreground values that sets its series shift.
         max_series_shift: cap of its series shift (nats per pixel).
         head_level: decoder-mean level above which a pixel is head (preprocessed units).

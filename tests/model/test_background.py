@@ -54,6 +54,12 @@ def test_background_statistic_on_a_known_mask() -> None:
     residual = float(background_log_likelihood(ghost, mean, log_sigma, level=0.1, dilation=1,
                                                residual_only=True))
     assert residual == pytest.approx(-0.5 * 4.0 * (16 + 12) / 192, rel=1e-6)
+    # Each pixel's 0.5 r^2 is capped at 12.5: one bright pixel (r = 40) counts 12.5, not 800.
+    bright = ghost.clone()
+    bright[..., 15, 15] = 20.0
+    capped = float(background_log_likelihood(bright, mean, log_sigma, level=0.1, dilation=1,
+                                             residual_only=True))
+    assert capped == pytest.approx(-(0.5 * 4.0 * (16 + 12) + 12.5) / 192, rel=1e-6)
 
     # Without dilation the background is 256 - 36 pixels; with no background at all: 0.0.
     undilated = float(background_log_likelihood(mean, mean, log_sigma, level=0.1, dilation=0))
