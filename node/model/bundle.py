@@ -330,14 +330,17 @@ def station_scoring(meta: dict[str, Any]) -> ScoreConfig | None:
     Why a second weighting: out of the box a score must not flag another scanner's normal
     series, so it leaves out what differs between scanners (the complexity correction, a heavy
     tail); a station's reference is that scanner's own normal, so what it learns may keep the
-    parts that see motion and ghosting (node/models/README.md).
+    parts that see motion and ghosting (node/models/README.md). It is that weighting alone:
+    the bundle's alternatives and background part are mapped onto the bundle's own score's
+    scale by calibration, which places them nowhere in particular on another weighting's.
     """
     over = meta.get("station_scoring")
     if over is None:
         return None
     if not isinstance(over, dict):
         raise TypeError(f"station_scoring must be an object, got {type(over).__name__}")
-    return ScoreConfig.from_dict({**meta["scoring"], **over})
+    return ScoreConfig.from_dict({**meta["scoring"], "alternatives": (), "background": None,
+                                  **over})
 
 
 def _sha256(path: Path) -> str:

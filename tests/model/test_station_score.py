@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from node.errors import ModelError
-from node.model.bundle import MODEL_JSON, load_bundle
+from node.model.bundle import MODEL_JSON, load_bundle, station_scoring
+from node.model.scoring import AlternativeScore, BackgroundPart, ScoreConfig
 from tests.helpers.tiny_bundle import calibrate_cli
 
 
@@ -58,6 +59,24 @@ def test_calibrate_writes_the_station_score_and_none_removes_it(tiny_bundle_path
     again = load_bundle(gone)
     assert "station_scoring" not in again.meta and again.station_scoring is None
     assert again.score_slices(images).station_score is None
+
+
+def test_the_station_score_is_the_weighting_alone() -> None:
+    # The bundle's alternatives and background part are mapped onto its own score's scale:
+    # the station weighting leaves them out and keeps the rest of the bundle's settings.
+    own = ScoreConfig(samples=8, tail_weight=1.0, alternatives=(
+        AlternativeScore(complexity_weight=1.0, tail_weight=0.0, max_series_shift=5.0,
+                         gain=2.0, offset=-10.0),),
+        background=BackgroundPart(statistic="residual", gain=9e4, offset=4e4))
+    meta = {"scoring": own.to_dict(), "station_scoring": {"complexity_weight": 1.0,
+                                                          "tail_weight": 8.0,
+                                                          "complexity": True}}
+    got = station_scoring(meta)
+    assert got is not None
+    assert got.alternatives == () and got.background is None
+    assert (got.samples, got.complexity, got.complexity_weight, got.tail_weight) == (
+        8, True, 1.0, 8.0)
+    assert station_scoring({"scoring": own.to_dict()}) is None
 
 
 @pytest.mark.parametrize(("setting", "message"), [
