@@ -261,8 +261,8 @@ def calibrate(
     background_statistic: Annotated[str | None, typer.Option(
         metavar="STATISTIC",
         help="What the background part averages: 'log_likelihood' (all terms, the default) "
-             "or 'residual' (-0.5 r^2 alone, without the decoder's -log sigma); needs "
-             "--background-part.")] = None,
+             "or 'residual' (-0.5 r^2 alone, each pixel's capped at 12.5, without the "
+             "decoder's -log sigma); needs --background-part.")] = None,
     site: Annotated[bool, typer.Option(
         "--site",
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
