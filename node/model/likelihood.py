@@ -19,7 +19,7 @@ The ELBO (E_q[log p(x,z) - log q(z|x)]) comes free with the importance samples; 
 attribute distributions to N(0, I) is closed-form (the "match likelihood": the smaller, the
 more normal). The decode of the posterior mean, done once for the reconstruction error, also
 gives the background log-likelihood and its residual term alone
-(:func:`background_log_likelihood`, the background part of :mod:`node.model.scoring`).
+(:func:`background_statistics`, the background part of :mod:`node.model.scoring`).
 
 Models only need ``encode(x) -> (mu, logvar)`` and ``decode(z) -> (mean, log_sigma)``, which
 lets the tests use a linear-Gaussian model whose log p(x) is known exactly.
@@ -83,6 +83,28 @@ class Estimate:
     background_residual: torch.Tensor
 
 
+def background_statistics(
+    x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
+    level: float = BACKGROUND_LEVEL, dilation: int = BACKGROUND_DILATION,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-likelihood, residual) per slice over the background, from one head mask and one
+    pass over the residuals: :func:`background_log_likelihood` without and with
+    ``residual_only``."""
+    head = (mean > level).to(x.dtype)
+    if dilation > 0 and head.dim() == 4:
+        head = F.max_pool2d(head, 2 * dilation + 1, stride=1, padding=dilation)
+    bg = (head < 0.5).to(x.dtype)
+    n = bg.flatten(1).sum(dim=1).clamp(min=1.0)
+    r = (x - mean) * torch.exp(-log_sigma)
+    half_r2 = 0.5 * r * r
+
+    def mean_over_bg(per_pixel: torch.Tensor) -> torch.Tensor:
+        return (per_pixel * bg).flatten(1).sum(dim=1) / n
+
+    ll = mean_over_bg(-half_r2 - log_sigma - 0.5 * LOG_2PI)
+    return ll, mean_over_bg(-half_r2.clamp(max=RESIDUAL_CAP))
+
+
 def background_log_likelihood(
     x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
     level: float = BACKGROUND_LEVEL, dilation: int = BACKGROUND_DILATION,
@@ -105,17 +127,8 @@ def background_log_likelihood(
     of its residual and flagged it (node/models/README.md). A ghost or a smear in the air
     shows in the residual either way.
     """
-    head = (mean > level).to(x.dtype)
-    if dilation > 0 and head.dim() == 4:
-        head = F.max_pool2d(head, 2 * dilation + 1, stride=1, padding=dilation)
-    bg = (head < 0.5).to(x.dtype)
-    r = (x - mean) * torch.exp(-log_sigma)
-    if residual_only:
-        ll = -(0.5 * r * r).clamp(max=RESIDUAL_CAP)
-    else:
-        ll = -0.5 * r * r - log_sigma - 0.5 * LOG_2PI
-    n = bg.flatten(1).sum(dim=1)
-    return (ll * bg).flatten(1).sum(dim=1) / n.clamp(min=1.0)
+    ll, residual = background_statistics(x, mean, log_sigma, level, dilation)
+    return residual if residual_only else ll
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -206,10 +219,8 @@ def estimate(
         ll = mcmc_log_likelihood(model, x, mu, logvar, samples, mcmc_burn_in, generator)
     mean0, log_sigma0 = model.decode(mu)
     rec = ((x - mean0) ** 2).flatten(1).mean(dim=1)
-    background = background_log_likelihood(x, mean0, log_sigma0, background_level,
-                                           background_dilation)
-    residual = background_log_likelihood(x, mean0, log_sigma0, background_level,
-                                         background_dilation, residual_only=True)
+    background, residual = background_statistics(x, mean0, log_sigma0, background_level,
+                                                 background_dilation)
     return Estimate(ll, kl, elbo, tail.mean(dim=1), rec, plain, background, residual)
 
 
