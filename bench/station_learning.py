@@ -5,7 +5,11 @@ trained on (its evaluation and calibration subjects): noise added (a fraction of
 percentile) or a contrast curve (gamma). Each subject's axial stack is scored once as the
 worker scores it, clean and with the end-to-end test's block of moderate TorchIO motion
 (slices 55-70, seed 0); a few subjects also as a whole series with moderate motion (a bad
-series a station may send while it learns). Then, over random splits, 20 of the subjects are
+series a station may send while it learns). The motion is applied to the IXI volume first and
+the site's change after it, as the site sweep does (:mod:`node.model.site_sweep`) and as a
+scanner does: its receiver noise is added to what the moving head gave, so the motion does
+not average the site's noise away (moving the noisy volume instead lowered the air's noise
+in the block and hid part of it; node/models/README.md). Then, over random splits, 20 of the subjects are
 a station's learning series (one of them replaced by a whole-motion series) and the others
 are held out:
 
@@ -68,11 +72,13 @@ MIN_ABNORMAL_SLICES = 3
 Scores = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def site(kind: str, vol: Volume, seed: int) -> Volume:
-    """``vol`` as the simulated site acquires it (``noise F`` or ``gamma G``)."""
+def site(kind: str, vol: Volume, seed: int, scale_of: Volume | None = None) -> Volume:
+    """``vol`` as the simulated site acquires it (``noise F`` or ``gamma G``), its noise level
+    and contrast curve set by the 99.5th percentile of ``scale_of`` (default ``vol``): a
+    corrupted volume gets the same as its clean one."""
     name, value = kind.split()
     d = vol.data.astype(np.float32)
-    hi = float(np.percentile(d, 99.5)) or 1.0
+    hi = float(np.percentile((scale_of or vol).data, 99.5)) or 1.0
     if name == "noise":
         d = np.clip(d + np.random.default_rng(seed).normal(0.0, float(value) * hi, d.shape),
                     0.0, None)
@@ -95,14 +101,16 @@ def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, 
     """Clean, motion-block and (for the first few) whole-motion scores per subject."""
     out: dict[str, Any] = {"clean": {}, "block": {}, "whole": {}}
     for i, subject in enumerate(subjects):
-        vol = site(kind, load_nifti(sorted(IXI.glob(f"{subject}*.nii.gz"))[0]), i)
+        raw = load_nifti(sorted(IXI.glob(f"{subject}*.nii.gz"))[0])
+        vol = site(kind, raw, i)
         out["clean"][subject] = score(bundle, vol)
-        moved = corrupt_volume(vol.data, vol.spacing, "motion", "moderate", 0)
-        block = splice_block(vol.data, moved, *BLOCK, axis=2)
+        moved = Volume(subject, corrupt_volume(raw.data, raw.spacing, "motion", "moderate",
+                                               0).astype(np.float32), raw.spacing, raw.source)
+        moved = site(kind, moved, i, scale_of=raw)  # the same noise draw as the clean one
+        block = splice_block(vol.data, moved.data, *BLOCK, axis=2)
         out["block"][subject] = score(bundle, Volume(subject, block, vol.spacing, vol.source))
         if i < WHOLE_MOTION:
-            out["whole"][subject] = score(bundle, Volume(subject, moved.astype(np.float32),
-                                                         vol.spacing, vol.source))
+            out["whole"][subject] = score(bundle, moved)
         print(f"  scored {subject} ({i + 1}/{len(subjects)})", flush=True)
     return out
 

@@ -56,9 +56,11 @@ SITE_NOISE = 0.02
 MOTION_BLOCK = (55, 70)
 
 
-def site_volume(volume: np.ndarray, seed: int) -> np.ndarray:
-    """The volume as the simulated site's scanner acquires it: noisier than IXI's."""
-    scale = float(np.percentile(volume, 99.5)) or 1.0
+def site_volume(volume: np.ndarray, seed: int, scale_of: np.ndarray | None = None,
+                ) -> np.ndarray:
+    """The volume as the simulated site's scanner acquires it: noisier than IXI's (the noise
+    a fraction of the 99.5th percentile of ``scale_of``, default ``volume``)."""
+    scale = float(np.percentile(volume if scale_of is None else scale_of, 99.5)) or 1.0
     noise = np.random.default_rng(seed).normal(0.0, SITE_NOISE * scale, volume.shape)
     return np.clip(volume + noise, 0.0, None).astype(np.float32)
 
@@ -79,13 +81,19 @@ def subjects() -> list[Path]:
 
 def write_site_series(nifti: Path, out: Path, seed: int, *, whole_motion: bool = False,
                       block: tuple[int, int] | None = None) -> WrittenSeries:
-    """A series of the site; the motion (whole or a block) is the e2e flow's, seed 0."""
-    volume, spacing = load_volume(nifti)
-    volume = site_volume(volume, seed)
+    """A series of the site; the motion (whole or a block) is the e2e flow's, seed 0.
+
+    The motion moves the IXI volume and the site's noise is added after it, as a scanner's
+    receiver adds it (and as the site sweep renders artifacts): moving a noisy volume averages
+    its noise away where the head moved, which no scanner does (node/models/README.md).
+    """
+    raw, spacing = load_volume(nifti)
+    volume = raw
     if whole_motion:
-        volume = motion_block(volume, spacing, (0, volume.shape[2]))
+        volume = motion_block(raw, spacing, (0, raw.shape[2]))
     elif block is not None:
-        volume = motion_block(volume, spacing, block)
+        volume = motion_block(raw, spacing, block)
+    volume = site_volume(volume, seed, scale_of=raw)
     return write_series(volume, spacing, out, station_name=STATION, series_description=PROTOCOL,
                         patient_id=nifti.name[:6],
                         corrupted=range(*block) if block is not None else ())
