@@ -9,9 +9,9 @@ series a station may send while it learns). The motion is applied to the IXI vol
 the site's change after it, as the site sweep does (:mod:`node.model.site_sweep`) and as a
 scanner does: its receiver noise is added to what the moving head gave, so the motion does
 not average the site's noise away (moving the noisy volume instead lowered the air's noise
-in the block and hid part of it; node/models/README.md). Then, over random splits, 20 of the subjects are
-a station's learning series (one of them replaced by a whole-motion series) and the others
-are held out:
+in the block and hid part of it; node/models/README.md). Then, over random splits, 20 of
+the subjects are a station's learning series (one of them replaced by a whole-motion series)
+and the others are held out:
 
 - slice FPR: flagged foreground slices of the held-out clean series (target: the bundle's
   target rate, 1%); series flagged: held-out clean series with at least 3 flagged slices

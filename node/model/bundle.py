@@ -41,7 +41,8 @@ from node.model.likelihood import (
     BACKGROUND_DILATION,
     BACKGROUND_LEVEL,
     ESTIMATORS,
-    background_log_likelihood,
+    BackgroundStatistics,
+    background_statistics,
     estimate,
 )
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
@@ -212,15 +213,23 @@ class Bundle:
 
     @torch.no_grad()
     def background_values(
-        self, x: torch.Tensor, *, batch_size: int = 64, device: str = "auto",
-        residual_only: bool = False, **settings: Any,
+        self, x: torch.Tensor, *, component: str = "background", batch_size: int = 64,
+        device: str = "auto", **settings: Any,
     ) -> np.ndarray:
-        """The ``background`` component alone, or with ``residual_only`` the
-        ``background_residual`` one (one encode and one decode per slice at z = the
-        posterior mean, no Monte-Carlo samples), for fitting the background part's series-shift
-        cap on many series; the same values as :meth:`components` gives with the same mask
-        settings (``settings``: keyword arguments of :func:`node.model.likelihood.estimate`
-        such as ``background_dilation``; default: the bundle's)."""
+        """One background component alone, ``background`` or ``background_residual`` (a
+        :class:`~node.model.scoring.BackgroundPart`'s ``component``), from one encode and one
+        decode per slice at z = the posterior mean (no Monte-Carlo samples), for fitting the
+        background part's series-shift cap on many series; the same values as
+        :meth:`components` gives with the same mask settings (``settings``: keyword arguments
+        of :func:`node.model.likelihood.estimate` such as ``background_dilation``; default:
+        the bundle's).
+
+        Raises:
+            ModelError: another component, or a bundle with a compression stage.
+        """
+        if component not in BackgroundStatistics._fields:
+            raise ModelError(f"unknown background component {component!r}; expected one of "
+                             f"{BackgroundStatistics._fields}")
         if self.feature_ae is not None:
             raise ModelError("the background part needs a pixel-space model (this bundle has a "
                              "compression stage)")
@@ -233,10 +242,9 @@ class Bundle:
             xb = x[start : start + batch_size].to(dev)
             mu, _ = model.encode(xb)
             mean, log_sigma = model.decode(mu)
-            bg = background_log_likelihood(
-                xb, mean, log_sigma, level, where.get("background_dilation", BACKGROUND_DILATION),
-                residual_only=residual_only)
-            out.append(bg.double().cpu().numpy())
+            stats = background_statistics(
+                xb, mean, log_sigma, level, where.get("background_dilation", BACKGROUND_DILATION))
+            out.append(getattr(stats, component).double().cpu().numpy())
         return np.concatenate(out)
 
     @property

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -83,12 +83,20 @@ class Estimate:
     background_residual: torch.Tensor
 
 
+class BackgroundStatistics(NamedTuple):
+    """The background's statistics per slice, named as the estimator components that hold
+    them."""
+
+    background: torch.Tensor
+    background_residual: torch.Tensor
+
+
 def background_statistics(
     x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
     level: float = BACKGROUND_LEVEL, dilation: int = BACKGROUND_DILATION,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-likelihood, residual) per slice over the background, from one head mask and one
-    pass over the residuals: :func:`background_log_likelihood` without and with
+) -> BackgroundStatistics:
+    """The log-likelihood and the residual per slice over the background, from one head mask
+    and one pass over the residuals: :func:`background_log_likelihood` without and with
     ``residual_only``."""
     head = (mean > level).to(x.dtype)
     if dilation > 0 and head.dim() == 4:
@@ -101,8 +109,8 @@ def background_statistics(
     def mean_over_bg(per_pixel: torch.Tensor) -> torch.Tensor:
         return (per_pixel * bg).flatten(1).sum(dim=1) / n
 
-    ll = mean_over_bg(-half_r2 - log_sigma - 0.5 * LOG_2PI)
-    return ll, mean_over_bg(-half_r2.clamp(max=RESIDUAL_CAP))
+    return BackgroundStatistics(mean_over_bg(-half_r2 - log_sigma - 0.5 * LOG_2PI),
+                                mean_over_bg(-half_r2.clamp(max=RESIDUAL_CAP)))
 
 
 def background_log_likelihood(

@@ -708,10 +708,11 @@ def fit_site_cap(
     """The series-shift cap of the background part, fitted as ``bench/select_score.py`` fits
     the other parts' caps: each NIfTI calibration volume's axial stack and its normal site
     variants (:func:`node.model.artifacts.site_variants`: contrast curves, smoothing, added
-    noise) give the ``quantile`` quantile of their foreground values of the ``background``
-    component, or of ``background_residual`` (computed with the mask ``settings``, keyword
-    arguments of :meth:`Bundle.background_values`); the cap is ``SITE_CAP_FACTOR`` times
-    the largest distance of any of them from the median over the unaltered stacks.
+    noise) give the ``quantile`` quantile of their foreground values of the part's component
+    (``background`` or ``background_residual``, computed with ``settings``: ``component`` and
+    the mask's, keyword arguments of :meth:`Bundle.background_values`); the cap is
+    ``SITE_CAP_FACTOR`` times the largest distance of any of them from the median over the
+    unaltered stacks.
 
     Returns:
         ``cap`` and, per variant name, the largest distance it needed (``needs``).
@@ -779,7 +780,7 @@ def recalibrate(
         part = BackgroundPart(**{**change, "max_series_shift": 0.0})
         if change.get("max_series_shift") is None:  # fit the cap on site variants
             fitted = fit_site_cap(bundle, cal, part.shift_quantile,
-                                  residual_only=part.statistic == "residual",
+                                  component=part.component,
                                   background_level=part.head_level,
                                   background_dilation=part.dilation)
             changes = {**changes, "background": {**change, "max_series_shift": fitted["cap"]}}

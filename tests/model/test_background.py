@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from node.errors import ModelError
 from node.model.bundle import load_bundle, save_bundle
 from node.model.data import load_nifti, plane_slices
 from node.model.likelihood import background_log_likelihood, estimate
@@ -25,6 +26,7 @@ from node.model.scoring import (
     series_shift,
     stack_scores,
 )
+from node.model.train import fit_site_cap
 from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibrate_cli, calibration_axial_scores
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,6 +203,25 @@ def test_model_json_without_the_part_round_trips_unchanged(tiny_bundle_path: Pat
     cheap = bundle.background_values(x, background_level=0.1, background_dilation=1,
                                      device="cpu")
     assert np.allclose(cheap, comp["background"])
+    residual = bundle.background_values(x, component="background_residual",
+                                        background_level=0.1, background_dilation=1,
+                                        device="cpu")
+    assert np.allclose(residual, comp["background_residual"])
+    assert not np.allclose(residual, cheap)
+    with pytest.raises(ModelError, match="unknown background component 'tail'"):
+        bundle.background_values(x, component="tail", device="cpu")
+
+
+def test_the_site_cap_is_fitted_on_the_parts_own_component(tiny_bundle_path: Path) -> None:
+    bundle = load_bundle(tiny_bundle_path)
+    volumes = [load_nifti(IXI / SUBJECTS[0])]
+    fits = {c: fit_site_cap(bundle, volumes, 0.75, component=c)
+            for c in ("background", "background_residual")}
+    for fitted in fits.values():
+        assert fitted["cap"] == pytest.approx(1.25 * max(fitted["needs"].values()))
+        assert fitted["cap"] > 0
+    # The residual leaves out the decoder's -log sigma, so its distances differ.
+    assert fits["background"]["needs"] != fits["background_residual"]["needs"]
 
 
 def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path: Path,
