@@ -5,13 +5,13 @@ trained on (its evaluation and calibration subjects): noise added (a fraction of
 percentile) or a contrast curve (gamma). Each subject's axial stack is scored once as the
 worker scores it, clean and with the end-to-end test's block of moderate TorchIO motion
 (slices 55-70, seed 0); a few subjects also as a whole series with moderate motion (a bad
-series a station may send while it learns). The motion is applied to the IXI volume first and
-the site's change after it, as the site sweep does (:mod:`node.model.site_sweep`) and as a
-scanner does: its receiver noise is added to what the moving head gave, so the motion does
-not average the site's noise away (moving the noisy volume instead lowered the air's noise
-in the block and hid part of it; node/models/README.md). Then, over random splits, 20 of
-the subjects are a station's learning series (one of them replaced by a whole-motion series)
-and the others are held out:
+series a station may send while it learns). The order is a scanner's
+(:func:`acquire_moving`): the noise site's noise is added after the motion, as a receiver adds
+it to what the moving head gave (moving the noisy volume instead averaged the site's noise
+away in the block and hid part of it; node/models/README.md), while the contrast curve is
+the tissue's signal and moves with the head. Then, over random splits, 20 of the subjects
+are a station's learning series (one of them replaced by a whole-motion series) and the
+others are held out:
 
 - slice FPR: flagged foreground slices of the held-out clean series (target: the bundle's
   target rate, 1%); series flagged: held-out clean series with at least 3 flagged slices
@@ -89,6 +89,21 @@ def site(kind: str, vol: Volume, seed: int, scale_of: Volume | None = None) -> V
     return Volume(vol.subject, d.astype(np.float32), vol.spacing, vol.source)
 
 
+def acquire_moving(kind: str, raw: Volume, clean: Volume, seed: int) -> Volume:
+    """The subject at site ``kind``, moving (moderate motion, seed 0), in the order a scanner
+    gives: a contrast curve is the tissue's signal, so it moves with the head (``clean``, the
+    site's rendering, is moved); noise is the receiver's, added to what the moving head gave
+    (``raw`` is moved, then the site's noise added with the same draw and scale as
+    ``clean``'s)."""
+    if kind.split()[0] == "gamma":
+        return Volume(raw.subject, corrupt_volume(clean.data, clean.spacing, "motion",
+                                                  "moderate", 0).astype(np.float32),
+                      clean.spacing, clean.source)
+    moved = Volume(raw.subject, corrupt_volume(raw.data, raw.spacing, "motion", "moderate",
+                                               0).astype(np.float32), raw.spacing, raw.source)
+    return site(kind, moved, seed, scale_of=raw)
+
+
 def score(bundle: Bundle, vol: Volume) -> Scores:
     images, spacing = plane_slices(vol, "axial")
     s = bundle.score_slices(list(images), [spacing] * len(images), plane="axial",
@@ -104,9 +119,7 @@ def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, 
         raw = load_nifti(sorted(IXI.glob(f"{subject}*.nii.gz"))[0])
         vol = site(kind, raw, i)
         out["clean"][subject] = score(bundle, vol)
-        moved = Volume(subject, corrupt_volume(raw.data, raw.spacing, "motion", "moderate",
-                                               0).astype(np.float32), raw.spacing, raw.source)
-        moved = site(kind, moved, i, scale_of=raw)  # the same noise draw as the clean one
+        moved = acquire_moving(kind, raw, vol, i)
         block = splice_block(vol.data, moved.data, *BLOCK, axis=2)
         out["block"][subject] = score(bundle, Volume(subject, block, vol.spacing, vol.source))
         if i < WHOLE_MOTION:
