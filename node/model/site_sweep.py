@@ -8,11 +8,14 @@ series:
 
 - clean: the fraction of its foreground slices flagged at the bundle's threshold (the false
   positive rate a department with that scanner would see out of the box);
-- with an artifact: the volume is corrupted in 3D first (:mod:`node.model.artifacts`), then
-  rendered by the same site, and a block of ``block_fraction`` of the foreground slices is
-  spliced into the clean rendering; position-matched AUROC of the block's slices against the
-  same positions of the clean rendering, and the fraction of the block flagged at the
-  threshold.
+- with an artifact: the volume is corrupted in 3D (:mod:`node.model.artifacts`) in the order
+  a scanner gives (:func:`with_artifact`: first, then rendered by the site, for a change in
+  the acquisition or after it, such as the receiver's noise, which a motion must not average
+  away; after the site's rendering for a change of the tissue's signal, such as another
+  sequence's contrast, which moves with the head), and a block of ``block_fraction`` of the
+  foreground slices is spliced into the clean rendering; position-matched AUROC of the
+  block's slices against the same positions of the clean rendering, and the fraction of the
+  block flagged at the threshold.
 
 The unchanged volume is the first row (``training scanner``), so each site reads against it.
 """
@@ -31,7 +34,7 @@ from node.model.artifacts import corrupt_volume, splice_block
 from node.model.bundle import Bundle
 from node.model.data import Volume, plane_slices, slice_spacing
 from node.model.evaluate import auroc
-from node.model.sites import SITES, STRENGTHS, render
+from node.model.sites import SITES, STRENGTHS, render, site_by_name
 
 #: The label of the unchanged volumes in the sweep's tables.
 UNCHANGED = "training scanner"
@@ -54,6 +57,23 @@ def _axial(bundle: Bundle, vol: Volume) -> tuple[np.ndarray, np.ndarray]:
     s = bundle.score_slices(list(images), [spacing] * len(images), plane="axial",
                             slice_spacing_mm=slice_spacing(vol, "axial"))
     return s.log_likelihood, s.foreground
+
+
+def with_artifact(vol: Volume, clean: Volume, site: str, make: Callable[[Volume], Volume],
+                  artifact: str, severity: str, seed: int,
+                  corrupted: np.ndarray | None = None) -> Volume:
+    """``vol`` at ``site`` (``clean`` is its rendering by ``make``) with ``artifact``.
+
+    A site that changes the tissue's signal (:attr:`node.model.sites.Site.signal`) is
+    corrupted after its rendering; any other is rendered from the corrupted volume
+    (``corrupted``, the volume with the artifact at ``seed``, when the caller already has it).
+    """
+    if site != UNCHANGED and site_by_name(site).signal:
+        bad = corrupt_volume(clean.data, clean.spacing, artifact, severity, seed)
+        return Volume(vol.subject, bad.astype(np.float32), clean.spacing, clean.source)
+    if corrupted is None:
+        corrupted = corrupt_volume(vol.data, vol.spacing, artifact, severity, seed)
+    return make(Volume(vol.subject, corrupted, vol.spacing, vol.source))
 
 
 def _variants(vol: Volume, cfg: SweepConfig, seed: int) -> list[tuple[str, str, Callable]]:
@@ -79,8 +99,9 @@ def sweep(bundle: Bundle, volumes: Sequence[Volume], cfg: SweepConfig,
     acc: dict[tuple[str, str], dict[str, Any]] = {}
     for si, vol in enumerate(volumes):
         say(f"site sweep: subject {vol.subject} ({si + 1}/{len(volumes)})")
-        corrupted = {a: corrupt_volume(vol.data, vol.spacing, a, cfg.severity,
-                                       int(rng.integers(0, 2**31 - 1))) for a in cfg.artifacts}
+        seeds = {a: int(rng.integers(0, 2**31 - 1)) for a in cfg.artifacts}
+        corrupted = {a: corrupt_volume(vol.data, vol.spacing, a, cfg.severity, seeds[a])
+                     for a in cfg.artifacts}
         for site, strength, make in _variants(vol, cfg, cfg.seed + si):
             clean = make(vol)
             score, fg = _axial(bundle, clean)
@@ -92,7 +113,8 @@ def sweep(bundle: Bundle, volumes: Sequence[Volume], cfg: SweepConfig,
             length = max(1, round(cfg.block_fraction * fg_idx.size))
             start = int(fg_idx[0] + rng.integers(0, fg_idx.size - length + 1))
             for artifact, bad in corrupted.items():
-                rendered = make(Volume(vol.subject, bad, vol.spacing, vol.source))
+                rendered = with_artifact(vol, clean, site, make, artifact, cfg.severity,
+                                         seeds[artifact], corrupted=bad)
                 spliced = splice_block(clean.data, rendered.data, start, start + length)
                 s_bad, _ = _axial(bundle, Volume(vol.subject, spliced, clean.spacing, ""))
                 block = slice(start, start + length)

@@ -151,10 +151,21 @@ def zeroed_air(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
 
 @dataclass(frozen=True)
 class Site:
-    """One simulated way of differing from the training scanner."""
+    """One simulated way of differing from the training scanner.
+
+    Attributes:
+        name: what the sweep's tables call it.
+        render: the change, applied to a whole volume.
+        signal: the change is the tissue's signal (another sequence's contrast), which moves
+            with the head, so an artifact of the acquisition (motion, a spike, noise) acts on
+            the site's rendering; the other changes happen in the acquisition or after it
+            (the receiver's noise, resolution, k-space filters, geometry, units, an export)
+            and act on what the artifact left.
+    """
 
     name: str
     render: Callable[[Volume, str, np.random.Generator], Volume]
+    signal: bool = False
 
     @property
     def description(self) -> str:
@@ -167,8 +178,8 @@ SITES: tuple[Site, ...] = (
     Site("apodized", apodized),
     Site("zero_filled", zero_filled),
     Site("noisier", noisier),
-    Site("flatter_contrast", flatter_contrast),
-    Site("steeper_contrast", steeper_contrast),
+    Site("flatter_contrast", flatter_contrast, signal=True),
+    Site("steeper_contrast", steeper_contrast, signal=True),
     Site("bias_field", bias_field),
     Site("shifted", shifted),
     Site("partial_coverage", partial_coverage),

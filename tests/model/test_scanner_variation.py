@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from node.model.artifacts import corrupt_volume
 from node.model.augment import (
     AugmentConfig,
     fov_edges,
@@ -22,8 +23,8 @@ from node.model.augment import (
 from node.model.bundle import load_bundle
 from node.model.data import Volume, load_nifti, plane_slices
 from node.model.preprocess import PreprocessConfig, preprocess_stack
-from node.model.site_sweep import UNCHANGED, SweepConfig, sweep, write_sweep
-from node.model.sites import SITES, STRENGTHS, render
+from node.model.site_sweep import UNCHANGED, SweepConfig, sweep, with_artifact, write_sweep
+from node.model.sites import SITES, STRENGTHS, render, site_by_name
 from tests.helpers.tiny_bundle import IXI
 
 
@@ -127,11 +128,13 @@ def test_head_centring_puts_an_off_centre_head_in_the_middle() -> None:
 def test_site_sweep_reports_each_site(tiny_bundle_path: Path, tmp_path: Path,
                                       ixi_volume: Volume) -> None:
     bundle = load_bundle(tiny_bundle_path)
-    cfg = SweepConfig(artifacts=("spike",), sites=("noisier", "thick_slices"))
+    cfg = SweepConfig(artifacts=("spike",), sites=("noisier", "thick_slices",
+                                                   "flatter_contrast"))
     result = sweep(bundle, [ixi_volume], cfg)
     names = [(r["site"], r["strength"]) for r in result["rows"]]
     assert names == [(UNCHANGED, ""), ("noisier", "mild"), ("noisier", "strong"),
-                     ("thick_slices", "mild"), ("thick_slices", "strong")]
+                     ("thick_slices", "mild"), ("thick_slices", "strong"),
+                     ("flatter_contrast", "mild"), ("flatter_contrast", "strong")]
     for row in result["rows"]:
         assert row["clean_slices"] > 0 and 0.0 <= row["flagged"] <= 1.0
         spike = row["artifacts"]["spike"]
@@ -139,6 +142,33 @@ def test_site_sweep_reports_each_site(tiny_bundle_path: Path, tmp_path: Path,
     text = write_sweep(result, tmp_path)
     assert "| noisier | strong |" in text
     assert json.loads((tmp_path / "sites.json").read_text())["rows"][0]["site"] == UNCHANGED
+
+
+def test_artifacts_act_on_a_contrast_site_after_it_and_before_the_others(
+    ixi_volume: Volume,
+) -> None:
+    def volume(data: np.ndarray) -> Volume:
+        return Volume(ixi_volume.subject, data, ixi_volume.spacing, ixi_volume.source)
+
+    spiked = corrupt_volume(ixi_volume.data, ixi_volume.spacing, "spike", "moderate", 3)
+    for site, signal in (("flatter_contrast", True), ("noisier", False)):
+        assert site_by_name(site).signal is signal
+
+        def make(v: Volume, site: str = site) -> Volume:
+            return render(v, site, "strong", seed=0)
+
+        clean = make(ixi_volume)
+        got = with_artifact(ixi_volume, clean, site, make, "spike", "moderate", 3)
+        after = corrupt_volume(clean.data, clean.spacing, "spike", "moderate", 3)
+        before = make(volume(spiked)).data
+        # The contrast is the tissue's signal: the spike hits the site's rendering. The
+        # receiver's noise is added to what the spike left (the two orders differ).
+        assert np.array_equal(got.data, after if signal else before)
+        assert not np.allclose(after, before)
+        # The sweep passes the corrupted volume it already has: the same result.
+        again = with_artifact(ixi_volume, clean, site, make, "spike", "moderate", 3,
+                              corrupted=spiked)
+        assert np.array_equal(again.data, got.data)
 
 
 def test_plane_of_rendered_site_is_still_sliced(ixi_volume: Volume) -> None:
