@@ -2,7 +2,8 @@
 
 A site is simulated by one change applied to whole IXI volumes of subjects the bundle never
 trained on (its evaluation and calibration subjects): noise added (a fraction of the 99.5th
-percentile) or a contrast curve (gamma). Each subject's axial stack is scored once as the
+percentile) or a contrast curve (gamma, faded in above the noise floor:
+:func:`node.model.sites.contrast_curve`). Each subject's axial stack is scored once as the
 worker scores it, clean and with the end-to-end test's block of moderate TorchIO motion
 (slices 55-70, seed 0); a few subjects also as a whole series with moderate motion (a bad
 series a station may send while it learns). The order is a scanner's
@@ -54,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from node.model.artifacts import corrupt_volume, splice_block  # noqa: E402
 from node.model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
+from node.model.sites import contrast_curve  # noqa: E402
 from node.worker.learning import (  # noqa: E402
     LearningSeries,
     build_reference,
@@ -83,7 +85,7 @@ def site(kind: str, vol: Volume, seed: int, scale_of: Volume | None = None) -> V
         d = np.clip(d + np.random.default_rng(seed).normal(0.0, float(value) * hi, d.shape),
                     0.0, None)
     elif name == "gamma":
-        d = hi * np.clip(d / hi, 0.0, None) ** float(value)
+        d = hi * contrast_curve(np.clip(d / hi, 0.0, None), float(value))
     else:
         raise ValueError(f"unknown site change {kind!r}")
     return Volume(vol.subject, d.astype(np.float32), vol.spacing, vol.source)

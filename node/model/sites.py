@@ -77,9 +77,31 @@ def noisier(vol: Volume, strength: str, rng: np.random.Generator) -> Volume:
     return replace(vol, data=np.hypot(real, imag).astype(np.float32))
 
 
+#: The contrast curve's fade-in (fractions of the robust maximum): none at or below the
+#: noise floor, all of it from dark tissue up.
+CONTRAST_FLOOR = 0.02
+CONTRAST_FULL = 0.3
+
+
+def contrast_curve(x: np.ndarray, gamma: float) -> np.ndarray:
+    """``x`` (fractions of the robust maximum) through a gamma curve that leaves the noise
+    floor alone.
+
+    Another sequence's contrast is the tissue's signal; the receiver's noise is added after
+    it and keeps its amplitude. A plain gamma curve of 0.65 has an unbounded slope at 0 and
+    raised the air's noise about fourfold (rms of the volume corners, 0.2-0.5% of the robust
+    maximum -> 0.9-1.9% on IXI volumes; the real Prisma FLASH series, whose contrast is the
+    flatter one, have 0.25-0.57%), and a curve of 1.5 all but removed it. Here the curve is
+    faded in by a smoothstep from ``CONTRAST_FLOOR`` to ``CONTRAST_FULL``: unit slope in the
+    air, the whole curve in tissue; monotone for curves of 0.65 to 1.5.
+    """
+    t = np.clip((x - CONTRAST_FLOOR) / (CONTRAST_FULL - CONTRAST_FLOOR), 0.0, 1.0)
+    return x + t * t * (3.0 - 2.0 * t) * (x ** gamma - x)
+
+
 def _gamma(vol: Volume, gamma: float) -> Volume:
     hi = _robust_max(vol.data)
-    data = (np.clip(vol.data, 0, None) / hi) ** gamma * hi
+    data = contrast_curve(np.clip(vol.data, 0, None) / hi, gamma) * hi
     return replace(vol, data=data.astype(np.float32))
 
 

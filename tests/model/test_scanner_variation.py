@@ -24,7 +24,15 @@ from node.model.bundle import load_bundle
 from node.model.data import Volume, load_nifti, plane_slices
 from node.model.preprocess import PreprocessConfig, preprocess_stack
 from node.model.site_sweep import UNCHANGED, SweepConfig, sweep, with_artifact, write_sweep
-from node.model.sites import SITES, STRENGTHS, render, site_by_name
+from node.model.sites import (
+    CONTRAST_FLOOR,
+    CONTRAST_FULL,
+    SITES,
+    STRENGTHS,
+    contrast_curve,
+    render,
+    site_by_name,
+)
 from tests.helpers.tiny_bundle import IXI
 
 
@@ -142,6 +150,27 @@ def test_site_sweep_reports_each_site(tiny_bundle_path: Path, tmp_path: Path,
     text = write_sweep(result, tmp_path)
     assert "| noisier | strong |" in text
     assert json.loads((tmp_path / "sites.json").read_text())["rows"][0]["site"] == UNCHANGED
+
+
+def test_the_contrast_curve_leaves_the_noise_floor_alone() -> None:
+    x = np.linspace(0.0, 1.2, 12001)
+    for gamma in (0.65, 0.8, 1.25, 1.5):
+        y = contrast_curve(x, gamma)
+        air, tissue = x <= CONTRAST_FLOOR, x >= CONTRAST_FULL
+        assert np.array_equal(y[air], x[air])  # the receiver's noise keeps its amplitude
+        assert np.allclose(y[tissue], x[tissue] ** gamma)  # the tissue gets the whole curve
+        assert (np.diff(y) > 0).all()  # no two intensities swap
+
+
+def test_a_contrast_site_keeps_the_airs_noise(ixi_volume: Volume) -> None:
+    def corner_rms(data: np.ndarray) -> float:
+        corner = np.concatenate([data[:10, :10].ravel(), data[-10:, -10:].ravel()])
+        return float(np.sqrt(np.mean(corner ** 2)) / np.percentile(data, 99.5))
+
+    before = corner_rms(ixi_volume.data)
+    for site in ("flatter_contrast", "steeper_contrast"):
+        after = corner_rms(render(ixi_volume, site, "strong").data)
+        assert after == pytest.approx(before, rel=0.1)
 
 
 def test_artifacts_act_on_a_contrast_site_after_it_and_before_the_others(
