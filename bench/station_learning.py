@@ -15,22 +15,26 @@ are a station's learning series (one of them replaced by a whole-motion series) 
 others are held out:
 
 - slice FPR: flagged foreground slices of the held-out clean series (target: the bundle's
-  target rate, 1%); series flagged: held-out clean series with at least 3 flagged slices
-  (the shipped routing rule's ``min_abnormal_slices``);
+  target rate, 1%); series flagged: held-out clean series with at least as many flagged
+  slices as the series needs (the shipped routing rule's ``min_abnormal_slices``, 3, or the
+  node's learned count where that is more: ``Reference.min_flagged``);
 - motion block: flagged slices of the motion block, for the held-out subjects that have one;
-  motion series flagged: held-out series with the motion block that have at least 3 flagged
-  slices (what the technologist sees: the series' verdict);
+  motion series flagged: held-out series with the motion block that have at least that many
+  flagged slices (what the technologist sees: the series' verdict);
+- slices needed: that count (mean over splits);
 - left out: learning series the rule left out (mean over splits).
 
 ``--bad`` sets how many of the 20 learning series are bad: 0, 1 (a whole series with moderate
 motion) or 3 (that, and two with the motion block). Rows: the bundle out of the box; the
 node's reference (``node.worker.learning``: outliers below the other series, by median or by
-10th percentile, left out); the rule the node first had (the worst 20% by median and by 10th
-percentile left out); nothing left out; only the bad series left out (an oracle no station
-has: what the robust rules aim at); and a candidate that takes the node's kept series but
-sets the quantile level by leaving one series out (the level at which each kept series,
-judged by the others' low, is flagged at the target rate on average), against the small
-number of series. A bundle with a station score (``station_scoring`` in ``model.json``) is
+10th percentile, left out; the series count it learns); the same with the routing rule's 3
+slices alone (the node before 2026-12-06); the rule the node first had (the worst 20% by
+median and by 10th percentile left out); nothing left out; only the bad series left out
+(an oracle no station has: what the robust rules aim at); and a candidate that takes the
+node's kept series but sets the quantile level by leaving one series out (the level at which
+each kept series, judged by the others' low, is flagged at the target rate on average),
+against the small number of series. Every row but the node's uses the routing rule's 3
+slices. A bundle with a station score (``station_scoring`` in ``model.json``) is
 judged out of the box by its own score and, learned, by the station score, as the node does.
 
     .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
@@ -130,31 +134,40 @@ def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, 
     return out
 
 
-Rule = Callable[[list[np.ndarray], set[int], float], tuple[float, int]]
+#: (the station's low, learning series left out, the slices below it a series needs before
+#: the routing rule's floor)
+Rule = Callable[[list[np.ndarray], set[int], float], tuple[float, int, int]]
 
 
-def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
     built = build_reference([LearningSeries(i, v) for i, v in enumerate(series)], fpr)
-    return built.low, len(built.selection.trimmed)
+    return built.low, len(built.selection.trimmed), built.min_flagged
 
 
-def worst_fifth(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+def node_low_alone(series: list[np.ndarray], bad: set[int],
+                   fpr: float) -> tuple[float, int, int]:
+    """The node's low with the routing rule's slices alone (before it learned a count)."""
+    low, left_out, _ = node_rule(series, bad, fpr)
+    return low, left_out, 1
+
+
+def worst_fifth(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
     """The node's first rule: the worst 20% by median and by 10th percentile left out."""
     summary = np.array([series_summary(v) for v in series])
     count = int(0.2 * len(series))
     worst = set(np.argsort(summary[:, 0], kind="stable")[:count]) | set(
         np.argsort(summary[:, 1], kind="stable")[:count])
     kept = [v for i, v in enumerate(series) if i not in worst]
-    return float(np.quantile(np.concatenate(kept), fpr)), len(worst)
+    return float(np.quantile(np.concatenate(kept), fpr)), len(worst), 1
 
 
-def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
-    return float(np.quantile(np.concatenate(series), fpr)), 0
+def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
+    return float(np.quantile(np.concatenate(series), fpr)), 0, 1
 
 
-def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
     kept = [v for i, v in enumerate(series) if i not in bad]
-    return float(np.quantile(np.concatenate(kept), fpr)), len(bad)
+    return float(np.quantile(np.concatenate(kept), fpr)), len(bad), 1
 
 
 def leave_one_out_level(kept: list[np.ndarray], fpr: float) -> float:
@@ -169,16 +182,19 @@ def leave_one_out_level(kept: list[np.ndarray], fpr: float) -> float:
     return float(fitting.max()) if fitting.size else float(levels[0])
 
 
-def leave_one_out(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int]:
+def leave_one_out(series: list[np.ndarray], bad: set[int],
+                  fpr: float) -> tuple[float, int, int]:
     selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
     kept = [series[i] for i in selection.kept]
     return (float(np.quantile(np.concatenate(kept), leave_one_out_level(kept, fpr))),
-            len(selection.trimmed))
+            len(selection.trimmed), 1)
 
 
 RULES: dict[str, Rule | None] = {
     "out of the box": None,
-    "learned (the node: outliers left out)": node_rule,
+    "learned (the node: outliers left out, the series count learned)": node_rule,
+    "learned, outliers left out, the routing rule's 3 slices (the node before 2026-12-06)":
+        node_low_alone,
     "learned, worst 20% left out (the first rule)": worst_fifth,
     "learned, nothing left out": untrimmed,
     "learned, only the bad series left out (oracle)": oracle,
@@ -187,14 +203,15 @@ RULES: dict[str, Rule | None] = {
 
 
 #: What ``evaluate`` averages per rule, in the table's order.
-COLUMNS = ("slices", "series", "block", "caught", "left")
+COLUMNS = ("slices", "series", "block", "caught", "needs", "left")
 
 
 def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
              bad: int) -> dict[str, dict[str, float]]:
     """Per rule over random splits, with ``bad`` bad learning series, the mean of each of
     ``COLUMNS``: held-out normal slices flagged, normal series flagged, motion-block slices
-    flagged, motion-block series flagged, learning series left out."""
+    flagged, motion-block series flagged, slices a series needs, learning series left
+    out."""
     threshold = bundle.threshold
     subjects = list(scores["clean"])
     own = {s: v[0][v[2]] for s, v in scores["clean"].items()}
@@ -223,20 +240,22 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
             # exactly when its station score (the bundle's own where it declares none) is
             # below the low (node.worker.learning).
             if build is None:
-                low, left_out, judged, k = threshold, 0, own, 0
+                low, left_out, least, judged, k = threshold, 0, 1, own, 0
             else:
-                (low, left_out), judged, k = build(series, spoiled, bundle.target_fpr), learned, 1
+                (low, left_out, least), judged, k = (build(series, spoiled, bundle.target_fpr),
+                                                     learned, 1)
+            needs = max(MIN_ABNORMAL_SLICES, least)
             flagged = [judged[s] < low for s in held]
             sums[rule]["slices"].append(float(np.mean(np.concatenate(flagged))))
-            sums[rule]["series"].append(float(np.mean([f.sum() >= MIN_ABNORMAL_SLICES
-                                                       for f in flagged])))
+            sums[rule]["series"].append(float(np.mean([f.sum() >= needs for f in flagged])))
+            sums[rule]["needs"].append(float(needs))
             sums[rule]["left"].append(float(left_out))
             for s in held:
                 sc, f = scores["block"][s][k], scores["block"][s][2]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
                 sums[rule]["block"].append(float(np.mean(sc[inside & f] < low)))
-                sums[rule]["caught"].append(float((sc[f] < low).sum() >= MIN_ABNORMAL_SLICES))
+                sums[rule]["caught"].append(float((sc[f] < low).sum() >= needs))
     return {rule: {c: float(np.mean(v)) for c, v in values.items()}
             for rule, values in sums.items()}
 
@@ -278,11 +297,11 @@ def main() -> None:
           f"{len(subjects) - LEARNING} held out, {args.splits} splits\n")
     print("| simulated site | bad learning series | reference | held-out normal slices flagged "
           "| held-out normal series flagged | motion block flagged | motion series flagged "
-          "| series left out |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, bad, rule, fpr, flagged, block, caught, left in rows:
+          "| slices a series needs | series left out |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, bad, rule, fpr, flagged, block, caught, needs, left in rows:
         print(f"| {kind} | {bad} | {rule} | {100 * fpr:.2f}% | {100 * flagged:.1f}% | "
-              f"{100 * block:.1f}% | {100 * caught:.1f}% | {left:.1f} |")
+              f"{100 * block:.1f}% | {100 * caught:.1f}% | {needs:.1f} | {left:.1f} |")
 
 
 if __name__ == "__main__":

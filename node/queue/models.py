@@ -277,9 +277,15 @@ class StationReference(Base):
     series_trimmed: Mapped[int | None] = mapped_column(Integer)
     series_excluded: Mapped[int | None] = mapped_column(Integer)
     slices: Mapped[int | None] = mapped_column(Integer)
-    #: Kept learning series the reference would have flagged (node.worker.learning): about
-    #: the share of the station's normal series it will flag (revision 0016).
+    #: Kept learning series that a reference built from the other kept ones would have
+    #: flagged (leave one out, since revision 0017; before, the kept series its own low
+    #: flagged with the rule's count): about the share of the station's normal series it will
+    #: flag (revision 0016; node.worker.learning).
     series_flagged: Mapped[int | None] = mapped_column(Integer)
+    #: Slices below the low from which the station's series are abnormal, as learned from its
+    #: normal series (node.worker.learning; the routing rule's count is the floor); NULL while
+    #: learning and for references calibrated before revision 0017 (the rule's count alone).
+    min_flagged: Mapped[int | None] = mapped_column(Integer)
     #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
     #: series), or None.
     note: Mapped[str | None] = mapped_column(Text)

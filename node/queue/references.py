@@ -219,7 +219,7 @@ def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningR
 def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: float,
                     bundle_median: float, bundle_threshold: float, target_fpr: float,
                     used: int, trimmed: int, excluded: int, slices: int,
-                    series_flagged: int) -> None:
+                    series_flagged: int, min_flagged: int) -> None:
     """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock)."""
     session.execute(
         update(StationReference)
@@ -228,7 +228,7 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
                 bundle_median=bundle_median, bundle_threshold=bundle_threshold,
                 target_fpr=target_fpr, series_used=used, series_trimmed=trimmed,
                 series_excluded=excluded, slices=slices, series_flagged=series_flagged,
-                note=None)
+                min_flagged=min_flagged, note=None)
         .execution_options(synchronize_session=False))
 
 
@@ -303,6 +303,7 @@ class ReferenceView:
     series_used: int | None
     series_trimmed: int | None
     series_flagged: int | None
+    min_flagged: int | None
     note: str | None
     superseded_at: datetime | None
     superseded_by: str | None
@@ -326,7 +327,7 @@ def reference_views(session: Session, *, superseded: bool = False) -> list[Refer
                           created_at=r.created_at, calibrated_at=r.calibrated_at,
                           centre=r.centre, low=r.low, series_used=r.series_used,
                           series_trimmed=r.series_trimmed, series_flagged=r.series_flagged,
-                          note=r.note,
+                          min_flagged=r.min_flagged, note=r.note,
                           superseded_at=r.superseded_at, superseded_by=r.superseded_by,
                           superseded_note=r.superseded_note)
             for r in rows]
@@ -346,8 +347,10 @@ def reference_note(state: str | None, reference: StationReference | None, *,
         when = f"{reference.calibrated_at:%Y-%m-%d}" if reference.calibrated_at else "?"
         used = reference.series_used or 0
         total = used + (reference.series_trimmed or 0) + (reference.series_excluded or 0)
+        count = (f"; its normal series reach up to {reference.min_flagged - 1} slices below "
+                 "its low" if reference.min_flagged else "")
         return (f"Reference: calibrated for station {key_of(reference).label}, from {used} "
-                f"of {total} learning series on {when}")
+                f"of {total} learning series on {when}{count}")
     if state == LEARNING and reference is not None:
         return (f"Reference: out of the box (station learning, {min(learned, needed)} of "
                 f"{needed} series)")

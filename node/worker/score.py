@@ -356,7 +356,8 @@ def process_series(
             study_instance_uid=attrs.study_instance_uid or series.study_instance_uid,
             series_instance_uid=uid,
             slices=judgement.slices,
-            min_abnormal_slices=decision.rule.min_abnormal_slices,
+            min_abnormal_slices=judgement.min_abnormal_slices(
+                decision.rule.min_abnormal_slices),
             threshold=scored.threshold,
             estimator=scored.estimator,
             model_name=bundle.name,

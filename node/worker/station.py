@@ -4,9 +4,11 @@ The worker scores a series with the bundle as before, then asks here which refer
 it (:func:`judge`): while its station is ``learning`` the bundle's own verdict stands (out of
 the box, and said so in the report); once ``calibrated`` each slice score is mapped onto the
 bundle's scale through the station's centre and low (:mod:`node.worker.learning`) and judged
-against the same threshold. The score learned and mapped is the bundle's station score where
-it declares one (``station_scoring``: a weighting that sees motion but would flag other
-scanners' normal series out of the box), else its own. Inside the transaction that stores
+against the same threshold; the series is then abnormal from as many such slices as the
+station's normal series showed it to need (never fewer than the routing rule's). The score
+learned and mapped is the bundle's station score where it declares one (``station_scoring``:
+a weighting that sees motion but would flag other scanners' normal series out of the box),
+else its own. Inside the transaction that stores
 the verdict the worker calls :func:`settle_reference`: when that series makes the
 ``[learning].series``-th of its station, the reference is built from them, once, under the
 reference's row lock.
@@ -80,12 +82,21 @@ class Judgement:
         reference_id: the reference's row, or None (learning off, or no station to learn).
         state: ``learning`` or ``calibrated``; None when no reference judged.
         note: the "Reference: ..." line of the report and the dashboard.
+        min_flagged: once calibrated, the slices that make a series of this station abnormal
+            as its reference learned them (the routing rule's count is the floor); None
+            while learning, and for references calibrated before they learned it.
     """
 
     slices: tuple[SliceVerdict, ...]
     reference_id: int | None
     state: str | None
     note: str
+    min_flagged: int | None = None
+
+    def min_abnormal_slices(self, rule_count: int) -> int:
+        """The flagged slices that make this series abnormal: the routing rule's count, or the
+        station's learned one where that is more."""
+        return max(rule_count, self.min_flagged or 0)
 
 
 def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
@@ -133,7 +144,8 @@ def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
         if reference.state == refs.CALIBRATED:
             mapped = apply_reference(slices, reference, threshold, scale.quantiles)
             return Judgement(mapped, reference.id, refs.CALIBRATED,
-                             refs.reference_note(refs.CALIBRATED, reference))
+                             refs.reference_note(refs.CALIBRATED, reference),
+                             reference.min_flagged)
         earlier = [i for i in refs.learning_series_ids(session, reference.id) if i != series_id]
         note = refs.reference_note(refs.LEARNING, reference, learned=len(earlier) + 1,
                                    needed=learning.series)
@@ -187,10 +199,11 @@ def settle_reference(session: Session, learning: LearningSettings, reference_id:
                          target_fpr=scale.target_fpr, used=len(built.selection.kept),
                          trimmed=len(built.selection.trimmed),
                          excluded=len(built.selection.excluded), slices=built.slices,
-                         series_flagged=built.series_flagged)
-    log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g; "
-             "it flags %d of those series", len(built.selection.kept),
-             len(built.selection.trimmed), built.centre, built.low, built.series_flagged,
+                         series_flagged=built.series_flagged, min_flagged=built.min_flagged)
+    log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g, "
+             "series abnormal from %d slices below it; left out in turn, %d of those series "
+             "are flagged", len(built.selection.kept), len(built.selection.trimmed),
+             built.centre, built.low, built.min_flagged, built.series_flagged,
              extra={"station": label, "reference_id": reference_id})
     return True
 

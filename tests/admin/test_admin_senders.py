@@ -256,6 +256,9 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     # How many of its learning series the reference flags: what to expect once calibrated.
     assert row.series_flagged is not None and row.series_used == 5
     assert f'<td class="num series-flagged">{row.series_flagged} of 5</td>' in shown
+    assert row.min_flagged is not None
+    assert (f'<td class="num min-flagged">{row.min_flagged} '
+            f'slice{"" if row.min_flagged == 1 else "s"}</td>') in shown
     shown = html.split(f'data-id="{learning.id}"', 1)[1].split("</tr>", 1)[0]
     assert 'data-state="learning"' in shown and "1 of 5" in shown
     assert "earlier-references" not in html
@@ -268,11 +271,13 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     assert listed.returncode == 0, listed.stderr
     [sender] = [json.loads(line) for line in listed.stdout.splitlines()]
     [done_ref] = [r for r in sender["references"] if r["state"] == "calibrated"]
-    assert (done_ref["series_used"], done_ref["series_flagged"]) == (5, row.series_flagged)
+    assert (done_ref["series_used"], done_ref["series_flagged"], done_ref["min_flagged"]) == (
+        5, row.series_flagged, row.min_flagged)
     table = subprocess.run([str(VAENODE), "queue", "senders", "--config", str(config)],
                            capture_output=True, text=True, timeout=120)
-    # The FLAGS column right after LOW (LEARNED also reads "5/5").
-    assert any("t1 mprage sag" in line and f"{row.low:10.1f} {f'{row.series_flagged}/5':>7}  "
+    # The FROM and FLAGS columns right after LOW (LEARNED also reads "5/5").
+    assert any("t1 mprage sag" in line
+               and f"{row.low:10.1f} {row.min_flagged:>4} {f'{row.series_flagged}/5':>7}  "
                in line for line in table.stdout.splitlines()), table.stdout
 
     form = urllib.parse.urlencode({"reference_id": calibrated.id, "reviewer": "tech anna",

@@ -33,6 +33,7 @@ from sqlalchemy import func, select
 
 from node.model.bundle import default_bundle_path
 from node.queue.models import Report, Series, SliceScore, StationReference
+from node.worker.learning import LearningSeries, build_reference, learned_min_flagged
 from node.worker.station import normal_series_folders
 from tests.helpers.dcmtk import storescu
 from tests.helpers.node import RunningNode, start_node
@@ -225,16 +226,27 @@ def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Si
     bad = site.learning[BAD]
     assert len(folders) == ref.series_used
     assert all(f.name != bad.series_instance_uid for f in folders)
-    # It counted the kept series its low flags (3 slices, the shipped rule): the share of
-    # the station's normal series to expect flagged.
+    # It learned how many slices below its low its kept series reach (series abnormal from
+    # one more than the second-most), and counted the kept series a reference built from the
+    # others flags (3 slices, the shipped rule, the floor): the share of the station's normal
+    # series to expect flagged.
     with site.node.session() as session:
         learned = func.coalesce(SliceScore.station_score, SliceScore.bundle_score)
-        below = session.execute(
-            select(Series.series_instance_uid, func.count()).select_from(SliceScore).join(Series)
-            .where(Series.series_instance_uid.in_([f.name for f in folders]),
-                   SliceScore.foreground.is_(True), learned < ref.low)
-            .group_by(Series.series_instance_uid)).all()
-    assert ref.series_flagged == sum(n >= 3 for _, n in below)
+        kept = {}
+        for uid, value in session.execute(
+                select(Series.series_instance_uid, learned).join(Series)
+                .where(Series.series_instance_uid.in_([f.name for f in folders]),
+                       SliceScore.foreground.is_(True))
+                .order_by(Series.id, SliceScore.slice_index)):
+            kept.setdefault(uid, []).append(value)
+    assert len(kept) == ref.series_used
+    below = [sum(v < ref.low for v in values) for values in kept.values()]
+    assert ref.min_flagged == learned_min_flagged(below)
+    again = build_reference([LearningSeries(i, np.array(v), min_flagged=3)
+                             for i, v in enumerate(kept.values())], 0.01)
+    assert again.selection.trimmed == ()
+    assert again.low == pytest.approx(ref.low)
+    assert ref.series_flagged == again.series_flagged <= ref.series_used
     senders = vaenode(site.node, "queue", "senders", "--json")
     assert senders.returncode == 0, senders.stderr
     [line] = [json.loads(x) for x in senders.stdout.splitlines() if x.strip()]
@@ -250,6 +262,10 @@ def test_after_calibration_a_clean_series_is_normal_and_a_motion_block_is_flagge
     clean, motion = row_of(site.node, site.clean), row_of(site.node, site.motion)
     assert clean is not None and motion is not None
     assert (clean.reference_state, motion.reference_state) == ("calibrated", "calibrated")
+    # Both judged by the station's count of slices (the rule's 3 where that is more).
+    assert site.reference.min_flagged is not None
+    least = max(3, site.reference.min_flagged)
+    assert (clean.min_abnormal_slices, motion.min_abnormal_slices) == (least, least)
     assert clean.abnormal is False, f"{clean.abnormal_slices} clean slices flagged"
     marks = flags(site.node, site.motion)
     uids = site.motion.sop_instance_uids

@@ -13,6 +13,7 @@ from node.worker.learning import (
     ReferenceRefused,
     Review,
     build_reference,
+    learned_min_flagged,
     map_scores,
     select_series,
 )
@@ -134,29 +135,73 @@ def test_the_mapping_puts_the_station_centre_and_low_on_the_bundle_median_and_th
     assert 0.002 < rate < 0.03
 
 
-def test_the_reference_counts_the_kept_series_its_low_would_flag() -> None:
-    """Each kept series whose slices below the low reach its own routing rule's count is
-    counted; trimmed series are not, whatever they hold."""
+def test_the_series_count_is_one_more_than_the_second_most_low_slices() -> None:
+    """One bad series among the counts does not set it; too few series give no count."""
+    assert learned_min_flagged([0, 0, 5, 3, 1]) == 4
+    assert learned_min_flagged([40, 2, 2, 0]) == 3
+    assert learned_min_flagged([0] * 19) == 1
+    assert learned_min_flagged([7]) == learned_min_flagged([]) == 1
+
+
+def dipped_site() -> list[LearningSeries]:
+    """20 normal series, three with four slices far below the others (a station's low
+    subjects: their skull base), one with two; and a whole series with motion."""
     rng = np.random.default_rng(3)
     series = []
     for i in range(20):
         scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
-        # Series 0-2: four slices well below the others (a station's low subjects); series 3:
-        # two such slices; the rest none.
         dips = 4 if i < 3 else 2 if i == 3 else 0
         scores[:dips] = -9000.0 - 10.0 * np.arange(dips)
         series.append(LearningSeries(i, scores, min_flagged=3))
     series.append(motion_series(20, 5))  # trimmed, though every slice is below the low
+    return series
+
+
+def test_the_reference_learns_how_many_low_slices_its_normal_series_have() -> None:
+    """The count comes from the kept series' slices below the low, trimmed ones not counted:
+    the three series with four dips set it above the routing rule's three."""
+    series = dipped_site()
     reference = build_reference(series, 0.01)
     assert reference.selection.trimmed == (20,)
-    below = {s.series_id: int(np.sum(s.scores < reference.low)) for s in series[:20]}
-    # All 14 dips lie below the low (the 1% quantile of 2,200 kept slices), so series 0-2
-    # are flagged; others only where their own normal slices reach 3 below it.
+    below = [int(np.sum(s.scores < reference.low)) for s in series[:20]]
+    # All 14 dips lie below the low (the 1% quantile of 2,200 kept slices).
     assert all(below[i] >= 4 for i in range(3)) and below[3] >= 2
-    expected = sum(n >= 3 for n in below.values())
-    assert reference.series_flagged == expected >= 3
-    # The count follows each series' own rule: with one slice enough, series 3 is flagged.
-    series[3] = LearningSeries(3, series[3].scores, min_flagged=1)
-    again = build_reference(series, 0.01)
-    assert again.low == reference.low
-    assert again.series_flagged == expected + (below[3] < 3)
+    assert reference.min_flagged == 1 + sorted(below)[-2] >= 5
+
+
+def test_the_reference_counts_the_series_it_flags_with_each_left_out() -> None:
+    """Each kept series is judged by a reference built from the other kept ones (their low
+    and count, the series' own routing rule as the floor); trimmed series are not counted.
+    The learning series themselves would be flagged at most once (the count is fitted on
+    them); left out in turn, only series with dips can be: the others' count is then set by
+    the two other four-dip series."""
+    series = dipped_site()
+    reference = build_reference(series, 0.01)
+    kept = [series[i] for i in reference.selection.kept]
+    in_sample = sum(int(np.sum(s.scores < reference.low)) >= reference.min_flagged
+                    for s in kept)
+    assert in_sample <= 1
+    flagged = []
+    for s in kept:
+        others = build_reference([o for o in kept if o is not s], 0.01)
+        assert others.selection.trimmed == ()
+        if int(np.sum(s.scores < others.low)) >= max(s.min_flagged, others.min_flagged):
+            flagged.append(s.series_id)
+    assert reference.series_flagged == len(flagged) >= 1
+    assert set(flagged) <= {0, 1, 2}
+    # Two series with six dips each: the count is fitted on them (at most one flagged in
+    # sample), but each, left out, is flagged by the other series' reference.
+    rng = np.random.default_rng(4)
+    pair = []
+    for i in range(20):
+        scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
+        if i < 2:
+            scores[:6] = -9000.0 - 10.0 * np.arange(6)
+        pair.append(LearningSeries(i, scores, min_flagged=3))
+    both = build_reference(pair, 0.01)
+    assert both.min_flagged >= 7
+    in_sample = sum(int(np.sum(s.scores < both.low)) >= both.min_flagged for s in pair)
+    assert in_sample <= 1 < 2 <= both.series_flagged
+    # The routing rule stays the floor: with 10 slices needed, none of them is flagged.
+    strict = [LearningSeries(s.series_id, s.scores, min_flagged=10) for s in series]
+    assert build_reference(strict, 0.01).series_flagged == 0

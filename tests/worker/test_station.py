@@ -23,7 +23,12 @@ from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import AdminAction, Series, SliceScore, StationReference, utcnow
 from node.report.content import SliceVerdict
-from node.worker.learning import LearningSeries, build_reference, select_series
+from node.worker.learning import (
+    LearningSeries,
+    build_reference,
+    learned_min_flagged,
+    select_series,
+)
 from node.worker.station import (
     BundleScale,
     apply_reference,
@@ -104,9 +109,11 @@ def test_calibrates_once_when_the_nth_learning_series_is_stored(
     assert (row.series_used, row.series_trimmed, row.slices) == (
         len(expected.selection.kept), len(expected.selection.trimmed), expected.slices)
     assert expected.slices == 60 * len(expected.selection.kept)
-    # What the station will flag: its kept learning series with 3 or more slices below L.
-    assert row.series_flagged == expected.series_flagged == sum(
-        int(np.sum(s < expected.low)) >= 3 for s in site)
+    # How many slices below L its series are abnormal from, and how many of its learning
+    # series a reference built from the others flags: as the arithmetic says.
+    assert row.min_flagged == expected.min_flagged == learned_min_flagged(
+        [int(np.sum(s < expected.low)) for s in site])
+    assert row.series_flagged == expected.series_flagged
     assert (row.bundle_median, row.bundle_threshold) == (SCALE.median, SCALE.threshold)
     # Exactly once: a later learning series (raced past the lock) does not rebuild it.
     add_learning_series(factory, reference.id, site[0] - 50000.0)
@@ -168,9 +175,16 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
     then = judge(factory, LEARN, KEY, 99, slices, SCALE.threshold, SCALE)
     row = _row(factory, first.reference_id or 0)
     assert then.state == refs.CALIBRATED and then.reference_id == row.id
+    assert row.min_flagged is not None
     assert then.note == ("Reference: calibrated for station MR ROOM 3 (Prisma), protocol "
                          f"'t1 mprage sag', from {row.series_used} of 5 learning series on "
-                         f"{row.calibrated_at:%Y-%m-%d}")
+                         f"{row.calibrated_at:%Y-%m-%d}; its normal series reach up to "
+                         f"{row.min_flagged - 1} slices below its low")
+    # The series is abnormal from the station's learned count, or the rule's where more.
+    assert then.min_flagged == row.min_flagged
+    assert then.min_abnormal_slices(1) == max(1, row.min_flagged)
+    assert then.min_abnormal_slices(row.min_flagged + 4) == row.min_flagged + 4
+    assert first.min_flagged is None and first.min_abnormal_slices(3) == 3
     assert [s.bundle_score for s in then.slices] == [-5000.0, -7000.0, -20000.0, -60000.0]
     expected = SCALE.median + (np.array([-5000.0, -20000.0]) - row.centre) * (
         SCALE.median - SCALE.threshold) / (row.centre - row.low)
