@@ -56,9 +56,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.model.artifacts import corrupt_volume, splice_block  # noqa: E402
+from node.model.artifacts import splice_block  # noqa: E402
 from node.model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
+from node.model.site_sweep import with_artifact  # noqa: E402
 from node.model.sites import contrast_curve  # noqa: E402
 from node.worker.learning import (  # noqa: E402
     LearningSeries,
@@ -97,17 +98,12 @@ def site(kind: str, vol: Volume, seed: int, scale_of: Volume | None = None) -> V
 
 def acquire_moving(kind: str, raw: Volume, clean: Volume, seed: int) -> Volume:
     """The subject at site ``kind``, moving (moderate motion, seed 0), in the order a scanner
-    gives: a contrast curve is the tissue's signal, so it moves with the head (``clean``, the
-    site's rendering, is moved); noise is the receiver's, added to what the moving head gave
-    (``raw`` is moved, then the site's noise added with the same draw and scale as
-    ``clean``'s)."""
-    if kind.split()[0] == "gamma":
-        return Volume(raw.subject, corrupt_volume(clean.data, clean.spacing, "motion",
-                                                  "moderate", 0).astype(np.float32),
-                      clean.spacing, clean.source)
-    moved = Volume(raw.subject, corrupt_volume(raw.data, raw.spacing, "motion", "moderate",
-                                               0).astype(np.float32), raw.spacing, raw.source)
-    return site(kind, moved, seed, scale_of=raw)
+    gives (:func:`node.model.site_sweep.with_artifact`): a contrast curve is the tissue's
+    signal, so it moves with the head (``clean``, the site's rendering, is moved); noise is
+    the receiver's, added to what the moving head gave (``raw`` is moved, then the site's
+    noise added with the same draw and scale as ``clean``'s)."""
+    return with_artifact(raw, clean, kind.split()[0] == "gamma",
+                         lambda v: site(kind, v, seed, scale_of=raw), "motion", "moderate", 0)
 
 
 def score(bundle: Bundle, vol: Volume) -> Scores:

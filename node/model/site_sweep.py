@@ -59,16 +59,17 @@ def _axial(bundle: Bundle, vol: Volume) -> tuple[np.ndarray, np.ndarray]:
     return s.log_likelihood, s.foreground
 
 
-def with_artifact(vol: Volume, clean: Volume, site: str, make: Callable[[Volume], Volume],
+def with_artifact(vol: Volume, clean: Volume, signal: bool, make: Callable[[Volume], Volume],
                   artifact: str, severity: str, seed: int,
                   corrupted: np.ndarray | None = None) -> Volume:
-    """``vol`` at ``site`` (``clean`` is its rendering by ``make``) with ``artifact``.
+    """``vol`` at a site (``clean`` is its rendering by ``make``) with ``artifact``, in the
+    order a scanner gives (also the learning bench's, ``bench/station_learning.py``).
 
-    A site that changes the tissue's signal (:attr:`node.model.sites.Site.signal`) is
-    corrupted after its rendering; any other is rendered from the corrupted volume
+    A site that changes the tissue's signal (``signal``: :attr:`node.model.sites.Site.signal`)
+    is corrupted after its rendering; any other is rendered from the corrupted volume
     (``corrupted``, the volume with the artifact at ``seed``, when the caller already has it).
     """
-    if site != UNCHANGED and site_by_name(site).signal:
+    if signal:
         bad = corrupt_volume(clean.data, clean.spacing, artifact, severity, seed)
         return Volume(vol.subject, bad.astype(np.float32), clean.spacing, clean.source)
     if corrupted is None:
@@ -103,6 +104,7 @@ def sweep(bundle: Bundle, volumes: Sequence[Volume], cfg: SweepConfig,
         corrupted = {a: corrupt_volume(vol.data, vol.spacing, a, cfg.severity, seeds[a])
                      for a in cfg.artifacts}
         for site, strength, make in _variants(vol, cfg, cfg.seed + si):
+            signal = site != UNCHANGED and site_by_name(site).signal
             clean = make(vol)
             score, fg = _axial(bundle, clean)
             row = acc.setdefault((site, strength), {"clean": [], "art": {}})
@@ -113,7 +115,7 @@ def sweep(bundle: Bundle, volumes: Sequence[Volume], cfg: SweepConfig,
             length = max(1, round(cfg.block_fraction * fg_idx.size))
             start = int(fg_idx[0] + rng.integers(0, fg_idx.size - length + 1))
             for artifact, bad in corrupted.items():
-                rendered = with_artifact(vol, clean, site, make, artifact, cfg.severity,
+                rendered = with_artifact(vol, clean, signal, make, artifact, cfg.severity,
                                          seeds[artifact], corrupted=bad)
                 spliced = splice_block(clean.data, rendered.data, start, start + length)
                 s_bad, _ = _axial(bundle, Volume(vol.subject, spliced, clean.spacing, ""))

@@ -347,8 +347,8 @@ def reference_note(state: str | None, reference: StationReference | None, *,
         when = f"{reference.calibrated_at:%Y-%m-%d}" if reference.calibrated_at else "?"
         used = reference.series_used or 0
         total = used + (reference.series_trimmed or 0) + (reference.series_excluded or 0)
-        count = (f"; its normal series reach up to {reference.min_flagged - 1} slices below "
-                 "its low" if reference.min_flagged else "")
+        count = (f"; all but one of them had at most {reference.min_flagged - 1} slices "
+                 "below its low" if reference.min_flagged else "")
         return (f"Reference: calibrated for station {key_of(reference).label}, from {used} "
                 f"of {total} learning series on {when}{count}")
     if state == LEARNING and reference is not None:

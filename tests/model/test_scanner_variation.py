@@ -187,7 +187,7 @@ def test_artifacts_act_on_a_contrast_site_after_it_and_before_the_others(
             return render(v, site, "strong", seed=0)
 
         clean = make(ixi_volume)
-        got = with_artifact(ixi_volume, clean, site, make, "spike", "moderate", 3)
+        got = with_artifact(ixi_volume, clean, signal, make, "spike", "moderate", 3)
         after = corrupt_volume(clean.data, clean.spacing, "spike", "moderate", 3)
         before = make(volume(spiked)).data
         # The contrast is the tissue's signal: the spike hits the site's rendering. The
@@ -195,7 +195,7 @@ def test_artifacts_act_on_a_contrast_site_after_it_and_before_the_others(
         assert np.array_equal(got.data, after if signal else before)
         assert not np.allclose(after, before)
         # The sweep passes the corrupted volume it already has: the same result.
-        again = with_artifact(ixi_volume, clean, site, make, "spike", "moderate", 3,
+        again = with_artifact(ixi_volume, clean, signal, make, "spike", "moderate", 3,
                               corrupted=spiked)
         assert np.array_equal(again.data, got.data)
 
