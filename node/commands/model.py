@@ -289,6 +289,15 @@ def calibrate(
              "(complexity correction and tail weight; the rest as the bundle's score), or "
              "'none' (stations learn the bundle's own score). Not calibrated here: each "
              "station's reference does that.")] = None,
+    tissue_credit: Annotated[str | None, typer.Option(
+        metavar="QUANTILE",
+        help="Credit back the tissue pixels of a slice beyond this quantile of the calibration "
+             "slices' counts, at the nats per pixel the normal scores fall by (fitted; "
+             "node.model.scoring item 7), e.g. 0.9; 'none' removes the credit.")] = None,
+    keep_threshold: Annotated[bool, typer.Option(
+        "--keep-threshold",
+        help="Keep the source bundle's threshold instead of the target-FPR quantile of the "
+             "recalibrated scores (their quantiles are still stored).")] = False,
     version: Annotated[str | None, typer.Option(
         help="Version of the written bundle (default: the source bundle's); its reports "
              "carry it.")] = None,
@@ -308,6 +317,8 @@ def calibrate(
         changes["alternatives"] = [_parse_alternative(a) for a in alternative if a != "none"]
     if station_score is not None:
         changes["station_scoring"] = _parse_station_score(station_score)
+    if tissue_credit is not None:
+        changes["tissue_credit"] = _parse_quantile(tissue_credit, "--tissue-credit")
     if background_part is not None:
         changes["background"] = _parse_background_part(background_part, background_cap,
                                                        background_statistic)
@@ -329,7 +340,7 @@ def calibrate(
     volumes = _load_training_data(paths) if site else _load_volumes(paths)
     try:
         recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site,
-                    version=version)
+                    version=version, keep_threshold=keep_threshold)
     except ValueError as exc:  # data that cannot calibrate these settings; nothing written
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -464,6 +475,20 @@ def _parse_station_score(text: str) -> dict[str, Any] | None:
     return out
 
 
+def _parse_quantile(value: str, option: str) -> float | None:
+    """A quantile in (0, 1), or None for 'none'; exits 2 when it is neither."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        q = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a quantile or 'none'",
+                                 param_hint=option) from None
+    if not 0.0 < q < 1.0:
+        raise typer.BadParameter(f"{value!r}: a quantile is in (0, 1)", param_hint=option)
+    return q
+
+
 def _parse_background_part(quantile: str, cap: float | None,
                            statistic: str | None = None) -> dict[str, Any] | None:
     """``--background-part``: a quantile in (0, 1), or 'none' (remove); exits 2 when wrong."""
@@ -478,15 +503,7 @@ def _parse_background_part(quantile: str, cap: float | None,
         raise typer.BadParameter(f"{statistic!r}: expected one of "
                                  f"{', '.join(BACKGROUND_STATISTICS)}",
                                  param_hint="--background-statistic")
-    try:
-        q = float(quantile)
-    except ValueError:
-        raise typer.BadParameter(f"{quantile!r} is not a quantile or 'none'",
-                                 param_hint="--background-part") from None
-    if not 0.0 < q < 1.0:
-        raise typer.BadParameter(f"{quantile!r}: a quantile is in (0, 1)",
-                                 param_hint="--background-part")
-    out: dict[str, Any] = {"shift_quantile": q}
+    out: dict[str, Any] = {"shift_quantile": _parse_quantile(quantile, "--background-part")}
     if cap is not None:
         out["max_series_shift"] = cap
     if statistic is not None:

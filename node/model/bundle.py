@@ -52,6 +52,7 @@ from node.model.scoring import (
     png_nats,
     stack_foreground,
     stack_scores,
+    tissue_pixels,
 )
 from node.model.vae import VAE, VAEConfig
 
@@ -172,8 +173,8 @@ class Bundle:
         progress: bool = False,
     ) -> dict[str, np.ndarray]:
         """Estimator outputs for preprocessed slices: log_likelihood, kl, elbo, tail, rec_error,
-        plain, background, background_residual and png_nats, the background ones with the
-        bundle's background part's mask settings, else the defaults. Scores are
+        plain, background, background_residual, png_nats and tissue_pixels, the background
+        ones with the bundle's background part's mask settings, else the defaults. Scores are
         reproducible: the Monte-Carlo draws come from ``seed``."""
         estimator = estimator or self.scoring.estimator
         samples = samples or self.scoring.samples
@@ -201,6 +202,7 @@ class Bundle:
         if not parts:
             out = {k: np.zeros(0) for k in COMPONENTS}
         out["png_nats"] = png_nats(x, self.preprocess.clip_max) if len(x) else np.zeros(0)
+        out["tissue_pixels"] = tissue_pixels(x) if len(x) else np.zeros(0)
         return out
 
     def _mask_settings(self) -> dict[str, Any]:

@@ -31,6 +31,29 @@ def threshold_at_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
     return float(np.quantile(scores, target_fpr))
 
 
+def fit_tissue_credit(normal_scores: np.ndarray, tissue: np.ndarray,
+                      quantile: float) -> tuple[float, float]:
+    """(slope, reference) of the tissue credit (item 7 of :mod:`node.model.scoring`): how many
+    nats a normal slice's score falls per tissue pixel (least squares over the normal
+    slices), and the ``quantile`` of their tissue pixel counts beyond which it is credited.
+
+    Raises:
+        ValueError: no slices, a quantile outside (0, 1), or scores that do not fall with
+            tissue (nothing to credit).
+    """
+    scores = np.asarray(normal_scores, dtype=np.float64)
+    counts = np.asarray(tissue, dtype=np.float64)
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"the tissue credit's quantile must lie in (0, 1), got {quantile}")
+    if scores.size < 2 or scores.size != counts.size or np.ptp(counts) == 0:
+        raise ValueError("the tissue credit needs normal slices with differing tissue counts")
+    slope = -float(np.polyfit(counts, scores, 1)[0])
+    if not slope > 0.0:
+        raise ValueError(f"normal scores do not fall with tissue (slope {-slope:.4g} nats per "
+                         "pixel): nothing to credit")
+    return slope, float(np.quantile(counts, quantile))
+
+
 def reference_quantiles(normal_scores: np.ndarray) -> list[float]:
     """The stored summary of the normal score distribution (201 quantiles)."""
     return [float(v) for v in np.quantile(np.asarray(normal_scores, float), QUANTILE_LEVELS)]

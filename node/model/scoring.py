@@ -73,6 +73,18 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    the ``-log sigma`` term alone flags the middle slices, where the head fills most of the
    grid, and the residual sees a ghost or smear without it (node/models/README.md).
 
+7. Tissue credit (optional; ``tissue_slope`` > 0): a slice's likelihood falls by about
+   ``tissue_slope`` nats for each pixel of tissue it holds (the decoder explains a tissue
+   pixel less sharply than an air pixel), so the middle sagittal slices of the largest heads
+   score lowest of all normal slices. Each tissue pixel (``tissue_pixels``: model-grid pixels
+   above the foreground level) beyond ``tissue_reference`` is credited back,
+   ``score += tissue_slope * max(0, pixels - tissue_reference)``: a slice with no more tissue
+   than the reference (the calibration slices' 90th percentile in the shipped bundle) scores
+   exactly as without it. Calibration fits the slope by least squares on the normal
+   calibration slices and may keep the threshold the bundle had (``vaenode calibrate
+   --keep-threshold``): then only slices with more tissue than the reference change, and only
+   upwards.
+
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
 either.
@@ -128,6 +140,9 @@ class ScoreConfig:
         fallback_offset: its intercept.
         background: the background part (item 6), or None (absent from ``model.json``: the
             bundles before it score exactly as they did).
+        tissue_slope: nats credited per tissue pixel beyond ``tissue_reference`` (item 7; 0:
+            off, and absent from ``model.json``).
+        tissue_reference: tissue pixels of a slice below which nothing is credited.
     """
 
     estimator: str = "importance"
@@ -149,12 +164,17 @@ class ScoreConfig:
     fallback_gain: float = 1.0
     fallback_offset: float = 0.0
     background: BackgroundPart | None = None
+    tissue_slope: float = 0.0
+    tissue_reference: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json`` (no ``background`` key when there is no such part,
-        and no ``statistic`` in it when it is the log-likelihood, so that bundles written
-        before either existed write the same ``model.json`` as before)."""
+        no ``statistic`` in it when it is the log-likelihood, and no tissue keys without a
+        tissue credit, so that bundles written before these existed write the same
+        ``model.json`` as before)."""
         out = asdict(self)
+        if not out["tissue_slope"]:
+            del out["tissue_slope"], out["tissue_reference"]
         if out["background"] is None:
             del out["background"]
         elif out["background"]["statistic"] == "log_likelihood":
@@ -281,13 +301,37 @@ def png_nats(x: torch.Tensor, clip_max: float) -> np.ndarray:
     return out
 
 
+def tissue_pixels(x: torch.Tensor) -> np.ndarray:
+    """Model-grid pixels of each slice of ``x`` ``[n, 1, H, W]`` above the foreground level
+    (item 7 of the module docstring)."""
+    return (x[:, 0] > FOREGROUND_LEVEL).sum(dim=(1, 2)).double().cpu().numpy()
+
+
+def tissue_credit(components: dict[str, np.ndarray], cfg: ScoreConfig) -> np.ndarray:
+    """Item 7: ``tissue_slope`` nats per tissue pixel beyond ``tissue_reference`` (zeros when
+    the score has no tissue credit).
+
+    Raises:
+        ValueError: ``components`` lack ``tissue_pixels`` (scored before the credit existed).
+    """
+    n = len(components["log_likelihood"])
+    if not cfg.tissue_slope:
+        return np.zeros(n)
+    if "tissue_pixels" not in components:
+        raise ValueError("the components lack 'tissue_pixels' (scored before the tissue "
+                         "credit existed): score the slices again")
+    excess = np.asarray(components["tissue_pixels"], dtype=np.float64) - cfg.tissue_reference
+    return cfg.tissue_slope * np.maximum(0.0, excess)
+
+
 def absolute_score(
     components: dict[str, np.ndarray], cfg: ScoreConfig, pixels: int, clip_max: float
 ) -> np.ndarray:
     """The per-slice score before the series shift, from the estimator components.
 
     Args:
-        components: arrays ``log_likelihood``, ``tail`` and (with complexity) ``png_nats``.
+        components: arrays ``log_likelihood``, ``tail``, (with complexity) ``png_nats`` and
+            (with a tissue credit) ``tissue_pixels``.
         cfg: the score settings.
         pixels: pixels per slice on the model grid (D).
         clip_max: intensity range of the grid, for the quantization step Delta.
@@ -300,7 +344,7 @@ def absolute_score(
     if cfg.tail_weight:
         worst = max(1, pixels // 100)
         score -= cfg.tail_weight * worst * components["tail"]
-    return score
+    return score + tissue_credit(components, cfg)
 
 
 def stack_foreground(images: Sequence[np.ndarray], scale: float) -> np.ndarray:

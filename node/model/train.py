@@ -385,9 +385,14 @@ MIN_COVERAGE = 0.8
 
 
 def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str],
-                     target_fpr: float) -> dict[str, Any]:
+                     target_fpr: float, *, tissue_quantile: float | None = None,
+                     threshold: float | None = None) -> dict[str, Any]:
     """Set the reference series quantiles, the alternatives' maps, the position profiles, the
     threshold and the normal quantiles in place (see :mod:`node.model.scoring`).
+
+    ``tissue_quantile``: fit the tissue credit (scoring item 7) on these slices, crediting
+    tissue beyond that quantile of their counts (None: the bundle's credit, if any, as it
+    is). ``threshold``: keep this threshold instead of the ``target_fpr`` quantile.
 
     Returns the calibration entry of model.json.
     """
@@ -412,6 +417,14 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
 
     main_cfg = replace(bundle.scoring, alternatives=(), background=None, position_profiles={},
                        position_min_extent_mm={}, fallback_gain=1.0, fallback_offset=0.0)
+    if tissue_quantile is not None:
+        plain = replace(main_cfg, tissue_slope=0.0, tissue_reference=0.0)
+        slope, reference = calibrate.fit_tissue_credit(
+            foreground([absolute_score(s["components"], plain, pixels, clip_max)
+                        for s in stacks]),
+            foreground([np.asarray(s["components"]["tissue_pixels"]) for s in stacks]),
+            tissue_quantile)
+        main_cfg = replace(main_cfg, tissue_slope=slope, tissue_reference=reference)
     main_cfg, medians, finals = with_reference(main_cfg)
     main_scores = foreground(finals)
     if main_scores.size == 0:
@@ -450,7 +463,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
     if scoring.position_bins > 0:
         scoring, finals = _position_reference(scoring, stacks, finals, target_fpr)
     scores = foreground(finals)
-    threshold = calibrate.threshold_at_fpr(scores, target_fpr)
+    kept = threshold is not None
+    threshold = float(threshold) if kept else calibrate.threshold_at_fpr(scores, target_fpr)
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
     bundle.threshold = threshold
@@ -464,10 +478,18 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         "series": len(stacks),
         "subjects": sorted({v.subject for v in volumes}),
         "series_median_spread": [float(np.min(medians)), float(np.max(medians))] if medians else [],
-        "method": "target_fpr quantile of normal calibration slices (series-shifted scores"
-                  + (", position referenced leaving each subject out)"
-                     if scoring.position_bins > 0 else ")"),
+        "method": ("kept from the bundle calibrated before (--keep-threshold); quantiles of "
+                   "normal calibration slices" if kept else
+                   "target_fpr quantile of normal calibration slices (series-shifted scores"
+                   + (", position referenced leaving each subject out)"
+                      if scoring.position_bins > 0 else ")")),
     }
+    if kept:
+        entry["flagged"] = float(np.mean(scores < threshold))
+    if tissue_quantile is not None:
+        entry["tissue_credit"] = {"quantile": tissue_quantile,
+                                  "slope": scoring.tissue_slope,
+                                  "reference": scoring.tissue_reference}
     bundle.meta["calibration"] = entry
     return entry
 
@@ -745,6 +767,7 @@ def recalibrate(
     command: str = "",
     site: bool = False,
     version: str | None = None,
+    keep_threshold: bool = False,
 ) -> Path:
     """Write a copy of ``bundle`` with other score settings, calibrated again.
 
@@ -758,8 +781,11 @@ def recalibrate(
     (:func:`node.model.site_check.motion_check`, recorded as ``site_check``).
     ``changes["background"]`` adds the background part (a dict of :class:`BackgroundPart`
     fields, or None to remove it); without ``max_series_shift`` its cap is fitted by
-    :func:`fit_site_cap`. ``version``: the copy's version (its reports name it, so a PACS can
-    tell findings of the recalibrated bundle from the original's); the source's is recorded.
+    :func:`fit_site_cap`. ``changes["tissue_credit"]`` fits the tissue credit at that
+    quantile of the calibration slices' tissue counts (None removes it). ``keep_threshold``:
+    the copy keeps the bundle's threshold (its quantiles are recomputed). ``version``: the
+    copy's version (its reports name it, so a PACS can tell findings of the recalibrated
+    bundle from the original's); the source's is recorded.
     """
     if version is not None and not version.strip():
         raise ValueError("the bundle version must not be empty")
@@ -787,6 +813,9 @@ def recalibrate(
             record["background_cap"] = {"fitted": fitted["cap"], "factor": SITE_CAP_FACTOR,
                                         "site_variant_needs": fitted["needs"]}
     changes = dict(changes)
+    if "tissue_credit" in changes and changes["tissue_credit"] is None:  # remove it
+        changes.update(tissue_slope=0.0, tissue_reference=0.0)
+    tissue_quantile = changes.pop("tissue_credit", None)
     if "station_scoring" in changes:  # not calibrated here: each station's reference does it
         station = changes.pop("station_scoring")
         record["station_scoring"] = station
@@ -798,7 +827,9 @@ def recalibrate(
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
     planes = bundle.meta.get("training", {}).get("config", {}).get("planes", list(PLANES))
-    calibrate_bundle(bundle, cal, planes, target_fpr or bundle.target_fpr)
+    calibrate_bundle(bundle, cal, planes, target_fpr or bundle.target_fpr,
+                     tissue_quantile=tissue_quantile,
+                     threshold=bundle.threshold if keep_threshold else None)
     # As loading the written bundle builds it: on the calibrated score settings.
     bundle.station_scoring = station_scoring(bundle.meta)
     if site:  # does the site-calibrated bundle still see motion in the site's own series?
@@ -808,6 +839,10 @@ def recalibrate(
     if version is not None:
         record["from_version"] = bundle.version
         bundle.version = bundle.meta["version"] = version.strip()
+    if tissue_quantile is not None:
+        record["tissue_credit"] = tissue_quantile
+    if keep_threshold:
+        record["kept_threshold"] = bundle.threshold
     bundle.meta.setdefault("training", {}).setdefault("recalibrations", []).append(
         {"command": command, "changes": changes, **record,
          "date": datetime.now(UTC).isoformat(timespec="seconds")}
