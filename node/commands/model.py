@@ -292,8 +292,9 @@ def calibrate(
     tissue_credit: Annotated[str | None, typer.Option(
         metavar="QUANTILE",
         help="Credit back the tissue pixels of a slice beyond this quantile of the calibration "
-             "slices' counts, at the nats per pixel the normal scores fall by (fitted; "
-             "node.model.scoring item 7), e.g. 0.9; 'none' removes the credit.")] = None,
+             "slices' counts, up to their largest count, at the nats per pixel the normal "
+             "scores fall by (fitted; node.model.scoring item 7), e.g. 0.9; 'none' removes "
+             "the credit.")] = None,
     keep_threshold: Annotated[bool, typer.Option(
         "--keep-threshold",
         help="Keep the source bundle's threshold instead of the target-FPR quantile of the "

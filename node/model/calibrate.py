@@ -32,10 +32,11 @@ def threshold_at_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
 
 
 def fit_tissue_credit(normal_scores: np.ndarray, tissue: np.ndarray,
-                      quantile: float) -> tuple[float, float]:
-    """(slope, reference) of the tissue credit (item 7 of :mod:`node.model.scoring`): how many
-    nats a normal slice's score falls per tissue pixel (least squares over the normal
-    slices), and the ``quantile`` of their tissue pixel counts beyond which it is credited.
+                      quantile: float) -> tuple[float, float, float]:
+    """(slope, reference, ceiling) of the tissue credit (item 7 of :mod:`node.model.scoring`):
+    how many nats a normal slice's score falls per tissue pixel (least squares over the
+    normal slices), the ``quantile`` of their tissue pixel counts beyond which it is
+    credited, and their largest count, beyond which nothing more is.
 
     Raises:
         ValueError: no slices, a quantile outside (0, 1), or scores that do not fall with
@@ -51,7 +52,7 @@ def fit_tissue_credit(normal_scores: np.ndarray, tissue: np.ndarray,
     if not slope > 0.0:
         raise ValueError(f"normal scores do not fall with tissue (slope {-slope:.4g} nats per "
                          "pixel): nothing to credit")
-    return slope, float(np.quantile(counts, quantile))
+    return slope, float(np.quantile(counts, quantile)), float(counts.max())
 
 
 def reference_quantiles(normal_scores: np.ndarray) -> list[float]:

@@ -77,13 +77,15 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    ``tissue_slope`` nats for each pixel of tissue it holds (the decoder explains a tissue
    pixel less sharply than an air pixel), so the middle sagittal slices of the largest heads
    score lowest of all normal slices. Each tissue pixel (``tissue_pixels``: model-grid pixels
-   above the foreground level) beyond ``tissue_reference`` is credited back,
-   ``score += tissue_slope * max(0, pixels - tissue_reference)``: a slice with no more tissue
-   than the reference (the calibration slices' 90th percentile in the shipped bundle) scores
-   exactly as without it. Calibration fits the slope by least squares on the normal
-   calibration slices and may keep the threshold the bundle had (``vaenode calibrate
-   --keep-threshold``): then only slices with more tissue than the reference change, and only
-   upwards.
+   above the foreground level) beyond ``tissue_reference``, up to ``tissue_ceiling``, is
+   credited back, ``score += tissue_slope * (min(pixels, ceiling) - reference)`` where the
+   pixels exceed the reference: a slice with no more tissue than the reference (the
+   calibration slices' 90th percentile in the shipped bundle) scores exactly as without it,
+   and one with more than any normal calibration slice had (the ceiling; pure noise fills the
+   grid with "tissue") gets no more than the slice with the most did. Calibration fits the
+   slope by least squares on the normal calibration slices and may keep the threshold the
+   bundle had (``vaenode calibrate --keep-threshold``): then only slices with more tissue
+   than the reference change, and only upwards.
 
 Leading and trailing background slices (outside the head) are scored but never called
 abnormal: the model was not trained on air, and a viewer would not send them to a radiologist
@@ -143,6 +145,7 @@ class ScoreConfig:
         tissue_slope: nats credited per tissue pixel beyond ``tissue_reference`` (item 7; 0:
             off, and absent from ``model.json``).
         tissue_reference: tissue pixels of a slice below which nothing is credited.
+        tissue_ceiling: tissue pixels beyond which nothing more is credited.
     """
 
     estimator: str = "importance"
@@ -166,6 +169,7 @@ class ScoreConfig:
     background: BackgroundPart | None = None
     tissue_slope: float = 0.0
     tissue_reference: float = 0.0
+    tissue_ceiling: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json`` (no ``background`` key when there is no such part,
@@ -174,7 +178,7 @@ class ScoreConfig:
         ``model.json`` as before)."""
         out = asdict(self)
         if not out["tissue_slope"]:
-            del out["tissue_slope"], out["tissue_reference"]
+            del out["tissue_slope"], out["tissue_reference"], out["tissue_ceiling"]
         if out["background"] is None:
             del out["background"]
         elif out["background"]["statistic"] == "log_likelihood":
@@ -308,8 +312,8 @@ def tissue_pixels(x: torch.Tensor) -> np.ndarray:
 
 
 def tissue_credit(components: dict[str, np.ndarray], cfg: ScoreConfig) -> np.ndarray:
-    """Item 7: ``tissue_slope`` nats per tissue pixel beyond ``tissue_reference`` (zeros when
-    the score has no tissue credit).
+    """Item 7: ``tissue_slope`` nats per tissue pixel beyond ``tissue_reference``, up to
+    ``tissue_ceiling`` (zeros when the score has no tissue credit).
 
     Raises:
         ValueError: ``components`` lack ``tissue_pixels`` (scored before the credit existed).
@@ -320,8 +324,9 @@ def tissue_credit(components: dict[str, np.ndarray], cfg: ScoreConfig) -> np.nda
     if "tissue_pixels" not in components:
         raise ValueError("the components lack 'tissue_pixels' (scored before the tissue "
                          "credit existed): score the slices again")
-    excess = np.asarray(components["tissue_pixels"], dtype=np.float64) - cfg.tissue_reference
-    return cfg.tissue_slope * np.maximum(0.0, excess)
+    counts = np.asarray(components["tissue_pixels"], dtype=np.float64)
+    excess = np.clip(counts, cfg.tissue_reference, cfg.tissue_ceiling) - cfg.tissue_reference
+    return cfg.tissue_slope * excess
 
 
 def absolute_score(

@@ -418,13 +418,14 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
     main_cfg = replace(bundle.scoring, alternatives=(), background=None, position_profiles={},
                        position_min_extent_mm={}, fallback_gain=1.0, fallback_offset=0.0)
     if tissue_quantile is not None:
-        plain = replace(main_cfg, tissue_slope=0.0, tissue_reference=0.0)
-        slope, reference = calibrate.fit_tissue_credit(
+        plain = replace(main_cfg, tissue_slope=0.0, tissue_reference=0.0, tissue_ceiling=0.0)
+        slope, reference, ceiling = calibrate.fit_tissue_credit(
             foreground([absolute_score(s["components"], plain, pixels, clip_max)
                         for s in stacks]),
             foreground([np.asarray(s["components"]["tissue_pixels"]) for s in stacks]),
             tissue_quantile)
-        main_cfg = replace(main_cfg, tissue_slope=slope, tissue_reference=reference)
+        main_cfg = replace(main_cfg, tissue_slope=slope, tissue_reference=reference,
+                           tissue_ceiling=ceiling)
     main_cfg, medians, finals = with_reference(main_cfg)
     main_scores = foreground(finals)
     if main_scores.size == 0:
@@ -489,7 +490,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
     if tissue_quantile is not None:
         entry["tissue_credit"] = {"quantile": tissue_quantile,
                                   "slope": scoring.tissue_slope,
-                                  "reference": scoring.tissue_reference}
+                                  "reference": scoring.tissue_reference,
+                                  "ceiling": scoring.tissue_ceiling}
     bundle.meta["calibration"] = entry
     return entry
 
@@ -814,7 +816,7 @@ def recalibrate(
                                         "site_variant_needs": fitted["needs"]}
     changes = dict(changes)
     if "tissue_credit" in changes and changes["tissue_credit"] is None:  # remove it
-        changes.update(tissue_slope=0.0, tissue_reference=0.0)
+        changes.update(tissue_slope=0.0, tissue_reference=0.0, tissue_ceiling=0.0)
     tissue_quantile = changes.pop("tissue_credit", None)
     if "station_scoring" in changes:  # not calibrated here: each station's reference does it
         station = changes.pop("station_scoring")
