@@ -10,8 +10,9 @@ flagged (the bad learning series did not blind it), the SRs say which reference 
 and a restart (``vaenode queue relearn``) starts learning afresh while keeping the old
 reference. Nothing here asserts what the bundle makes of the site out of the box.
 
-The bundle is ``brain-t1`` 0.1.0, shipped beside the default. The default
-``brain-t1-multiscanner`` 0.2.1 does not pass this test yet: once its station has learned, the
+The bundle is ``brain-t1`` 0.1.0, shipped beside the default. The default network
+``brain-t1-multiscanner`` (0.2.1, run 2026-12-06 before 0.3.0, which has the same weights and
+station score) does not pass this test yet: once its station has learned, the
 clean test series is normal (its 4 slices below the low are fewer than the station's learned
 count) and the motion series flagged, but 4 of the motion series' 72 slices outside the block
 are flagged, above the 5% allowed here (issue 18; node/models/README.md).
