@@ -171,6 +171,11 @@ class ScoreConfig:
     tissue_reference: float = 0.0
     tissue_ceiling: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.tissue_slope and not self.tissue_reference <= self.tissue_ceiling:
+            raise ValueError(f"the tissue credit's ceiling ({self.tissue_ceiling}) lies below "
+                             f"its reference ({self.tissue_reference})")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``model.json`` (no ``background`` key when there is no such part,
         no ``statistic`` in it when it is the log-likelihood, and no tissue keys without a

@@ -51,6 +51,8 @@ def test_model_json_has_the_credit_only_when_there_is_one() -> None:
         3.69, 7714.0, 9612.0)
     assert ScoreConfig.from_dict(data) == credited
     assert ScoreConfig.from_dict(plain.to_dict()) == plain
+    with pytest.raises(ValueError, match="ceiling"):
+        ScoreConfig.from_dict({**data, "tissue_ceiling": 5000.0})
 
 
 def test_the_slope_and_reference_are_fitted_on_normal_slices() -> None:
