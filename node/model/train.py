@@ -465,7 +465,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         scoring, finals = _position_reference(scoring, stacks, finals, target_fpr)
     scores = foreground(finals)
     kept = threshold is not None
-    threshold = float(threshold) if kept else calibrate.threshold_at_fpr(scores, target_fpr)
+    if threshold is None:
+        threshold = calibrate.threshold_at_fpr(scores, target_fpr)
     bundle.scoring = scoring
     bundle.meta["scoring"] = scoring.to_dict()
     bundle.threshold = threshold
