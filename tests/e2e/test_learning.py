@@ -14,8 +14,9 @@ The bundle is ``brain-t1`` 0.1.0, shipped beside the default. The default networ
 ``brain-t1-multiscanner`` (0.2.1, run 2026-12-06 before 0.3.0, which has the same weights and
 station score) does not pass this test yet: once its station has learned, the
 clean test series is normal (its 4 slices below the low are fewer than the station's learned
-count) and the motion series flagged, but 4 of the motion series' 72 slices outside the block
-are flagged, above the 5% allowed here (issue 18; node/models/README.md).
+count) and the motion series flagged, but 5.6% of the motion series' slices outside the block
+(the clean series' slices) are flagged, above the 5% allowed here (issue 18;
+node/models/README.md).
 """
 
 from __future__ import annotations
