@@ -67,10 +67,9 @@ class Estimate:
         rec_error: mean squared error of the decoded posterior mean (a baseline score).
         plain: the ``plain`` estimate (eq. 2) from the same q samples, for comparison.
         background: mean per-pixel log p(x | z = posterior mean) over the background
-            (:func:`background_log_likelihood`; nats per pixel).
+            (:func:`background_statistics`; nats per pixel).
         background_residual: its residual term alone, the mean of ``-0.5 r^2`` (each
-            pixel's capped at ``RESIDUAL_CAP``) over the same pixels (``residual_only``; nats
-            per pixel).
+            pixel's capped at ``RESIDUAL_CAP``) over the same pixels (nats per pixel).
     """
 
     log_likelihood: torch.Tensor
@@ -95,9 +94,24 @@ def background_statistics(
     x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
     level: float = BACKGROUND_LEVEL, dilation: int = BACKGROUND_DILATION,
 ) -> BackgroundStatistics:
-    """The log-likelihood and the residual per slice over the background, from one head mask
-    and one pass over the residuals: :func:`background_log_likelihood` without and with
-    ``residual_only``."""
+    """Mean per-pixel Gaussian log-likelihood of ``x`` outside the head, and its residual term
+    alone, one value each per slice, from one head mask and one pass over the residuals.
+
+    ``ll = -0.5 r^2 - log sigma - 0.5 log 2 pi`` with ``r = (x - mean) / sigma`` (the terms
+    whose sum over all pixels is log p(x|z)), averaged over the pixels where the decoder mean
+    and its square neighbourhood of ``dilation`` pixels are at most ``level``. The head mask
+    comes from the reconstruction, not from ``x``: a ghost or a motion smear in the image's
+    background does not move the mask, it lowers the likelihood there. A slice whose whole
+    grid is head scores 0.0. Images are ``[B, C, H, W]`` (the mask per channel); other shapes
+    (a model of flat vectors) get the undilated mask.
+
+    The residual keeps the ``-0.5 r^2`` term alone, each pixel's capped at ``RESIDUAL_CAP``:
+    on real normal 3D series the ``-log sigma`` term by itself flags the middle sagittal
+    slices, where the head fills most of the grid, while their residuals stay small;
+    uncapped, 11 bright pixels at the edge of one real normal slice's head carried 87% of its
+    residual and flagged it (node/models/README.md). A ghost or a smear in the air shows in
+    the residual either way.
+    """
     head = (mean > level).to(x.dtype)
     if dilation > 0 and head.dim() == 4:
         head = F.max_pool2d(head, 2 * dilation + 1, stride=1, padding=dilation)
@@ -111,32 +125,6 @@ def background_statistics(
 
     return BackgroundStatistics(mean_over_bg(-half_r2 - log_sigma - 0.5 * LOG_2PI),
                                 mean_over_bg(-half_r2.clamp(max=RESIDUAL_CAP)))
-
-
-def background_log_likelihood(
-    x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
-    level: float = BACKGROUND_LEVEL, dilation: int = BACKGROUND_DILATION,
-    residual_only: bool = False,
-) -> torch.Tensor:
-    """Mean per-pixel Gaussian log-likelihood of ``x`` outside the head, one value per slice.
-
-    ``ll = -0.5 r^2 - log sigma - 0.5 log 2 pi`` with ``r = (x - mean) / sigma`` (the terms
-    whose sum over all pixels is log p(x|z)), averaged over the pixels where the decoder mean
-    and its square neighbourhood of ``dilation`` pixels are at most ``level``. The head mask
-    comes from the reconstruction, not from ``x``: a ghost or a motion smear in the image's
-    background does not move the mask, it lowers the likelihood there. A slice whose whole
-    grid is head scores 0.0. Images are ``[B, C, H, W]`` (the mask per channel); other shapes
-    (a model of flat vectors) get the undilated mask.
-
-    ``residual_only`` keeps the ``-0.5 r^2`` term alone, each pixel's capped at
-    ``RESIDUAL_CAP``: on real normal 3D series the ``-log sigma`` term by itself flags the
-    middle sagittal slices, where the head fills most of the grid, while their residuals stay
-    small; uncapped, 11 bright pixels at the edge of one real normal slice's head carried 87%
-    of its residual and flagged it (node/models/README.md). A ghost or a smear in the air
-    shows in the residual either way.
-    """
-    ll, residual = background_statistics(x, mean, log_sigma, level, dilation)
-    return residual if residual_only else ll
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -198,8 +186,8 @@ def estimate(
         samples: Monte-Carlo samples per slice (N).
         generator: random source, for reproducible scores.
         mcmc_burn_in: Metropolis steps before samples are used (``mcmc`` only).
-        background_level: head level of :func:`background_log_likelihood`.
-        background_dilation: head dilation of :func:`background_log_likelihood`.
+        background_level: head level of :func:`background_statistics`.
+        background_dilation: head dilation of :func:`background_statistics`.
 
     Returns:
         An :class:`Estimate` with one value per slice.

@@ -16,7 +16,7 @@ import torch
 from node.errors import ModelError
 from node.model.bundle import load_bundle, save_bundle
 from node.model.data import load_nifti, plane_slices
-from node.model.likelihood import background_log_likelihood, estimate
+from node.model.likelihood import background_statistics, estimate
 from node.model.scoring import (
     BackgroundPart,
     ScoreConfig,
@@ -42,7 +42,7 @@ def test_background_statistic_on_a_known_mask() -> None:
     x = mean.clone()
     x[..., 0, :] = 1.0  # a bright row in the background: r = 2 there
     x[..., 7, 7] = 50.0  # inside the head: must not count
-    got = float(background_log_likelihood(x, mean, log_sigma, level=0.1, dilation=1))
+    got = float(background_statistics(x, mean, log_sigma, level=0.1, dilation=1).background)
     per_pixel = -math.log(0.5) - 0.5 * LOG_2PI
     expected = per_pixel + (-0.5 * 4.0 * 16) / 192  # 16 pixels of the top row have r = 2
     assert got == pytest.approx(expected, rel=1e-6)
@@ -50,25 +50,26 @@ def test_background_statistic_on_a_known_mask() -> None:
     # The mask comes from the decoder mean, not the image: a ghost does not move it.
     ghost = x.clone()
     ghost[..., 2, 2:14] = 1.0
-    lower = float(background_log_likelihood(ghost, mean, log_sigma, level=0.1, dilation=1))
+    at_ghost = background_statistics(ghost, mean, log_sigma, level=0.1, dilation=1)
+    lower = float(at_ghost.background)
     assert lower == pytest.approx(expected + (-0.5 * 4.0 * 12) / 192, rel=1e-6)
     # The residual term alone: the same pixels without -log sigma - 0.5 log 2 pi.
-    residual = float(background_log_likelihood(ghost, mean, log_sigma, level=0.1, dilation=1,
-                                               residual_only=True))
+    residual = float(at_ghost.background_residual)
     assert residual == pytest.approx(-0.5 * 4.0 * (16 + 12) / 192, rel=1e-6)
     # Each pixel's 0.5 r^2 is capped at 12.5: one bright pixel (r = 40) counts 12.5, not 800.
     bright = ghost.clone()
     bright[..., 15, 15] = 20.0
-    capped = float(background_log_likelihood(bright, mean, log_sigma, level=0.1, dilation=1,
-                                             residual_only=True))
+    capped = float(background_statistics(bright, mean, log_sigma, level=0.1, dilation=1
+                                         ).background_residual)
     assert capped == pytest.approx(-(0.5 * 4.0 * (16 + 12) + 12.5) / 192, rel=1e-6)
 
     # Without dilation the background is 256 - 36 pixels; with no background at all: 0.0.
-    undilated = float(background_log_likelihood(mean, mean, log_sigma, level=0.1, dilation=0))
+    undilated = float(background_statistics(mean, mean, log_sigma, level=0.1, dilation=0
+                                            ).background)
     assert undilated == pytest.approx(per_pixel, rel=1e-6)
     full = torch.ones(2, 1, 8, 8)
-    assert background_log_likelihood(full, full, log_sigma[..., :8, :8].expand(2, 1, 8, 8)
-                                     ).tolist() == [0.0, 0.0]
+    assert background_statistics(full, full, log_sigma[..., :8, :8].expand(2, 1, 8, 8)
+                                 ).background.tolist() == [0.0, 0.0]
 
 
 class _Linear:
@@ -90,10 +91,10 @@ def test_estimate_gives_the_background_at_the_posterior_mean() -> None:
     x[1, :, 0, :] = 0.4  # a ghost row in slice 1's background
     est = estimate(_Linear(), x, "importance", 4, generator=torch.Generator().manual_seed(0))
     mean, log_sigma = _Linear().decode(_Linear().encode(x)[0])
-    assert torch.allclose(est.background, background_log_likelihood(x, mean, log_sigma))
+    expected = background_statistics(x, mean, log_sigma)
+    assert torch.allclose(est.background, expected.background)
     assert est.background[1] < est.background[0] == est.background[2]
-    assert torch.allclose(est.background_residual,
-                          background_log_likelihood(x, mean, log_sigma, residual_only=True))
+    assert torch.allclose(est.background_residual, expected.background_residual)
     assert est.background_residual[1] < est.background_residual[0] == 0.0
     # The statistic draws nothing: the Monte-Carlo outputs do not depend on its settings.
     other = estimate(_Linear(), x, "importance", 4, generator=torch.Generator().manual_seed(0),
