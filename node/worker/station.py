@@ -8,10 +8,9 @@ against the same threshold; the series is then abnormal from as many such slices
 station's normal series showed it to need (never fewer than the routing rule's). The score
 learned and mapped is the bundle's station score where it declares one (``station_scoring``:
 a weighting that sees motion but would flag other scanners' normal series out of the box),
-else its own. Inside the transaction that stores
-the verdict the worker calls :func:`settle_reference`: when that series makes the
-``[learning].series``-th of its station, the reference is built from them, once, under the
-reference's row lock.
+else its own. Inside the transaction that stores the verdict the worker calls
+:func:`settle_reference`: when that series makes the ``[learning].series``-th of its station,
+the reference is built from them, once, under the reference's row lock.
 
 :func:`normal_series_folders` lists a station's stored learning series that the reference
 kept (the same trimming and reviews), for training a network on that station's images.
