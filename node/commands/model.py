@@ -263,6 +263,12 @@ def calibrate(
         help="What the background part averages: 'log_likelihood' (all terms, the default) "
              "or 'residual' (-0.5 r^2 alone, each pixel's capped at 12.5, without the "
              "decoder's -log sigma); needs --background-part.")] = None,
+    background_rate: Annotated[str | None, typer.Option(
+        metavar="RATE",
+        help="With --keep-threshold: map the background part so that it alone flags this "
+             "share of the calibration slices (its RATE quantile onto the kept threshold, its "
+             "median onto the main score's median), e.g. 0.005; default: its 1st percentile "
+             "and median onto the main score's.")] = None,
     site: Annotated[bool, typer.Option(
         "--site",
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
@@ -326,6 +332,11 @@ def calibrate(
     elif background_cap is not None or background_statistic is not None:
         raise typer.BadParameter("needs --background-part",
                                  param_hint="--background-cap/--background-statistic")
+    rate = None
+    if background_rate is not None:
+        if not keep_threshold:
+            raise typer.BadParameter("needs --keep-threshold", param_hint="--background-rate")
+        rate = _parse_quantile(background_rate, "--background-rate")
     paths = list(data or [])
     if from_queue:
         if not site:
@@ -341,7 +352,7 @@ def calibrate(
     volumes = _load_training_data(paths) if site else _load_volumes(paths)
     try:
         recalibrate(bundle, volumes, out, changes, target_fpr, command, site=site,
-                    version=version, keep_threshold=keep_threshold)
+                    version=version, keep_threshold=keep_threshold, background_rate=rate)
     except ValueError as exc:  # data that cannot calibrate these settings; nothing written
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -519,6 +519,13 @@ def match_scales(main: np.ndarray, other: np.ndarray, low: float = 0.01) -> tupl
     """(gain, offset) mapping ``other``'s ``low`` quantile (default: 1st percentile) and median
     on normal slices onto ``main``'s."""
     m01, m50 = np.quantile(main, [low, 0.5])
+    return map_quantiles(other, low, float(m01), float(m50))
+
+
+def map_quantiles(other: np.ndarray, low: float, at_low: float,
+                  at_median: float) -> tuple[float, float]:
+    """(gain, offset) mapping ``other``'s ``low`` quantile on normal slices onto ``at_low``
+    and its median onto ``at_median``."""
     o01, o50 = np.quantile(other, [low, 0.5])
-    gain = float((m50 - m01) / max(o50 - o01, 1e-9))
-    return gain, float(m01 - gain * o01)
+    gain = float((at_median - at_low) / max(o50 - o01, 1e-9))
+    return gain, float(at_low - gain * o01)

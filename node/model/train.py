@@ -64,6 +64,7 @@ from node.model.scoring import (
     absolute_score,
     background_final,
     fit_position_profiles,
+    map_quantiles,
     match_scales,
     position_normalized,
     robust_level,
@@ -386,13 +387,18 @@ MIN_COVERAGE = 0.8
 
 def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Sequence[str],
                      target_fpr: float, *, tissue_quantile: float | None = None,
-                     threshold: float | None = None) -> dict[str, Any]:
+                     threshold: float | None = None,
+                     background_rate: float | None = None) -> dict[str, Any]:
     """Set the reference series quantiles, the alternatives' maps, the position profiles, the
     threshold and the normal quantiles in place (see :mod:`node.model.scoring`).
 
     ``tissue_quantile``: fit the tissue credit (scoring item 7) on these slices, crediting
     tissue beyond that quantile of their counts (None: the bundle's credit, if any, as it
     is). ``threshold``: keep this threshold instead of the ``target_fpr`` quantile.
+    ``background_rate`` (with ``threshold``): the background part's map puts that quantile of
+    its calibration values on the kept threshold and its median on the main score's median,
+    so that the part alone flags that share of the calibration slices (None: its 1st
+    percentile and median onto the main score's, as an alternative's).
 
     Returns the calibration entry of model.json.
     """
@@ -441,6 +447,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         finals = [np.minimum(f, offset + gain * a) for f, a in zip(finals, alt_finals,
                                                                     strict=True)]
     background = bundle.scoring.background
+    if background_rate is not None and (background is None or threshold is None):
+        raise ValueError("a background rate needs a background part and a kept threshold")
     if background is not None:  # item 6 of node.model.scoring: like an alternative
         values = [np.asarray(s["components"][background.component], dtype=np.float64)
                   for s in stacks]
@@ -456,7 +464,16 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
         if not mid > low:
             raise ValueError("the background part does not vary on the calibration slices "
                              "(no pixels outside the decoder's head mask?)")
-        gain, offset = match_scales(main_scores, foreground(bg_finals))
+        if background_rate is None:
+            gain, offset = match_scales(main_scores, foreground(bg_finals))
+        else:
+            assert threshold is not None  # checked above
+            median = float(np.median(main_scores))
+            if not median > threshold:
+                raise ValueError(f"the main score's median ({median:.1f}) is not above the "
+                                 f"kept threshold ({threshold:.1f})")
+            gain, offset = map_quantiles(foreground(bg_finals), background_rate, threshold,
+                                         median)
         background = replace(background, gain=gain, offset=offset)
         finals = [np.minimum(f, offset + gain * b) for f, b in zip(finals, bg_finals,
                                                                    strict=True)]
@@ -488,6 +505,8 @@ def calibrate_bundle(bundle: Bundle, volumes: Sequence[TrainingItem], planes: Se
     }
     if kept:
         entry["flagged"] = float(np.mean(scores < threshold))
+    if background_rate is not None:
+        entry["background_rate"] = background_rate
     if tissue_quantile is not None:
         entry["tissue_credit"] = {"quantile": tissue_quantile,
                                   "slope": scoring.tissue_slope,
@@ -771,6 +790,7 @@ def recalibrate(
     site: bool = False,
     version: str | None = None,
     keep_threshold: bool = False,
+    background_rate: float | None = None,
 ) -> Path:
     """Write a copy of ``bundle`` with other score settings, calibrated again.
 
@@ -786,7 +806,9 @@ def recalibrate(
     fields, or None to remove it); without ``max_series_shift`` its cap is fitted by
     :func:`fit_site_cap`. ``changes["tissue_credit"]`` fits the tissue credit at that
     quantile of the calibration slices' tissue counts (None removes it). ``keep_threshold``:
-    the copy keeps the bundle's threshold (its quantiles are recomputed). ``version``: the
+    the copy keeps the bundle's threshold (its quantiles are recomputed); with it,
+    ``background_rate`` sets the share of the calibration slices the background part alone
+    flags (:func:`calibrate_bundle`). ``version``: the
     copy's version (its reports name it, so a PACS can tell findings of the recalibrated
     bundle from the original's); the source's is recorded.
     """
@@ -832,7 +854,8 @@ def recalibrate(
     planes = bundle.meta.get("training", {}).get("config", {}).get("planes", list(PLANES))
     calibrate_bundle(bundle, cal, planes, target_fpr or bundle.target_fpr,
                      tissue_quantile=tissue_quantile,
-                     threshold=bundle.threshold if keep_threshold else None)
+                     threshold=bundle.threshold if keep_threshold else None,
+                     background_rate=background_rate)
     # As loading the written bundle builds it: on the calibrated score settings.
     bundle.station_scoring = station_scoring(bundle.meta)
     if site:  # does the site-calibrated bundle still see motion in the site's own series?
@@ -846,6 +869,8 @@ def recalibrate(
         record["tissue_credit"] = tissue_quantile
     if keep_threshold:
         record["kept_threshold"] = bundle.threshold
+    if background_rate is not None:
+        record["background_rate"] = background_rate
     bundle.meta.setdefault("training", {}).setdefault("recalibrations", []).append(
         {"command": command, "changes": changes, **record,
          "date": datetime.now(UTC).isoformat(timespec="seconds")}
