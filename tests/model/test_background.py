@@ -274,7 +274,43 @@ def test_calibrate_adds_the_background_part_and_holds_the_rate(tiny_bundle_path:
     assert "background" not in json.loads((plain / "model.json").read_text())["scoring"]
 
 
-@pytest.mark.parametrize("args", [("--background-part", "1.5"),
+def test_a_background_rate_sets_the_share_the_part_alone_flags(tiny_bundle_path: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "rate"
+    proc = calibrate_cli(tiny_bundle_path, out, "--background-part", "0.75",
+                         "--background-cap", "0.25", "--keep-threshold",
+                         "--background-rate", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    source, bundle = load_bundle(tiny_bundle_path), load_bundle(out)
+    assert bundle.threshold == source.threshold
+    part = bundle.scoring.background
+    assert part is not None and part.gain > 0
+    assert bundle.meta["training"]["recalibrations"][-1]["background_rate"] == 0.05
+    assert bundle.meta["calibration"]["background_rate"] == 0.05
+    mains, backgrounds = [], []
+    for scores in calibration_axial_scores(bundle):
+        fg = scores.foreground
+        mains.append((scores.extra["absolute"] - scores.series_shift)[fg])
+        backgrounds.append((part.offset + part.gain
+                            * background_final(scores.extra, fg, bundle.scoring))[fg])
+    main, background = np.concatenate(mains), np.concatenate(backgrounds)
+    assert background.size >= 50
+    # Its 5% quantile on the kept threshold, its median on the main score's: alone it flags
+    # 5% of the calibration slices.
+    assert np.quantile(background, 0.05) == pytest.approx(bundle.threshold)
+    assert np.median(background) == pytest.approx(np.median(main))
+    assert abs(np.mean(background < bundle.threshold) - 0.05) <= 1.0 / background.size
+    # Without a background part there is nothing to map: an error, nothing written.
+    proc = calibrate_cli(tiny_bundle_path, tmp_path / "none", "--keep-threshold",
+                         "--background-rate", "0.05")
+    assert proc.returncode == 1 and "background part" in proc.stderr
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("args", [("--background-part", "0.75", "--background-rate", "0.05"),
+                                  ("--background-part", "0.75", "--keep-threshold",
+                                   "--background-rate", "2"),
+                                  ("--background-part", "1.5"),
                                   ("--background-part", "high"),
                                   ("--background-cap", "0.2"),
                                   ("--background-statistic", "residual"),
