@@ -67,7 +67,9 @@ each one switchable in the bundle and each measured by ``vaenode evaluate``:
    and motion that spill outside the head. The part gets its own capped series shift (like
    item 3, at its own quantile; cap 1.25 times the largest shift normal site variants of the
    calibration subjects need) and the same affine map onto the main score's scale as an
-   alternative (item 4), and joins the minimum. Bundles without it score as before.
+   alternative (item 4), or, calibrated under a kept threshold with a background rate, the
+   map that puts that quantile of its calibration values on the threshold and its median on
+   the main score's, and joins the minimum. Bundles without it score as before.
    Its ``statistic`` may instead be the residual term alone, the mean of ``-0.5 r^2`` over
    the same pixels, each pixel's capped at 12.5 (r = 5): on real normal sagittal 3D series
    the ``-log sigma`` term alone flags the middle slices, where the head fills most of the
