@@ -267,8 +267,8 @@ def calibrate(
         metavar="RATE",
         help="With --keep-threshold: map the background part so that it alone flags this "
              "share of the calibration slices (its RATE quantile onto the kept threshold, its "
-             "median onto the main score's median), e.g. 0.005; default: its 1st percentile "
-             "and median onto the main score's.")] = None,
+             "median onto the main score's median), e.g. 0.005; default (or 'none'): its 1st "
+             "percentile and median onto the main score's.")] = None,
     site: Annotated[bool, typer.Option(
         "--site",
         help="Calibrate on every subject in --data (a site's own normal series: NIfTI volumes "
