@@ -30,10 +30,12 @@ node's reference (``node.worker.learning``: outliers below the other series, by 
 10th percentile, left out; the series count it learns); the same with the routing rule's 3
 slices alone (the node before 2026-12-06); the rule the node first had (the worst 20% by
 median and by 10th percentile left out); nothing left out; only the bad series left out
-(an oracle no station has: what the robust rules aim at); and a candidate that takes the
+(an oracle no station has: what the robust rules aim at); a candidate that takes the
 node's kept series but sets the quantile level by leaving one series out (the level at which
 each kept series, judged by the others' low, is flagged at the target rate on average),
-against the small number of series. Every row but the node's uses the routing rule's 3
+against the small number of series; and a candidate that takes the node's kept series and
+refers each slice's score to its position in the stack (:func:`position_reference`), with a
+series count learned as the node learns it. Every other row uses the routing rule's 3
 slices. A bundle with a station score (``station_scoring`` in ``model.json``) is
 judged out of the box by its own score and, learned, by the station score, as the node does.
 
@@ -49,7 +51,7 @@ import pickle
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,11 +61,13 @@ sys.path.insert(0, str(ROOT))
 from node.model.artifacts import splice_block  # noqa: E402
 from node.model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
+from node.model.scoring import position_bin  # noqa: E402
 from node.model.site_sweep import with_artifact  # noqa: E402
 from node.model.sites import contrast_curve  # noqa: E402
 from node.worker.learning import (  # noqa: E402
     LearningSeries,
     build_reference,
+    learned_min_flagged,
     select_series,
     series_summary,
 )
@@ -130,40 +134,48 @@ def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, 
     return out
 
 
-#: (the station's low, learning series left out, the slices below it a series needs before
-#: the routing rule's floor)
-Rule = Callable[[list[np.ndarray], set[int], float], tuple[float, int, int]]
+class Learned(NamedTuple):
+    """What a rule learns from a station's learning series: its low, the learning series it
+    left out, the slices below the low a series needs before the routing rule's floor, and
+    what it compares with the low (``refer``: a series' foreground scores in stack order to
+    the values judged; None: the scores themselves)."""
+
+    low: float
+    left_out: int
+    least: int
+    refer: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
+Rule = Callable[[list[np.ndarray], set[int], float], Learned]
+
+
+def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     built = build_reference([LearningSeries(i, v) for i, v in enumerate(series)], fpr)
-    return built.low, len(built.selection.trimmed), built.min_flagged
+    return Learned(built.low, len(built.selection.trimmed), built.min_flagged)
 
 
-def node_low_alone(series: list[np.ndarray], bad: set[int],
-                   fpr: float) -> tuple[float, int, int]:
+def node_low_alone(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     """The node's low with the routing rule's slices alone (before it learned a count)."""
-    low, left_out, _ = node_rule(series, bad, fpr)
-    return low, left_out, 1
+    return node_rule(series, bad, fpr)._replace(least=1)
 
 
-def worst_fifth(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
+def worst_fifth(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     """The node's first rule: the worst 20% by median and by 10th percentile left out."""
     summary = np.array([series_summary(v) for v in series])
     count = int(0.2 * len(series))
     worst = set(np.argsort(summary[:, 0], kind="stable")[:count]) | set(
         np.argsort(summary[:, 1], kind="stable")[:count])
     kept = [v for i, v in enumerate(series) if i not in worst]
-    return float(np.quantile(np.concatenate(kept), fpr)), len(worst), 1
+    return Learned(float(np.quantile(np.concatenate(kept), fpr)), len(worst), 1)
 
 
-def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
-    return float(np.quantile(np.concatenate(series), fpr)), 0, 1
+def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
+    return Learned(float(np.quantile(np.concatenate(series), fpr)), 0, 1)
 
 
-def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> tuple[float, int, int]:
+def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     kept = [v for i, v in enumerate(series) if i not in bad]
-    return float(np.quantile(np.concatenate(kept), fpr)), len(bad), 1
+    return Learned(float(np.quantile(np.concatenate(kept), fpr)), len(bad), 1)
 
 
 def leave_one_out_level(kept: list[np.ndarray], fpr: float) -> float:
@@ -178,12 +190,44 @@ def leave_one_out_level(kept: list[np.ndarray], fpr: float) -> float:
     return float(fitting.max()) if fitting.size else float(levels[0])
 
 
-def leave_one_out(series: list[np.ndarray], bad: set[int],
-                  fpr: float) -> tuple[float, int, int]:
+def leave_one_out(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
     kept = [series[i] for i in selection.kept]
-    return (float(np.quantile(np.concatenate(kept), leave_one_out_level(kept, fpr))),
-            len(selection.trimmed), 1)
+    return Learned(float(np.quantile(np.concatenate(kept), leave_one_out_level(kept, fpr))),
+                   len(selection.trimmed), 1)
+
+
+#: Position bins and the low's quantile of the position-referenced candidate.
+POSITION_BINS = 10
+POSITION_QUANTILE = 0.005
+
+
+def position_reference(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
+    """The node's kept series, each slice's score referred to its position: the foreground
+    slices split into ``POSITION_BINS`` bins of relative position (stack order), a score
+    becomes (score - its bin's median) / (that median - the bin's 5th percentile) over the
+    kept series, and the low is the ``POSITION_QUANTILE`` quantile of those (below the
+    bundle's rate: each bin's level is estimated from few slices, which a held-out series
+    pays for); the series count learned as the node learns it, on those values."""
+    selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
+    kept = [series[i] for i in selection.kept]
+
+    def bins(v: np.ndarray) -> np.ndarray:
+        return position_bin(np.linspace(0.0, 1.0, len(v)), POSITION_BINS)
+
+    pooled = np.concatenate(kept)
+    where = np.concatenate([bins(v) for v in kept])
+    level = np.array([np.median(pooled[where == b]) for b in range(POSITION_BINS)])
+    spread = np.array([max(level[b] - np.quantile(pooled[where == b], 0.05), 1e-9)
+                       for b in range(POSITION_BINS)])
+
+    def refer(v: np.ndarray) -> np.ndarray:
+        b = bins(v)
+        return (v - level[b]) / spread[b]
+
+    low = float(np.quantile(np.concatenate([refer(v) for v in kept]), POSITION_QUANTILE))
+    least = learned_min_flagged([int(np.sum(refer(v) < low)) for v in kept])
+    return Learned(low, len(selection.trimmed), least, refer)
 
 
 RULES: dict[str, Rule | None] = {
@@ -195,6 +239,9 @@ RULES: dict[str, Rule | None] = {
     "learned, nothing left out": untrimmed,
     "learned, only the bad series left out (oracle)": oracle,
     "learned, outliers left out, level by leaving one series out (candidate)": leave_one_out,
+    "learned, outliers left out, low per slice position (10 bins, 0.5%), the series count "
+    "learned (candidate)":
+        position_reference,
 }
 
 
@@ -236,12 +283,13 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
             # exactly when its station score (the bundle's own where it declares none) is
             # below the low (node.worker.learning).
             if build is None:
-                low, left_out, least, judged, k = threshold, 0, 1, own, 0
+                got, judged, k = Learned(threshold, 0, 1), own, 0
             else:
-                (low, left_out, least), judged, k = (build(series, spoiled, bundle.target_fpr),
-                                                     learned, 1)
+                got, judged, k = build(series, spoiled, bundle.target_fpr), learned, 1
+            low, left_out, least = got.low, got.left_out, got.least
+            refer = got.refer or (lambda v: v)
             needs = max(MIN_ABNORMAL_SLICES, least)
-            flagged = [judged[s] < low for s in held]
+            flagged = [refer(judged[s]) < low for s in held]
             sums[rule]["slices"].append(float(np.mean(np.concatenate(flagged))))
             sums[rule]["series"].append(float(np.mean([f.sum() >= needs for f in flagged])))
             sums[rule]["needs"].append(float(needs))
@@ -250,8 +298,9 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
                 sc, f = scores["block"][s][k], scores["block"][s][2]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
-                sums[rule]["block"].append(float(np.mean(sc[inside & f] < low)))
-                sums[rule]["caught"].append(float((sc[f] < low).sum() >= needs))
+                below = refer(sc[f]) < low  # the foreground slices, in stack order
+                sums[rule]["block"].append(float(np.mean(below[inside[f]])))
+                sums[rule]["caught"].append(float(below.sum() >= needs))
     return {rule: {c: float(np.mean(v)) for c, v in values.items()}
             for rule, values in sums.items()}
 
