@@ -61,7 +61,11 @@ sys.path.insert(0, str(ROOT))
 from node.model.artifacts import splice_block  # noqa: E402
 from node.model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
-from node.model.scoring import position_bin  # noqa: E402
+from node.model.scoring import (  # noqa: E402
+    fit_position_profiles,
+    position_bin,
+    relative_positions,
+)
 from node.model.site_sweep import with_artifact  # noqa: E402
 from node.model.sites import contrast_curve  # noqa: E402
 from node.worker.learning import (  # noqa: E402
@@ -211,18 +215,13 @@ def position_reference(series: list[np.ndarray], bad: set[int], fpr: float) -> L
     pays for); the series count learned as the node learns it, on those values."""
     selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
     kept = [series[i] for i in selection.kept]
-
-    def bins(v: np.ndarray) -> np.ndarray:
-        return position_bin(np.linspace(0.0, 1.0, len(v)), POSITION_BINS)
-
-    pooled = np.concatenate(kept)
-    where = np.concatenate([bins(v) for v in kept])
-    level = np.array([np.median(pooled[where == b]) for b in range(POSITION_BINS)])
-    spread = np.array([max(level[b] - np.quantile(pooled[where == b], 0.05), 1e-9)
-                       for b in range(POSITION_BINS)])
+    # The bundle's position reference (scoring item 5) fitted on the station's series: its
+    # bins of relative position, each bin's median and median minus 5th percentile.
+    level, spread = (np.asarray(v) for v in fit_position_profiles(
+        [("stack", v, np.ones(len(v), dtype=bool)) for v in kept], POSITION_BINS)["stack"])
 
     def refer(v: np.ndarray) -> np.ndarray:
-        b = bins(v)
+        b = position_bin(relative_positions(np.ones(len(v), dtype=bool)), POSITION_BINS)
         return (v - level[b]) / spread[b]
 
     low = float(np.quantile(np.concatenate([refer(v) for v in kept]), POSITION_QUANTILE))
