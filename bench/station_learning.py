@@ -27,17 +27,13 @@ others are held out:
 ``--bad`` sets how many of the 20 learning series are bad: 0, 1 (a whole series with moderate
 motion) or 3 (that, and two with the motion block). Rows: the bundle out of the box; the
 node's reference (``node.worker.learning``: outliers below the other series, by median or by
-10th percentile, left out; the series count it learns); the same with the routing rule's 3
-slices alone (the node before 2026-12-06); the rule the node first had (the worst 20% by
-median and by 10th percentile left out); nothing left out; only the bad series left out
-(an oracle no station has: what the robust rules aim at); a candidate that takes the
-node's kept series but sets the quantile level by leaving one series out (the level at which
-each kept series, judged by the others' low, is flagged at the target rate on average),
-against the small number of series; and a candidate that takes the node's kept series and
-refers each slice's score to its position in the stack (:func:`position_reference`), with a
-series count learned as the node learns it. Every other row uses the routing rule's 3
-slices. A bundle with a station score (``station_scoring`` in ``model.json``) is
-judged out of the box by its own score and, learned, by the station score, as the node does.
+10th percentile, left out; each slice's score referred to its position in the stack; the
+series count learned with each series left out); the node until 2026-12-06 (the same
+outliers left out, the 1% quantile of the unreferred scores, the count learned in sample);
+the node's arithmetic with nothing left out, and with only the bad series left out (an
+oracle no station has: what the outlier rule aims at). A bundle with a station score
+(``station_scoring`` in ``model.json``) is judged out of the box by its own score and,
+learned, by the station score, as the node does.
 
     .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
         [--site "noise 0.02"] [--site "gamma 0.75"] [--bad 0 --bad 1 --bad 3] \\
@@ -61,19 +57,16 @@ sys.path.insert(0, str(ROOT))
 from node.model.artifacts import splice_block  # noqa: E402
 from node.model.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
-from node.model.scoring import (  # noqa: E402
-    fit_position_profiles,
-    position_bin,
-    relative_positions,
-)
 from node.model.site_sweep import with_artifact  # noqa: E402
 from node.model.sites import contrast_curve  # noqa: E402
 from node.worker.learning import (  # noqa: E402
     LearningSeries,
+    Reference,
+    Review,
     build_reference,
     learned_min_flagged,
     select_series,
-    series_summary,
+    stack_positions,
 )
 
 IXI = ROOT.parent / "shared" / "data" / "ixi_t1"
@@ -153,94 +146,52 @@ class Learned(NamedTuple):
 Rule = Callable[[list[np.ndarray], set[int], float], Learned]
 
 
+def _learned(built: Reference) -> Learned:
+    def refer(v: np.ndarray) -> np.ndarray:
+        return built.position.refer(v, stack_positions(np.zeros(v.size, dtype=np.int64),
+                                                       np.ones(v.size, dtype=bool)))
+
+    return Learned(built.low, len(built.selection.trimmed), built.min_flagged, refer)
+
+
 def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    built = build_reference([LearningSeries(i, v) for i, v in enumerate(series)], fpr)
-    return Learned(built.low, len(built.selection.trimmed), built.min_flagged)
+    return _learned(build_reference([LearningSeries(i, v) for i, v in enumerate(series)], fpr,
+                                    estimate=False))
 
 
-def node_low_alone(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    """The node's low with the routing rule's slices alone (before it learned a count)."""
-    return node_rule(series, bad, fpr)._replace(least=1)
-
-
-def worst_fifth(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    """The node's first rule: the worst 20% by median and by 10th percentile left out."""
-    summary = np.array([series_summary(v) for v in series])
-    count = int(0.2 * len(series))
-    worst = set(np.argsort(summary[:, 0], kind="stable")[:count]) | set(
-        np.argsort(summary[:, 1], kind="stable")[:count])
-    kept = [v for i, v in enumerate(series) if i not in worst]
-    return Learned(float(np.quantile(np.concatenate(kept), fpr)), len(worst), 1)
+def unreferred(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
+    """The node until 2026-12-06 (session 34): the outliers left out, the low the ``fpr``
+    quantile of the kept series' pooled scores, no position reference, the series count
+    learned in sample."""
+    selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
+    kept = [series[i] for i in selection.kept]
+    low = float(np.quantile(np.concatenate(kept), fpr))
+    return Learned(low, len(selection.trimmed),
+                   learned_min_flagged([int(np.sum(v < low)) for v in kept]))
 
 
 def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    return Learned(float(np.quantile(np.concatenate(series), fpr)), 0, 1)
+    """The node's arithmetic with every series used (each reviewed normal)."""
+    return _learned(build_reference([LearningSeries(i, v, Review.NORMAL)
+                                     for i, v in enumerate(series)], fpr, estimate=False))
 
 
 def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    kept = [v for i, v in enumerate(series) if i not in bad]
-    return Learned(float(np.quantile(np.concatenate(kept), fpr)), len(bad), 1)
-
-
-def leave_one_out_level(kept: list[np.ndarray], fpr: float) -> float:
-    """The largest level (of 19 up to ``fpr``) at which each kept series, judged by the others'
-    pooled quantile at that level, is flagged at ``fpr`` or less on average."""
-    levels = fpr * np.linspace(0.1, 1.0, 19)
-    rates = np.zeros(levels.size)
-    for i, own in enumerate(kept):
-        others = np.concatenate([v for j, v in enumerate(kept) if j != i])
-        rates += np.array([np.mean(own < low) for low in np.quantile(others, levels)])
-    fitting = levels[rates / len(kept) <= fpr]
-    return float(fitting.max()) if fitting.size else float(levels[0])
-
-
-def leave_one_out(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
-    kept = [series[i] for i in selection.kept]
-    return Learned(float(np.quantile(np.concatenate(kept), leave_one_out_level(kept, fpr))),
-                   len(selection.trimmed), 1)
-
-
-#: Position bins and the low's quantile of the position-referenced candidate.
-POSITION_BINS = 10
-POSITION_QUANTILE = 0.005
-
-
-def position_reference(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    """The node's kept series, each slice's score referred to its position: the foreground
-    slices split into ``POSITION_BINS`` bins of relative position (stack order), a score
-    becomes (score - its bin's median) / (that median - the bin's 5th percentile) over the
-    kept series, and the low is the ``POSITION_QUANTILE`` quantile of those (below the
-    bundle's rate: each bin's level is estimated from few slices, which a held-out series
-    pays for); the series count learned as the node learns it, on those values."""
-    selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
-    kept = [series[i] for i in selection.kept]
-    # The bundle's position reference (scoring item 5) fitted on the station's series: its
-    # bins of relative position, each bin's median and median minus 5th percentile.
-    level, spread = (np.asarray(v) for v in fit_position_profiles(
-        [("stack", v, np.ones(len(v), dtype=bool)) for v in kept], POSITION_BINS)["stack"])
-
-    def refer(v: np.ndarray) -> np.ndarray:
-        b = position_bin(relative_positions(np.ones(len(v), dtype=bool)), POSITION_BINS)
-        return (v - level[b]) / spread[b]
-
-    low = float(np.quantile(np.concatenate([refer(v) for v in kept]), POSITION_QUANTILE))
-    least = learned_min_flagged([int(np.sum(refer(v) < low)) for v in kept])
-    return Learned(low, len(selection.trimmed), least, refer)
+    """The node's arithmetic with exactly the bad series left out (confirmed flags, the
+    others reviewed normal)."""
+    built = build_reference([LearningSeries(i, v, Review.FLAGGED if i in bad else Review.NORMAL)
+                             for i, v in enumerate(series)], fpr, estimate=False)
+    return _learned(built)._replace(left_out=len(bad))
 
 
 RULES: dict[str, Rule | None] = {
     "out of the box": None,
-    "learned (the node: outliers left out, the series count learned)": node_rule,
-    "learned, outliers left out, the routing rule's 3 slices (the node before 2026-12-06)":
-        node_low_alone,
-    "learned, worst 20% left out (the first rule)": worst_fifth,
-    "learned, nothing left out": untrimmed,
-    "learned, only the bad series left out (oracle)": oracle,
-    "learned, outliers left out, level by leaving one series out (candidate)": leave_one_out,
-    "learned, outliers left out, low per slice position (10 bins, 0.5%), the series count "
-    "learned (candidate)":
-        position_reference,
+    "learned (the node: outliers left out, a low per slice position, the series count "
+    "learned left out)": node_rule,
+    "learned, outliers left out, no position reference, the series count learned in sample "
+    "(the node until 2026-12-06)": unreferred,
+    "learned as the node, nothing left out": untrimmed,
+    "learned as the node, only the bad series left out (oracle)": oracle,
 }
 
 

@@ -161,8 +161,8 @@ def senders_cmd(
                    f"{'FROM':>4} {'FLAGS':>7}  BUNDLE")
         for v in views:
             when = f"{v.calibrated_at:%Y-%m-%d %H:%M}" if v.calibrated_at else "-"
-            centre = f"{v.centre:10.1f}" if v.centre is not None else f"{'-':>10}"
-            low = f"{v.low:10.1f}" if v.low is not None else f"{'-':>10}"
+            centre = f"{v.centre:10.4g}" if v.centre is not None else f"{'-':>10}"
+            low = f"{v.low:10.4g}" if v.low is not None else f"{'-':>10}"
             # FROM: the slices below the low that make one of its series abnormal, as learned
             # (the routing rule's count applies where it is more). FLAGS: of
             # its kept learning series, how many a reference built from the others flags (each

@@ -108,6 +108,7 @@ from PIL import Image
 
 from node.model.data import FOREGROUND_FRACTION, FOREGROUND_LEVEL
 from node.model.likelihood import BACKGROUND_DILATION, BACKGROUND_LEVEL
+from node.model.positions import fit_levels, position_bin, relative_positions
 
 #: The background part's statistics and the estimator components that hold them.
 BACKGROUND_STATISTICS = {"log_likelihood": "background", "residual": "background_residual"}
@@ -406,22 +407,6 @@ def stack_scores(
     return final, absolute, shift
 
 
-def relative_positions(foreground: np.ndarray, descending: bool = False) -> np.ndarray:
-    """0 to 1 along the foreground slices in the plane's anatomical direction (item 5 of the
-    module docstring); NaN for background slices. ``descending``: the stack runs the other way."""
-    pos = np.full(len(foreground), np.nan)
-    idx = np.flatnonzero(foreground)
-    if idx.size:
-        ramp = np.linspace(0.0, 1.0, idx.size)
-        pos[idx] = ramp[::-1] if descending else ramp
-    return pos
-
-
-def position_bin(positions: np.ndarray, bins: int) -> np.ndarray:
-    """The bin of each (non-NaN) relative position."""
-    return np.clip((positions * bins).astype(int), 0, bins - 1)
-
-
 def reference_bins(foreground: np.ndarray, cfg: ScoreConfig, plane: str | None,
                    descending: bool = False,
                    slice_spacing_mm: float | None = None) -> np.ndarray | None:
@@ -459,13 +444,6 @@ def position_normalized(score: np.ndarray, foreground: np.ndarray, cfg: ScoreCon
     return out
 
 
-def robust_level(scores: np.ndarray) -> tuple[float, float]:
-    """(median, median minus 5th percentile) of normal scores: the level and spread item 5
-    compares with (the spread floored so that a constant set cannot divide by zero)."""
-    med, q05 = np.quantile(np.asarray(scores, dtype=np.float64), [0.5, 0.05])
-    return float(med), max(float(med - q05), 1e-6)
-
-
 def fit_position_profiles(
     stacks: Sequence[tuple[str, np.ndarray, np.ndarray]], bins: int, min_slices: int = 1
 ) -> Profiles:
@@ -484,10 +462,7 @@ def fit_position_profiles(
             if p == plane and int(fg.sum()) >= min_slices:
                 scores.append(final[fg])
                 positions.append(relative_positions(fg)[fg])
-        s, k = np.concatenate(scores), position_bin(np.concatenate(positions), bins)
-        overall = robust_level(s)
-        levels = [robust_level(s[k == b]) if np.any(k == b) else overall for b in range(bins)]
-        out[plane] = (tuple(m for m, _ in levels), tuple(d for _, d in levels))
+        out[plane] = fit_levels(np.concatenate(scores), np.concatenate(positions), bins)
     return out
 
 

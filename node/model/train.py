@@ -56,6 +56,7 @@ from node.model.data import (
     plane_slices,
     split_subjects,
 )
+from node.model.positions import robust_level
 from node.model.preprocess import PreprocessConfig, preprocess_stack, stack_scale
 from node.model.scoring import (
     BackgroundPart,
@@ -67,7 +68,6 @@ from node.model.scoring import (
     map_quantiles,
     match_scales,
     position_normalized,
-    robust_level,
     series_shift,
 )
 from node.model.vae import VAE, VAEConfig

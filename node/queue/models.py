@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -286,6 +287,13 @@ class StationReference(Base):
     #: normal series (node.worker.learning; the routing rule's count is the floor); NULL while
     #: learning and for references calibrated before revision 0017 (the rule's count alone).
     min_flagged: Mapped[int | None] = mapped_column(Integer)
+    #: The station's normal score at each bin of relative slice position: per bin, the
+    #: median and the median minus the 5th percentile of its kept learning series' scores;
+    #: ``centre`` and ``low`` are on the scores referred to them (node.worker.learning).
+    #: NULL while learning and for references calibrated before revision 0018 (their centre
+    #: and low are on the unreferred scores, as they judge).
+    position_levels: Mapped[list[float] | None] = mapped_column(JSON)
+    position_spreads: Mapped[list[float] | None] = mapped_column(JSON)
     #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
     #: series), or None.
     note: Mapped[str | None] = mapped_column(Text)

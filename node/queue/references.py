@@ -177,10 +177,11 @@ class LearningRows:
     Attributes:
         series_id: the series.
         scores: its foreground slices' station scores where the bundle gives them, else its
-            own scores (before any station reference).
+            own scores (before any station reference), in slice order.
         abnormal: its verdict (out of the box).
         review: its latest review (``confirm``, ``false_alarm``) or None.
         min_abnormal_slices: flagged slices that made it abnormal (its routing rule's).
+        stacks: the stack of the series each score's slice is in.
     """
 
     series_id: int
@@ -188,6 +189,7 @@ class LearningRows:
     abnormal: bool
     review: str | None
     min_abnormal_slices: int = 1
+    stacks: tuple[int, ...] = ()
 
 
 def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningRows]:
@@ -197,14 +199,16 @@ def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningR
     if not series_ids:
         return []
     scores: dict[int, list[float]] = {i: [] for i in series_ids}
+    stacks: dict[int, list[int]] = {i: [] for i in series_ids}
     own = func.coalesce(SliceScore.station_score, SliceScore.bundle_score,
                         SliceScore.log_likelihood)
-    for sid, value in session.execute(
-            select(SliceScore.series_id, own)
+    for sid, value, stack in session.execute(
+            select(SliceScore.series_id, own, SliceScore.stack)
             .where(SliceScore.series_id.in_(list(series_ids)),
                    SliceScore.foreground.is_not(False))
             .order_by(SliceScore.series_id, SliceScore.slice_index)):
         scores[int(sid)].append(float(value))
+        stacks[int(sid)].append(int(stack or 0))
     verdicts = {int(i): (bool(abnormal), int(least or 1)) for i, abnormal, least in
                 session.execute(select(Series.id, Series.abnormal, Series.min_abnormal_slices)
                                 .where(Series.id.in_(list(series_ids))))}
@@ -212,14 +216,16 @@ def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningR
     rows = []
     for i in series_ids:
         abnormal, least = verdicts.get(i, (False, 1))
-        rows.append(LearningRows(i, tuple(scores[i]), abnormal, reviews.get(i), least))
+        rows.append(LearningRows(i, tuple(scores[i]), abnormal, reviews.get(i), least,
+                                 tuple(stacks[i])))
     return rows
 
 
 def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: float,
                     bundle_median: float, bundle_threshold: float, target_fpr: float,
                     used: int, trimmed: int, excluded: int, slices: int,
-                    series_flagged: int, min_flagged: int) -> None:
+                    series_flagged: int, min_flagged: int,
+                    position_levels: Sequence[float], position_spreads: Sequence[float]) -> None:
     """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock)."""
     session.execute(
         update(StationReference)
@@ -228,7 +234,8 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
                 bundle_median=bundle_median, bundle_threshold=bundle_threshold,
                 target_fpr=target_fpr, series_used=used, series_trimmed=trimmed,
                 series_excluded=excluded, slices=slices, series_flagged=series_flagged,
-                min_flagged=min_flagged, note=None)
+                min_flagged=min_flagged, position_levels=[float(v) for v in position_levels],
+                position_spreads=[float(v) for v in position_spreads], note=None)
         .execution_options(synchronize_session=False))
 
 
@@ -347,10 +354,13 @@ def reference_note(state: str | None, reference: StationReference | None, *,
         when = f"{reference.calibrated_at:%Y-%m-%d}" if reference.calibrated_at else "?"
         used = reference.series_used or 0
         total = used + (reference.series_trimmed or 0) + (reference.series_excluded or 0)
-        count = (f"; all but one of them had at most {reference.min_flagged - 1} slices "
-                 "below its low" if reference.min_flagged else "")
+        positions = reference.position_levels is not None
+        count = (f"; all but one of them{', each judged by the others,' if positions else ''} "
+                 f"had at most {reference.min_flagged - 1} slices below its low"
+                 if reference.min_flagged else "")
+        where = "; each slice against the station's normal at its position" if positions else ""
         return (f"Reference: calibrated for station {key_of(reference).label}, from {used} "
-                f"of {total} learning series on {when}{count}")
+                f"of {total} learning series on {when}{where}{count}")
     if state == LEARNING and reference is not None:
         return (f"Reference: out of the box (station learning, {min(learned, needed)} of "
                 f"{needed} series)")

@@ -350,7 +350,7 @@ def process_series(
             series_description=attrs.series_description or series.series_description,
             model_name=bundle.name, model_version=bundle.version)
         judgement = judge(session_factory, settings.learning, key, series.id, scored.slices,
-                          scored.threshold, scale)
+                          [s.stack for s in assembled.slices], scored.threshold, scale)
         t2 = time.monotonic()
         verdict = SeriesVerdict.from_slices(
             study_instance_uid=attrs.study_instance_uid or series.study_instance_uid,

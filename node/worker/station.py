@@ -36,11 +36,13 @@ from node.queue.models import Instance, Series, StationReference
 from node.report.content import SliceVerdict
 from node.worker.learning import (
     LearningSeries,
+    PositionReference,
     ReferenceRefused,
     Review,
     build_reference,
     map_scores,
     select_series,
+    stack_positions,
 )
 
 if TYPE_CHECKING:
@@ -98,22 +100,29 @@ class Judgement:
         return max(rule_count, self.min_flagged or 0)
 
 
-def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
-                    threshold: float, quantiles: Sequence[float]) -> tuple[SliceVerdict, ...]:
+def apply_reference(slices: Sequence[SliceVerdict], stacks: Sequence[int],
+                    reference: StationReference, threshold: float,
+                    quantiles: Sequence[float]) -> tuple[SliceVerdict, ...]:
     """The slice verdicts with each score mapped through a calibrated reference and judged
     against ``threshold`` (the one in use) on foreground slices; confidence recomputed on the
     mapped score; ``bundle_score`` keeps the bundle's own score.
 
     The score mapped is the one the reference learned: the slice's station score where the
-    bundle gives one, else its own score."""
+    bundle gives one, else its own score; referred to the slice's position in its stack
+    (``stacks``: each slice's stack, in series order) where the reference keeps positions
+    (references calibrated before revision 0018 do not)."""
     if (reference.centre is None or reference.low is None or reference.bundle_median is None
             or reference.bundle_threshold is None):
         raise ValueError(f"station reference {reference.id} is not calibrated")
     learned = np.array([s.log_likelihood if s.station_score is None else s.station_score
                         for s in slices], dtype=np.float64)
+    foreground = np.array([s.foreground for s in slices], dtype=bool)
+    if reference.position_levels is not None and reference.position_spreads is not None:
+        position = PositionReference(tuple(reference.position_levels),
+                                     tuple(reference.position_spreads))
+        learned = position.refer(learned, stack_positions(np.asarray(stacks), foreground))
     mapped = map_scores(learned, reference.centre, reference.low, reference.bundle_median,
                         reference.bundle_threshold)
-    foreground = np.array([s.foreground for s in slices], dtype=bool)
     abnormal = (mapped < threshold) & foreground
     sure = confidence(mapped, threshold, np.asarray(quantiles, dtype=np.float64))
     return tuple(
@@ -125,8 +134,9 @@ def apply_reference(slices: Sequence[SliceVerdict], reference: StationReference,
 
 def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
           key: refs.StationKey | None, series_id: int, slices: Sequence[SliceVerdict],
-          threshold: float, scale: BundleScale) -> Judgement:
-    """Which reference judges the series, and the slice verdicts it gives.
+          stacks: Sequence[int], threshold: float, scale: BundleScale) -> Judgement:
+    """Which reference judges the series, and the slice verdicts it gives (``stacks``: the
+    stack of each slice, in series order).
 
     Creates the station's reference (``learning``) on its first series. Its verdicts are the
     bundle's own until the reference is calibrated.
@@ -141,7 +151,7 @@ def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
     with session_factory() as session:
         reference = refs.ensure_reference(session, key)
         if reference.state == refs.CALIBRATED:
-            mapped = apply_reference(slices, reference, threshold, scale.quantiles)
+            mapped = apply_reference(slices, stacks, reference, threshold, scale.quantiles)
             return Judgement(mapped, reference.id, refs.CALIBRATED,
                              refs.reference_note(refs.CALIBRATED, reference),
                              reference.min_flagged)
@@ -162,7 +172,7 @@ def _review(row: refs.LearningRows) -> Review:
 def _learning_series(session: Session, reference_id: int) -> list[LearningSeries]:
     rows = refs.learning_rows(session, refs.learning_series_ids(session, reference_id))
     return [LearningSeries(r.series_id, np.asarray(r.scores, dtype=np.float64), _review(r),
-                           r.min_abnormal_slices)
+                           r.min_abnormal_slices, np.asarray(r.stacks, dtype=np.int64))
             for r in rows]
 
 
@@ -198,7 +208,9 @@ def settle_reference(session: Session, learning: LearningSettings, reference_id:
                          target_fpr=scale.target_fpr, used=len(built.selection.kept),
                          trimmed=len(built.selection.trimmed),
                          excluded=len(built.selection.excluded), slices=built.slices,
-                         series_flagged=built.series_flagged, min_flagged=built.min_flagged)
+                         series_flagged=built.series_flagged, min_flagged=built.min_flagged,
+                         position_levels=built.position.levels,
+                         position_spreads=built.position.spreads)
     log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g, "
              "series abnormal from %d slices below it; left out in turn, %d of those series "
              "are flagged", len(built.selection.kept), len(built.selection.trimmed),

@@ -252,7 +252,7 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     html = http(f"{base}/senders", headers=bearer).text
     shown = html.split(f'data-id="{calibrated.id}"', 1)[1].split("</tr>", 1)[0]
     assert 'data-state="calibrated"' in shown and "5 of 5" in shown
-    assert f"{row.centre:.1f}" in shown and "t1 mprage sag" in shown
+    assert f"{row.centre:.4g}" in shown and "t1 mprage sag" in shown
     # How many of its learning series the reference flags: what to expect once calibrated.
     assert row.series_flagged is not None and row.series_used == 5
     assert f'<td class="num series-flagged">{row.series_flagged} of 5</td>' in shown
@@ -277,7 +277,7 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
                            capture_output=True, text=True, timeout=120)
     # The FROM and FLAGS columns right after LOW (LEARNED also reads "5/5").
     assert any("t1 mprage sag" in line
-               and f"{row.low:10.1f} {row.min_flagged:>4} {f'{row.series_flagged}/5':>7}  "
+               and f"{row.low:10.4g} {row.min_flagged:>4} {f'{row.series_flagged}/5':>7}  "
                in line for line in table.stdout.splitlines()), table.stdout
 
     form = urllib.parse.urlencode({"reference_id": calibrated.id, "reviewer": "tech anna",

@@ -13,12 +13,11 @@ import pytest
 
 from node.model.bundle import load_bundle
 from node.model.data import load_nifti, plane_slices, slice_spacing
+from node.model.positions import relative_positions, robust_level
 from node.model.scoring import (
     ScoreConfig,
     fit_position_profiles,
     position_normalized,
-    relative_positions,
-    robust_level,
 )
 from node.model.train import calibrate_bundle
 from tests.helpers.tiny_bundle import IXI, SUBJECTS, calibrate_cli

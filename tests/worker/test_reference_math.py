@@ -1,5 +1,6 @@
-"""The arithmetic of a station's reference: robust to a few bad learning series, reviews take
-precedence, and a reference with no spread is refused."""
+"""The arithmetic of a station's reference: scores referred to their slice position, robust to
+a few bad learning series, reviews take precedence, a series count learned with each series
+left out, and a reference with no spread is refused."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import numpy as np
 import pytest
 
 from node.worker.learning import (
+    LOW_SHARE,
     MAD_TO_SD,
     OUTLIER_Z,
+    POSITION_BINS,
     LearningSeries,
+    PositionReference,
+    Reference,
     ReferenceRefused,
     Review,
     build_reference,
     learned_min_flagged,
     map_scores,
     select_series,
+    stack_positions,
 )
 
 #: A station's normal slices: series centres spread by SERIES_SD, slices by SLICE_SD (nats).
@@ -48,8 +54,16 @@ def bad_block_series(series_id: int, seed: int) -> LearningSeries:
     return LearningSeries(series_id, scores)
 
 
-def naive_low(series: list[LearningSeries]) -> float:
-    return float(np.quantile(np.concatenate([s.scores for s in series]), 0.01))
+def all_used(series: list[LearningSeries]) -> Reference:
+    """The reference with every series used (each reviewed normal: none trimmed)."""
+    return build_reference([LearningSeries(s.series_id, s.scores, Review.NORMAL)
+                            for s in series], 0.01, estimate=False)
+
+
+def below(series: LearningSeries, reference: Reference) -> int:
+    """The series' slices below the reference's low, referred to their positions."""
+    return int(np.sum(reference.position.refer(series.scores, series.positions)
+                      < reference.low))
 
 
 def test_a_few_bad_series_among_twenty_do_not_move_the_reference() -> None:
@@ -62,7 +76,7 @@ def test_a_few_bad_series_among_twenty_do_not_move_the_reference() -> None:
     assert abs(robust.centre - reference.centre) < 0.25 * SERIES_SD
     assert abs(robust.low - reference.low) < 0.1 * (reference.centre - reference.low)
     # Without the trimming the low would have moved far: the test can tell.
-    assert naive_low(spoiled) < reference.low - 0.5 * (reference.centre - reference.low)
+    assert all_used(spoiled).low < reference.low - 0.5 * (reference.centre - reference.low)
 
 
 def test_only_outliers_below_the_other_series_are_trimmed_by_median_or_low_quantile() -> None:
@@ -98,7 +112,7 @@ def test_reviews_take_precedence_over_the_trimming() -> None:
                 for s in series]
     selection = select_series(reviewed)
     assert 5 in selection.kept and 5 not in selection.trimmed
-    assert build_reference(reviewed, 0.01).low < build_reference(series, 0.01).low
+    assert build_reference(reviewed, 0.01).slices == build_reference(series, 0.01).slices + SLICES
     # A confirmed flag is never used, however normal its slices look.
     flagged = [LearningSeries(3, s.scores, Review.FLAGGED) if s.series_id == 3 else s
                for s in series]
@@ -115,7 +129,11 @@ def test_a_reference_without_spread_is_refused() -> None:
                  for i in range(3)]
     with pytest.raises(ReferenceRefused, match="none of the 3"):
         build_reference(confirmed, 0.01)
-    empty = [LearningSeries(0, np.array([])), LearningSeries(1, np.linspace(-9, -1, 9))]
+    # One series with one slice per position bin: no spread within a bin to map.
+    alone = [LearningSeries(0, np.array([])), LearningSeries(1, np.linspace(-9, -1, 9))]
+    with pytest.raises(ReferenceRefused, match="not below its centre"):
+        build_reference(alone, 0.01)
+    empty = [LearningSeries(0, np.array([])), *normal_site(3, seed=1)[1:]]
     assert build_reference(empty, 0.01).selection.excluded == (0,)
 
 
@@ -127,12 +145,46 @@ def test_the_mapping_puts_the_station_centre_and_low_on_the_bundle_median_and_th
     assert mapped[2] == pytest.approx(median - 2 * (median - threshold))
     with pytest.raises(ValueError):
         map_scores(np.zeros(2), centre=1.0, low=1.0, median=median, threshold=threshold)
-    # About the target rate of the station's own normal slices falls below the threshold.
+    # About half the target rate of the station's own normal slices falls below the
+    # threshold, referred to their positions (LOW_SHARE; fresh series pay for the bins).
     site = normal_site(20, seed=5, centre=-30000.0)
     ref = build_reference(site, 0.01)
-    fresh = np.concatenate([s.scores for s in normal_site(20, seed=6, centre=-30000.0)])
-    rate = float(np.mean(map_scores(fresh, ref.centre, ref.low, median, threshold) < threshold))
-    assert 0.002 < rate < 0.03
+    fresh = normal_site(20, seed=6, centre=-30000.0)
+    referred = np.concatenate([ref.position.refer(s.scores, s.positions) for s in fresh])
+    rate = float(np.mean(map_scores(referred, ref.centre, ref.low, median, threshold)
+                         < threshold))
+    assert LOW_SHARE * 0.01 / 4 < rate < 0.02
+
+
+def test_each_score_is_referred_to_the_normal_at_its_position() -> None:
+    """Normal scores that fall towards the ends of the head: a slice in the middle as low as
+    a normal end slice is flagged, the end slice is not; without the positions both would be
+    alike."""
+    rng = np.random.default_rng(8)
+    shape = -4000.0 * np.linspace(-1.0, 1.0, SLICES) ** 2
+    site = [LearningSeries(i, shape + rng.normal(0.0, 100.0) + 150.0 * rng.standard_normal(
+        SLICES)) for i in range(20)]
+    ref = build_reference(site, 0.01)
+    assert len(ref.position.levels) == len(ref.position.spreads) == POSITION_BINS
+    assert ref.position.levels[0] < ref.position.levels[POSITION_BINS // 2] - 2000.0
+    probe = shape.copy()
+    probe[SLICES // 2] = shape[0]  # the middle slice scored as a normal end slice
+    flags = ref.position.refer(probe, LearningSeries(99, probe).positions) < ref.low
+    assert flags[SLICES // 2] and not flags[0]
+    assert int(flags.sum()) == 1
+
+
+def test_positions_run_along_each_stack_and_its_foreground() -> None:
+    stacks = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    foreground = np.array([False, True, True, True, False, True, False, True])
+    pos = stack_positions(stacks, foreground)
+    # Stack 0's foreground from 0 to 1, its background slices at the nearest end; stack 1
+    # on its own, its background slice between its neighbours.
+    assert pos.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0])
+    assert stack_positions(np.zeros(2, dtype=np.int64),
+                           np.zeros(2, dtype=bool)).tolist() == [0.5, 0.5]
+    ref = PositionReference((0.0, 10.0), (1.0, 2.0))
+    assert ref.refer(np.array([1.0, 14.0]), np.array([0.2, 0.9])).tolist() == [1.0, 2.0]
 
 
 def test_the_series_count_is_one_more_than_the_second_most_low_slices() -> None:
@@ -143,65 +195,74 @@ def test_the_series_count_is_one_more_than_the_second_most_low_slices() -> None:
     assert learned_min_flagged([7]) == learned_min_flagged([]) == 1
 
 
+#: Where a low subject's dips lie: spread over the stack, a few per position bin at most.
+DIPS = (5, 33, 61, 89, 19, 75)
+
+
 def dipped_site() -> list[LearningSeries]:
     """20 normal series, three with four slices far below the others (a station's low
-    subjects: their skull base), one with two; and a whole series with motion."""
+    subjects), one with two; and a whole series with motion."""
     rng = np.random.default_rng(3)
     series = []
     for i in range(20):
         scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
-        dips = 4 if i < 3 else 2 if i == 3 else 0
-        scores[:dips] = -9000.0 - 10.0 * np.arange(dips)
+        dips = DIPS[:4] if i < 3 else DIPS[:2] if i == 3 else ()
+        scores[list(dips)] = -9000.0 - 10.0 * np.arange(len(dips))
         series.append(LearningSeries(i, scores, min_flagged=3))
     series.append(motion_series(20, 5))  # trimmed, though every slice is below the low
     return series
 
 
+def left_out(kept: list[LearningSeries]) -> list[tuple[LearningSeries, Reference]]:
+    """Each kept series with the reference built from the other kept ones."""
+    return [(s, build_reference([o for o in kept if o is not s], 0.01, estimate=False))
+            for s in kept]
+
+
 def test_the_reference_learns_how_many_low_slices_its_normal_series_have() -> None:
-    """The count comes from the kept series' slices below the low, trimmed ones not counted:
-    the three series with four dips set it above the routing rule's three."""
+    """The count comes from the kept series' slices below the low of the other kept series,
+    trimmed ones not counted: the three series with four dips set it above the routing
+    rule's three."""
     series = dipped_site()
     reference = build_reference(series, 0.01)
     assert reference.selection.trimmed == (20,)
-    below = [int(np.sum(s.scores < reference.low)) for s in series[:20]]
-    # All 14 dips lie below the low (the 1% quantile of 2,200 kept slices).
-    assert all(below[i] >= 4 for i in range(3)) and below[3] >= 2
-    assert reference.min_flagged == 1 + sorted(below)[-2] >= 5
+    counts = [below(s, others) for s, others in left_out(series[:20])]
+    # The four-dip series' dips lie below the others' low (the others then hold 8 such dips
+    # and one two-dip series among 2,090 slices, about the 0.5% quantile's 10).
+    assert all(counts[i] >= 4 for i in range(3))
+    assert reference.min_flagged == learned_min_flagged(counts) == 1 + sorted(counts)[-2] >= 5
+    # Counted in sample instead, the series' own dips pull the low down towards them.
+    assert sum(below(s, reference) for s in series[:3]) < sum(counts[:3])
 
 
 def test_the_reference_counts_the_series_it_flags_with_each_left_out() -> None:
-    """Each kept series is judged by a reference built from the other kept ones (their low
-    and count, the series' own routing rule as the floor); trimmed series are not counted.
-    The learning series themselves would be flagged at most once (the count is fitted on
-    them); left out in turn, only series with dips can be: the others' count is then set by
-    the two other four-dip series."""
+    """Each kept series is judged by a reference built from the other kept ones (their bins,
+    low and count, the series' own routing rule as the floor); trimmed series are not
+    counted. Left out in turn, only series with dips can be flagged."""
     series = dipped_site()
     reference = build_reference(series, 0.01)
     kept = [series[i] for i in reference.selection.kept]
-    in_sample = sum(int(np.sum(s.scores < reference.low)) >= reference.min_flagged
-                    for s in kept)
-    assert in_sample <= 1
     flagged = []
-    for s in kept:
-        others = build_reference([o for o in kept if o is not s], 0.01)
+    for s, others in left_out(kept):
         assert others.selection.trimmed == ()
-        if int(np.sum(s.scores < others.low)) >= max(s.min_flagged, others.min_flagged):
+        if below(s, others) >= max(s.min_flagged, others.min_flagged):
             flagged.append(s.series_id)
-    assert reference.series_flagged == len(flagged) >= 1
+    assert reference.series_flagged == len(flagged)
     assert set(flagged) <= {0, 1, 2}
-    # Two series with six dips each: the count is fitted on them (at most one flagged in
-    # sample), but each, left out, is flagged by the other series' reference.
+    # Two series with six dips each: the count is learned above them, but each, left out,
+    # is flagged by the other series' reference (whose count the other one sets lower).
     rng = np.random.default_rng(4)
     pair = []
     for i in range(20):
         scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
         if i < 2:
-            scores[:6] = -9000.0 - 10.0 * np.arange(6)
+            scores[list(DIPS)] = -9000.0 - 10.0 * np.arange(len(DIPS))
         pair.append(LearningSeries(i, scores, min_flagged=3))
     both = build_reference(pair, 0.01)
     assert both.min_flagged >= 7
-    in_sample = sum(int(np.sum(s.scores < both.low)) >= both.min_flagged for s in pair)
-    assert in_sample <= 1 < 2 <= both.series_flagged
+    assert both.series_flagged >= 2
     # The routing rule stays the floor: with 10 slices needed, none of them is flagged.
     strict = [LearningSeries(s.series_id, s.scores, min_flagged=10) for s in series]
     assert build_reference(strict, 0.01).series_flagged == 0
+    # Without the estimate (a bench's reference) nothing is counted.
+    assert build_reference(pair, 0.01, estimate=False).series_flagged == 0

@@ -25,8 +25,8 @@ from node.queue.models import AdminAction, Series, SliceScore, StationReference,
 from node.report.content import SliceVerdict
 from node.worker.learning import (
     LearningSeries,
+    Review,
     build_reference,
-    learned_min_flagged,
     select_series,
 )
 from node.worker.station import (
@@ -40,6 +40,8 @@ from tests.helpers.db import insert_done_series, migrated_database
 from tests.helpers.learning import KEY, add_learning_series, site_scores
 
 LEARN = LearningSettings(series=5)
+#: The stack of each of the judged test series' slices: one stack.
+STACK = [0, 0, 0, 0]
 QUANTILES = tuple(float(q) for q in np.linspace(-60000.0, 10000.0, 201))
 SCALE = BundleScale("brain-t1", "0.1.0", threshold=-36000.0, median=float(QUANTILES[100]),
                     target_fpr=0.01, quantiles=QUANTILES)
@@ -111,9 +113,11 @@ def test_calibrates_once_when_the_nth_learning_series_is_stored(
     assert expected.slices == 60 * len(expected.selection.kept)
     # How many slices below L its series are abnormal from, and how many of its learning
     # series a reference built from the others flags: as the arithmetic says.
-    assert row.min_flagged == expected.min_flagged == learned_min_flagged(
-        [int(np.sum(s < expected.low)) for s in site])
+    assert row.min_flagged == expected.min_flagged
     assert row.series_flagged == expected.series_flagged
+    # The station's normal per slice position, as the arithmetic fitted it.
+    assert row.position_levels == pytest.approx(list(expected.position.levels))
+    assert row.position_spreads == pytest.approx(list(expected.position.spreads))
     assert (row.bundle_median, row.bundle_threshold) == (SCALE.median, SCALE.threshold)
     # Exactly once: a later learning series (raced past the lock) does not rebuild it.
     add_learning_series(factory, reference.id, site[0] - 50000.0)
@@ -140,7 +144,8 @@ def test_a_reviewed_false_alarm_is_used_and_a_confirmed_flag_is_not(
                                                   strict=True)]
     # Unreviewed, the false alarm would have been left out as an outlier; reviewed, it counts.
     assert select_series(used).trimmed == (bad,)
-    assert row.low == pytest.approx(np.quantile(np.concatenate([s.scores for s in used]), 0.01))
+    reviewed = [LearningSeries(s.series_id, s.scores, Review.NORMAL) for s in used]
+    assert row.low == pytest.approx(build_reference(reviewed, 0.01).low)
 
 
 def test_no_spread_is_refused_with_a_reason_and_stays_learning(
@@ -166,19 +171,21 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
     factory: sessionmaker[Session],
 ) -> None:
     slices = _verdicts([-5000.0, -7000.0, -20000.0, -60000.0], [True, True, True, False])
-    first = judge(factory, LEARN, KEY, 99, slices, SCALE.threshold, SCALE)
+    first = judge(factory, LEARN, KEY, 99, slices, STACK, SCALE.threshold, SCALE)
     assert first.state == refs.LEARNING and first.slices == tuple(slices)
     assert first.note == "Reference: out of the box (station learning, 1 of 5 series)"
     for s in site_scores(5, seed=3):
         add_learning_series(factory, first.reference_id or 0, s)
     assert _settle(factory, first.reference_id or 0)
-    then = judge(factory, LEARN, KEY, 99, slices, SCALE.threshold, SCALE)
+    then = judge(factory, LEARN, KEY, 99, slices, STACK, SCALE.threshold, SCALE)
     row = _row(factory, first.reference_id or 0)
     assert then.state == refs.CALIBRATED and then.reference_id == row.id
     assert row.min_flagged is not None
     assert then.note == ("Reference: calibrated for station MR ROOM 3 (Prisma), protocol "
                          f"'t1 mprage sag', from {row.series_used} of 5 learning series on "
-                         f"{row.calibrated_at:%Y-%m-%d}; all but one of them had at most "
+                         f"{row.calibrated_at:%Y-%m-%d}; each slice against the station's "
+                         "normal at its position; all but one of them, each judged by the "
+                         "others, had at most "
                          f"{row.min_flagged - 1} slices below its low")
     # The series is abnormal from the station's learned count, or the rule's where more.
     assert then.min_flagged == row.min_flagged
@@ -186,19 +193,25 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
     assert then.min_abnormal_slices(row.min_flagged + 4) == row.min_flagged + 4
     assert first.min_flagged is None and first.min_abnormal_slices(3) == 3
     assert [s.bundle_score for s in then.slices] == [-5000.0, -7000.0, -20000.0, -60000.0]
-    expected = SCALE.median + (np.array([-5000.0, -20000.0]) - row.centre) * (
+    # Referred to their positions: the first foreground slice to the first bin's normal,
+    # the third (the last foreground one) to the last bin's.
+    assert row.position_levels is not None and row.position_spreads is not None
+    levels, spreads = row.position_levels, row.position_spreads
+    referred = np.array([(-5000.0 - levels[0]) / spreads[0],
+                         (-20000.0 - levels[-1]) / spreads[-1]])
+    expected = SCALE.median + (referred - row.centre) * (
         SCALE.median - SCALE.threshold) / (row.centre - row.low)
     assert [then.slices[0].log_likelihood, then.slices[2].log_likelihood] == pytest.approx(
         expected)
     # Near the station's centre: normal; far below its low: flagged; background: never.
     assert [s.abnormal for s in then.slices] == [False, False, True, False]
     assert all(0.0 <= s.confidence <= 1.0 for s in then.slices)
-    off = judge(factory, LearningSettings(enabled=False), KEY, 99, slices, SCALE.threshold,
-                SCALE)
+    off = judge(factory, LearningSettings(enabled=False), KEY, 99, slices, STACK,
+                SCALE.threshold, SCALE)
     assert (off.state, off.reference_id, off.slices) == (None, None, tuple(slices))
     assert off.note == "Reference: out of the box (station learning is off)"
     with pytest.raises(ValueError, match="not calibrated"):
-        apply_reference(slices, _reference(factory, refs.StationKey(
+        apply_reference(slices, STACK, _reference(factory, refs.StationKey(
             **{**KEY.__dict__, "model_version": "0.2.0"})), SCALE.threshold, QUANTILES)
 
 
@@ -214,17 +227,20 @@ def test_a_bundle_with_a_station_score_learns_and_judges_by_it(
     assert _settle(factory, reference_id)
     row = _row(factory, reference_id)
     assert row.centre is not None and row.low is not None
-    assert 85000.0 < row.low < row.centre < 95000.0  # the station scores' scale
+    assert row.position_levels is not None and row.position_spreads is not None
+    # The station scores' scale.
+    assert 85000.0 < min(row.position_levels) <= max(row.position_levels) < 95000.0
     slices = [dataclasses.replace(v, station_score=st) for v, st in zip(
         _verdicts([-5000.0, -5000.0, -60000.0], [True, True, True]),
         [90000.0, 60000.0, 90000.0], strict=True)]
-    judged = judge(factory, LEARN, KEY, 99, slices, SCALE.threshold, SCALE)
+    judged = judge(factory, LEARN, KEY, 99, slices, [0] * 3, SCALE.threshold, SCALE)
     assert judged.state == refs.CALIBRATED
     # Normal on the bundle's own score but far below the station's low: flagged; the other
     # way round: normal. The bundle's own score is kept beside the mapped one.
     assert [s.abnormal for s in judged.slices] == [False, True, False]
     assert [s.bundle_score for s in judged.slices] == [-5000.0, -5000.0, -60000.0]
-    expected = SCALE.median + (90000.0 - row.centre) * (SCALE.median - SCALE.threshold) / (
+    referred = (90000.0 - row.position_levels[0]) / row.position_spreads[0]
+    expected = SCALE.median + (referred - row.centre) * (SCALE.median - SCALE.threshold) / (
         row.centre - row.low)
     assert judged.slices[0].log_likelihood == pytest.approx(expected)
 
