@@ -215,6 +215,34 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
             **{**KEY.__dict__, "model_version": "0.2.0"})), SCALE.threshold, QUANTILES)
 
 
+def test_a_reference_calibrated_before_the_positions_judges_as_it_was_built(
+    factory: sessionmaker[Session],
+) -> None:
+    """A reference calibrated before revision 0018 has no bins: its centre and low are on the
+    unreferred scores, and it goes on judging those (a node upgraded in place); one with bins
+    judges the same scores referred to their positions."""
+    reference_id = _reference(factory).id
+    for s in site_scores(5, seed=3):
+        add_learning_series(factory, reference_id, s)
+    assert _settle(factory, reference_id)
+    slices = _verdicts([-5000.0, -9000.0, -5000.0, -60000.0], [True, True, True, False])
+    referred = judge(factory, LEARN, KEY, 99, slices, STACK, SCALE.threshold, SCALE)
+    with factory.begin() as session:
+        session.execute(update(StationReference).where(StationReference.id == reference_id)
+                        .values(centre=-5000.0, low=-8000.0, position_levels=None,
+                                position_spreads=None))
+    old = judge(factory, LEARN, KEY, 99, slices, STACK, SCALE.threshold, SCALE)
+    # Unreferred: s' = M + (s - C)(M - T)/(C - L) with the row's own C and L.
+    expected = SCALE.median + (np.array([-5000.0, -9000.0]) + 5000.0) * (
+        SCALE.median - SCALE.threshold) / 3000.0
+    assert [old.slices[0].log_likelihood, old.slices[1].log_likelihood] == pytest.approx(
+        expected)
+    assert [s.abnormal for s in old.slices] == [False, True, False, False]
+    assert "at its position" in referred.note and "at its position" not in old.note
+    assert [s.log_likelihood for s in referred.slices[:3]] != pytest.approx(
+        [s.log_likelihood for s in old.slices[:3]])
+
+
 def test_a_bundle_with_a_station_score_learns_and_judges_by_it(
     factory: sessionmaker[Session],
 ) -> None:
