@@ -31,7 +31,10 @@ node's reference (``node.worker.learning``: outliers below the other series, by 
 series count learned with each series left out); the node until 2026-12-06 (the same
 outliers left out, the 1% quantile of the unreferred scores, the count learned in sample);
 the node's arithmetic with nothing left out, and with only the bad series left out (an
-oracle no station has: what the outlier rule aims at). A bundle with a station score
+oracle no station has: what the outlier rule aims at); and a candidate series verdict, the
+node's reference with each series judged by the 10th percentile of its referred scores, an
+outlier below the kept learning series' (each referred by the other series' reference;
+its "slices a series needs" is the node's count, unused). A bundle with a station score
 (``station_scoring`` in ``model.json``) is judged out of the box by its own score and,
 learned, by the station score, as the node does.
 
@@ -60,12 +63,15 @@ from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
 from node.model.site_sweep import with_artifact  # noqa: E402
 from node.model.sites import contrast_curve  # noqa: E402
 from node.worker.learning import (  # noqa: E402
+    MAD_TO_SD,
+    OUTLIER_Z,
     LearningSeries,
     Reference,
     Review,
     build_reference,
     learned_min_flagged,
     select_series,
+    series_summary,
     stack_positions,
 )
 
@@ -141,6 +147,9 @@ class Learned(NamedTuple):
     left_out: int
     least: int
     refer: Callable[[np.ndarray], np.ndarray] | None = None
+    #: A series verdict of its own (a series' foreground scores in stack order -> abnormal),
+    #: instead of the slices below the low against the count; None: the count.
+    series: Callable[[np.ndarray], bool] | None = None
 
 
 Rule = Callable[[list[np.ndarray], set[int], float], Learned]
@@ -184,6 +193,27 @@ def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     return _learned(built)._replace(left_out=len(bad))
 
 
+def tenth_percentile(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
+    """The node's reference, the series judged by the 10th percentile of its referred scores:
+    abnormal when it is a low outlier (:func:`low_outliers`'s rule) among the kept learning
+    series' 10th percentiles, each of those referred by the reference of the other kept
+    series."""
+    learning = [LearningSeries(i, v) for i, v in enumerate(series)]
+    built = build_reference(learning, fpr, estimate=False)
+    got = _learned(built)
+    kept = [learning[i] for i in built.selection.kept]
+    tenths = []
+    for k, own in enumerate(kept):
+        others = build_reference(kept[:k] + kept[k + 1:], fpr, estimate=False)
+        tenths.append(series_summary(others.position.refer(own.scores, own.positions))[1])
+    values = np.array(tenths)
+    median = float(np.median(values))
+    edge = median - OUTLIER_Z * MAD_TO_SD * float(np.median(np.abs(values - median)))
+    refer = got.refer
+    assert refer is not None
+    return got._replace(series=lambda v: series_summary(refer(v))[1] < edge)
+
+
 RULES: dict[str, Rule | None] = {
     "out of the box": None,
     "learned (the node: outliers left out, a low per slice position, the series count "
@@ -192,7 +222,15 @@ RULES: dict[str, Rule | None] = {
     "(the node until 2026-12-06)": unreferred,
     "learned as the node, nothing left out": untrimmed,
     "learned as the node, only the bad series left out (oracle)": oracle,
+    "learned as the node, the series judged by its 10th percentile (candidate)":
+        tenth_percentile,
 }
+
+
+def abnormal(got: Learned, values: np.ndarray, below: np.ndarray, needs: int) -> bool:
+    """A series' verdict: the rule's own (``Learned.series``) on its foreground scores, else
+    its slices below the low (``below``) against the slices it needs."""
+    return got.series(values) if got.series is not None else bool(below.sum() >= needs)
 
 
 #: What ``evaluate`` averages per rule, in the table's order.
@@ -241,7 +279,8 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
             needs = max(MIN_ABNORMAL_SLICES, least)
             flagged = [refer(judged[s]) < low for s in held]
             sums[rule]["slices"].append(float(np.mean(np.concatenate(flagged))))
-            sums[rule]["series"].append(float(np.mean([f.sum() >= needs for f in flagged])))
+            sums[rule]["series"].append(float(np.mean(
+                [abnormal(got, judged[s], f, needs) for s, f in zip(held, flagged, strict=True)])))
             sums[rule]["needs"].append(float(needs))
             sums[rule]["left"].append(float(left_out))
             for s in held:
@@ -250,7 +289,7 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
                 inside[BLOCK[0]:BLOCK[1]] = True
                 below = refer(sc[f]) < low  # the foreground slices, in stack order
                 sums[rule]["block"].append(float(np.mean(below[inside[f]])))
-                sums[rule]["caught"].append(float(below.sum() >= needs))
+                sums[rule]["caught"].append(float(abnormal(got, sc[f], below, needs)))
     return {rule: {c: float(np.mean(v)) for c, v in values.items()}
             for rule, values in sums.items()}
 
