@@ -28,7 +28,7 @@ others are held out:
 motion) or 3 (that, and two with the motion block). Rows: the bundle out of the box; the
 node's reference (``node.worker.learning``: outliers below the other series, by median or by
 10th percentile, left out; each slice's score referred to its position in the stack; the
-series count learned with each series left out); the node until 2026-12-06 (the same
+series count learned with each series left out); the node before session 34 (the same
 outliers left out, the 1% quantile of the unreferred scores, the count learned in sample);
 the node's arithmetic with nothing left out, and with only the bad series left out (an
 oracle no station has: what the outlier rule aims at); and a candidate series verdict, the
@@ -169,7 +169,7 @@ def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
 
 
 def unreferred(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    """The node until 2026-12-06 (session 34): the outliers left out, the low the ``fpr``
+    """The node before 2026-12-06, session 34: the outliers left out, the low the ``fpr``
     quantile of the kept series' pooled scores, no position reference, the series count
     learned in sample."""
     selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
@@ -219,7 +219,7 @@ RULES: dict[str, Rule | None] = {
     "learned (the node: outliers left out, a low per slice position, the series count "
     "learned left out)": node_rule,
     "learned, outliers left out, no position reference, the series count learned in sample "
-    "(the node until 2026-12-06)": unreferred,
+    "(the node before 2026-12-06, session 34)": unreferred,
     "learned as the node, nothing left out": untrimmed,
     "learned as the node, only the bad series left out (oracle)": oracle,
     "learned as the node, the series judged by its 10th percentile (candidate)":

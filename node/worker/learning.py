@@ -300,8 +300,8 @@ def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
             others = [*kept[:k], *kept[k + 1:]]
             flagged += _below(own, *_fit(others, target_fpr)) >= max(
                 own.min_flagged, _count(others, target_fpr))
-    return Reference(centre, low, selection, int(sum(s.scores.size for s in kept)), position,
-                     _count(kept, target_fpr), flagged)
+    slices = int(sum(np.asarray(s.scores).size for s in kept))
+    return Reference(centre, low, selection, slices, position, _count(kept, target_fpr), flagged)
 
 
 def map_scores(scores: np.ndarray, centre: float, low: float, median: float,
