@@ -27,16 +27,15 @@ others are held out:
 ``--bad`` sets how many of the 20 learning series are bad: 0, 1 (a whole series with moderate
 motion) or 3 (that, and two with the motion block). Rows: the bundle out of the box; the
 node's reference (``node.worker.learning``: outliers below the other series, by median or by
-10th percentile, left out; each slice's score referred to its position in the stack; the
-series count learned with each series left out); the node before session 34 (the same
-outliers left out, the 1% quantile of the unreferred scores, the count learned in sample);
-the node's arithmetic with nothing left out, and with only the bad series left out (an
-oracle no station has: what the outlier rule aims at); and a candidate series verdict, the
-node's reference with each series judged by the 10th percentile of its referred scores, an
-outlier below the kept learning series' (each referred by the other series' reference;
-its "slices a series needs" is the node's count, unused). A bundle with a station score
-(``station_scoring`` in ``model.json``) is judged out of the box by its own score and,
-learned, by the station score, as the node does.
+10th percentile, left out; each slice's score referred to its position in the stack; a
+series judged by the 10th percentile of its referred scores against the series edge); the
+node before session 34 (the same outliers left out, the 1% quantile of the unreferred
+scores, a series abnormal from a count of slices below it learned in sample); the node's
+arithmetic with nothing left out, and with only the bad series left out (an oracle no
+station has: what the outlier rule aims at). "Slices a series needs" is the count of the
+rows that judge a series by one (the routing rule's 3 for the others). A bundle with a
+station score (``station_scoring`` in ``model.json``) is judged out of the box by its own
+score and, learned, by the station score, as the node does.
 
     .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
         [--site "noise 0.02"] [--site "gamma 0.75"] [--bad 0 --bad 1 --bad 3] \\
@@ -63,15 +62,12 @@ from node.model.data import Volume, load_nifti, plane_slices  # noqa: E402
 from node.model.site_sweep import with_artifact  # noqa: E402
 from node.model.sites import contrast_curve  # noqa: E402
 from node.worker.learning import (  # noqa: E402
-    MAD_TO_SD,
-    OUTLIER_Z,
     LearningSeries,
     Reference,
     Review,
     build_reference,
-    learned_min_flagged,
     select_series,
-    series_summary,
+    series_statistic,
     stack_positions,
 )
 
@@ -156,11 +152,16 @@ Rule = Callable[[list[np.ndarray], set[int], float], Learned]
 
 
 def _learned(built: Reference) -> Learned:
+    """What the node judges with: each score referred to its position, a slice flagged below
+    the low, a series by its :func:`series_statistic` against the series edge (the routing
+    rule's slices where it has none)."""
     def refer(v: np.ndarray) -> np.ndarray:
         return built.position.refer(v, stack_positions(np.zeros(v.size, dtype=np.int64),
                                                        np.ones(v.size, dtype=bool)))
 
-    return Learned(built.low, len(built.selection.trimmed), built.min_flagged, refer)
+    edge = built.series_edge
+    series = None if edge is None else (lambda v: series_statistic(refer(v)) < edge)
+    return Learned(built.low, len(built.selection.trimmed), 1, refer, series)
 
 
 def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
@@ -168,10 +169,22 @@ def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
                                     estimate=False))
 
 
+#: Kept learning series that the node's count before session 34 allowed to be flagged: the
+#: count was one more than the (this + 1)-th most low slices among them.
+SERIES_ALLOWED = 1
+
+
+def learned_min_flagged(counts: Sequence[int]) -> int:
+    """The series count the node learned before session 34: one more than the
+    ``SERIES_ALLOWED + 1``-th largest of the kept series' slices below the low."""
+    ordered = sorted((int(c) for c in counts), reverse=True)
+    return 1 + ordered[SERIES_ALLOWED] if len(ordered) > SERIES_ALLOWED else 1
+
+
 def unreferred(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     """The node before 2026-12-06, session 34: the outliers left out, the low the ``fpr``
-    quantile of the kept series' pooled scores, no position reference, the series count
-    learned in sample."""
+    quantile of the kept series' pooled scores, no position reference, a series abnormal
+    from a count of slices below the low learned in sample."""
     selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
     kept = [series[i] for i in selection.kept]
     low = float(np.quantile(np.concatenate(kept), fpr))
@@ -193,37 +206,14 @@ def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     return _learned(built)._replace(left_out=len(bad))
 
 
-def tenth_percentile(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    """The node's reference, the series judged by the 10th percentile of its referred scores:
-    abnormal when it is a low outlier (:func:`low_outliers`'s rule) among the kept learning
-    series' 10th percentiles, each of those referred by the reference of the other kept
-    series."""
-    learning = [LearningSeries(i, v) for i, v in enumerate(series)]
-    built = build_reference(learning, fpr, estimate=False)
-    got = _learned(built)
-    kept = [learning[i] for i in built.selection.kept]
-    tenths = []
-    for k, own in enumerate(kept):
-        others = build_reference(kept[:k] + kept[k + 1:], fpr, estimate=False)
-        tenths.append(series_summary(others.position.refer(own.scores, own.positions))[1])
-    values = np.array(tenths)
-    median = float(np.median(values))
-    edge = median - OUTLIER_Z * MAD_TO_SD * float(np.median(np.abs(values - median)))
-    refer = got.refer
-    assert refer is not None
-    return got._replace(series=lambda v: series_summary(refer(v))[1] < edge)
-
-
 RULES: dict[str, Rule | None] = {
     "out of the box": None,
-    "learned (the node: outliers left out, a low per slice position, the series count "
-    "learned left out)": node_rule,
-    "learned, outliers left out, no position reference, the series count learned in sample "
+    "learned (the node: outliers left out, a low per slice position, a series judged by its "
+    "10th percentile)": node_rule,
+    "learned, outliers left out, no position reference, a series count learned in sample "
     "(the node before 2026-12-06, session 34)": unreferred,
     "learned as the node, nothing left out": untrimmed,
     "learned as the node, only the bad series left out (oracle)": oracle,
-    "learned as the node, the series judged by its 10th percentile (candidate)":
-        tenth_percentile,
 }
 
 

@@ -27,6 +27,9 @@ class Verdict:
         scored_slices: slices scored.
         min_abnormal_slices: slices that make a series abnormal (routing rule).
         estimator: the marginal-likelihood estimator, when recorded.
+        series_score: where a calibrated station judged the series by one number, its
+            10th-percentile slice score; else None.
+        series_edge: the station's series edge it was judged against; else None.
     """
 
     model: str
@@ -36,6 +39,8 @@ class Verdict:
     scored_slices: int
     min_abnormal_slices: int
     estimator: str | None
+    series_score: float | None = None
+    series_edge: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ def _verdict(series: Series) -> Verdict | None:
         scored_slices=int(series.scored_slices or 0),
         min_abnormal_slices=int(series.min_abnormal_slices or 1),
         estimator=series.estimator,
+        series_score=series.series_score,
+        series_edge=series.series_edge,
     )
 
 

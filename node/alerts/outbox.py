@@ -73,6 +73,8 @@ def message(series: Series, verdict: SeriesVerdict, settings: AlertSettings) -> 
         "abnormal_slices": verdict.abnormal_slices,
         "scored_slices": len(verdict.slices),
         "min_abnormal_slices": verdict.min_abnormal_slices,
+        "series_score": verdict.series_score,
+        "series_edge": verdict.series_edge,
         "model": f"{verdict.model_name} {verdict.model_version}",
         "rule": verdict.rule,
         "dashboard_url": link,

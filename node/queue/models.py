@@ -131,6 +131,11 @@ class Series(Base):
     abnormal_slices: Mapped[int | None] = mapped_column(Integer)
     scored_slices: Mapped[int | None] = mapped_column(Integer)
     min_abnormal_slices: Mapped[int | None] = mapped_column(Integer)
+    #: Where a calibrated station judged the series by one number (revision 0018): its
+    #: 10th-percentile slice score and the station's series edge, on the slice scores' scale
+    #: (abnormal below the edge); None where the slice count judged.
+    series_score: Mapped[float | None] = mapped_column(Float)
+    series_edge: Mapped[float | None] = mapped_column(Float)
     model_name: Mapped[str | None] = mapped_column(String(128))
     model_version: Mapped[str | None] = mapped_column(String(64))
     threshold: Mapped[float | None] = mapped_column(Float)
@@ -284,8 +289,9 @@ class StationReference(Base):
     #: flag (revision 0016; node.worker.learning).
     series_flagged: Mapped[int | None] = mapped_column(Integer)
     #: Slices below the low from which the station's series are abnormal, as learned from its
-    #: normal series (node.worker.learning; the routing rule's count is the floor); NULL while
-    #: learning and for references calibrated before revision 0017 (the rule's count alone).
+    #: normal series by references calibrated with revision 0017 (the routing rule's count is
+    #: the floor); NULL while learning, before revision 0017 (the rule's count alone) and
+    #: since revision 0018 (``series_edge`` judges).
     min_flagged: Mapped[int | None] = mapped_column(Integer)
     #: The station's normal score at each bin of relative slice position: per bin, the
     #: median and the median minus the 5th percentile of its kept learning series' scores;
@@ -294,6 +300,10 @@ class StationReference(Base):
     #: and low are on the unreferred scores, as they judge).
     position_levels: Mapped[list[float] | None] = mapped_column(JSON)
     position_spreads: Mapped[list[float] | None] = mapped_column(JSON)
+    #: E on the referred scores: a series is abnormal when its 10th-percentile referred score
+    #: lies below it (node.worker.learning); NULL while learning, from a single kept series
+    #: (the routing rule's count judges) and before revision 0018 (``min_flagged`` judges).
+    series_edge: Mapped[float | None] = mapped_column(Float)
     #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
     #: series), or None.
     note: Mapped[str | None] = mapped_column(Text)

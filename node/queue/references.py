@@ -180,7 +180,6 @@ class LearningRows:
             own scores (before any station reference), in slice order.
         abnormal: its verdict (out of the box).
         review: its latest review (``confirm``, ``false_alarm``) or None.
-        min_abnormal_slices: flagged slices that made it abnormal (its routing rule's).
         stacks: the stack of the series each score's slice is in.
     """
 
@@ -188,14 +187,12 @@ class LearningRows:
     scores: tuple[float, ...]
     abnormal: bool
     review: str | None
-    min_abnormal_slices: int = 1
     stacks: tuple[int, ...] = ()
 
 
 def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningRows]:
-    """The foreground scores a reference learns (station score, else the bundle's own), the
-    verdict, the review and the routing rule's slice count of each series, in the given
-    order."""
+    """The foreground scores a reference learns (station score, else the bundle's own) with
+    their stacks, the verdict and the review of each series, in the given order."""
     if not series_ids:
         return []
     scores: dict[int, list[float]] = {i: [] for i in series_ids}
@@ -209,14 +206,13 @@ def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningR
             .order_by(SliceScore.series_id, SliceScore.slice_index)):
         scores[int(sid)].append(float(value))
         stacks[int(sid)].append(int(stack or 0))
-    verdicts = {int(i): (bool(abnormal), int(least or 1)) for i, abnormal, least in
-                session.execute(select(Series.id, Series.abnormal, Series.min_abnormal_slices)
+    verdicts = {int(i): bool(abnormal) for i, abnormal in
+                session.execute(select(Series.id, Series.abnormal)
                                 .where(Series.id.in_(list(series_ids))))}
     reviews = latest_reviews_of(session, series_ids)
     rows = []
     for i in series_ids:
-        abnormal, least = verdicts.get(i, (False, 1))
-        rows.append(LearningRows(i, tuple(scores[i]), abnormal, reviews.get(i), least,
+        rows.append(LearningRows(i, tuple(scores[i]), verdicts.get(i, False), reviews.get(i),
                                  tuple(stacks[i])))
     return rows
 
@@ -224,7 +220,7 @@ def learning_rows(session: Session, series_ids: Sequence[int]) -> list[LearningR
 def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: float,
                     bundle_median: float, bundle_threshold: float, target_fpr: float,
                     used: int, trimmed: int, excluded: int, slices: int,
-                    series_flagged: int, min_flagged: int,
+                    series_flagged: int, series_edge: float | None,
                     position_levels: Sequence[float], position_spreads: Sequence[float]) -> None:
     """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock)."""
     session.execute(
@@ -234,7 +230,7 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
                 bundle_median=bundle_median, bundle_threshold=bundle_threshold,
                 target_fpr=target_fpr, series_used=used, series_trimmed=trimmed,
                 series_excluded=excluded, slices=slices, series_flagged=series_flagged,
-                min_flagged=min_flagged, position_levels=[float(v) for v in position_levels],
+                series_edge=series_edge, position_levels=[float(v) for v in position_levels],
                 position_spreads=[float(v) for v in position_spreads], note=None)
         .execution_options(synchronize_session=False))
 
@@ -311,6 +307,7 @@ class ReferenceView:
     series_trimmed: int | None
     series_flagged: int | None
     min_flagged: int | None
+    series_edge: float | None
     note: str | None
     superseded_at: datetime | None
     superseded_by: str | None
@@ -334,7 +331,7 @@ def reference_views(session: Session, *, superseded: bool = False) -> list[Refer
                           created_at=r.created_at, calibrated_at=r.calibrated_at,
                           centre=r.centre, low=r.low, series_used=r.series_used,
                           series_trimmed=r.series_trimmed, series_flagged=r.series_flagged,
-                          min_flagged=r.min_flagged, note=r.note,
+                          min_flagged=r.min_flagged, series_edge=r.series_edge, note=r.note,
                           superseded_at=r.superseded_at, superseded_by=r.superseded_by,
                           superseded_note=r.superseded_note)
             for r in rows]
@@ -354,13 +351,19 @@ def reference_note(state: str | None, reference: StationReference | None, *,
         when = f"{reference.calibrated_at:%Y-%m-%d}" if reference.calibrated_at else "?"
         used = reference.series_used or 0
         total = used + (reference.series_trimmed or 0) + (reference.series_excluded or 0)
-        positions = reference.position_levels is not None
-        count = (f"; all but one of them{', each judged by the others,' if positions else ''} "
-                 f"had at most {reference.min_flagged - 1} slices below its low"
-                 if reference.min_flagged else "")
-        where = "; each slice against the station's normal at its position" if positions else ""
+        where = ("; each slice against the station's normal at its position"
+                 if reference.position_levels is not None else "")
+        if reference.series_edge is not None:
+            rule = ("; the series abnormal when its 10th-percentile score lies below the "
+                    "station's series edge, below which one of its learning series would have "
+                    "been an outlier")
+        elif reference.min_flagged:
+            rule = (f"; all but one of them had at most {reference.min_flagged - 1} slices "
+                    "below its low")
+        else:
+            rule = ""
         return (f"Reference: calibrated for station {key_of(reference).label}, from {used} "
-                f"of {total} learning series on {when}{where}{count}")
+                f"of {total} learning series on {when}{where}{rule}")
     if state == LEARNING and reference is not None:
         return (f"Reference: out of the box (station learning, {min(learned, needed)} of "
                 f"{needed} series)")

@@ -76,6 +76,10 @@ MIN_FLAGGED_IMAGES = Code("VAE006", PRIVATE_SCHEME, "Non-diagnostic images for s
 STATION_REFERENCE = Code("VAE007", PRIVATE_SCHEME, "Station reference")
 #: The bundle's own score of an image before the station's reference mapped it.
 BUNDLE_SCORE = Code("VAE008", PRIVATE_SCHEME, "Score before station reference")
+#: Where a calibrated station judges a series by one number: the series' 10th-percentile image
+#: score, and the station's series edge below which the series is non-diagnostic.
+SERIES_SCORE = Code("VAE009", PRIVATE_SCHEME, "Series 10th-percentile score")
+SERIES_EDGE = Code("VAE010", PRIVATE_SCHEME, "Station series edge")
 
 #: log p(x) of a continuous density in natural-log units; UCUM annotation syntax.
 NAT = Code("{nat}", "UCUM", "nat")
@@ -196,7 +200,8 @@ def _algorithm(verdict: SeriesVerdict) -> hd.sr.AlgorithmIdentification:
     parameters = [
         f"estimator={verdict.estimator}",
         f"threshold_log_likelihood={verdict.threshold:.6g}",
-        f"min_abnormal_slices={verdict.min_abnormal_slices}",
+        f"min_abnormal_slices={verdict.min_abnormal_slices}"
+        if verdict.series_edge is None else f"series_edge={verdict.series_edge:.6g}",
     ]
     if verdict.samples is not None:
         parameters.append(f"samples={verdict.samples}")
@@ -245,6 +250,16 @@ def _slice_group(
     )
 
 
+def _series_rule(verdict: SeriesVerdict) -> list[hd.sr.Measurement]:
+    """What made the series verdict: the count of images that flag it, or, where a station
+    judged it by one number, that number and the station's series edge."""
+    if verdict.series_edge is None or verdict.series_score is None:
+        return [hd.sr.Measurement(name=MIN_FLAGGED_IMAGES, value=verdict.min_abnormal_slices,
+                                  unit=IMAGES)]
+    return [hd.sr.Measurement(name=SERIES_SCORE, value=verdict.series_score, unit=NAT),
+            hd.sr.Measurement(name=SERIES_EDGE, value=verdict.series_edge, unit=NAT)]
+
+
 def _series_group(
     verdict: SeriesVerdict, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -258,9 +273,7 @@ def _series_group(
         measurements=[
             hd.sr.Measurement(name=SCORED_IMAGES, value=len(verdict.slices), unit=IMAGES),
             hd.sr.Measurement(name=FLAGGED_IMAGES, value=verdict.abnormal_slices, unit=IMAGES),
-            hd.sr.Measurement(
-                name=MIN_FLAGGED_IMAGES, value=verdict.min_abnormal_slices, unit=IMAGES
-            ),
+            *_series_rule(verdict),
             hd.sr.Measurement(name=THRESHOLD_VALUE, value=verdict.threshold, unit=NAT),
         ],
         qualitative_evaluations=[

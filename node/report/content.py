@@ -67,9 +67,12 @@ class SeriesVerdict:
         study_instance_uid: Study of the source series (the report goes into the same study).
         series_instance_uid: the source series.
         slices: one verdict per scored image, in stack order.
-        abnormal: True when at least ``min_abnormal_slices`` slices are abnormal.
+        abnormal: True when at least ``min_abnormal_slices`` slices are abnormal; where a
+            station judges the series by one number (``series_edge`` given), when
+            ``series_score`` lies below ``series_edge``.
         abnormal_slices: number of abnormal slices.
-        min_abnormal_slices: slices that make the series abnormal (from the routing rule).
+        min_abnormal_slices: slices that make the series abnormal (from the routing rule, or
+            a station's learned count); not the criterion where ``series_edge`` is given.
         threshold: the threshold on log p(x) that was applied.
         estimator: the marginal-likelihood estimator ("importance", "plain", "mcmc").
         model_name: name of the model bundle (algorithm name in the report).
@@ -81,6 +84,10 @@ class SeriesVerdict:
         reference: which reference judged the series ("Reference: out of the box (station
             learning, 7 of 20 series)", "Reference: calibrated for station ..."), for the
             report; None when not known (``vaenode score``).
+        series_score: the series' 10th-percentile slice score, on the same scale as the slice
+            scores, where a calibrated station judges the series by it; else None.
+        series_edge: the station's series edge on that scale (the series is abnormal below
+            it); None where the slice count judges.
     """
 
     study_instance_uid: str
@@ -97,6 +104,8 @@ class SeriesVerdict:
     rule: str | None = None
     score_note: str | None = None
     reference: str | None = None
+    series_score: float | None = None
+    series_edge: float | None = None
 
     def __post_init__(self) -> None:
         counted = sum(1 for s in self.slices if s.abnormal)
@@ -106,7 +115,15 @@ class SeriesVerdict:
             )
         if self.min_abnormal_slices < 1:
             raise ValueError("min_abnormal_slices must be at least 1")
-        if self.abnormal != (counted >= self.min_abnormal_slices):
+        if self.series_edge is not None:
+            if self.series_score is None:
+                raise ValueError("a series edge needs the series' score")
+            if self.abnormal != (self.series_score < self.series_edge):
+                raise ValueError(
+                    f"series verdict abnormal={self.abnormal} contradicts its score "
+                    f"{self.series_score:.6g} against the series edge {self.series_edge:.6g}"
+                )
+        elif self.abnormal != (counted >= self.min_abnormal_slices):
             raise ValueError(
                 f"series verdict abnormal={self.abnormal} contradicts {counted} abnormal slices "
                 f"with min_abnormal_slices={self.min_abnormal_slices}"
@@ -133,18 +150,23 @@ class SeriesVerdict:
         rule: str | None = None,
         score_note: str | None = None,
         reference: str | None = None,
+        series_score: float | None = None,
+        series_edge: float | None = None,
     ) -> SeriesVerdict:
         """Aggregate slice verdicts into a series verdict (the counts are derived, not passed).
 
-        The series is abnormal when at least ``min_abnormal_slices`` slices are abnormal.
+        The series is abnormal when at least ``min_abnormal_slices`` slices are abnormal, or,
+        with ``series_edge``, when ``series_score`` lies below it.
         """
         slices = tuple(slices)
         count = sum(1 for s in slices if s.abnormal)
+        abnormal = (count >= min_abnormal_slices if series_edge is None
+                    else series_score is not None and series_score < series_edge)
         return cls(
             study_instance_uid=study_instance_uid,
             series_instance_uid=series_instance_uid,
             slices=slices,
-            abnormal=count >= min_abnormal_slices,
+            abnormal=abnormal,
             abnormal_slices=count,
             min_abnormal_slices=min_abnormal_slices,
             threshold=threshold,
@@ -155,4 +177,6 @@ class SeriesVerdict:
             rule=rule,
             score_note=score_note,
             reference=reference,
+            series_score=series_score,
+            series_edge=series_edge,
         )

@@ -40,22 +40,25 @@ were flagged at about three times the target rate (``bench/station_learning.py``
 person's review on the dashboard overrides this: a series marked a false alarm or confirmed
 normal is always used and never left out; a confirmed flag is never used.
 
-A low slice rate is not a low series rate: a series' low slices come together (its ends, its
-subject: the skull base of a few heads). So the station also learns how many low slices its
-normal series have: a calibrated station calls a series abnormal from ``min_flagged`` slices
-below L, one more than the kept learning series with the second-most had (``SERIES_ALLOWED``:
-one bad series that escaped the outlier rule does not raise the count), each series counted
-against the bins and low of the other kept series (its own slices pulled its in-sample bins
-and low towards it: counted in sample the bench's count came to 3.3-3.7 slices and 15.8-17.5%
-of held-out normal series were flagged; left out, 5.0-7.1 slices and 9.8% / 11.8%, where the
-unreferred low gave 9.9% / 12.8%), and never fewer than the routing rule's
-``min_abnormal_slices``. Nearly every series with a moderate motion block is still flagged
-(99.9% / 100%).
+A low slice rate is not a low series rate: a series' low slices come together (its ends, a
+few subjects' clusters low in the head), so counting a series' slices below L flags about one
+normal series in ten after learning (``bench/station_learning.py``: 9.8% / 11.8% of held-out
+normal series with the count learned left out). A calibrated station judges a series by one
+number instead, the 10th percentile of its referred foreground scores
+(:func:`series_statistic`): the series is abnormal when that lies below the station's series
+edge E, below which one of the kept learning series' own 10th percentiles would be an
+outlier (the rule above, :func:`outlier_edge`), each of those taken with a reference fitted on
+the other kept series, as a new series is judged. On the same sites, with one bad learning
+series, this flags 3.1% / 3.0% of held-out normal series and 94.2% / 95.0% of the series with
+a moderate motion block (the count: 9.8% / 11.8% and 99.9% / 100%); with three bad learning
+series 2.1% / 2.8% and 44.0% / 89.1% (node/models/README.md). The slices are still flagged
+below L, and the SR still marks each. References calibrated before revision 0018 judge as
+they were built, by a count of slices below their low (``min_flagged``).
 
 With them the reference counts the kept learning series that a reference built from the
 other kept series would flag (leave one out): an estimate of the share of the station's
-normal series it will flag, which the learning series themselves cannot give (the low and
-the count were fitted on them). The Scanners page and ``vaenode queue senders`` show it, so
+normal series it will flag, which the learning series themselves cannot give (the bins and
+the edge were fitted on them). The Scanners page and ``vaenode queue senders`` show it, so
 that the admin sees the rate the station will flag at before its verdicts do.
 """
 
@@ -75,11 +78,9 @@ from node.model.positions import fit_levels, position_bin, relative_positions
 OUTLIER_Z = 3.5
 #: Median absolute deviations per standard deviation of a normal distribution (1 / 0.6745).
 MAD_TO_SD = 1.4826
-#: The low quantile of a series' slice scores that catches a bad block in it.
+#: The low quantile of a series' slice scores that catches a bad block in it: the outlier rule
+#: looks at it in the learning series, and a calibrated station judges each series by it.
 SERIES_LOW_QUANTILE = 0.1
-#: Kept learning series that a calibrated station's series count (``min_flagged``) may still
-#: flag: the count is one more than the (this + 1)-th most low slices among them.
-SERIES_ALLOWED = 1
 #: Bins of relative slice position in a station's position reference.
 POSITION_BINS = 10
 #: The station's low is the pooled quantile of its referred scores at this share of the
@@ -109,9 +110,6 @@ class LearningSeries:
     series_id: int
     scores: np.ndarray
     review: Review = Review.NONE
-    #: Slices below the low that make this series abnormal (its routing rule's
-    #: ``min_abnormal_slices``).
-    min_flagged: int = 1
     #: The stack of the series that each score's slice is in (None: one stack); the scores
     #: run in stack order, each stack in slice order.
     stacks: np.ndarray | None = None
@@ -189,8 +187,9 @@ class Reference:
         selection: which series it was built from.
         slices: foreground slices pooled for ``low``.
         position: the position reference that refers a score (the module docstring).
-        min_flagged: slices below ``low`` from which the station's series are abnormal, before
-            the routing rule's floor (:func:`learned_min_flagged` of the counts left out).
+        series_edge: E, a series is abnormal when its :func:`series_statistic` lies below it
+            (:func:`outlier_edge` of the kept series' own, each left out); None from a single
+            kept series (the routing rule's slice count then judges).
         series_flagged: kept series that a reference built from the other kept series flags
             (leave one out; the module docstring).
     """
@@ -200,7 +199,7 @@ class Reference:
     selection: Selection
     slices: int
     position: PositionReference
-    min_flagged: int = 1
+    series_edge: float | None = None
     series_flagged: int = 0
 
 
@@ -210,16 +209,25 @@ def series_summary(scores: np.ndarray) -> tuple[float, float]:
     return float(np.median(values)), float(np.quantile(values, SERIES_LOW_QUANTILE))
 
 
-def low_outliers(values: np.ndarray) -> np.ndarray:
-    """Which values lie below the others' median by more than ``OUTLIER_Z`` robust standard
-    deviations (``MAD_TO_SD`` median absolute deviations each).
-
-    With no spread at all (more than half the values equal) any value below the median is one.
-    """
+def outlier_edge(values: Sequence[float] | np.ndarray) -> float:
+    """The value below which one of ``values`` is a low outlier: their median minus
+    ``OUTLIER_Z`` robust standard deviations (``MAD_TO_SD`` median absolute deviations each;
+    with no spread, more than half of them equal, the median itself)."""
     values = np.asarray(values, dtype=np.float64)
     median = float(np.median(values))
-    spread = MAD_TO_SD * float(np.median(np.abs(values - median)))
-    return values < median - OUTLIER_Z * spread
+    return median - OUTLIER_Z * MAD_TO_SD * float(np.median(np.abs(values - median)))
+
+
+def low_outliers(values: np.ndarray) -> np.ndarray:
+    """Which values lie below :func:`outlier_edge` of them all."""
+    values = np.asarray(values, dtype=np.float64)
+    return values < outlier_edge(values)
+
+
+def series_statistic(referred: np.ndarray) -> float:
+    """What a calibrated station judges a series by: the ``SERIES_LOW_QUANTILE`` (10th)
+    percentile of its referred foreground scores."""
+    return float(np.quantile(np.asarray(referred, dtype=np.float64), SERIES_LOW_QUANTILE))
 
 
 def select_series(series: Sequence[LearningSeries]) -> Selection:
@@ -242,14 +250,6 @@ def select_series(series: Sequence[LearningSeries]) -> Selection:
     return Selection(tuple(kept), tuple(trimmed), tuple(excluded))
 
 
-def learned_min_flagged(counts: Sequence[int]) -> int:
-    """The fewest slices below the low that make one of the station's series abnormal: one
-    more than the ``SERIES_ALLOWED + 1``-th largest of its kept learning series' counts of
-    slices below the low (1 when there are too few series to say)."""
-    ordered = sorted((int(c) for c in counts), reverse=True)
-    return 1 + ordered[SERIES_ALLOWED] if len(ordered) > SERIES_ALLOWED else 1
-
-
 def _fit(kept: Sequence[LearningSeries], target_fpr: float) -> tuple[PositionReference, float]:
     """The position reference of ``kept`` and its low (``LOW_SHARE * target_fpr``)."""
     position = PositionReference.fit(kept)
@@ -257,23 +257,23 @@ def _fit(kept: Sequence[LearningSeries], target_fpr: float) -> tuple[PositionRef
     return position, float(np.quantile(referred, LOW_SHARE * target_fpr))
 
 
-def _below(series: LearningSeries, position: PositionReference, low: float) -> int:
-    return int(np.sum(position.refer(series.scores, series.positions) < low))
+def _statistic(series: LearningSeries, position: PositionReference) -> float:
+    return series_statistic(position.refer(series.scores, series.positions))
 
 
-def _count(kept: Sequence[LearningSeries], target_fpr: float) -> int:
-    """The series count learned from ``kept``: each series' slices below the low of a
-    reference fitted on the others (:func:`learned_min_flagged`; 1 for a single series)."""
+def _edge(kept: Sequence[LearningSeries], target_fpr: float) -> float | None:
+    """The series edge learned from ``kept``: :func:`outlier_edge` of each series'
+    :func:`series_statistic` under a reference fitted on the other series (None for one)."""
     if len(kept) < 2:
-        return 1
-    return learned_min_flagged([_below(own, *_fit([*kept[:k], *kept[k + 1:]], target_fpr))
-                                for k, own in enumerate(kept)])
+        return None
+    return outlier_edge([_statistic(own, _fit([*kept[:k], *kept[k + 1:]], target_fpr)[0])
+                         for k, own in enumerate(kept)])
 
 
 def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
                     estimate: bool = True) -> Reference:
-    """The station's position reference, centre, low and series count from its learning
-    series; with ``estimate``, also ``series_flagged`` (a reference and its count for each
+    """The station's position reference, centre, low and series edge from its learning
+    series; with ``estimate``, also ``series_flagged`` (a reference and its edge for each
     kept series left out: about n squared fits; a bench that needs no estimate skips it).
 
     Raises:
@@ -295,13 +295,15 @@ def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
         raise ReferenceRefused(f"the station's low ({low:.6g}) is not below its centre "
                                f"({centre:.6g}): its series give no spread to map")
     flagged = 0
-    if estimate and len(kept) > 1:
+    if estimate:
         for k, own in enumerate(kept):
             others = [*kept[:k], *kept[k + 1:]]
-            flagged += _below(own, *_fit(others, target_fpr)) >= max(
-                own.min_flagged, _count(others, target_fpr))
+            edge = _edge(others, target_fpr)
+            if edge is not None:
+                flagged += _statistic(own, _fit(others, target_fpr)[0]) < edge
     slices = int(sum(np.asarray(s.scores).size for s in kept))
-    return Reference(centre, low, selection, slices, position, _count(kept, target_fpr), flagged)
+    return Reference(centre, low, selection, slices, position, _edge(kept, target_fpr),
+                     flagged)
 
 
 def map_scores(scores: np.ndarray, centre: float, low: float, median: float,

@@ -240,6 +240,8 @@ def _store_verdict(
             abnormal_slices=verdict.abnormal_slices,
             scored_slices=len(slices),
             min_abnormal_slices=verdict.min_abnormal_slices,
+            series_score=verdict.series_score,
+            series_edge=verdict.series_edge,
             model_name=verdict.model_name,
             model_version=verdict.model_version,
             threshold=verdict.threshold,
@@ -366,6 +368,8 @@ def process_series(
             rule=decision.rule.name,
             score_note=scored.score_note,
             reference=judgement.note,
+            series_score=judgement.series_score,
+            series_edge=judgement.series_edge,
         )
         stacks = {(s.sop_instance_uid, s.frame): s.stack for s in assembled.slices}
         from node.alerts.outbox import enqueue as enqueue_alerts

@@ -42,6 +42,7 @@ from node.worker.learning import (
     build_reference,
     map_scores,
     select_series,
+    series_statistic,
     stack_positions,
 )
 
@@ -83,9 +84,13 @@ class Judgement:
         reference_id: the reference's row, or None (learning off, or no station to learn).
         state: ``learning`` or ``calibrated``; None when no reference judged.
         note: the "Reference: ..." line of the report and the dashboard.
-        min_flagged: once calibrated, the slices that make a series of this station abnormal
-            as its reference learned them (the routing rule's count is the floor); None
-            while learning, and for references calibrated before they learned it.
+        min_flagged: once calibrated by a reference from before revision 0018, the slices
+            that make a series of this station abnormal as it learned them (the routing
+            rule's count is the floor); None otherwise.
+        series_score: once calibrated, the series' 10th-percentile mapped slice score, which
+            judges it against ``series_edge``; None otherwise.
+        series_edge: the station's series edge on the bundle's scale; None while learning,
+            for references from before revision 0018, and from a single kept series.
     """
 
     slices: tuple[SliceVerdict, ...]
@@ -93,6 +98,8 @@ class Judgement:
     state: str | None
     note: str
     min_flagged: int | None = None
+    series_score: float | None = None
+    series_edge: float | None = None
 
     def min_abnormal_slices(self, rule_count: int) -> int:
         """The flagged slices that make this series abnormal: the routing rule's count, or the
@@ -132,6 +139,23 @@ def apply_reference(slices: Sequence[SliceVerdict], stacks: Sequence[int],
         for k, s in enumerate(slices))
 
 
+def series_judgement(slices: Sequence[SliceVerdict],
+                     reference: StationReference) -> tuple[float | None, float | None]:
+    """(the series' score, the station's series edge), both on the bundle's scale, for slices
+    mapped through a calibrated reference: the 10th percentile of the foreground slices'
+    mapped scores (:func:`series_statistic`; the mapping is linear, so it is the referred
+    statistic mapped) and the reference's edge mapped; (None, None) where the reference has no
+    edge or the series no foreground slice (the slice count judges)."""
+    fg = np.array([s.log_likelihood for s in slices if s.foreground], dtype=np.float64)
+    if (reference.series_edge is None or fg.size == 0 or reference.centre is None
+            or reference.low is None or reference.bundle_median is None
+            or reference.bundle_threshold is None):
+        return None, None
+    edge = map_scores(np.array([reference.series_edge]), reference.centre, reference.low,
+                      reference.bundle_median, reference.bundle_threshold)
+    return series_statistic(fg), float(edge[0])
+
+
 def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
           key: refs.StationKey | None, series_id: int, slices: Sequence[SliceVerdict],
           stacks: Sequence[int], threshold: float, scale: BundleScale) -> Judgement:
@@ -154,7 +178,7 @@ def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
             mapped = apply_reference(slices, stacks, reference, threshold, scale.quantiles)
             return Judgement(mapped, reference.id, refs.CALIBRATED,
                              refs.reference_note(refs.CALIBRATED, reference),
-                             reference.min_flagged)
+                             reference.min_flagged, *series_judgement(mapped, reference))
         earlier = [i for i in refs.learning_series_ids(session, reference.id) if i != series_id]
         note = refs.reference_note(refs.LEARNING, reference, learned=len(earlier) + 1,
                                    needed=learning.series)
@@ -172,7 +196,7 @@ def _review(row: refs.LearningRows) -> Review:
 def _learning_series(session: Session, reference_id: int) -> list[LearningSeries]:
     rows = refs.learning_rows(session, refs.learning_series_ids(session, reference_id))
     return [LearningSeries(r.series_id, np.asarray(r.scores, dtype=np.float64), _review(r),
-                           r.min_abnormal_slices, np.asarray(r.stacks, dtype=np.int64))
+                           np.asarray(r.stacks, dtype=np.int64))
             for r in rows]
 
 
@@ -208,14 +232,14 @@ def settle_reference(session: Session, learning: LearningSettings, reference_id:
                          target_fpr=scale.target_fpr, used=len(built.selection.kept),
                          trimmed=len(built.selection.trimmed),
                          excluded=len(built.selection.excluded), slices=built.slices,
-                         series_flagged=built.series_flagged, min_flagged=built.min_flagged,
+                         series_flagged=built.series_flagged, series_edge=built.series_edge,
                          position_levels=built.position.levels,
                          position_spreads=built.position.spreads)
     log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g, "
-             "series abnormal from %d slices below it; left out in turn, %d of those series "
-             "are flagged", len(built.selection.kept), len(built.selection.trimmed),
-             built.centre, built.low, built.min_flagged, built.series_flagged,
-             extra={"station": label, "reference_id": reference_id})
+             "series edge %s; left out in turn, %d of those series are flagged",
+             len(built.selection.kept), len(built.selection.trimmed), built.centre, built.low,
+             "none" if built.series_edge is None else f"{built.series_edge:.6g}",
+             built.series_flagged, extra={"station": label, "reference_id": reference_id})
     return True
 
 

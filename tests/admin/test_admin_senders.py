@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin.app import RunningDashboard
@@ -256,12 +256,27 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     # How many of its learning series the reference flags: what to expect once calibrated.
     assert row.series_flagged is not None and row.series_used == 5
     assert f'<td class="num series-flagged">{row.series_flagged} of 5</td>' in shown
-    assert row.min_flagged is not None
-    assert (f'<td class="num min-flagged">{row.min_flagged} '
-            f'slice{"" if row.min_flagged == 1 else "s"}</td>') in shown
+    # What makes its series abnormal: a 10th percentile below its series edge.
+    assert row.series_edge is not None and row.min_flagged is None
+    assert (f'<td class="num min-flagged">10th pct. below {row.series_edge:.4g}</td>'
+            in shown)
     shown = html.split(f'data-id="{learning.id}"', 1)[1].split("</tr>", 1)[0]
     assert 'data-state="learning"' in shown and "1 of 5" in shown
     assert "earlier-references" not in html
+    # A series that station judged by its 10th percentile: its page says so, not a count.
+    judged = add_learning_series(factory, calibrated.id, site_scores(1, seed=3)[0],
+                                 state=refs.CALIBRATED)
+    with factory.begin() as session:
+        session.execute(update(Series).where(Series.id == judged).values(
+            abnormal=True, series_score=-41000.5, series_edge=-40000.25))
+        judged_row = session.get(Series, judged)
+        assert judged_row is not None
+        uid = judged_row.series_instance_uid
+    page = http(f"{base}/series/{uid}", headers=bearer).text
+    assert ('series flagged when its 10th-percentile slice score, <span id="series-score">'
+            '-41000.5</span>, lies below the station\'s series edge, <span id="series-edge">'
+            '-40000.2</span>') in page
+    assert "series flagged at" not in page
 
     config = tmp_path / "node.toml"
     config.write_text(f'[database]\nurl = "{settings.database.url}"\n\n[learning]\nseries = 5\n',
@@ -272,12 +287,13 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     [sender] = [json.loads(line) for line in listed.stdout.splitlines()]
     [done_ref] = [r for r in sender["references"] if r["state"] == "calibrated"]
     assert (done_ref["series_used"], done_ref["series_flagged"], done_ref["min_flagged"]) == (
-        5, row.series_flagged, row.min_flagged)
+        5, row.series_flagged, None)
+    assert done_ref["series_edge"] == pytest.approx(row.series_edge)
     table = subprocess.run([str(VAENODE), "queue", "senders", "--config", str(config)],
                            capture_output=True, text=True, timeout=120)
     # The FROM and FLAGS columns right after LOW (LEARNED also reads "5/5").
     assert any("t1 mprage sag" in line
-               and f"{row.low:10.4g} {row.min_flagged:>4} {f'{row.series_flagged}/5':>7}  "
+               and f"{row.low:10.4g} {f'{row.series_edge:.4g}':>9} {f'{row.series_flagged}/5':>7}  "
                in line for line in table.stdout.splitlines()), table.stdout
 
     form = urllib.parse.urlencode({"reference_id": calibrated.id, "reviewer": "tech anna",

@@ -11,11 +11,11 @@ and a restart (``vaenode queue relearn``) starts learning afresh while keeping t
 reference. Nothing here asserts what the bundle makes of the site out of the box.
 
 The bundle is ``brain-t1`` 0.1.0, shipped beside the default. The default
-``brain-t1-multiscanner`` 0.3.0 does not pass this test yet (2026-12-06, with each slice
-referred to the station's normal at its position): its station calibrates and the motion
-series is flagged, but the clean test series (IXI255) has 10 slices below the station's low,
-a cluster low in the head, more than its learned count, so it is called abnormal (issue 18;
-node/models/README.md).
+``brain-t1-multiscanner`` 0.3.0 does not pass this test yet (2026-12-06, each slice referred to
+the station's normal at its position, a series judged by its 10th percentile): its station
+calibrates, the clean test series (IXI255) is normal and the motion series flagged, but 13.3%
+of the motion series' slices outside the block are flagged, where 5% is allowed here (issue
+18; node/models/README.md).
 """
 
 from __future__ import annotations
@@ -229,10 +229,9 @@ def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Si
     bad = site.learning[BAD]
     assert len(folders) == ref.series_used
     assert all(f.name != bad.series_instance_uid for f in folders)
-    # It learned how many slices below its low its kept series reach (series abnormal from
-    # one more than the second-most), and counted the kept series a reference built from the
-    # others flags (3 slices, the shipped rule, the floor): the share of the station's normal
-    # series to expect flagged.
+    # It learned its normal per slice position, its low and its series edge from the kept
+    # series, and counted the kept series a reference built from the others flags: the
+    # share of the station's normal series to expect flagged.
     with site.node.session() as session:
         learned = func.coalesce(SliceScore.station_score, SliceScore.bundle_score)
         kept = {}
@@ -243,14 +242,14 @@ def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Si
                 .order_by(Series.id, SliceScore.slice_index)):
             kept.setdefault(uid, []).append(value)
     assert len(kept) == ref.series_used
-    again = build_reference([LearningSeries(i, np.array(v), min_flagged=3)
-                             for i, v in enumerate(kept.values())], 0.01)
+    again = build_reference([LearningSeries(i, np.array(v)) for i, v in enumerate(kept.values())],
+                            0.01)
     assert again.selection.trimmed == ()
-    # Its normal per slice position, low and count are those of its kept series.
     assert ref.position_levels == pytest.approx(list(again.position.levels))
     assert ref.position_spreads == pytest.approx(list(again.position.spreads))
     assert again.low == pytest.approx(ref.low)
-    assert ref.min_flagged == again.min_flagged
+    assert again.series_edge is not None and ref.min_flagged is None
+    assert ref.series_edge == pytest.approx(again.series_edge)
     assert ref.series_flagged == again.series_flagged <= ref.series_used
     senders = vaenode(site.node, "queue", "senders", "--json")
     assert senders.returncode == 0, senders.stderr
@@ -259,6 +258,7 @@ def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Si
     assert (shown["state"], shown["series_learned"], shown["series_needed"]) == (
         "calibrated", 20, 20)
     assert shown["centre"] == pytest.approx(ref.centre) and shown["protocol"] == "t1 axial se"
+    assert shown["series_edge"] == pytest.approx(ref.series_edge)
 
 
 def test_after_calibration_a_clean_series_is_normal_and_a_motion_block_is_flagged(
@@ -267,11 +267,15 @@ def test_after_calibration_a_clean_series_is_normal_and_a_motion_block_is_flagge
     clean, motion = row_of(site.node, site.clean), row_of(site.node, site.motion)
     assert clean is not None and motion is not None
     assert (clean.reference_state, motion.reference_state) == ("calibrated", "calibrated")
-    # Both judged by the station's count of slices (the rule's 3 where that is more).
-    assert site.reference.min_flagged is not None
-    least = max(3, site.reference.min_flagged)
-    assert (clean.min_abnormal_slices, motion.min_abnormal_slices) == (least, least)
-    assert clean.abnormal is False, f"{clean.abnormal_slices} clean slices flagged"
+    # Both judged by their 10th-percentile score against the station's series edge.
+    edge = site.reference.series_edge
+    assert edge is not None
+    for row in (clean, motion):
+        assert row.series_score is not None and row.series_edge is not None
+        assert row.abnormal == (row.series_score < row.series_edge)
+    assert clean.series_edge == pytest.approx(motion.series_edge)
+    assert clean.abnormal is False, (f"{clean.abnormal_slices} clean slices flagged, "
+                                     f"score {clean.series_score} edge {clean.series_edge}")
     marks = flags(site.node, site.motion)
     uids = site.motion.sop_instance_uids
     block = [marks[uids[i]][0] for i in sorted(site.motion.corrupted)]
@@ -289,6 +293,13 @@ def test_the_sr_says_the_station_reference_judged_it_and_passes_dciodvfy(site: S
         f"Reference: calibrated for station {STATION} (tests.helpers.series), protocol "
         f"'t1 axial se', from {site.reference.series_used} of 20 learning series on ")
     assert all("Score before station reference" in g.measurements for g in groups[:-1])
+    # The series summary says what judged it: its 10th percentile and the station's edge.
+    motion = row_of(site.node, site.motion)
+    assert motion is not None and motion.series_edge is not None
+    assert groups[-1].measurements["Series 10th-percentile score"] == pytest.approx(
+        motion.series_score)
+    assert groups[-1].measurements["Station series edge"] == pytest.approx(motion.series_edge)
+    assert groups[-1].evaluations["Imaging Series Quality"] == "RID14"
     errors, warnings = dciodvfy(path)
     assert errors == [], errors
     assert all("99VAENODE" in w for w in warnings), warnings

@@ -130,6 +130,45 @@ def test_sr_equals_what_the_highdicom_constructor_builds(
     assert len(fast.ContentSequence) == len(reference.ContentSequence) > 3
 
 
+def edge_verdict(sources: list[Dataset], edge: float) -> SeriesVerdict:
+    """The same slices as FLAGGED's verdict, judged by a station's series edge: the series'
+    10th-percentile score against ``edge``."""
+    slices = make_verdict(sources, FLAGGED).slices
+    score = -1300.0
+    return SeriesVerdict.from_slices(
+        study_instance_uid=sources[0].StudyInstanceUID,
+        series_instance_uid=sources[0].SeriesInstanceUID, slices=slices,
+        min_abnormal_slices=3, threshold=-1234.5, estimator="importance",
+        model_name="brain-t1-vae", model_version="1.2.3", series_score=score,
+        series_edge=edge)
+
+
+def test_a_series_judged_by_its_series_edge_says_so_instead_of_a_count(
+    sources: list[Dataset],
+) -> None:
+    """Four flagged images (the routing rule needs 3) but the 10th percentile above the edge:
+    normal; below it: non-diagnostic. The summary gives the score and the edge, not a count."""
+    normal = edge_verdict(sources, -1400.0)
+    flagged = edge_verdict(sources, -1200.0)
+    assert (normal.abnormal, flagged.abnormal) == (False, True)
+    assert normal.abnormal_slices == flagged.abnormal_slices == len(FLAGGED)
+    for verdict, quality in ((normal, "RID12"), (flagged, "RID14")):
+        summary = measurement_groups(roundtrip(build_sr(verdict, sources, identity=IDENTITY)))[-1]
+        assert summary.evaluations["Imaging Series Quality"] == quality
+        assert summary.measurements["Series 10th-percentile score"] == pytest.approx(-1300.0)
+        assert summary.measurements["Station series edge"] == pytest.approx(
+            verdict.series_edge)
+        assert "Non-diagnostic images for series flag" not in summary.measurements
+        assert summary.measurements["Number of non-diagnostic images"] == len(FLAGGED)
+        assert (f"series_edge={verdict.series_edge:.6g}"
+                in summary.algorithm["Algorithm Parameters"])
+    # The verdict cannot contradict its rule, nor name an edge without a score.
+    with pytest.raises(ValueError, match="series edge"):
+        dataclasses.replace(flagged, abnormal=False)
+    with pytest.raises(ValueError, match="needs the series' score"):
+        dataclasses.replace(flagged, series_score=None)
+
+
 def test_series_below_min_abnormal_slices_is_diagnostic(sources: list[Dataset]) -> None:
     verdict = make_verdict(sources, {5, 6}, min_abnormal_slices=3)
     assert not verdict.abnormal
@@ -360,6 +399,7 @@ def test_sr_kos_and_rejection_note_pass_dciodvfy_and_dsrdump(sources: list[Datas
     first = build_sr(verdict, sources, identity=IDENTITY)
     docs = {
         "sr.dcm": first,
+        "sr-edge.dcm": build_sr(edge_verdict(sources, -1200.0), sources, identity=IDENTITY),
         "sr-superseding.dcm": build_sr(
             verdict, sources, identity=IDENTITY, instance_number=2, previous=[first]
         ),

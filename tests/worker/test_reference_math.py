@@ -1,6 +1,7 @@
 """The arithmetic of a station's reference: scores referred to their slice position, robust to
 a few bad learning series, reviews take precedence, a series count learned with each series
-left out, and a reference with no spread is refused."""
+a series edge learned with each series left out, and a reference with no spread is
+refused."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from node.worker.learning import (
     ReferenceRefused,
     Review,
     build_reference,
-    learned_min_flagged,
+    low_outliers,
     map_scores,
+    outlier_edge,
     select_series,
+    series_statistic,
     stack_positions,
 )
 
@@ -60,10 +63,9 @@ def all_used(series: list[LearningSeries]) -> Reference:
                             for s in series], 0.01, estimate=False)
 
 
-def below(series: LearningSeries, reference: Reference) -> int:
-    """The series' slices below the reference's low, referred to their positions."""
-    return int(np.sum(reference.position.refer(series.scores, series.positions)
-                      < reference.low))
+def statistic(series: LearningSeries, reference: Reference) -> float:
+    """The series' 10th percentile, its scores referred by ``reference``."""
+    return series_statistic(reference.position.refer(series.scores, series.positions))
 
 
 def test_a_few_bad_series_among_twenty_do_not_move_the_reference() -> None:
@@ -187,30 +189,32 @@ def test_positions_run_along_each_stack_and_its_foreground() -> None:
     assert ref.refer(np.array([1.0, 14.0]), np.array([0.2, 0.9])).tolist() == [1.0, 2.0]
 
 
-def test_the_series_count_is_one_more_than_the_second_most_low_slices() -> None:
-    """One bad series among the counts does not set it; too few series give no count."""
-    assert learned_min_flagged([0, 0, 5, 3, 1]) == 4
-    assert learned_min_flagged([40, 2, 2, 0]) == 3
-    assert learned_min_flagged([0] * 19) == 1
-    assert learned_min_flagged([7]) == learned_min_flagged([]) == 1
+def test_the_outlier_edge_is_the_median_less_three_and_a_half_robust_deviations() -> None:
+    values = np.array([0.0, 1.0, 2.0, 3.0, 4.0, -100.0])
+    # Median 1.5, median absolute deviation 1.5.
+    assert outlier_edge(values) == pytest.approx(1.5 - OUTLIER_Z * MAD_TO_SD * 1.5)
+    assert low_outliers(values).tolist() == [False] * 5 + [True]
+    # No spread (more than half equal): below the median is out.
+    assert outlier_edge([5.0, 5.0, 5.0, 1.0]) == 5.0
+    assert series_statistic(np.arange(11.0)) == pytest.approx(1.0)
 
 
-#: Where a low subject's dips lie: spread over the stack, a few per position bin at most.
-DIPS = (5, 33, 61, 89, 19, 75)
+#: Where a low series' dips lie: one in each tenth of the stack, so that no position bin of
+#: the station's normal is made of them.
+DIPS = tuple(range(5, SLICES, 10))
 
 
-def dipped_site() -> list[LearningSeries]:
-    """20 normal series, three with four slices far below the others (a station's low
-    subjects), one with two; and a whole series with motion."""
-    rng = np.random.default_rng(3)
-    series = []
-    for i in range(20):
-        scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
-        dips = DIPS[:4] if i < 3 else DIPS[:2] if i == 3 else ()
-        scores[list(dips)] = -9000.0 - 10.0 * np.arange(len(dips))
-        series.append(LearningSeries(i, scores, min_flagged=3))
-    series.append(motion_series(20, 5))  # trimmed, though every slice is below the low
-    return series
+def dipped(series_id: int, rng: np.random.Generator, review: Review = Review.NONE,
+           ) -> LearningSeries:
+    """A series whose tenth of slices, one per position bin, lies far below the rest."""
+    scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
+    scores[list(DIPS)] = -9000.0 - 10.0 * np.arange(len(DIPS))
+    return LearningSeries(series_id, scores, review)
+
+
+def calm_site(n: int, seed: int) -> list[LearningSeries]:
+    rng = np.random.default_rng(seed)
+    return [LearningSeries(i, -5000.0 + 300.0 * rng.standard_normal(SLICES)) for i in range(n)]
 
 
 def left_out(kept: list[LearningSeries]) -> list[tuple[LearningSeries, Reference]]:
@@ -219,50 +223,36 @@ def left_out(kept: list[LearningSeries]) -> list[tuple[LearningSeries, Reference
             for s in kept]
 
 
-def test_the_reference_learns_how_many_low_slices_its_normal_series_have() -> None:
-    """The count comes from the kept series' slices below the low of the other kept series,
-    trimmed ones not counted: the three series with four dips set it above the routing
-    rule's three."""
-    series = dipped_site()
+def test_the_series_edge_comes_from_the_kept_series_each_left_out() -> None:
+    """E is the outlier edge of the kept series' own 10th percentiles, each referred by the
+    reference of the others (a trimmed series not among them); a fresh normal series lies
+    above it, one with a tenth of its slices far down below it."""
+    series = [*calm_site(20, seed=3), motion_series(20, 5)]
     reference = build_reference(series, 0.01)
     assert reference.selection.trimmed == (20,)
-    counts = [below(s, others) for s, others in left_out(series[:20])]
-    # The four-dip series' dips lie below the others' low (the others then hold 8 such dips
-    # and one two-dip series among 2,090 slices, about the 0.5% quantile's 10).
-    assert all(counts[i] >= 4 for i in range(3))
-    assert reference.min_flagged == learned_min_flagged(counts) == 1 + sorted(counts)[-2] >= 5
-    # Counted in sample instead, the series' own dips pull the low down towards them.
-    assert sum(below(s, reference) for s in series[:3]) < sum(counts[:3])
+    own = [statistic(s, others) for s, others in left_out(series[:20])]
+    assert reference.series_edge == pytest.approx(outlier_edge(own))
+    edge = reference.series_edge
+    assert edge is not None
+    fresh = calm_site(5, seed=9)
+    assert all(statistic(s, reference) >= edge for s in fresh)
+    assert statistic(dipped(99, np.random.default_rng(1)), reference) < edge
+    # A single kept series gives no edge (the routing rule's count then judges).
+    assert build_reference(series[:1], 0.01).series_edge is None
 
 
 def test_the_reference_counts_the_series_it_flags_with_each_left_out() -> None:
-    """Each kept series is judged by a reference built from the other kept ones (their bins,
-    low and count, the series' own routing rule as the floor); trimmed series are not
-    counted. Left out in turn, only series with dips can be flagged."""
-    series = dipped_site()
-    reference = build_reference(series, 0.01)
-    kept = [series[i] for i in reference.selection.kept]
-    flagged = []
-    for s, others in left_out(kept):
-        assert others.selection.trimmed == ()
-        if below(s, others) >= max(s.min_flagged, others.min_flagged):
-            flagged.append(s.series_id)
-    assert reference.series_flagged == len(flagged)
-    assert set(flagged) <= {0, 1, 2}
-    # Two series with six dips each: the count is learned above them, but each, left out,
-    # is flagged by the other series' reference (whose count the other one sets lower).
+    """Each kept series is judged by a reference built from the other kept ones (its bins
+    and edge); trimmed series are not counted. Two low series that reviewers marked normal
+    are kept, and each, left out, is flagged by the others' edge."""
     rng = np.random.default_rng(4)
-    pair = []
-    for i in range(20):
-        scores = -5000.0 + 300.0 * rng.standard_normal(SLICES)
-        if i < 2:
-            scores[list(DIPS)] = -9000.0 - 10.0 * np.arange(len(DIPS))
-        pair.append(LearningSeries(i, scores, min_flagged=3))
-    both = build_reference(pair, 0.01)
-    assert both.min_flagged >= 7
-    assert both.series_flagged >= 2
-    # The routing rule stays the floor: with 10 slices needed, none of them is flagged.
-    strict = [LearningSeries(s.series_id, s.scores, min_flagged=10) for s in series]
-    assert build_reference(strict, 0.01).series_flagged == 0
+    site = [*calm_site(18, seed=4), dipped(18, rng, Review.NORMAL),
+            dipped(19, rng, Review.NORMAL)]
+    reference = build_reference(site, 0.01)
+    assert reference.selection.trimmed == ()
+    flagged = [s.series_id for s, others in left_out(site)
+               if others.series_edge is not None and statistic(s, others) < others.series_edge]
+    assert reference.series_flagged == len(flagged)
+    assert {18, 19} <= set(flagged)
     # Without the estimate (a bench's reference) nothing is counted.
-    assert build_reference(pair, 0.01, estimate=False).series_flagged == 0
+    assert build_reference(site, 0.01, estimate=False).series_flagged == 0

@@ -101,9 +101,8 @@ def test_calibrates_once_when_the_nth_learning_series_is_stored(
     ids.append(add_learning_series(factory, reference.id, site[4]))
     assert _settle(factory, reference.id)
     row = _row(factory, reference.id)
-    # The learning series' routing rule makes 3 flagged slices an abnormal series.
-    expected = build_reference([LearningSeries(i, s, min_flagged=3)
-                                for i, s in zip(ids, site, strict=True)], 0.01)
+    expected = build_reference([LearningSeries(i, s) for i, s in zip(ids, site, strict=True)],
+                               0.01)
     assert row.state == refs.CALIBRATED and row.calibrated_at is not None
     # The background slices' (meaningless, very low) scores were left out.
     assert row.centre == pytest.approx(expected.centre)
@@ -111,10 +110,12 @@ def test_calibrates_once_when_the_nth_learning_series_is_stored(
     assert (row.series_used, row.series_trimmed, row.slices) == (
         len(expected.selection.kept), len(expected.selection.trimmed), expected.slices)
     assert expected.slices == 60 * len(expected.selection.kept)
-    # How many slices below L its series are abnormal from, and how many of its learning
-    # series a reference built from the others flags: as the arithmetic says.
-    assert row.min_flagged == expected.min_flagged
+    # The series edge its series are judged against, and how many of its learning series a
+    # reference built from the others flags: as the arithmetic says (no slice count).
+    assert expected.series_edge is not None
+    assert row.series_edge == pytest.approx(expected.series_edge)
     assert row.series_flagged == expected.series_flagged
+    assert row.min_flagged is None
     # The station's normal per slice position, as the arithmetic fitted it.
     assert row.position_levels == pytest.approx(list(expected.position.levels))
     assert row.position_spreads == pytest.approx(list(expected.position.spreads))
@@ -180,18 +181,17 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
     then = judge(factory, LEARN, KEY, 99, slices, STACK, SCALE.threshold, SCALE)
     row = _row(factory, first.reference_id or 0)
     assert then.state == refs.CALIBRATED and then.reference_id == row.id
-    assert row.min_flagged is not None
+    assert row.series_edge is not None and row.min_flagged is None
     assert then.note == ("Reference: calibrated for station MR ROOM 3 (Prisma), protocol "
                          f"'t1 mprage sag', from {row.series_used} of 5 learning series on "
                          f"{row.calibrated_at:%Y-%m-%d}; each slice against the station's "
-                         "normal at its position; all but one of them, each judged by the "
-                         "others, had at most "
-                         f"{row.min_flagged - 1} slices below its low")
-    # The series is abnormal from the station's learned count, or the rule's where more.
-    assert then.min_flagged == row.min_flagged
-    assert then.min_abnormal_slices(1) == max(1, row.min_flagged)
-    assert then.min_abnormal_slices(row.min_flagged + 4) == row.min_flagged + 4
+                         "normal at its position; the series abnormal when its "
+                         "10th-percentile score lies below the station's series edge, below "
+                         "which one of its learning series would have been an outlier")
+    # No learned count: the routing rule's; the series is judged by its 10th percentile.
+    assert then.min_flagged is None and then.min_abnormal_slices(3) == 3
     assert first.min_flagged is None and first.min_abnormal_slices(3) == 3
+    assert (first.series_score, first.series_edge) == (None, None)
     assert [s.bundle_score for s in then.slices] == [-5000.0, -7000.0, -20000.0, -60000.0]
     # Referred to their positions: the first foreground slice to the first bin's normal,
     # the third (the last foreground one) to the last bin's.
@@ -205,6 +205,12 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
         expected)
     # Near the station's centre: normal; far below its low: flagged; background: never.
     assert [s.abnormal for s in then.slices] == [False, False, True, False]
+    # The series' score: the 10th percentile of its foreground slices' mapped scores; the
+    # edge: the reference's, mapped the same way.
+    fg = [s.log_likelihood for s in then.slices[:3]]
+    assert then.series_score == pytest.approx(float(np.quantile(fg, 0.1)))
+    assert then.series_edge == pytest.approx(SCALE.median + (row.series_edge - row.centre) * (
+        SCALE.median - SCALE.threshold) / (row.centre - row.low))
     assert all(0.0 <= s.confidence <= 1.0 for s in then.slices)
     off = judge(factory, LearningSettings(enabled=False), KEY, 99, slices, STACK,
                 SCALE.threshold, SCALE)
@@ -230,7 +236,7 @@ def test_a_reference_calibrated_before_the_positions_judges_as_it_was_built(
     with factory.begin() as session:
         session.execute(update(StationReference).where(StationReference.id == reference_id)
                         .values(centre=-5000.0, low=-8000.0, position_levels=None,
-                                position_spreads=None))
+                                position_spreads=None, series_edge=None, min_flagged=4))
     old = judge(factory, LEARN, KEY, 99, slices, STACK, SCALE.threshold, SCALE)
     # Unreferred: s' = M + (s - C)(M - T)/(C - L) with the row's own C and L.
     expected = SCALE.median + (np.array([-5000.0, -9000.0]) + 5000.0) * (
@@ -238,7 +244,11 @@ def test_a_reference_calibrated_before_the_positions_judges_as_it_was_built(
     assert [old.slices[0].log_likelihood, old.slices[1].log_likelihood] == pytest.approx(
         expected)
     assert [s.abnormal for s in old.slices] == [False, True, False, False]
+    # Judged by its count of slices below the low, not by a series edge.
+    assert (old.min_flagged, old.series_score, old.series_edge) == (4, None, None)
+    assert referred.series_edge is not None and referred.min_flagged is None
     assert "at its position" in referred.note and "at its position" not in old.note
+    assert old.note.endswith("all but one of them had at most 3 slices below its low")
     assert [s.log_likelihood for s in referred.slices[:3]] != pytest.approx(
         [s.log_likelihood for s in old.slices[:3]])
 
