@@ -2,10 +2,12 @@
 
 The worker scores a series with the bundle as before, then asks here which reference judges
 it (:func:`judge`): while its station is ``learning`` the bundle's own verdict stands (out of
-the box, and said so in the report); once ``calibrated`` each slice score is mapped onto the
-bundle's scale through the station's centre and low (:mod:`node.worker.learning`) and judged
-against the same threshold; the series is then abnormal from as many such slices as the
-station's normal series showed it to need (never fewer than the routing rule's). The score
+the box, and said so in the report); once ``calibrated`` each slice score is referred to the
+station's normal at its position and mapped onto the bundle's scale through the station's
+centre and low (:mod:`node.worker.learning`) and judged against the same threshold, and the
+series is abnormal when its 10th-percentile mapped score lies below the station's series edge
+mapped the same way (:func:`series_judgement`; a reference from before revision 0018 counts
+slices instead, as it learned). The score
 learned and mapped is the bundle's station score where it declares one (``station_scoring``:
 a weighting that sees motion but would flag other scanners' normal series out of the box),
 else its own. Inside the transaction that stores the verdict the worker calls
