@@ -4,7 +4,7 @@ Normal slice scores depend on where the slice lies: the ends of a head hold less
 score differently from its middle. Two references compare a slice with normal slices at its
 relative position: the bundle's (:mod:`node.model.scoring`, item 5, fitted on IXI) and a
 station's (:mod:`node.worker.learning`, fitted on the station's own first series). Both
-need the same three pieces, kept here apart from the scoring so that the worker's learning
+need the same pieces, kept here apart from the scoring so that the worker's learning
 arithmetic does not load torch with them.
 """
 

@@ -206,7 +206,7 @@ class Reference:
 def series_summary(scores: np.ndarray) -> tuple[float, float]:
     """(median, 10th percentile) of one series' foreground slice scores."""
     values = np.asarray(scores, dtype=np.float64)
-    return float(np.median(values)), float(np.quantile(values, SERIES_LOW_QUANTILE))
+    return float(np.median(values)), series_statistic(values)
 
 
 def outlier_edge(values: Sequence[float] | np.ndarray) -> float:
@@ -261,13 +261,20 @@ def _statistic(series: LearningSeries, position: PositionReference) -> float:
     return series_statistic(position.refer(series.scores, series.positions))
 
 
-def _edge(kept: Sequence[LearningSeries], target_fpr: float) -> float | None:
+def _left_out(kept: Sequence[LearningSeries]) -> list[PositionReference]:
+    """For each kept series, the position reference fitted on the other kept series."""
+    return [PositionReference.fit([*kept[:k], *kept[k + 1:]]) for k in range(len(kept))]
+
+
+def _edge(kept: Sequence[LearningSeries],
+          left_out: Sequence[PositionReference] | None = None) -> float | None:
     """The series edge learned from ``kept``: :func:`outlier_edge` of each series'
-    :func:`series_statistic` under a reference fitted on the other series (None for one)."""
+    :func:`series_statistic` under a reference fitted on the other series (``left_out``,
+    when already fitted; None for a single series)."""
     if len(kept) < 2:
         return None
-    return outlier_edge([_statistic(own, _fit([*kept[:k], *kept[k + 1:]], target_fpr)[0])
-                         for k, own in enumerate(kept)])
+    fits = _left_out(kept) if left_out is None else left_out
+    return outlier_edge([_statistic(own, fit) for own, fit in zip(kept, fits, strict=True)])
 
 
 def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
@@ -294,16 +301,15 @@ def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
     if not (np.isfinite(centre) and np.isfinite(low)) or centre - low <= 0.0:
         raise ReferenceRefused(f"the station's low ({low:.6g}) is not below its centre "
                                f"({centre:.6g}): its series give no spread to map")
+    left_out = _left_out(kept) if len(kept) > 1 else []
     flagged = 0
-    if estimate:
-        for k, own in enumerate(kept):
-            others = [*kept[:k], *kept[k + 1:]]
-            edge = _edge(others, target_fpr)
+    if estimate and left_out:
+        for k, (own, fit) in enumerate(zip(kept, left_out, strict=True)):
+            edge = _edge([*kept[:k], *kept[k + 1:]])
             if edge is not None:
-                flagged += _statistic(own, _fit(others, target_fpr)[0]) < edge
+                flagged += _statistic(own, fit) < edge
     slices = int(sum(np.asarray(s.scores).size for s in kept))
-    return Reference(centre, low, selection, slices, position, _edge(kept, target_fpr),
-                     flagged)
+    return Reference(centre, low, selection, slices, position, _edge(kept, left_out), flagged)
 
 
 def map_scores(scores: np.ndarray, centre: float, low: float, median: float,
