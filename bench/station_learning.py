@@ -15,31 +15,31 @@ are a station's learning series (one of them replaced by a whole-motion series) 
 others are held out:
 
 - slice FPR: flagged foreground slices of the held-out clean series (target: the bundle's
-  target rate, 1%); series flagged: held-out clean series with at least as many flagged
-  slices as the series needs (the shipped routing rule's ``min_abnormal_slices``, 3, or the
-  node's learned count where that is more: ``Reference.min_flagged``);
+  target rate, 1%); series flagged: held-out clean series the rule calls abnormal (the node:
+  a 10th-percentile referred score below the series edge; out of the box: at least the
+  routing rule's ``min_abnormal_slices``, 3, flagged slices); normal series with a flagged
+  image: held-out clean series that would go to PACS with a "Quality Issue" KOS;
 - motion block: flagged slices of the motion block, for the held-out subjects that have one;
-  motion series flagged: held-out series with the motion block that have at least that many
-  flagged slices (what the technologist sees: the series' verdict);
-- slices needed: that count (mean over splits);
+  motion series flagged: held-out series with the motion block that the rule calls abnormal
+  (what the technologist sees: the series' verdict);
+- slices a series needs: the routing rule's count, where a rule judges a series by one;
 - left out: learning series the rule left out (mean over splits).
 
 ``--bad`` sets how many of the 20 learning series are bad: 0, 1 (a whole series with moderate
-motion) or 3 (that, and two with the motion block). Rows: the bundle out of the box; the
-node's reference (``node.worker.learning``: outliers below the other series, by median or by
-10th percentile, left out; each slice's score referred to its position in the stack; a
-series judged by the 10th percentile of its referred scores against the series edge); the
-node before session 34 (the same outliers left out, the 1% quantile of the unreferred
-scores, a series abnormal from a count of slices below it learned in sample); the node's
-arithmetic with nothing left out, and with only the bad series left out (an oracle no
-station has: what the outlier rule aims at). "Slices a series needs" is the count of the
-rows that judge a series by one (the routing rule's 3 for the others). A bundle with a
-station score (``station_scoring`` in ``model.json``) is judged out of the box by its own
-score and, learned, by the station score, as the node does.
+motion) or 3 (that, and two with the motion block). ``--seed`` sets the random splits. Rows:
+the bundle out of the box; the node's reference (``node.worker.learning``: outliers below the
+other series, by median or by 10th percentile, left out; each slice's score referred to its
+position in the stack; a series judged by the 10th percentile of its referred scores against
+the series edge; an image flagged below the low in a series judged abnormal, below the image
+edge in one judged normal); the node before session 35 (every image below the low flagged);
+the node's arithmetic with nothing left out, and with only the bad series left out (an oracle
+no station has: what the outlier rule aims at). A bundle with a station score
+(``station_scoring`` in ``model.json``) is judged out of the box by its own score and,
+learned, by the station score, as the node does.
 
     .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
         [--site "noise 0.02"] [--site "gamma 0.75"] [--bad 0 --bad 1 --bad 3] \\
-        [--splits 300] [--cache /tmp/sl]
+        [--splits 300] [--seed 0] [--cache /tmp/sl]
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ from node.worker.learning import (  # noqa: E402
     Reference,
     Review,
     build_reference,
-    select_series,
     series_statistic,
     stack_positions,
 )
@@ -146,22 +145,26 @@ class Learned(NamedTuple):
     #: A series verdict of its own (a series' foreground scores in stack order -> abnormal),
     #: instead of the slices below the low against the count; None: the count.
     series: Callable[[np.ndarray], bool] | None = None
+    #: Below what an image of a series judged normal is flagged (the image edge); None: the
+    #: low, as in a series judged abnormal.
+    image_low: float | None = None
 
 
 Rule = Callable[[list[np.ndarray], set[int], float], Learned]
 
 
 def _learned(built: Reference) -> Learned:
-    """What the node judges with: each score referred to its position, a slice flagged below
-    the low, a series by its :func:`series_statistic` against the series edge (the routing
-    rule's slices where it has none)."""
+    """What the node judges with: each score referred to its position, a series by its
+    :func:`series_statistic` against the series edge (the routing rule's slices where it has
+    none), an image flagged below the low in a series judged abnormal and below the image
+    edge in one judged normal."""
     def refer(v: np.ndarray) -> np.ndarray:
         return built.position.refer(v, stack_positions(np.zeros(v.size, dtype=np.int64),
                                                        np.ones(v.size, dtype=bool)))
 
     edge = built.series_edge
     series = None if edge is None else (lambda v: series_statistic(refer(v)) < edge)
-    return Learned(built.low, len(built.selection.trimmed), 1, refer, series)
+    return Learned(built.low, len(built.selection.trimmed), 1, refer, series, built.image_edge)
 
 
 def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
@@ -169,27 +172,10 @@ def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
                                     estimate=False))
 
 
-#: Kept learning series that the node's count before session 34 allowed to be flagged: the
-#: count was one more than the (this + 1)-th most low slices among them.
-SERIES_ALLOWED = 1
-
-
-def learned_min_flagged(counts: Sequence[int]) -> int:
-    """The series count the node learned before session 34: one more than the
-    ``SERIES_ALLOWED + 1``-th largest of the kept series' slices below the low."""
-    ordered = sorted((int(c) for c in counts), reverse=True)
-    return 1 + ordered[SERIES_ALLOWED] if len(ordered) > SERIES_ALLOWED else 1
-
-
-def unreferred(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
-    """The node before 2026-12-06, session 34: the outliers left out, the low the ``fpr``
-    quantile of the kept series' pooled scores, no position reference, a series abnormal
-    from a count of slices below the low learned in sample."""
-    selection = select_series([LearningSeries(i, v) for i, v in enumerate(series)])
-    kept = [series[i] for i in selection.kept]
-    low = float(np.quantile(np.concatenate(kept), fpr))
-    return Learned(low, len(selection.trimmed),
-                   learned_min_flagged([int(np.sum(v < low)) for v in kept]))
+def every_image_below_low(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
+    """The node before 2026-12-06, session 35: the same reference and series verdict, every
+    image below the low flagged whatever the series verdict (no image edge)."""
+    return node_rule(series, bad, fpr)._replace(image_low=None)
 
 
 def untrimmed(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
@@ -209,35 +195,44 @@ def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
 RULES: dict[str, Rule | None] = {
     "out of the box": None,
     "learned (the node: outliers left out, a low per slice position, a series judged by its "
-    "10th percentile)": node_rule,
-    "learned, outliers left out, no position reference, a series count learned in sample "
-    "(the node before 2026-12-06, session 34)": unreferred,
+    "10th percentile, the images of a normal series by the image edge)": node_rule,
+    "learned as the node, every image below the low flagged (the node before 2026-12-06, "
+    "session 35)": every_image_below_low,
     "learned as the node, nothing left out": untrimmed,
     "learned as the node, only the bad series left out (oracle)": oracle,
 }
 
 
-def abnormal(got: Learned, values: np.ndarray, below: np.ndarray, needs: int) -> bool:
-    """A series' verdict: the rule's own (``Learned.series``) on its foreground scores, else
-    its slices below the low (``below``) against the slices it needs."""
-    return got.series(values) if got.series is not None else bool(below.sum() >= needs)
+def judged(got: Learned, values: np.ndarray, needs: int) -> tuple[bool, np.ndarray]:
+    """A series' verdict and its flagged images (``values``: its foreground scores in stack
+    order): the rule's own series verdict (``Learned.series``), its images below the low, or
+    below the image edge where the series is normal; without a series verdict of its own,
+    its images below the low against the slices it needs."""
+    refer = got.refer or (lambda v: v)
+    referred = refer(values)
+    if got.series is None:
+        below = referred < got.low
+        return bool(below.sum() >= needs), below
+    abnormal = got.series(values)
+    low = got.low if abnormal or got.image_low is None else got.image_low
+    return abnormal, referred < low
 
 
 #: What ``evaluate`` averages per rule, in the table's order.
-COLUMNS = ("slices", "series", "block", "caught", "needs", "left")
+COLUMNS = ("slices", "series", "kos", "block", "caught", "needs", "left")
 
 
-def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
-             bad: int) -> dict[str, dict[str, float]]:
-    """Per rule over random splits, with ``bad`` bad learning series, the mean of each of
-    ``COLUMNS``: held-out normal slices flagged, normal series flagged, motion-block slices
-    flagged, motion-block series flagged, slices a series needs, learning series left
-    out."""
+def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int, bad: int,
+             seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per rule over random splits (``seed``), with ``bad`` bad learning series, the mean of
+    each of ``COLUMNS``: held-out normal slices flagged, normal series flagged, normal series
+    with a flagged image (sent with a "Quality Issue" KOS), motion-block slices flagged,
+    motion-block series flagged, slices a series needs, learning series left out."""
     threshold = bundle.threshold
     subjects = list(scores["clean"])
     own = {s: v[0][v[2]] for s, v in scores["clean"].items()}
     learned = {s: v[1][v[2]] for s, v in scores["clean"].items()}
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     sums: dict[str, dict[str, list[float]]] = {rule: {c: [] for c in COLUMNS}
                                                for rule in RULES}
     for _ in range(splits):
@@ -259,27 +254,26 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int,
             # Out of the box: the bundle's own score against its threshold. Learned: the
             # mapping sends the station's low onto the threshold, so a slice is flagged
             # exactly when its station score (the bundle's own where it declares none) is
-            # below the low (node.worker.learning).
+            # below the low, or below the image edge in a series judged normal
+            # (node.worker.learning).
             if build is None:
-                got, judged, k = Learned(threshold, 0, 1), own, 0
+                got, values, k = Learned(threshold, 0, 1), own, 0
             else:
-                got, judged, k = build(series, spoiled, bundle.target_fpr), learned, 1
-            low, left_out, least = got.low, got.left_out, got.least
-            refer = got.refer or (lambda v: v)
-            needs = max(MIN_ABNORMAL_SLICES, least)
-            flagged = [refer(judged[s]) < low for s in held]
-            sums[rule]["slices"].append(float(np.mean(np.concatenate(flagged))))
-            sums[rule]["series"].append(float(np.mean(
-                [abnormal(got, judged[s], f, needs) for s, f in zip(held, flagged, strict=True)])))
+                got, values, k = build(series, spoiled, bundle.target_fpr), learned, 1
+            needs = max(MIN_ABNORMAL_SLICES, got.least)
+            verdicts = [judged(got, values[s], needs) for s in held]
+            sums[rule]["slices"].append(float(np.mean(np.concatenate([f for _, f in verdicts]))))
+            sums[rule]["series"].append(float(np.mean([a for a, _ in verdicts])))
+            sums[rule]["kos"].append(float(np.mean([bool(f.any()) for _, f in verdicts])))
             sums[rule]["needs"].append(float(needs))
-            sums[rule]["left"].append(float(left_out))
+            sums[rule]["left"].append(float(got.left_out))
             for s in held:
                 sc, f = scores["block"][s][k], scores["block"][s][2]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
-                below = refer(sc[f]) < low  # the foreground slices, in stack order
+                abnormal, below = judged(got, sc[f], needs)  # foreground, in stack order
                 sums[rule]["block"].append(float(np.mean(below[inside[f]])))
-                sums[rule]["caught"].append(float(abnormal(got, sc[f], below, needs)))
+                sums[rule]["caught"].append(float(abnormal))
     return {rule: {c: float(np.mean(v)) for c, v in values.items()}
             for rule, values in sums.items()}
 
@@ -293,6 +287,7 @@ def main() -> None:
     parser.add_argument("--bad", type=int, action="append", choices=(0, 1, 3),
                         help="bad learning series: 0, 1 or 3 (repeatable; default 1)")
     parser.add_argument("--splits", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random splits")
     parser.add_argument("--cache", type=Path, help="keep each site's scores here")
     args = parser.parse_args()
     bundle = load_bundle(args.model)
@@ -314,18 +309,20 @@ def main() -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(pickle.dumps(scores))
         for bad in args.bad or [1]:
-            for rule, means in evaluate(bundle, scores, args.splits, bad).items():
+            for rule, means in evaluate(bundle, scores, args.splits, bad, args.seed).items():
                 rows.append((kind, bad, rule, *(means[c] for c in COLUMNS)))
     print(f"\n{bundle.name} {bundle.version}: {LEARNING} learning series (bad ones: a whole "
           f"series with moderate motion, then series with the motion block), "
-          f"{len(subjects) - LEARNING} held out, {args.splits} splits\n")
+          f"{len(subjects) - LEARNING} held out, {args.splits} splits (seed {args.seed})\n")
     print("| simulated site | bad learning series | reference | held-out normal slices flagged "
-          "| held-out normal series flagged | motion block flagged | motion series flagged "
-          "| slices a series needs | series left out |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for kind, bad, rule, fpr, flagged, block, caught, needs, left in rows:
+          "| held-out normal series flagged | normal series with a flagged image (a KOS) "
+          "| motion block flagged | motion series flagged | slices a series needs "
+          "| series left out |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for kind, bad, rule, fpr, flagged, kos, block, caught, needs, left in rows:
         print(f"| {kind} | {bad} | {rule} | {100 * fpr:.2f}% | {100 * flagged:.1f}% | "
-              f"{100 * block:.1f}% | {100 * caught:.1f}% | {needs:.1f} | {left:.1f} |")
+              f"{100 * kos:.1f}% | {100 * block:.1f}% | {100 * caught:.1f}% | {needs:.1f} | "
+              f"{left:.1f} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def plot_slice_scores(
     abnormal: Sequence[bool],
     threshold: float | None,
     title: str = "",
+    threshold_label: str = "threshold",
 ) -> bytes:
     """Draw log p(x) against slice index, flagged slices in red, and the threshold.
 
@@ -33,6 +34,8 @@ def plot_slice_scores(
         abnormal: the verdict per slice, same order.
         threshold: the threshold on log p(x) applied to the series; None draws no line.
         title: a caption above the plot.
+        threshold_label: what the line is called in the legend (a station's image edge
+            judges the slices of a series it calls normal in place of the threshold).
 
     Returns:
         PNG bytes.
@@ -57,7 +60,7 @@ def plot_slice_scores(
         ax.scatter(xs, ys, s=18, color=ABNORMAL_COLOUR, label="flagged", zorder=3)
     if threshold is not None:
         ax.axhline(threshold, color=ABNORMAL_COLOUR, linestyle="--", linewidth=1.0,
-                   label=f"threshold {threshold:.4g}")
+                   label=f"{threshold_label} {threshold:.4g}")
     ax.set_xlabel("slice")
     ax.set_ylabel("log p(x)")
     if title:

@@ -192,7 +192,8 @@ def series_page(request: Request, session: ReadSessionDep, series_uid: str) -> H
 
 @router.get("/series/{series_uid}/plot.png", name="series_plot")
 def series_plot(session: ReadSessionDep, series_uid: str) -> Response:
-    """log p(x) per slice with the threshold line, as a PNG."""
+    """log p(x) per slice with the line that judged them (the threshold, or a station's
+    image edge), as a PNG."""
     series = queries.get_series(session, series_uid)
     if series is None:
         raise HTTPException(404, f"no series {series_uid}")
@@ -205,8 +206,9 @@ def series_plot(session: ReadSessionDep, series_uid: str) -> Response:
         [s.index for s in scores],
         [s.log_likelihood for s in scores],
         [s.abnormal for s in scores],
-        verdict.threshold,
+        verdict.threshold if verdict.image_edge is None else verdict.image_edge,
         title=f"{verdict.model}: {verdict.abnormal_slices} of {len(scores)} slices flagged",
+        threshold_label="threshold" if verdict.image_edge is None else "station image edge",
     )
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 

@@ -30,6 +30,8 @@ class Verdict:
         series_score: where a calibrated station judged the series by one number, its
             10th-percentile slice score; else None.
         series_edge: the station's series edge it was judged against; else None.
+        image_edge: where that station judged the series normal, the image edge its slices
+            were judged against in place of ``threshold``; else None.
     """
 
     model: str
@@ -41,6 +43,7 @@ class Verdict:
     estimator: str | None
     series_score: float | None = None
     series_edge: float | None = None
+    image_edge: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def _verdict(series: Series) -> Verdict | None:
         estimator=series.estimator,
         series_score=series.series_score,
         series_edge=series.series_edge,
+        image_edge=series.image_edge,
     )
 
 

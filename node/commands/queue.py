@@ -60,7 +60,8 @@ def reference_dict(view: Any, needed: int) -> dict[str, Any]:
         "created_at": _iso(view.created_at), "calibrated_at": _iso(view.calibrated_at),
         "centre": view.centre, "low": view.low, "series_used": view.series_used,
         "series_trimmed": view.series_trimmed, "series_flagged": view.series_flagged,
-        "min_flagged": view.min_flagged, "series_edge": view.series_edge, "note": view.note,
+        "min_flagged": view.min_flagged, "series_edge": view.series_edge,
+        "image_edge": view.image_edge, "note": view.note,
     }
 
 
@@ -158,24 +159,27 @@ def senders_cmd(
     if views:
         typer.echo(f"\n{'STATION':<16} {'MODEL':<16} {'PROTOCOL':<24} {'STATE':<10} "
                    f"{'LEARNED':>7}  {'CALIBRATED (UTC)':<16} {'CENTRE':>10} {'LOW':>10} "
-                   f"{'FROM':>9} {'FLAGS':>7}  BUNDLE")
+                   f"{'IMAGE':>10} {'FROM':>9} {'FLAGS':>7}  BUNDLE")
         for v in views:
             when = f"{v.calibrated_at:%Y-%m-%d %H:%M}" if v.calibrated_at else "-"
             centre = f"{v.centre:10.4g}" if v.centre is not None else f"{'-':>10}"
             low = f"{v.low:10.4g}" if v.low is not None else f"{'-':>10}"
-            # FROM: what makes one of its series abnormal: a 10th-percentile referred score
-            # below this series edge, or (references from before revision 0018) this many
-            # slices below the low (the routing rule's count applies where it is more). FLAGS:
+            # IMAGE: the image edge, below which an image of a series judged normal is flagged
+            # (in a series judged abnormal, below LOW; none before revision 0019). FROM: what
+            # makes one of its series abnormal: a 10th-percentile referred score below this
+            # series edge, or (references from before revision 0018) this many slices below
+            # the low (the routing rule's count applies where it is more). FLAGS:
             # of its kept learning series, how many a reference built from the others flags
             # (each left out in turn): the station's expected false-alarm share once calibrated.
             least = (f"{v.series_edge:.4g}" if v.series_edge is not None
                      else str(v.min_flagged) if v.min_flagged is not None else "-")
             flags = (f"{v.series_flagged}/{v.series_used}"
                      if v.series_flagged is not None and v.series_used else "-")
+            image = f"{v.image_edge:10.4g}" if v.image_edge is not None else f"{'-':>10}"
             typer.echo(f"{v.key.station:<16} {(v.key.scanner_model or '-'):<16} "
                        f"{(v.key.protocol or '-'):<24} {v.state:<10} "
                        f"{f'{min(v.learned, needed)}/{needed}':>7}  {when:<16} {centre} {low} "
-                       f"{least:>9} {flags:>7}  "
+                       f"{image} {least:>9} {flags:>7}  "
                        f"{v.key.model_name} {v.key.model_version}"
                        + (f"\n    {v.note}" if v.note else ""))
 

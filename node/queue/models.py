@@ -136,6 +136,10 @@ class Series(Base):
     #: (abnormal below the edge); None where the slice count judged.
     series_score: Mapped[float | None] = mapped_column(Float)
     series_edge: Mapped[float | None] = mapped_column(Float)
+    #: Where the station judged the series normal and has an image edge (revision 0019): the
+    #: score on the slice scores' scale below which its images were flagged, in place of the
+    #: threshold; None where every image was judged against the threshold.
+    image_edge: Mapped[float | None] = mapped_column(Float)
     model_name: Mapped[str | None] = mapped_column(String(128))
     model_version: Mapped[str | None] = mapped_column(String(64))
     threshold: Mapped[float | None] = mapped_column(Float)
@@ -304,6 +308,10 @@ class StationReference(Base):
     #: lies below it (node.worker.learning); NULL while learning, from a single kept series
     #: (the routing rule's count judges) and before revision 0018 (``min_flagged`` judges).
     series_edge: Mapped[float | None] = mapped_column(Float)
+    #: L_img on the referred scores, at or below ``low``: an image of a series judged normal
+    #: is flagged only below it (node.worker.learning); NULL while learning, from a single
+    #: kept series and before revision 0019 (every image below ``low`` is flagged).
+    image_edge: Mapped[float | None] = mapped_column(Float)
     #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
     #: series), or None.
     note: Mapped[str | None] = mapped_column(Text)

@@ -221,7 +221,8 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
                     bundle_median: float, bundle_threshold: float, target_fpr: float,
                     used: int, trimmed: int, excluded: int, slices: int,
                     series_flagged: int, series_edge: float | None,
-                    position_levels: Sequence[float], position_spreads: Sequence[float]) -> None:
+                    position_levels: Sequence[float], position_spreads: Sequence[float],
+                    image_edge: float | None) -> None:
     """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock)."""
     session.execute(
         update(StationReference)
@@ -231,7 +232,8 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
                 target_fpr=target_fpr, series_used=used, series_trimmed=trimmed,
                 series_excluded=excluded, slices=slices, series_flagged=series_flagged,
                 series_edge=series_edge, position_levels=[float(v) for v in position_levels],
-                position_spreads=[float(v) for v in position_spreads], note=None)
+                position_spreads=[float(v) for v in position_spreads], image_edge=image_edge,
+                note=None)
         .execution_options(synchronize_session=False))
 
 
@@ -308,6 +310,7 @@ class ReferenceView:
     series_flagged: int | None
     min_flagged: int | None
     series_edge: float | None
+    image_edge: float | None
     note: str | None
     superseded_at: datetime | None
     superseded_by: str | None
@@ -331,7 +334,8 @@ def reference_views(session: Session, *, superseded: bool = False) -> list[Refer
                           created_at=r.created_at, calibrated_at=r.calibrated_at,
                           centre=r.centre, low=r.low, series_used=r.series_used,
                           series_trimmed=r.series_trimmed, series_flagged=r.series_flagged,
-                          min_flagged=r.min_flagged, series_edge=r.series_edge, note=r.note,
+                          min_flagged=r.min_flagged, series_edge=r.series_edge,
+                          image_edge=r.image_edge, note=r.note,
                           superseded_at=r.superseded_at, superseded_by=r.superseded_by,
                           superseded_note=r.superseded_note)
             for r in rows]
@@ -357,6 +361,10 @@ def reference_note(state: str | None, reference: StationReference | None, *,
             rule = ("; the series abnormal when its 10th-percentile score lies below the "
                     "station's series edge, below which one of its learning series would have "
                     "been an outlier")
+            if reference.image_edge is not None:
+                rule += ("; in a series judged normal an image flagged only below the "
+                         "station's image edge, below which one of its learning series' "
+                         "lowest images would have been an outlier")
         elif reference.min_flagged:
             rule = (f"; all but one of them had at most {reference.min_flagged - 1} slices "
                     "below its low")

@@ -17,8 +17,10 @@ multi-frame instances, the frame) and carries:
 - the algorithm (TID 4019: name, version, and its parameters, among them the threshold).
 
 A last group summarises the series: "Imaging Series Quality" (DCM 130550) with a CID 7036
-value, the numbers of scored and flagged images, the slices that make a series abnormal and the
-threshold (DCM 122411 "Threshold Value").
+value, the numbers of scored and flagged images, the slices that make a series abnormal (or,
+where a calibrated station judged it, its 10th-percentile score, the station's series edge and,
+in a series judged normal, the image edge its images were judged against) and the threshold
+(DCM 122411 "Threshold Value").
 
 When any image is flagged, a Key Object Selection document titled "Quality Issue"
 (DCM 113010) lists the flagged images. Not "Rejected for Quality Reasons" (113001): PACS that
@@ -80,6 +82,9 @@ BUNDLE_SCORE = Code("VAE008", PRIVATE_SCHEME, "Score before station reference")
 #: score, and the station's series edge below which the series is non-diagnostic.
 SERIES_SCORE = Code("VAE009", PRIVATE_SCHEME, "Series 10th-percentile score")
 SERIES_EDGE = Code("VAE010", PRIVATE_SCHEME, "Station series edge")
+#: Where such a station judged the series normal: the score below which an image of it is
+#: non-diagnostic, in place of the threshold.
+IMAGE_EDGE = Code("VAE011", PRIVATE_SCHEME, "Station image edge")
 
 #: log p(x) of a continuous density in natural-log units; UCUM annotation syntax.
 NAT = Code("{nat}", "UCUM", "nat")
@@ -203,6 +208,8 @@ def _algorithm(verdict: SeriesVerdict) -> hd.sr.AlgorithmIdentification:
         f"min_abnormal_slices={verdict.min_abnormal_slices}"
         if verdict.series_edge is None else f"series_edge={verdict.series_edge:.6g}",
     ]
+    if verdict.image_edge is not None:
+        parameters.append(f"image_edge={verdict.image_edge:.6g}")
     if verdict.samples is not None:
         parameters.append(f"samples={verdict.samples}")
     if verdict.rule:
@@ -252,12 +259,15 @@ def _slice_group(
 
 def _series_rule(verdict: SeriesVerdict) -> list[hd.sr.Measurement]:
     """What made the series verdict: the count of images that flag it, or, where a station
-    judged it by one number, that number and the station's series edge."""
+    judged it by one number, that number and the station's series edge (and, where it judged
+    the series normal, the image edge its images were judged against)."""
     if verdict.series_edge is None or verdict.series_score is None:
         return [hd.sr.Measurement(name=MIN_FLAGGED_IMAGES, value=verdict.min_abnormal_slices,
                                   unit=IMAGES)]
     return [hd.sr.Measurement(name=SERIES_SCORE, value=verdict.series_score, unit=NAT),
-            hd.sr.Measurement(name=SERIES_EDGE, value=verdict.series_edge, unit=NAT)]
+            hd.sr.Measurement(name=SERIES_EDGE, value=verdict.series_edge, unit=NAT),
+            *([] if verdict.image_edge is None else
+              [hd.sr.Measurement(name=IMAGE_EDGE, value=verdict.image_edge, unit=NAT)])]
 
 
 def _series_group(

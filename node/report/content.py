@@ -88,6 +88,9 @@ class SeriesVerdict:
             scores, where a calibrated station judges the series by it; else None.
         series_edge: the station's series edge on that scale (the series is abnormal below
             it); None where the slice count judges.
+        image_edge: where a calibrated station judged the series normal by its series edge
+            and has an image edge: the score on that scale below which an image was flagged,
+            in place of ``threshold``; else None.
     """
 
     study_instance_uid: str
@@ -106,6 +109,7 @@ class SeriesVerdict:
     reference: str | None = None
     series_score: float | None = None
     series_edge: float | None = None
+    image_edge: float | None = None
 
     def __post_init__(self) -> None:
         counted = sum(1 for s in self.slices if s.abnormal)
@@ -123,11 +127,25 @@ class SeriesVerdict:
                     f"series verdict abnormal={self.abnormal} contradicts its score "
                     f"{self.series_score:.6g} against the series edge {self.series_edge:.6g}"
                 )
+            if self.image_edge is not None:
+                self._check_image_edge(self.image_edge)
+        elif self.image_edge is not None:
+            raise ValueError("an image edge needs the series edge that judged the series")
         elif self.abnormal != (counted >= self.min_abnormal_slices):
             raise ValueError(
                 f"series verdict abnormal={self.abnormal} contradicts {counted} abnormal slices "
                 f"with min_abnormal_slices={self.min_abnormal_slices}"
             )
+
+    def _check_image_edge(self, edge: float) -> None:
+        if self.abnormal or edge > self.threshold:
+            raise ValueError(f"an image edge ({edge:.6g}) judges only a series judged normal, "
+                             f"at or below the threshold {self.threshold:.6g}")
+        late = [s for s in self.slices if s.abnormal and s.log_likelihood >= edge]
+        if late:
+            raise ValueError(f"image {late[0].index + 1} is flagged at "
+                             f"{late[0].log_likelihood:.6g}, not below the image edge "
+                             f"{edge:.6g} that judged it")
 
     @property
     def flagged(self) -> tuple[SliceVerdict, ...]:
@@ -152,11 +170,13 @@ class SeriesVerdict:
         reference: str | None = None,
         series_score: float | None = None,
         series_edge: float | None = None,
+        image_edge: float | None = None,
     ) -> SeriesVerdict:
         """Aggregate slice verdicts into a series verdict (the counts are derived, not passed).
 
         The series is abnormal when at least ``min_abnormal_slices`` slices are abnormal, or,
-        with ``series_edge``, when ``series_score`` lies below it.
+        with ``series_edge``, when ``series_score`` lies below it (``image_edge``: what its
+        images were judged against, where it is normal).
         """
         slices = tuple(slices)
         count = sum(1 for s in slices if s.abnormal)
@@ -179,4 +199,5 @@ class SeriesVerdict:
             reference=reference,
             series_score=series_score,
             series_edge=series_edge,
+            image_edge=image_edge,
         )

@@ -21,8 +21,9 @@ A referred score maps to ``s' = M + (r - C) * (M - T) / (C - L)``, where T is th
 threshold and M the median of its normal calibration slices: the station's centre lands on
 the bundle's median and its low on the bundle's threshold, and a slice as far below the
 station's normal at its position as an artifact is below the bundle's is flagged as it would
-be there. Since L maps onto T, a slice is flagged exactly when its r is below L: the verdicts
-rest on the bins and L (C places the reported score and its confidence).
+be there. Since L maps onto T, a slice is flagged exactly when its r is below L (in a series
+judged normal, below the image edge, further down: below): the verdicts rest on the bins and
+L (C places the reported score and its confidence).
 
 On the learning bench's simulated sites (``bench/station_learning.py``, one bad learning
 series), held-out normal slices / slices of a moderate motion block flagged were 1.27% / 93.5%
@@ -51,15 +52,26 @@ outlier (the rule above, :func:`outlier_edge`), each of those taken with a refer
 the other kept series, as a new series is judged. On the same sites, with one bad learning
 series, this flags 3.1% / 3.0% of held-out normal series and 94.2% / 95.0% of the series with
 a moderate motion block (the count: 9.8% / 11.8% and 99.9% / 100%); with three bad learning
-series 2.1% / 2.8% and 44.0% / 89.1% (node/models/README.md). The slices are still flagged
-below L, and the SR still marks each. References calibrated before revision 0018 judge as
-they were built, by a count of slices below their low (``min_flagged``).
+series 2.1% / 2.8% and 44.0% / 89.1% (node/models/README.md). References
+calibrated before revision 0018 judge as they were built, by a count of slices below their
+low (``min_flagged``).
 
 With them the reference counts the kept learning series that a reference built from the
 other kept series would flag (leave one out): an estimate of the share of the station's
 normal series it will flag, which the learning series themselves cannot give (the bins and
 the edge were fitted on them). The Scanners page and ``vaenode queue senders`` show it, so
 that the admin sees the rate the station will flag at before its verdicts do.
+
+An image is flagged below L only in a series the station judges abnormal (there the flags
+say where the bad block is). Low images are spread over a third of the normal series, a few
+each (on the same sites 33% / 33% of the held-out normal series had at least one image below
+L, and each went to PACS with a "Quality Issue" KOS), so in a series judged normal an image
+is flagged only below the station's image edge L_img: the outlier rule again, on the kept
+learning series' lowest referred scores, each taken under a reference fitted on the other
+kept series, and never above L (:func:`image_edge`). An image lying further out than the
+learning series' lowest images do (a spike, a slice with motion) is still flagged in a
+series otherwise normal. References calibrated before revision 0019 have no image edge and
+flag every image below L.
 """
 
 from __future__ import annotations
@@ -192,6 +204,9 @@ class Reference:
             kept series (the routing rule's slice count then judges).
         series_flagged: kept series that a reference built from the other kept series flags
             (leave one out; the module docstring).
+        image_edge: L_img, the referred score below which an image of a series judged
+            normal is flagged (:func:`image_edge`); None from a single kept series (every
+            image below ``low`` is flagged).
     """
 
     centre: float
@@ -201,6 +216,12 @@ class Reference:
     position: PositionReference
     series_edge: float | None = None
     series_flagged: int = 0
+    image_edge: float | None = None
+
+    def image_low(self, series_abnormal: bool) -> float:
+        """The referred score below which an image is flagged, in a series judged abnormal
+        (``low``) or normal (the image edge, where there is one)."""
+        return self.low if series_abnormal or self.image_edge is None else self.image_edge
 
 
 def series_summary(scores: np.ndarray) -> tuple[float, float]:
@@ -277,10 +298,22 @@ def _edge(kept: Sequence[LearningSeries],
     return outlier_edge([_statistic(own, fit) for own, fit in zip(kept, fits, strict=True)])
 
 
+def image_edge(kept: Sequence[LearningSeries], left_out: Sequence[PositionReference],
+               low: float) -> float | None:
+    """L_img: :func:`outlier_edge` of each kept series' lowest referred score under the
+    reference fitted on the other kept series (``left_out``, in the same order), never above
+    ``low``; None for fewer than two kept series."""
+    if len(kept) < 2:
+        return None
+    lowest = [float(np.min(fit.refer(own.scores, own.positions)))
+              for own, fit in zip(kept, left_out, strict=True)]
+    return min(low, outlier_edge(lowest))
+
+
 def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
                     estimate: bool = True) -> Reference:
-    """The station's position reference, centre, low and series edge from its learning
-    series; with ``estimate``, also ``series_flagged`` (a reference and its edge for each
+    """The station's position reference, centre, low, series edge and image edge from its
+    learning series; with ``estimate``, also ``series_flagged`` (a reference and its edge for each
     kept series left out: about n squared fits; a bench that needs no estimate skips it).
 
     Raises:
@@ -309,7 +342,8 @@ def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
             if edge is not None:
                 flagged += _statistic(own, fit) < edge
     slices = int(sum(np.asarray(s.scores).size for s in kept))
-    return Reference(centre, low, selection, slices, position, _edge(kept, left_out), flagged)
+    return Reference(centre, low, selection, slices, position, _edge(kept, left_out), flagged,
+                     image_edge(kept, left_out, low))
 
 
 def map_scores(scores: np.ndarray, centre: float, low: float, median: float,

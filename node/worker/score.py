@@ -242,6 +242,7 @@ def _store_verdict(
             min_abnormal_slices=verdict.min_abnormal_slices,
             series_score=verdict.series_score,
             series_edge=verdict.series_edge,
+            image_edge=verdict.image_edge,
             model_name=verdict.model_name,
             model_version=verdict.model_version,
             threshold=verdict.threshold,
@@ -370,6 +371,7 @@ def process_series(
             reference=judgement.note,
             series_score=judgement.series_score,
             series_edge=judgement.series_edge,
+            image_edge=judgement.image_edge,
         )
         stacks = {(s.sop_instance_uid, s.frame): s.stack for s in assembled.slices}
         from node.alerts.outbox import enqueue as enqueue_alerts

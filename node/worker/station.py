@@ -7,7 +7,9 @@ station's normal at its position and mapped onto the bundle's scale through the 
 centre and low (:mod:`node.worker.learning`) and judged against the same threshold, and the
 series is abnormal when its 10th-percentile mapped score lies below the station's series edge
 mapped the same way (:func:`series_judgement`; a reference from before revision 0018 counts
-slices instead, as it learned). The score
+slices instead, as it learned). In a series judged normal an image is flagged only below the
+station's image edge, mapped the same way (:func:`image_judgement`; none before revision
+0019). The score
 learned and mapped is the bundle's station score where it declares one (``station_scoring``:
 a weighting that sees motion but would flag other scanners' normal series out of the box),
 else its own. Inside the transaction that stores the verdict the worker calls
@@ -93,6 +95,9 @@ class Judgement:
             judges it against ``series_edge``; None otherwise.
         series_edge: the station's series edge on the bundle's scale; None while learning,
             for references from before revision 0018, and from a single kept series.
+        image_edge: where the station judged the series normal and has an image edge, that
+            edge on the bundle's scale: the series' images were judged against it in place
+            of the threshold; None otherwise.
     """
 
     slices: tuple[SliceVerdict, ...]
@@ -102,6 +107,7 @@ class Judgement:
     min_flagged: int | None = None
     series_score: float | None = None
     series_edge: float | None = None
+    image_edge: float | None = None
 
     def min_abnormal_slices(self, rule_count: int) -> int:
         """The flagged slices that make this series abnormal: the routing rule's count, or the
@@ -113,8 +119,8 @@ def apply_reference(slices: Sequence[SliceVerdict], stacks: Sequence[int],
                     reference: StationReference, threshold: float,
                     quantiles: Sequence[float]) -> tuple[SliceVerdict, ...]:
     """The slice verdicts with each score mapped through a calibrated reference and judged
-    against ``threshold`` (the one in use) on foreground slices; confidence recomputed on the
-    mapped score; ``bundle_score`` keeps the bundle's own score.
+    against ``threshold`` (the one in use; :func:`judge_against`); ``bundle_score`` keeps the
+    bundle's own score.
 
     The score mapped is the one the reference learned: the slice's station score where the
     bundle gives one, else its own score; referred to the slice's position in its stack
@@ -132,13 +138,41 @@ def apply_reference(slices: Sequence[SliceVerdict], stacks: Sequence[int],
         learned = position.refer(learned, stack_positions(np.asarray(stacks), foreground))
     mapped = map_scores(learned, reference.centre, reference.low, reference.bundle_median,
                         reference.bundle_threshold)
-    abnormal = (mapped < threshold) & foreground
-    sure = confidence(mapped, threshold, np.asarray(quantiles, dtype=np.float64))
+    return judge_against(
+        [dataclasses.replace(s, log_likelihood=float(mapped[k]),
+                             bundle_score=float(s.log_likelihood))
+         for k, s in enumerate(slices)], threshold, quantiles)
+
+
+def judge_against(slices: Sequence[SliceVerdict], threshold: float,
+                  quantiles: Sequence[float]) -> tuple[SliceVerdict, ...]:
+    """The slices, their scores on the bundle's scale, judged against ``threshold``: abnormal
+    below it on foreground slices, the confidence of each verdict taken against it."""
+    scores = np.array([s.log_likelihood for s in slices], dtype=np.float64)
+    foreground = np.array([s.foreground for s in slices], dtype=bool)
+    abnormal = (scores < threshold) & foreground
+    sure = confidence(scores, threshold, np.asarray(quantiles, dtype=np.float64))
     return tuple(
-        dataclasses.replace(s, log_likelihood=float(mapped[k]), abnormal=bool(abnormal[k]),
-                            confidence=min(1.0, max(0.0, float(sure[k]))),
-                            bundle_score=float(s.log_likelihood))
+        dataclasses.replace(s, abnormal=bool(abnormal[k]),
+                            confidence=min(1.0, max(0.0, float(sure[k]))))
         for k, s in enumerate(slices))
+
+
+def image_judgement(slices: Sequence[SliceVerdict], reference: StationReference,
+                    series_score: float | None, series_edge: float | None,
+                    quantiles: Sequence[float]) -> tuple[tuple[SliceVerdict, ...], float | None]:
+    """(the slices, the image edge on the bundle's scale) for slices mapped through a
+    calibrated reference: where the series is judged normal by its edge and the reference has
+    an image edge, its images judged against that edge mapped (:func:`judge_against`; an
+    image of a normal series is flagged only below it); else the slices as they are and
+    None."""
+    if (reference.image_edge is None or series_score is None or series_edge is None
+            or series_score < series_edge or reference.centre is None or reference.low is None
+            or reference.bundle_median is None or reference.bundle_threshold is None):
+        return tuple(slices), None
+    edge = float(map_scores(np.array([reference.image_edge]), reference.centre, reference.low,
+                            reference.bundle_median, reference.bundle_threshold)[0])
+    return judge_against(slices, edge, quantiles), edge
 
 
 def series_judgement(slices: Sequence[SliceVerdict],
@@ -178,9 +212,12 @@ def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
         reference = refs.ensure_reference(session, key)
         if reference.state == refs.CALIBRATED:
             mapped = apply_reference(slices, stacks, reference, threshold, scale.quantiles)
-            return Judgement(mapped, reference.id, refs.CALIBRATED,
+            series_score, series_edge = series_judgement(mapped, reference)
+            judged, image_edge = image_judgement(mapped, reference, series_score, series_edge,
+                                                 scale.quantiles)
+            return Judgement(judged, reference.id, refs.CALIBRATED,
                              refs.reference_note(refs.CALIBRATED, reference),
-                             reference.min_flagged, *series_judgement(mapped, reference))
+                             reference.min_flagged, series_score, series_edge, image_edge)
         earlier = [i for i in refs.learning_series_ids(session, reference.id) if i != series_id]
         note = refs.reference_note(refs.LEARNING, reference, learned=len(earlier) + 1,
                                    needed=learning.series)
@@ -236,11 +273,12 @@ def settle_reference(session: Session, learning: LearningSettings, reference_id:
                          excluded=len(built.selection.excluded), slices=built.slices,
                          series_flagged=built.series_flagged, series_edge=built.series_edge,
                          position_levels=built.position.levels,
-                         position_spreads=built.position.spreads)
+                         position_spreads=built.position.spreads, image_edge=built.image_edge)
     log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g, "
-             "series edge %s; left out in turn, %d of those series are flagged",
+             "series edge %s, image edge %s; left out in turn, %d of those series are flagged",
              len(built.selection.kept), len(built.selection.trimmed), built.centre, built.low,
              "none" if built.series_edge is None else f"{built.series_edge:.6g}",
+             "none" if built.image_edge is None else f"{built.image_edge:.6g}",
              built.series_flagged, extra={"station": label, "reference_id": reference_id})
     return True
 

@@ -260,6 +260,9 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     assert row.series_edge is not None and row.min_flagged is None
     assert (f'<td class="num min-flagged">10th pct. below {row.series_edge:.4g}</td>'
             in shown)
+    # Below which an image of a series it judges normal is flagged.
+    assert row.image_edge is not None and row.image_edge <= row.low
+    assert f'<td class="num image-edge">{row.image_edge:.4g}</td>' in shown
     shown = html.split(f'data-id="{learning.id}"', 1)[1].split("</tr>", 1)[0]
     assert 'data-state="learning"' in shown and "1 of 5" in shown
     assert "earlier-references" not in html
@@ -277,6 +280,17 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
             '-41000.5</span>, lies below the station\'s series edge, <span id="series-edge">'
             '-40000.2</span>') in page
     assert "series flagged at" not in page
+    assert 'id="image-edge"' not in page and "slices below the threshold" in page
+    # One it judged normal: its slices were judged against the station's image edge.
+    with factory.begin() as session:
+        session.execute(update(Series).where(Series.id == judged).values(
+            abnormal=False, series_score=-39000.5, image_edge=-45000.75))
+    page = http(f"{base}/series/{uid}", headers=bearer).text
+    assert ('slices below the station\'s image edge, <span id="image-edge">-45000.8</span>, '
+            'which judges the images of a series it calls normal in place of the threshold'
+            ) in page
+    plot = http(f"{base}/series/{uid}/plot.png", headers=bearer)
+    assert plot.status == 200 and plot.body.startswith(b"\x89PNG")
 
     config = tmp_path / "node.toml"
     config.write_text(f'[database]\nurl = "{settings.database.url}"\n\n[learning]\nseries = 5\n',
@@ -289,12 +303,14 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     assert (done_ref["series_used"], done_ref["series_flagged"], done_ref["min_flagged"]) == (
         5, row.series_flagged, None)
     assert done_ref["series_edge"] == pytest.approx(row.series_edge)
+    assert done_ref["image_edge"] == pytest.approx(row.image_edge)
     table = subprocess.run([str(VAENODE), "queue", "senders", "--config", str(config)],
                            capture_output=True, text=True, timeout=120)
-    # The FROM and FLAGS columns right after LOW (LEARNED also reads "5/5").
+    # The IMAGE, FROM and FLAGS columns right after LOW (LEARNED also reads "5/5").
     assert any("t1 mprage sag" in line
-               and f"{row.low:10.4g} {f'{row.series_edge:.4g}':>9} {f'{row.series_flagged}/5':>7}  "
-               in line for line in table.stdout.splitlines()), table.stdout
+               and f"{row.low:10.4g} {row.image_edge:10.4g} {f'{row.series_edge:.4g}':>9} "
+                   f"{f'{row.series_flagged}/5':>7}  " in line
+               for line in table.stdout.splitlines()), table.stdout
 
     form = urllib.parse.urlencode({"reference_id": calibrated.id, "reviewer": "tech anna",
                                    "note": "new head coil"}).encode()

@@ -250,6 +250,8 @@ def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Si
     assert again.low == pytest.approx(ref.low)
     assert again.series_edge is not None and ref.min_flagged is None
     assert ref.series_edge == pytest.approx(again.series_edge)
+    assert again.image_edge is not None and again.image_edge <= again.low
+    assert ref.image_edge == pytest.approx(again.image_edge)
     assert ref.series_flagged == again.series_flagged <= ref.series_used
     senders = vaenode(site.node, "queue", "senders", "--json")
     assert senders.returncode == 0, senders.stderr
@@ -276,6 +278,17 @@ def test_after_calibration_a_clean_series_is_normal_and_a_motion_block_is_flagge
     assert clean.series_edge == pytest.approx(motion.series_edge)
     assert clean.abnormal is False, (f"{clean.abnormal_slices} clean slices flagged, "
                                      f"score {clean.series_score} edge {clean.series_edge}")
+    # The clean series, judged normal, had its images judged against the station's image
+    # edge (mapped as the slices are); the motion series, judged abnormal, against the
+    # threshold (below the station's low).
+    assert clean.image_edge is not None and clean.threshold is not None
+    assert clean.image_edge <= clean.threshold and motion.image_edge is None
+    with site.node.session() as session:
+        scored = session.execute(select(SliceScore.abnormal, SliceScore.foreground,
+                                        SliceScore.log_likelihood).join(Series).where(
+            Series.id == clean.id)).all()
+    assert all(bool(a) == bool(fg and s < clean.image_edge) for a, fg, s in scored)
+    assert clean.abnormal_slices == sum(bool(a) for a, _, _ in scored)
     marks = flags(site.node, site.motion)
     uids = site.motion.sop_instance_uids
     block = [marks[uids[i]][0] for i in sorted(site.motion.corrupted)]
@@ -300,6 +313,15 @@ def test_the_sr_says_the_station_reference_judged_it_and_passes_dciodvfy(site: S
         motion.series_score)
     assert groups[-1].measurements["Station series edge"] == pytest.approx(motion.series_edge)
     assert groups[-1].evaluations["Imaging Series Quality"] == "RID14"
+    assert "Station image edge" not in groups[-1].measurements
+    clean = row_of(site.node, site.clean)
+    assert clean is not None and clean.image_edge is not None
+    clean_sr, clean_path = sr_of(site.node, site.clean)
+    clean_summary = measurement_groups(clean_sr)[-1]
+    assert clean_summary.evaluations["Imaging Series Quality"] == "RID12"
+    assert clean_summary.measurements["Station image edge"] == pytest.approx(clean.image_edge)
+    clean_errors, _ = dciodvfy(clean_path)
+    assert clean_errors == [], clean_errors
     errors, warnings = dciodvfy(path)
     assert errors == [], errors
     assert all("99VAENODE" in w for w in warnings), warnings

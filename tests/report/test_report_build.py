@@ -169,6 +169,39 @@ def test_a_series_judged_by_its_series_edge_says_so_instead_of_a_count(
         dataclasses.replace(flagged, series_score=None)
 
 
+def test_a_series_judged_normal_gives_the_image_edge_its_images_were_judged_against(
+    sources: list[Dataset], tmp_path: Path,
+) -> None:
+    """A station that judged the series normal judged its images against its image edge: the
+    summary gives it (VAE011) and the algorithm's parameters name it. An edge can judge only
+    a series judged normal, at or below the threshold, each flagged image below it."""
+    normal = dataclasses.replace(edge_verdict(sources, -1400.0), image_edge=-1450.0)
+    summary = measurement_groups(roundtrip(build_sr(normal, sources, identity=IDENTITY)))[-1]
+    assert summary.evaluations["Imaging Series Quality"] == "RID12"
+    assert summary.measurements["Station image edge"] == pytest.approx(-1450.0)
+    assert summary.units["Station image edge"] == "{nat}"
+    assert "image_edge=-1450" in summary.algorithm["Algorithm Parameters"]
+    assert "Station image edge" not in measurement_groups(roundtrip(build_sr(
+        edge_verdict(sources, -1400.0), sources, identity=IDENTITY)))[-1].measurements
+    if shutil.which("dciodvfy") is not None:
+        path = tmp_path / "image-edge.dcm"
+        roundtrip(build_sr(normal, sources, identity=IDENTITY)).save_as(
+            path, enforce_file_format=True)
+        errors, warnings = dciodvfy(path)
+        assert errors == [], errors
+        assert all("99VAENODE" in w for w in warnings), warnings
+    flagged = edge_verdict(sources, -1200.0)
+    with pytest.raises(ValueError, match="only a series judged normal"):
+        dataclasses.replace(flagged, image_edge=-1450.0)
+    with pytest.raises(ValueError, match="at or below the threshold"):
+        dataclasses.replace(normal, image_edge=-1000.0)
+    # FLAGGED's images score -1500 - 10 i (-1600 to -1630): not all below an edge at -1615.
+    with pytest.raises(ValueError, match="not below the image edge"):
+        dataclasses.replace(normal, image_edge=-1615.0)
+    with pytest.raises(ValueError, match="needs the series edge"):
+        dataclasses.replace(make_verdict(sources, FLAGGED), image_edge=-1450.0)
+
+
 def test_series_below_min_abnormal_slices_is_diagnostic(sources: list[Dataset]) -> None:
     verdict = make_verdict(sources, {5, 6}, min_abnormal_slices=3)
     assert not verdict.abnormal

@@ -1,7 +1,6 @@
 """The arithmetic of a station's reference: scores referred to their slice position, robust to
-a few bad learning series, reviews take precedence, a series count learned with each series
-a series edge learned with each series left out, and a reference with no spread is
-refused."""
+a few bad learning series, reviews take precedence, a series edge and an image edge learned
+with each series left out, and a reference with no spread is refused."""
 
 from __future__ import annotations
 
@@ -256,3 +255,32 @@ def test_the_reference_counts_the_series_it_flags_with_each_left_out() -> None:
     assert {18, 19} <= set(flagged)
     # Without the estimate (a bench's reference) nothing is counted.
     assert build_reference(site, 0.01, estimate=False).series_flagged == 0
+
+
+def test_the_image_edge_comes_from_the_kept_series_lowest_images_each_left_out() -> None:
+    """L_img is the outlier edge of the kept series' lowest referred scores, each referred by
+    the reference of the others (the whole-motion series trimmed, not among them), never
+    above the low. A series judged normal flags an image only below it; one judged abnormal
+    every image below the low."""
+    series = [*normal_site(20, seed=6), motion_series(20, 5)]
+    reference = build_reference(series, 0.01)
+    assert reference.selection.trimmed == (20,)
+    lowest = [float(np.min(others.position.refer(s.scores, s.positions)))
+              for s, others in left_out(series[:20])]
+    assert reference.image_edge == pytest.approx(min(reference.low, outlier_edge(lowest)))
+    edge = reference.image_edge
+    assert edge is not None and edge < reference.low
+    assert (reference.image_low(series_abnormal=False), reference.image_low(True)) == (
+        edge, reference.low)
+    # Of fresh normal series, far fewer have an image below the edge than below the low.
+    fresh = normal_site(200, seed=11)
+    referred = [reference.position.refer(s.scores, s.positions) for s in fresh]
+    below_low = np.mean([bool(np.any(r < reference.low)) for r in referred])
+    below_edge = np.mean([bool(np.any(r < edge)) for r in referred])
+    assert below_edge < 0.5 * below_low
+    # An image of a bad block lies below it: a spike or a moving slice is still flagged.
+    block = bad_block_series(99, 2)
+    assert np.all(reference.position.refer(block.scores, block.positions)[40:60] < edge)
+    # A single kept series gives none: every image below the low is flagged.
+    single = build_reference(series[:1], 0.01)
+    assert single.image_edge is None and single.image_low(False) == single.low

@@ -116,6 +116,9 @@ def test_calibrates_once_when_the_nth_learning_series_is_stored(
     assert row.series_edge == pytest.approx(expected.series_edge)
     assert row.series_flagged == expected.series_flagged
     assert row.min_flagged is None
+    # And the image edge the images of a series it judges normal are judged against.
+    assert expected.image_edge is not None and expected.image_edge <= expected.low
+    assert row.image_edge == pytest.approx(expected.image_edge)
     # The station's normal per slice position, as the arithmetic fitted it.
     assert row.position_levels == pytest.approx(list(expected.position.levels))
     assert row.position_spreads == pytest.approx(list(expected.position.spreads))
@@ -187,7 +190,10 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
                          f"{row.calibrated_at:%Y-%m-%d}; each slice against the station's "
                          "normal at its position; the series abnormal when its "
                          "10th-percentile score lies below the station's series edge, below "
-                         "which one of its learning series would have been an outlier")
+                         "which one of its learning series would have been an outlier; in a "
+                         "series judged normal an image flagged only below the station's image "
+                         "edge, below which one of its learning series' lowest images would "
+                         "have been an outlier")
     # No learned count: the routing rule's; the series is judged by its 10th percentile.
     assert then.min_flagged is None and then.min_abnormal_slices(3) == 3
     assert first.min_flagged is None and first.min_abnormal_slices(3) == 3
@@ -219,6 +225,60 @@ def test_judged_out_of_the_box_while_learning_then_against_the_station(
     with pytest.raises(ValueError, match="not calibrated"):
         apply_reference(slices, STACK, _reference(factory, refs.StationKey(
             **{**KEY.__dict__, "model_version": "0.2.0"})), SCALE.threshold, QUANTILES)
+
+
+def test_a_series_judged_normal_flags_only_images_below_the_image_edge(
+    factory: sessionmaker[Session],
+) -> None:
+    """In a series the station judges abnormal every image below its low is flagged (where
+    the bad block is); in one it judges normal only an image below its image edge, its
+    confidence taken against that edge; a reference from before revision 0019 (no image
+    edge) flags every image below its low either way."""
+    reference_id = _reference(factory).id
+    for s in site_scores(5, seed=3):
+        add_learning_series(factory, reference_id, s)
+    assert _settle(factory, reference_id)
+    # Round numbers on the unreferred scale: s' = M + (s - C)(M - T)/(C - L).
+    with factory.begin() as session:
+        session.execute(update(StationReference).where(StationReference.id == reference_id)
+                        .values(centre=-5000.0, low=-8000.0, series_edge=-9000.0,
+                                image_edge=-12000.0, position_levels=None,
+                                position_spreads=None))
+
+    def mapped(s: float) -> float:
+        return SCALE.median + (s - -5000.0) * (SCALE.median - SCALE.threshold) / 3000.0
+
+    stack = [0] * 20
+    # 18 images at the centre, one between the image edge and the low, one below the edge:
+    # the 10th percentile lies near the centre, so the series is normal.
+    normal = judge(factory, LEARN, KEY, 99, _verdicts([-5000.0] * 18 + [-10000.0, -15000.0],
+                                                      [True] * 20), stack, SCALE.threshold,
+                   SCALE)
+    assert normal.series_score is not None and normal.series_edge is not None
+    assert normal.series_score >= normal.series_edge == pytest.approx(mapped(-9000.0))
+    assert normal.image_edge == pytest.approx(mapped(-12000.0))
+    assert [s.abnormal for s in normal.slices] == [False] * 19 + [True]
+    # Below the threshold, above the image edge: normal here, with its confidence taken
+    # against the edge it was judged by (not 0 as against the threshold).
+    between = normal.slices[18]
+    assert normal.image_edge < between.log_likelihood < SCALE.threshold
+    assert 0.0 < between.confidence <= 1.0
+    # Six images between edge and low: the 10th percentile lies there, below the series
+    # edge, so the series is abnormal and each of them is flagged.
+    bad = judge(factory, LEARN, KEY, 99, _verdicts([-5000.0] * 14 + [-10000.0] * 6,
+                                                   [True] * 20), stack, SCALE.threshold, SCALE)
+    assert bad.series_score is not None and bad.series_edge is not None
+    assert bad.series_score < bad.series_edge and bad.image_edge is None
+    assert [s.abnormal for s in bad.slices] == [False] * 14 + [True] * 6
+    # A reference calibrated before revision 0019: every image below the low, normal or not.
+    with factory.begin() as session:
+        session.execute(update(StationReference).where(StationReference.id == reference_id)
+                        .values(image_edge=None))
+    old = judge(factory, LEARN, KEY, 99, _verdicts([-5000.0] * 18 + [-10000.0, -15000.0],
+                                                   [True] * 20), stack, SCALE.threshold, SCALE)
+    assert old.image_edge is None and old.series_score is not None
+    assert old.series_edge is not None and old.series_score >= old.series_edge
+    assert [s.abnormal for s in old.slices] == [False] * 18 + [True, True]
 
 
 def test_a_reference_calibrated_before_the_positions_judges_as_it_was_built(
