@@ -65,7 +65,11 @@ class ModelStats:
         confirmed: flagged series an admin confirmed.
         false_alarms: flagged series an admin marked as a false alarm.
         false_alarm_rate: false_alarms / (scored - confirmed); None before anything is scored.
-        series_shapes: (scored slices, slices that flag the series) of each scored series.
+        series_shapes: (scored slices, slices that flag the series) of each scored series
+            that a count of flagged slices judged.
+        station_shares: for each scored series that a calibrated station judged by its
+            series edge, that station's expected false-alarm share (of its kept learning
+            series, those a reference built from the others flags).
     """
 
     model: str
@@ -75,21 +79,25 @@ class ModelStats:
     false_alarms: int
     false_alarm_rate: float | None
     series_shapes: tuple[tuple[int, int], ...] = ()
+    station_shares: tuple[float, ...] = ()
 
     def expected_false_alarm_rate(self, slice_fpr: float) -> float | None:
         """The series false-alarm rate the model's slice target implies.
 
         The bundle is calibrated so that a fraction ``slice_fpr`` of normal slices falls below
         the threshold; a normal series of n slices is flagged when at least k of them do. With
-        slices taken as independent that is P(Binomial(n, slice_fpr) >= k), averaged over the
-        series this model scored: the target the live rate is compared with. (Neighbouring
-        slices are correlated, so the true rate spreads wider; it is a yardstick, not a bound.)
+        slices taken as independent that is P(Binomial(n, slice_fpr) >= k). A series that a
+        calibrated station judged by its series edge counts with that station's own expected
+        share instead (its learning series flagged by a reference built from the others).
+        Averaged over the series this model scored: the target the live rate is compared
+        with. (Neighbouring slices are correlated, so the true rate spreads wider; it is a
+        yardstick, not a bound.)
         """
-        if not self.series_shapes:
+        count = len(self.series_shapes) + len(self.station_shares)
+        if not count:
             return None
-        return sum(binomial_tail(n, slice_fpr, k) for n, k in self.series_shapes) / len(
-            self.series_shapes
-        )
+        return (sum(binomial_tail(n, slice_fpr, k) for n, k in self.series_shapes)
+                + sum(self.station_shares)) / count
 
 
 def binomial_tail(n: int, p: float, k: int) -> float:
@@ -249,11 +257,15 @@ def model_review_stats(session: Session) -> list[ModelStats]:
     flagged: dict[str, int] = defaultdict(int)
     current: dict[int, tuple[str, bool]] = {}
     shapes: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    shares: dict[str, list[float]] = defaultdict(list)
     for row in verdicts.all_verdicts(session):
         scored[row.model] += 1
         flagged[row.model] += int(row.abnormal)
         current[row.series_id] = (row.model, row.abnormal)
-        shapes[row.model].append((row.scored_slices, row.min_abnormal_slices))
+        if row.station_share is not None:
+            shares[row.model].append(row.station_share)
+        else:
+            shapes[row.model].append((row.scored_slices, row.min_abnormal_slices))
     confirmed: dict[str, int] = defaultdict(int)
     false_alarms: dict[str, int] = defaultdict(int)
     for series_id, (action, reviewed_model) in latest_reviews(session).items():
@@ -271,7 +283,8 @@ def model_review_stats(session: Session) -> list[ModelStats]:
         rate = false_alarms[model] / negatives if negatives > 0 else None
         out.append(ModelStats(model=model, scored=scored[model], flagged=flagged[model],
                               confirmed=confirmed[model], false_alarms=false_alarms[model],
-                              false_alarm_rate=rate, series_shapes=tuple(shapes[model])))
+                              false_alarm_rate=rate, series_shapes=tuple(shapes[model]),
+                              station_shares=tuple(shares[model])))
     return out
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.queue.models import Series, SliceScore
+from node.queue.models import Series, SliceScore, StationReference
 
 
 @dataclass(frozen=True)
@@ -162,17 +162,26 @@ class VerdictRow:
     abnormal: bool
     scored_slices: int
     min_abnormal_slices: int
+    #: Where a calibrated station judged the series by its series edge: the share of that
+    #: station's kept learning series a reference built from the others flags (its expected
+    #: false-alarm share); None where the slice count judged.
+    station_share: float | None = None
 
 
 def all_verdicts(session: Session) -> list[VerdictRow]:
-    """Every series that has a verdict, with its model label and slice counts."""
+    """Every series that has a verdict, with its model label and slice counts (and, where a
+    station's series edge judged it, that station's expected false-alarm share)."""
     stmt = select(
         Series.id, Series.model_name, Series.model_version, Series.abnormal,
-        Series.scored_slices, Series.min_abnormal_slices,
-    ).where(Series.abnormal.is_not(None))
+        Series.scored_slices, Series.min_abnormal_slices, Series.series_edge,
+        StationReference.series_flagged, StationReference.series_used,
+    ).outerjoin(StationReference, StationReference.id == Series.reference_id).where(
+        Series.abnormal.is_not(None))
     out = []
-    for series_id, name, version, abnormal, scored, minimum in session.execute(stmt):
+    for (series_id, name, version, abnormal, scored, minimum, edge, flagged,
+         used) in session.execute(stmt):
         label = f"{name or 'unknown model'} {version}" if version else (name or "unknown model")
+        share = (flagged / used if edge is not None and flagged is not None and used else None)
         out.append(VerdictRow(int(series_id), label, bool(abnormal), int(scored or 0),
-                              int(minimum or 1)))
+                              int(minimum or 1), share))
     return out

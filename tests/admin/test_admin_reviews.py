@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from scipy.stats import binom
+from sqlalchemy import update
 
 from node.admin.auth import Identity
-from node.admin.reviews import ModelStats, actor_name, binomial_tail
+from node.admin.reviews import ModelStats, actor_name, binomial_tail, model_review_stats
+from node.config import DatabaseSettings, LearningSettings
+from node.queue import references as refs
+from node.queue.models import Series, StationReference
+from node.worker.station import BundleScale, settle_reference
+from tests.helpers.db import migrated_database
+from tests.helpers.learning import KEY, add_learning_series, site_scores
 
 
 @pytest.mark.parametrize(("n", "p", "k"), [(120, 0.01, 3), (36, 0.05, 1), (10, 0.2, 10),
@@ -21,9 +30,48 @@ def test_expected_series_rate_averages_over_the_scored_series() -> None:
     expected = (binom.sf(2, 120, 0.01) + binom.sf(0, 36, 0.01)) / 2
     assert stats.expected_false_alarm_rate(0.01) == pytest.approx(expected)
     assert ModelStats("m", 0, 0, 0, 0, None).expected_false_alarm_rate(0.01) is None
+    # A series a calibrated station judged by its series edge counts with the station's own
+    # expected share (1 of its 19 learning series flagged left out), not a binomial tail.
+    mixed = ModelStats(model="m 1", scored=3, flagged=1, confirmed=0, false_alarms=1,
+                       false_alarm_rate=1 / 3, series_shapes=((120, 3), (36, 1)),
+                       station_shares=(1 / 19,))
+    assert mixed.expected_false_alarm_rate(0.01) == pytest.approx((2 * expected + 1 / 19) / 3)
+    assert ModelStats("m", 1, 0, 0, 0, 0.0, station_shares=(0.1,)).expected_false_alarm_rate(
+        0.5) == pytest.approx(0.1)
 
 
 def test_actor_is_the_authenticated_name_before_a_typed_one() -> None:
     assert actor_name(Identity("alice", "cookie"), "mallory", "10.0.0.1") == "alice"
     assert actor_name(Identity("", "bearer"), " bob ", "10.0.0.1") == "bob"
     assert actor_name(Identity("", "open"), "", "127.0.0.1") == "anonymous@127.0.0.1"
+
+
+def test_a_series_judged_by_a_station_edge_counts_with_the_station_share(
+    tmp_path: Path,
+) -> None:
+    """From the database: the learning series (judged by the rule's count) give binomial
+    shapes, a series a calibrated station judged by its series edge gives that station's
+    share of learning series flagged left out."""
+    with migrated_database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'q.db'}")) as factory:
+        with factory() as session:
+            reference_id = refs.ensure_reference(session, KEY).id
+        for s in site_scores(5, seed=3):
+            add_learning_series(factory, reference_id, s)
+        scale = BundleScale(KEY.model_name, KEY.model_version, -36000.0, -25000.0, 0.01,
+                            tuple(float(q) for q in range(201)))
+        with factory.begin() as session:
+            assert settle_reference(session, LearningSettings(series=5), reference_id, scale)
+            session.execute(update(StationReference).where(StationReference.id == reference_id)
+                            .values(series_flagged=1, series_used=4))
+        judged = add_learning_series(factory, reference_id, site_scores(1, seed=4)[0],
+                                     state=refs.CALIBRATED)
+        with factory.begin() as session:
+            session.execute(update(Series).where(Series.id == judged).values(
+                series_score=-1.0, series_edge=-2.0))
+        with factory() as session:
+            [stats] = model_review_stats(session)
+    assert stats.scored == 6 and stats.station_shares == (0.25,)
+    assert len(stats.series_shapes) == 5
+    n, k = stats.series_shapes[0]
+    assert stats.expected_false_alarm_rate(0.01) == pytest.approx(
+        (5 * binom.sf(k - 1, n, 0.01) + 0.25) / 6)
