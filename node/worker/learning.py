@@ -22,8 +22,8 @@ threshold and M the median of its normal calibration slices: the station's centr
 the bundle's median and its low on the bundle's threshold, and a slice as far below the
 station's normal at its position as an artifact is below the bundle's is flagged as it would
 be there. Since L maps onto T, a slice is flagged exactly when its r is below L (in a series
-judged normal, below the image edge, further down: below): the verdicts rest on the bins and
-L (C places the reported score and its confidence).
+judged normal, below the image edge L_img, which lies further down: last paragraph): the
+verdicts rest on the bins, L and L_img (C places the reported score and its confidence).
 
 On the learning bench's simulated sites (``bench/station_learning.py``, one bad learning
 series), held-out normal slices / slices of a moderate motion block flagged were 1.27% / 93.5%
@@ -219,11 +219,6 @@ class Reference:
     series_edge: float | None = None
     series_flagged: int = 0
     image_edge: float | None = None
-
-    def image_low(self, series_abnormal: bool) -> float:
-        """The referred score below which an image is flagged, in a series judged abnormal
-        (``low``) or normal (the image edge, where there is one)."""
-        return self.low if series_abnormal or self.image_edge is None else self.image_edge
 
 
 def series_summary(scores: np.ndarray) -> tuple[float, float]:
