@@ -166,13 +166,20 @@ def image_judgement(slices: Sequence[SliceVerdict], reference: StationReference,
     an image edge, its images judged against that edge mapped (:func:`judge_against`; an
     image of a normal series is flagged only below it); else the slices as they are and
     None."""
-    if (reference.image_edge is None or series_score is None or series_edge is None
-            or series_score < series_edge or reference.centre is None or reference.low is None
-            or reference.bundle_median is None or reference.bundle_threshold is None):
+    edge = _on_bundle_scale(reference, reference.image_edge)
+    if edge is None or series_score is None or series_edge is None or series_score < series_edge:
         return tuple(slices), None
-    edge = float(map_scores(np.array([reference.image_edge]), reference.centre, reference.low,
-                            reference.bundle_median, reference.bundle_threshold)[0])
     return judge_against(slices, edge, quantiles), edge
+
+
+def _on_bundle_scale(reference: StationReference, referred: float | None) -> float | None:
+    """A referred score (an edge) mapped as the slices are; None where it or the mapping is
+    missing."""
+    if (referred is None or reference.centre is None or reference.low is None
+            or reference.bundle_median is None or reference.bundle_threshold is None):
+        return None
+    return float(map_scores(np.array([referred]), reference.centre, reference.low,
+                            reference.bundle_median, reference.bundle_threshold)[0])
 
 
 def series_judgement(slices: Sequence[SliceVerdict],
@@ -183,13 +190,10 @@ def series_judgement(slices: Sequence[SliceVerdict],
     statistic mapped) and the reference's edge mapped; (None, None) where the reference has no
     edge or the series no foreground slice (the slice count judges)."""
     fg = np.array([s.log_likelihood for s in slices if s.foreground], dtype=np.float64)
-    if (reference.series_edge is None or fg.size == 0 or reference.centre is None
-            or reference.low is None or reference.bundle_median is None
-            or reference.bundle_threshold is None):
+    edge = _on_bundle_scale(reference, reference.series_edge)
+    if edge is None or fg.size == 0:
         return None, None
-    edge = map_scores(np.array([reference.series_edge]), reference.centre, reference.low,
-                      reference.bundle_median, reference.bundle_threshold)
-    return series_statistic(fg), float(edge[0])
+    return series_statistic(fg), edge
 
 
 def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
