@@ -12,13 +12,14 @@ reference judged them, and a restart (``vaenode queue relearn``) starts learning
 while keeping the old reference. Nothing here asserts what the bundle makes of the site out
 of the box.
 
-The bundle is ``brain-t1`` 0.1.0, shipped beside the default. The default
-``brain-t1-multiscanner`` 0.3.0 does not pass this test yet (2026-12-06, each slice referred to
-the station's normal at its position, a series judged by its 10th percentile, a normal
-series' images by the image edge): its station calibrates, the clean test series (IXI255) is
-normal and the motion series flagged, but 13.3% of the motion series' slices outside the
-block are flagged (a cluster low in IXI255's head, below the station's low), where 5% is
-allowed here (issue 18; node/models/README.md).
+Each test runs for both shipped bundles: ``brain-t1`` 0.1.0 and the default,
+``brain-t1-multiscanner`` 0.3.0 (``VAENODE_TEST_BUNDLE`` names one bundle to run alone). The
+default does not meet one bound yet (2026-12-06, each slice referred to the station's normal
+at its position, a series judged by its 10th percentile, a normal series' images by the image
+edge): 13.3% of its motion series' slices outside the block are flagged (a cluster low in
+IXI255's head, below the station's low), where 5% is allowed; that test is marked as an
+expected failure for it, strictly, so that it shows when it starts to pass (issue 18;
+node/models/README.md).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from tests.helpers.series import IXI, WrittenSeries, load_volume, motion_block, 
 
 pytestmark = pytest.mark.e2e
 
-BUNDLE = Path(os.environ.get("VAENODE_TEST_BUNDLE") or default_bundle_path().parent / "brain-t1")
+#: The bundles the station learns with: ``brain-t1`` 0.1.0 and the default.
+BUNDLES = ([Path(os.environ["VAENODE_TEST_BUNDLE"])] if os.environ.get("VAENODE_TEST_BUNDLE")
+           else [default_bundle_path().parent / "brain-t1", default_bundle_path()])
 #: Subjects other tests use.
 TAKEN = ("IXI080", "IXI096", "IXI102")
 STATION = "MR ROOM 7"
@@ -72,16 +75,16 @@ def site_volume(volume: np.ndarray, seed: int, scale_of: np.ndarray | None = Non
     return np.clip(volume + noise, 0.0, None).astype(np.float32)
 
 
-def subjects() -> list[Path]:
+def subjects(bundle: Path) -> list[Path]:
     """One IXI volume per evaluation or calibration subject of the bundle, in its order."""
-    meta = json.loads((BUNDLE / "model.json").read_text())["training"]["subjects"]
+    meta = json.loads((bundle / "model.json").read_text())["training"]["subjects"]
     out = []
     for subject in meta.get("evaluation", []) + meta.get("calibration", []):
         matches = sorted(IXI.glob(f"{subject}*.nii.gz"))
         if subject not in TAKEN and matches:
             out.append(matches[0])
     if len(out) < LEARNING_SERIES + 1:
-        pytest.fail(f"{len(out)} held-out subjects of {BUNDLE} under {IXI}; the test needs "
+        pytest.fail(f"{len(out)} held-out subjects of {bundle} under {IXI}; the test needs "
                     f"{LEARNING_SERIES + 1}")
     return out
 
@@ -160,22 +163,25 @@ def flags(node: RunningNode, series: WrittenSeries) -> dict[str, tuple[bool, boo
 @dataclass
 class Site:
     node: RunningNode
+    bundle: Path
     learning: list[WrittenSeries]
     clean: WrittenSeries
     motion: WrittenSeries
     reference: StationReference
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+@pytest.fixture(scope="module", params=BUNDLES, ids=lambda b: b.name)
+def site(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """Twenty learning series through the node until the station is calibrated, then a clean
-    series of the site and the same with a motion block."""
-    workdir = tmp_path_factory.mktemp("learning")
-    pool = subjects()
+    series of the site and the same with a motion block, for one bundle."""
+    bundle: Path = request.param
+    workdir = tmp_path_factory.mktemp(f"learning-{bundle.name}")
+    pool = subjects(bundle)
     node = start_node(workdir / "node", sections={
         "queue": {"series_idle_s": 2.0, "check_interval_s": 0.3},
         "worker": {"enabled": True, "poll_interval_s": 0.3, "lease_s": 300.0},
-        "model": {"device": "cpu", "bundle": str(BUNDLE)},
+        "model": {"device": "cpu", "bundle": str(bundle)},
         "learning": {"series": LEARNING_SERIES},
     })
     try:
@@ -200,7 +206,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         send(node, clean)
         send(node, motion)
         wait("the test series scored", lambda: done(node, [clean, motion]), 300, node)
-        yield Site(node, learning, clean, motion, reference)
+        yield Site(node, bundle, learning, clean, motion, reference)
     finally:
         node.stop()
 
@@ -237,7 +243,7 @@ def test_the_station_calibrates_from_its_series_leaving_the_bad_one_out(site: Si
     # share of the station's normal series to expect flagged.
     with site.node.session() as session:
         learned = func.coalesce(SliceScore.station_score, SliceScore.bundle_score)
-        kept = {}
+        kept: dict[str, list[float]] = {}
         for uid, value in session.execute(
                 select(Series.series_instance_uid, learned).join(Series)
                 .where(Series.series_instance_uid.in_([f.name for f in folders]),
@@ -293,12 +299,24 @@ def test_after_calibration_a_clean_series_is_normal_and_a_motion_block_is_flagge
     assert all(bool(a) == bool(fg and s < clean.image_edge) for a, fg, s in scored)
     assert clean.abnormal_slices == sum(bool(a) for a, _, _ in scored)
     marks = flags(site.node, site.motion)
-    uids = site.motion.sop_instance_uids
-    block = [marks[uids[i]][0] for i in sorted(site.motion.corrupted)]
-    others = [marks[u] for i, u in enumerate(uids) if i not in site.motion.corrupted]
-    outside = sum(f for f, fg in others if fg) / sum(fg for _, fg in others)
+    block = [marks[site.motion.sop_instance_uids[i]][0] for i in sorted(site.motion.corrupted)]
     assert motion.abnormal is True
     assert sum(block) >= 0.6 * len(block), f"{sum(block)} of {len(block)} block slices flagged"
+
+
+def test_the_motion_series_flags_stay_in_its_block(site: Site,
+                                                   request: pytest.FixtureRequest) -> None:
+    """At most 5% of the motion series' foreground slices outside its block are flagged. The
+    default bundle does not meet this yet (the module docstring): an expected failure for it,
+    strict, so that a pass shows."""
+    if site.bundle.resolve() == default_bundle_path().resolve():
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "issue 18: 13.3% of the motion series' other slices flagged on the default (a "
+            "cluster low in IXI255's head)")))
+    marks = flags(site.node, site.motion)
+    uids = site.motion.sop_instance_uids
+    others = [marks[u] for i, u in enumerate(uids) if i not in site.motion.corrupted]
+    outside = sum(f for f, fg in others if fg) / sum(fg for _, fg in others)
     assert outside <= 0.05, f"{outside:.1%} of the other slices flagged"
 
 
@@ -349,7 +367,7 @@ def test_restart_learning_keeps_the_old_reference_and_learns_afresh(
     assert old.state == "calibrated" and old.superseded_note == "new head coil"
     assert old.superseded_by is not None and old.superseded_by.startswith("cli:")
     assert new.state == "learning" and new.superseded_at is None
-    again = write_site_series(subjects()[0], tmp_path / "again", seed=200)
+    again = write_site_series(subjects(site.bundle)[0], tmp_path / "again", seed=200)
     send(site.node, again)
     wait("the series after the restart scored", lambda: done(site.node, [again]), 300,
          site.node)
