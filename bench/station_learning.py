@@ -22,7 +22,6 @@ others are held out:
 - motion block: flagged slices of the motion block, for the held-out subjects that have one;
   motion series flagged: held-out series with the motion block that the rule calls abnormal
   (what the technologist sees: the series' verdict);
-- slices a series needs: the routing rule's count, where a rule judges a series by one;
 - left out: learning series the rule left out (mean over splits).
 
 ``--bad`` sets how many of the 20 learning series are bad: 0, 1 (a whole series with moderate
@@ -134,16 +133,15 @@ def score_site(bundle: Bundle, kind: str, subjects: Sequence[str]) -> dict[str, 
 
 class Learned(NamedTuple):
     """What a rule learns from a station's learning series: its low, the learning series it
-    left out, the slices below the low a series needs before the routing rule's floor, and
-    what it compares with the low (``refer``: a series' foreground scores in stack order to
-    the values judged; None: the scores themselves)."""
+    left out, and what it compares with the low (``refer``: a series' foreground scores in
+    stack order to the values judged; None: the scores themselves)."""
 
     low: float
     left_out: int
-    least: int
     refer: Callable[[np.ndarray], np.ndarray] | None = None
     #: A series verdict of its own (a series' foreground scores in stack order -> abnormal),
-    #: instead of the slices below the low against the count; None: the count.
+    #: instead of the slices below the low against the routing rule's count; None: the
+    #: count.
     series: Callable[[np.ndarray], bool] | None = None
     #: Below what an image of a series judged normal is flagged (the image edge); None: the
     #: low, as in a series judged abnormal.
@@ -164,7 +162,7 @@ def _learned(built: Reference) -> Learned:
 
     edge = built.series_edge
     series = None if edge is None else (lambda v: series_statistic(refer(v)) < edge)
-    return Learned(built.low, len(built.selection.trimmed), 1, refer, series, built.image_edge)
+    return Learned(built.low, len(built.selection.trimmed), refer, series, built.image_edge)
 
 
 def node_rule(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
@@ -203,23 +201,23 @@ RULES: dict[str, Rule | None] = {
 }
 
 
-def judged(got: Learned, values: np.ndarray, needs: int) -> tuple[bool, np.ndarray]:
+def judged(got: Learned, values: np.ndarray) -> tuple[bool, np.ndarray]:
     """A series' verdict and its flagged images (``values``: its foreground scores in stack
     order): the rule's own series verdict (``Learned.series``), its images below the low, or
     below the image edge where the series is normal; without a series verdict of its own,
-    its images below the low against the slices it needs."""
+    its images below the low against the routing rule's count."""
     refer = got.refer or (lambda v: v)
     referred = refer(values)
     if got.series is None:
         below = referred < got.low
-        return bool(below.sum() >= needs), below
+        return bool(below.sum() >= MIN_ABNORMAL_SLICES), below
     abnormal = got.series(values)
     low = got.low if abnormal or got.image_low is None else got.image_low
     return abnormal, referred < low
 
 
 #: What ``evaluate`` averages per rule, in the table's order.
-COLUMNS = ("slices", "series", "kos", "block", "caught", "needs", "left")
+COLUMNS = ("slices", "series", "kos", "block", "caught", "left")
 
 
 def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int, bad: int,
@@ -227,7 +225,7 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int, bad: int,
     """Per rule over random splits (``seed``), with ``bad`` bad learning series, the mean of
     each of ``COLUMNS``: held-out normal slices flagged, normal series flagged, normal series
     with a flagged image (sent with a "Quality Issue" KOS), motion-block slices flagged,
-    motion-block series flagged, slices a series needs, learning series left out."""
+    motion-block series flagged, learning series left out."""
     threshold = bundle.threshold
     subjects = list(scores["clean"])
     own = {s: v[0][v[2]] for s, v in scores["clean"].items()}
@@ -257,21 +255,19 @@ def evaluate(bundle: Bundle, scores: dict[str, Any], splits: int, bad: int,
             # below the low, or below the image edge in a series judged normal
             # (node.worker.learning).
             if build is None:
-                got, values, k = Learned(threshold, 0, 1), own, 0
+                got, values, k = Learned(threshold, 0), own, 0
             else:
                 got, values, k = build(series, spoiled, bundle.target_fpr), learned, 1
-            needs = max(MIN_ABNORMAL_SLICES, got.least)
-            verdicts = [judged(got, values[s], needs) for s in held]
+            verdicts = [judged(got, values[s]) for s in held]
             sums[rule]["slices"].append(float(np.mean(np.concatenate([f for _, f in verdicts]))))
             sums[rule]["series"].append(float(np.mean([a for a, _ in verdicts])))
             sums[rule]["kos"].append(float(np.mean([bool(f.any()) for _, f in verdicts])))
-            sums[rule]["needs"].append(float(needs))
             sums[rule]["left"].append(float(got.left_out))
             for s in held:
                 sc, f = scores["block"][s][k], scores["block"][s][2]
                 inside = np.zeros(len(sc), dtype=bool)
                 inside[BLOCK[0]:BLOCK[1]] = True
-                abnormal, below = judged(got, sc[f], needs)  # foreground, in stack order
+                abnormal, below = judged(got, sc[f])  # foreground, in stack order
                 sums[rule]["block"].append(float(np.mean(below[inside[f]])))
                 sums[rule]["caught"].append(float(abnormal))
     return {rule: {c: float(np.mean(v)) for c, v in values.items()}
@@ -316,13 +312,11 @@ def main() -> None:
           f"{len(subjects) - LEARNING} held out, {args.splits} splits (seed {args.seed})\n")
     print("| simulated site | bad learning series | reference | held-out normal slices flagged "
           "| held-out normal series flagged | normal series with a flagged image (a KOS) "
-          "| motion block flagged | motion series flagged | slices a series needs "
-          "| series left out |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for kind, bad, rule, fpr, flagged, kos, block, caught, needs, left in rows:
+          "| motion block flagged | motion series flagged | series left out |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, bad, rule, fpr, flagged, kos, block, caught, left in rows:
         print(f"| {kind} | {bad} | {rule} | {100 * fpr:.2f}% | {100 * flagged:.1f}% | "
-              f"{100 * kos:.1f}% | {100 * block:.1f}% | {100 * caught:.1f}% | {needs:.1f} | "
-              f"{left:.1f} |")
+              f"{100 * kos:.1f}% | {100 * block:.1f}% | {100 * caught:.1f}% | {left:.1f} |")
 
 
 if __name__ == "__main__":
