@@ -85,7 +85,7 @@ def site(kind: str, vol: Volume, seed: int, scale_of: Volume | None = None) -> V
     and contrast curve set by the 99.5th percentile of ``scale_of`` (default ``vol``): a
     corrupted volume gets the same as its clean one."""
     name, value = kind.split()
-    d = vol.data.astype(np.float32)
+    d: np.ndarray = vol.data.astype(np.float32)
     hi = float(np.percentile((vol if scale_of is None else scale_of).data, 99.5)) or 1.0
     if name == "noise":
         d = np.clip(d + np.random.default_rng(seed).normal(0.0, float(value) * hi, d.shape),
