@@ -26,9 +26,10 @@ judged normal, below the image edge L_img, which lies further down: last paragra
 verdicts rest on the bins, L and L_img (C places the reported score and its confidence).
 
 On the learning bench's simulated sites (``bench/station_learning.py``, one bad learning
-series), held-out normal slices / slices of a moderate motion block flagged were 1.27% / 93.5%
-(noise 2%) and 1.27% / 93.6% (gamma 0.75), where the 1% quantile of the unreferred scores
-(this module until 2026-12-06) gave 1.26% / 77.7% and 1.57% / 97.6% (node/models/README.md).
+series, every image below L counted), held-out normal slices / slices of a moderate motion
+block flagged were 1.27% / 93.5% (noise 2%) and 1.27% / 93.6% (gamma 0.75), where the 1%
+quantile of the unreferred scores (this module until 2026-12-06) gave 1.26% / 77.7% and
+1.57% / 97.6% (node/models/README.md).
 
 The first series are not checked by anyone, so a few bad ones (a whole series with motion, one
 with a bad block) must not move the reference: a series whose median, or whose 10th
@@ -78,7 +79,7 @@ and flag every image below L.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
@@ -284,27 +285,34 @@ def _left_out(kept: Sequence[LearningSeries]) -> list[PositionReference]:
     return [PositionReference.fit([*kept[:k], *kept[k + 1:]]) for k in range(len(kept))]
 
 
+def _left_out_edge(kept: Sequence[LearningSeries], fits: Sequence[PositionReference],
+                   statistic: Callable[[np.ndarray], float]) -> float | None:
+    """:func:`outlier_edge` of ``statistic`` of each kept series' scores referred by the
+    reference fitted on the other kept series (``fits``, in the same order), as a new series
+    would be judged; None for fewer than two kept series."""
+    if len(kept) < 2:
+        return None
+    return outlier_edge([float(statistic(fit.refer(own.scores, own.positions)))
+                         for own, fit in zip(kept, fits, strict=True)])
+
+
 def _edge(kept: Sequence[LearningSeries],
           left_out: Sequence[PositionReference] | None = None) -> float | None:
-    """The series edge learned from ``kept``: :func:`outlier_edge` of each series'
-    :func:`series_statistic` under a reference fitted on the other series (``left_out``,
-    when already fitted; None for a single series)."""
+    """The series edge learned from ``kept``: :func:`_left_out_edge` of their
+    :func:`series_statistic` (``left_out``: the references of the others, when already
+    fitted; None for a single series)."""
     if len(kept) < 2:
         return None
     fits = _left_out(kept) if left_out is None else left_out
-    return outlier_edge([_statistic(own, fit) for own, fit in zip(kept, fits, strict=True)])
+    return _left_out_edge(kept, fits, series_statistic)
 
 
 def image_edge(kept: Sequence[LearningSeries], left_out: Sequence[PositionReference],
                low: float) -> float | None:
-    """L_img: :func:`outlier_edge` of each kept series' lowest referred score under the
-    reference fitted on the other kept series (``left_out``, in the same order), never above
+    """L_img: :func:`_left_out_edge` of the kept series' lowest referred scores, never above
     ``low``; None for fewer than two kept series."""
-    if len(kept) < 2:
-        return None
-    lowest = [float(np.min(fit.refer(own.scores, own.positions)))
-              for own, fit in zip(kept, left_out, strict=True)]
-    return min(low, outlier_edge(lowest))
+    edge = _left_out_edge(kept, left_out, np.min)
+    return None if edge is None else min(low, edge)
 
 
 def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
