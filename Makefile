@@ -42,6 +42,7 @@ system-deps:
 
 lint: install-dev
 	$(BIN)/ruff check node tests bench migrations
+	$(BIN)/mypy node
 
 test: system-deps install-dev lint
 	$(BIN)/python -m pytest

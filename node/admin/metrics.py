@@ -146,11 +146,11 @@ class QueueCollector(Collector):
         scored = CounterMetricFamily("vaenode_node_series_scored",
                                      "Series scored (verdicts stored), by the node that scored "
                                      "them.", labels=["node"])
-        for actor, n in session.execute(
+        for actor, count in session.execute(
                 select(SeriesEvent.actor, func.count(SeriesEvent.id))
                 .where(SeriesEvent.to_status == str(SeriesState.DONE))
                 .group_by(SeriesEvent.actor)):
-            scored.add_metric([actor or ""], float(n))
+            scored.add_metric([actor or ""], float(count))
         yield scored
 
     def collect(self) -> Iterator[Metric]:

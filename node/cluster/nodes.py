@@ -120,7 +120,8 @@ def list_nodes(session: Session, now: datetime | None = None) -> list[NodeView]:
             select(Series.worker_id, Series.series_instance_uid)
             .where(Series.status == SeriesState.PROCESSING, Series.worker_id.is_not(None))
             .order_by(Series.series_instance_uid)):
-        scoring.setdefault(worker_id, []).append(uid)
+        if worker_id is not None:  # excluded by the query; for the type checker
+            scoring.setdefault(worker_id, []).append(uid)
     out = []
     for row in session.scalars(select(Node).order_by(Node.name)):
         age = max(0.0, (now - row.heartbeat_at).total_seconds())

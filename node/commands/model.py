@@ -155,7 +155,7 @@ def train(
     is_ixi = any("IXI" in v.subject for v in vols)
     run_training(vols, cfg, out, command=command, data_sources=[str(p) for p in paths],
                  attribution=IXI_ATTRIBUTION if is_ixi else {}, report=typer.echo)
-    if from_queue:
+    if from_queue and station:  # --from-queue without --station was refused above
         typer.echo(f"route {station}'s series to it: add this rule to the config before the "
                    "general ones (the shipped brain rule, narrowed to the station)\n"
                    + _station_rule(station, out))

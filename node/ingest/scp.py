@@ -488,7 +488,7 @@ class Scp:
         # the A-RELEASE-RP, then fires EVT_RELEASED; a sender that closes its socket on the
         # reply (storescu does) can make the DUL thread fire EVT_CONN_CLOSE first. Noting the
         # request here keeps that release a release (the queue's completion rule reads it).
-        primitive = event.primitive
+        primitive = getattr(event, "primitive", None)  # set on ACSE events (no stub for it)
         if isinstance(primitive, A_RELEASE) and primitive.result is None:
             with self._lock:
                 state = self._states.get(id(event.assoc))

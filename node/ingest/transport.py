@@ -62,7 +62,7 @@ import struct
 import threading
 import time
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from pydicom.uid import UID
 from pynetdicom import _config, evt
@@ -271,7 +271,7 @@ def encode_c_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: in
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
-def _plain_uid(value: Any) -> bool:
+def _plain_uid(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value) and value.isascii()
 
 
@@ -494,11 +494,11 @@ class NodeRequestHandler(RequestHandler):
         dul = assoc.dul
         if type(dul) is DULServiceProvider and not dul.is_alive():
             dul.__class__ = EventDrivenDUL  # its own state is set up by prepare()
-            dul.prepare(request=request)
+            cast(EventDrivenDUL, dul).prepare(request=request)
         dimse = assoc.dimse
         if type(dimse) is DIMSEServiceProvider and dimse.msg_queue.empty():
             dimse.__class__ = FastDIMSE  # its own state is set up by prepare()
-            dimse.prepare(dul)
+            cast(FastDIMSE, dimse).prepare(dul)
         ended = getattr(self.server, "connection_ended", None)
         if ended is not None:  # a dispatched connection (node/ingest/dispatch.py)
             run = assoc.run

@@ -79,7 +79,9 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in data.items()}
+        return cls(**values)
 
     def with_settings(self, settings: list[str]) -> AugmentConfig:
         """This configuration with ``name=value`` settings applied (``vaenode train

@@ -119,10 +119,10 @@ def sweep(bundle: Bundle, volumes: Sequence[Volume], cfg: SweepConfig,
                                          seeds[artifact], corrupted=bad)
                 spliced = splice_block(clean.data, rendered.data, start, start + length)
                 s_bad, _ = _axial(bundle, Volume(vol.subject, spliced, clean.spacing, ""))
-                block = slice(start, start + length)
+                where = slice(start, start + length)
                 entry = row["art"].setdefault(artifact, {"block": [], "matched": []})
-                entry["block"].append(s_bad[block])
-                entry["matched"].append(score[block])
+                entry["block"].append(s_bad[where])
+                entry["matched"].append(score[where])
     rows = []
     for (site, strength), row in acc.items():
         flags = np.concatenate(row["clean"]) if row["clean"] else np.zeros(0, bool)

@@ -15,6 +15,7 @@ import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -83,7 +84,7 @@ def _connect(path: Path, busy_timeout_ms: int) -> closing[sqlite3.Connection]:
     return closing(sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None))
 
 
-def _scalar(con: sqlite3.Connection, sql: str) -> object:
+def _scalar(con: sqlite3.Connection, sql: str) -> Any:
     try:
         row = con.execute(sql).fetchone()
     except sqlite3.OperationalError:  # no such table: a database never migrated

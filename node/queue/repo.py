@@ -295,7 +295,8 @@ def _record_receiving(conn: Connection, sql: _DriverSql,
     """:func:`record_instance` for an instance of a series that is ``receiving`` and that it is
     new to or already part of; None (having changed nothing) in every other case."""
     cursor = conn.connection.cursor()
-    statement, params = "", ()
+    statement: str = ""
+    params: tuple[Any, ...] = ()
     try:
         statement, params = sql.select_series, (rec.series_instance_uid,)
         cursor.execute(statement, params)
