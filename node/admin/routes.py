@@ -304,10 +304,12 @@ def senders_page(
     rows = senders.sender_stats(session, days)
     current = references.reference_views(session)
     earlier = references.reference_views(session, superseded=True)[:EARLIER_REFERENCES]
+    learned = {v.id: references.learned_series(session, v.id, v.learned_from)
+               for v in current}
     return _render(request, "senders.html", "senders", rows=rows, days=days,
                    weeks=rows[0].weeks if rows else (), high_p=senders.HIGH_P,
                    min_scored=senders.MIN_SCORED_FOR_TEST, references=current,
-                   earlier=earlier, learning=_settings(request).learning)
+                   earlier=earlier, learning=_settings(request).learning, learned=learned)
 
 
 @router.post("/senders/relearn", name="relearn")

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from node.commands.common import ConfigOption, setup
+from node.commands.stations import reference_dict, reference_lines
 from node.errors import ConfigError, NodeError
 
 queue_app = typer.Typer(help="Inspect the series queue.", no_args_is_help=True)
@@ -46,22 +47,6 @@ def series_dict(series: Any) -> dict[str, Any]:
         "images_deleted_at": _iso(series.purged_at),
         "reference_id": series.reference_id,
         "reference_state": series.reference_state,
-    }
-
-
-def reference_dict(view: Any, needed: int) -> dict[str, Any]:
-    """A station reference as ``queue senders --json`` prints it."""
-    key = view.key
-    return {
-        "reference_id": view.id, "station": key.station, "station_source": key.station_source,
-        "scanner_model": key.scanner_model, "protocol": key.protocol,
-        "model": f"{key.model_name} {key.model_version}", "state": view.state,
-        "series_learned": view.learned, "series_needed": needed,
-        "created_at": _iso(view.created_at), "calibrated_at": _iso(view.calibrated_at),
-        "centre": view.centre, "low": view.low, "series_used": view.series_used,
-        "series_trimmed": view.series_trimmed, "series_flagged": view.series_flagged,
-        "min_flagged": view.min_flagged, "series_edge": view.series_edge,
-        "image_edge": view.image_edge, "note": view.note,
     }
 
 
@@ -119,17 +104,22 @@ def senders_cmd(
     days: Annotated[int, typer.Option(min=1, help="Series first received in this many days.")]
     = 30,
     as_json: JsonOption = False,
+    series: Annotated[bool, typer.Option(
+        "--series", help="Also each station reference's learning series: its verdict out of "
+        "the box, its review, and whether the calibration used it or left it out.")] = False,
 ) -> None:
     """Per scanner (calling AE and Station Name): series, verdicts, flag rate against the
-    other scanners'."""
+    other scanners'; per station and protocol, what it has learned."""
     from node.admin.senders import references_of, sender_stats
-    from node.queue.references import reference_views
+    from node.queue.references import learned_series, reference_views
 
     settings = setup(config)
     needed = settings.learning.series
     with _session(config, read_only=True, settings=settings) as session:
         rows = [s for s in sender_stats(session, days) if s.series]
         views = reference_views(session)
+        learned = ({v.id: learned_series(session, v.id, v.learned_from) for v in views}
+                   if series else {})
     if as_json:
         for s in rows:
             typer.echo(json.dumps({
@@ -140,7 +130,8 @@ def senders_cmd(
                 "false_alarms": s.false_alarms, "skipped": s.skipped, "failed": s.failed,
                 "in_progress": s.in_progress, "last_received": _iso(s.last_received),
                 "skip_reasons": [{"reason": r, "series": n} for r, n in s.skip_reasons],
-                "references": [reference_dict(v, needed) for v in references_of(s, views)],
+                "references": [reference_dict(v, needed, learned.get(v.id) if series else None)
+                               for v in references_of(s, views)],
             }))
         return
     typer.echo(f"{'CALLING AE':<16} {'STATION':<16} {'SERIES':>6} {'SCORED':>6} {'FLAGGED':>7} "
@@ -157,31 +148,9 @@ def senders_cmd(
     if not settings.learning.enabled:
         typer.echo("\nstation learning is off ([learning].enabled = false)")
     if views:
-        typer.echo(f"\n{'STATION':<16} {'MODEL':<16} {'PROTOCOL':<24} {'STATE':<10} "
-                   f"{'LEARNED':>7}  {'CALIBRATED (UTC)':<16} {'CENTRE':>10} {'LOW':>10} "
-                   f"{'IMAGE':>10} {'FROM':>9} {'FLAGS':>7}  BUNDLE")
-        for v in views:
-            when = f"{v.calibrated_at:%Y-%m-%d %H:%M}" if v.calibrated_at else "-"
-            centre = f"{v.centre:10.4g}" if v.centre is not None else f"{'-':>10}"
-            low = f"{v.low:10.4g}" if v.low is not None else f"{'-':>10}"
-            # IMAGE: the image edge, below which an image of a series judged normal is flagged
-            # (in a series judged abnormal, below LOW; none before revision 0019). FROM: what
-            # makes one of its series abnormal: a 10th-percentile referred score below this
-            # series edge, or (references from before revision 0018) this many slices below
-            # the low (the routing rule's count applies where it is more). FLAGS:
-            # of its kept learning series, how many a reference built from the others flags
-            # (each left out in turn): the station's expected false-alarm share once calibrated.
-            least = (f"{v.series_edge:.4g}" if v.series_edge is not None
-                     else str(v.min_flagged) if v.min_flagged is not None else "-")
-            flags = (f"{v.series_flagged}/{v.series_used}"
-                     if v.series_flagged is not None and v.series_used else "-")
-            image = f"{v.image_edge:10.4g}" if v.image_edge is not None else f"{'-':>10}"
-            typer.echo(f"{v.key.station:<16} {(v.key.scanner_model or '-'):<16} "
-                       f"{(v.key.protocol or '-'):<24} {v.state:<10} "
-                       f"{f'{min(v.learned, needed)}/{needed}':>7}  {when:<16} {centre} {low} "
-                       f"{image} {least:>9} {flags:>7}  "
-                       f"{v.key.model_name} {v.key.model_version}"
-                       + (f"\n    {v.note}" if v.note else ""))
+        typer.echo("")
+        for line in reference_lines(views, needed, learned):
+            typer.echo(line)
 
 
 @queue_app.command("relearn")

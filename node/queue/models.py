@@ -312,6 +312,10 @@ class StationReference(Base):
     #: is flagged only below it (node.worker.learning); NULL while learning, from a single
     #: kept series and before revision 0019 (every image below ``low`` is flagged).
     image_edge: Mapped[float | None] = mapped_column(Float)
+    #: The learning series it was built from, by role: ``{"used": [series ids], "outlier":
+    #: [...], "excluded": [...]}`` (left out as outliers below the others; confirmed flags
+    #: and series with no foreground slice). NULL while learning and before revision 0020.
+    learned_from: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
     #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
     #: series), or None.
     note: Mapped[str | None] = mapped_column(Text)

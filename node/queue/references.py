@@ -35,6 +35,12 @@ CALIBRATED = "calibrated"
 FROM_STATION_NAME = "station_name"
 FROM_CALLING_AET = "calling_aet"
 
+#: What a calibrated reference did with each of its learning series (``learned_from``):
+#: used it, left it out as an outlier below the others, or excluded it (a confirmed flag, or
+#: no foreground slice).
+USED, OUTLIER, EXCLUDED = "used", "outlier", "excluded"
+ROLES = (USED, OUTLIER, EXCLUDED)
+
 #: The reviews the dashboard records (``admin_actions.action``).
 _CONFIRM = "confirm"
 _FALSE_ALARM = "false_alarm"
@@ -171,6 +177,50 @@ def latest_reviews_of(session: Session, series_ids: Sequence[int]) -> dict[int, 
 
 
 @dataclass(frozen=True)
+class LearnedSeries:
+    """One learning series of a reference, as an admin audits it.
+
+    Attributes:
+        series_id / series_instance_uid / description: the series.
+        scored_at: when its verdict was made.
+        abnormal: its verdict then (out of the box, while the station learned).
+        review: its latest review (``confirm``, ``false_alarm``) or None.
+        role: what the calibration did with it (:data:`ROLES`); None while the reference
+            learns, for a series scored after it calibrated, and for references calibrated
+            before revision 0020.
+        purged: its images were deleted by retention (it can no longer train a network).
+    """
+
+    series_id: int
+    series_instance_uid: str
+    description: str | None
+    scored_at: datetime | None
+    abnormal: bool | None
+    review: str | None
+    role: str | None
+    purged: bool
+
+
+def learned_series(session: Session, reference_id: int,
+                   learned_from: dict[str, list[int]] | None) -> list[LearnedSeries]:
+    """A reference's learning series (those it calibrated from, and any scored ``learning``
+    since), oldest verdict first, each with its role in the calibration (``learned_from``,
+    the reference's column)."""
+    roles = {int(i): role for role, ids in (learned_from or {}).items() for i in ids}
+    ids = set(learning_series_ids(session, reference_id)) | set(roles)
+    if not ids:
+        return []
+    rows = session.execute(
+        select(Series.id, Series.series_instance_uid, Series.series_description,
+               Series.scored_at, Series.abnormal, Series.purged_at)
+        .where(Series.id.in_(sorted(ids))).order_by(Series.scored_at, Series.id)).all()
+    reviews = latest_reviews_of(session, sorted(ids))
+    return [LearnedSeries(int(sid), uid, description, scored_at, abnormal,
+                          reviews.get(int(sid)), roles.get(int(sid)), purged is not None)
+            for sid, uid, description, scored_at, abnormal, purged in rows]
+
+
+@dataclass(frozen=True)
 class LearningRows:
     """What the reference arithmetic needs of one learning series, read from the database.
 
@@ -222,8 +272,12 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
                     used: int, trimmed: int, excluded: int, slices: int,
                     series_flagged: int, series_edge: float | None,
                     position_levels: Sequence[float], position_spreads: Sequence[float],
-                    image_edge: float | None) -> None:
-    """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock)."""
+                    image_edge: float | None,
+                    learned_from: dict[str, Sequence[int]] | None = None) -> None:
+    """``learning`` -> ``calibrated`` (inside the caller's transaction, under the row lock).
+
+    ``learned_from``: the learning series' ids by role (:data:`ROLES`), kept for the admin.
+    """
     session.execute(
         update(StationReference)
         .where(StationReference.id == reference_id, StationReference.state == LEARNING)
@@ -233,6 +287,9 @@ def mark_calibrated(session: Session, reference_id: int, *, centre: float, low: 
                 series_excluded=excluded, slices=slices, series_flagged=series_flagged,
                 series_edge=series_edge, position_levels=[float(v) for v in position_levels],
                 position_spreads=[float(v) for v in position_spreads], image_edge=image_edge,
+                learned_from=(None if learned_from is None else
+                              {role: [int(i) for i in learned_from.get(role, ())]
+                               for role in ROLES}),
                 note=None)
         .execution_options(synchronize_session=False))
 
@@ -315,6 +372,9 @@ class ReferenceView:
     superseded_at: datetime | None
     superseded_by: str | None
     superseded_note: str | None
+    #: Its learning series' ids by role (:data:`ROLES`); None while learning, and for
+    #: references calibrated before revision 0020.
+    learned_from: dict[str, list[int]] | None = None
 
 
 def reference_views(session: Session, *, superseded: bool = False) -> list[ReferenceView]:
@@ -337,7 +397,7 @@ def reference_views(session: Session, *, superseded: bool = False) -> list[Refer
                           min_flagged=r.min_flagged, series_edge=r.series_edge,
                           image_edge=r.image_edge, note=r.note,
                           superseded_at=r.superseded_at, superseded_by=r.superseded_by,
-                          superseded_note=r.superseded_note)
+                          superseded_note=r.superseded_note, learned_from=r.learned_from)
             for r in rows]
 
 

@@ -277,7 +277,10 @@ def settle_reference(session: Session, learning: LearningSettings, reference_id:
                          excluded=len(built.selection.excluded), slices=built.slices,
                          series_flagged=built.series_flagged, series_edge=built.series_edge,
                          position_levels=built.position.levels,
-                         position_spreads=built.position.spreads, image_edge=built.image_edge)
+                         position_spreads=built.position.spreads, image_edge=built.image_edge,
+                         learned_from={refs.USED: built.selection.kept,
+                                       refs.OUTLIER: built.selection.trimmed,
+                                       refs.EXCLUDED: built.selection.excluded})
     log.info("station reference calibrated from %d series (%d trimmed): centre %.6g, low %.6g, "
              "series edge %s, image edge %s; left out in turn, %d of those series are flagged",
              len(built.selection.kept), len(built.selection.trimmed), built.centre, built.low,

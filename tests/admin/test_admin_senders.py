@@ -4,6 +4,7 @@ and the weekly trend; over HTTP on a real dashboard and through the real CLI."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.parse
@@ -13,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin.app import RunningDashboard
@@ -263,8 +264,18 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
     # Below which an image of a series it judges normal is flagged.
     assert row.image_edge is not None and row.image_edge <= row.low
     assert f'<td class="num image-edge">{row.image_edge:.4g}</td>' in shown
+    # Which series it learned from, each linked to its page, with what calibration did.
+    with factory() as session:
+        uids = dict(session.execute(select(Series.id, Series.series_instance_uid)
+                                    .where(Series.reference_id == calibrated.id)).all())
+    assert row.learned_from is not None and sorted(row.learned_from["used"]) == sorted(uids)
+    listed_uids = re.findall(r'<li class="learned" data-uid="([^"]+)" data-role="used">', shown)
+    assert sorted(listed_uids) == sorted(uids.values())
+    assert all(re.search(f'href="[^"]*/series/{re.escape(uid)}"', shown) for uid in uids.values())
+    assert shown.count('<span class="role">used</span>') == 5
     shown = html.split(f'data-id="{learning.id}"', 1)[1].split("</tr>", 1)[0]
     assert 'data-state="learning"' in shown and "1 of 5" in shown
+    assert '<span class="role">learning</span>' in shown
     assert "earlier-references" not in html
     # A series that station judged by its 10th percentile: its page says so, not a count.
     judged = add_learning_series(factory, calibrated.id, site_scores(1, seed=3)[0],
@@ -304,6 +315,19 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
         5, row.series_flagged, None)
     assert done_ref["series_edge"] == pytest.approx(row.series_edge)
     assert done_ref["image_edge"] == pytest.approx(row.image_edge)
+    assert "learning_series" not in done_ref
+    listed = subprocess.run([str(VAENODE), "queue", "senders", "--json", "--series",
+                             "--config", str(config)], capture_output=True, text=True,
+                            timeout=120)
+    [sender] = [json.loads(line) for line in listed.stdout.splitlines()]
+    [done_ref] = [r for r in sender["references"] if r["state"] == "calibrated"]
+    assert sorted((s["series_instance_uid"], s["role"], s["abnormal"])
+                  for s in done_ref["learning_series"]) == sorted(
+        (uid, "used", False) for uid in uids.values())
+    table = subprocess.run([str(VAENODE), "queue", "senders", "--series", "--config",
+                            str(config)], capture_output=True, text=True, timeout=120)
+    assert sum(line.startswith("    ") and line.split()[2] in uids.values()
+               and ": used" in line for line in table.stdout.splitlines()) == 5, table.stdout
     table = subprocess.run([str(VAENODE), "queue", "senders", "--config", str(config)],
                            capture_output=True, text=True, timeout=120)
     # The IMAGE, FROM and FLAGS columns right after LOW (LEARNED also reads "5/5").

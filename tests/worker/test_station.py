@@ -152,6 +152,38 @@ def test_a_reviewed_false_alarm_is_used_and_a_confirmed_flag_is_not(
     assert row.low == pytest.approx(build_reference(reviewed, 0.01).low)
 
 
+def test_the_reference_records_which_learning_series_it_used_and_left_out(
+    factory: sessionmaker[Session],
+) -> None:
+    """An admin auditing a calibrated station sees each learning series' role: used, left
+    out as an outlier below the others, or excluded as a confirmed flag."""
+    reference = _reference(factory)
+    site = site_scores(5, seed=2)
+    ids = [add_learning_series(factory, reference.id, s) for s in site[:3]]
+    bad = add_learning_series(factory, reference.id, site[3] - 20000.0, abnormal=True)
+    confirmed = add_learning_series(factory, reference.id, site[4], abnormal=True)
+    with factory.begin() as session:
+        session.execute(insert(AdminAction), [
+            {"series_id": confirmed, "actor": "dr", "action": "confirm", "at": utcnow()}])
+    with factory() as session:
+        assert [s.role for s in refs.learned_series(session, reference.id, None)] == [None] * 5
+    assert _settle(factory, reference.id)
+    row = _row(factory, reference.id)
+    assert row.learned_from == {refs.USED: ids, refs.OUTLIER: [bad], refs.EXCLUDED: [confirmed]}
+    assert (row.series_used, row.series_trimmed, row.series_excluded) == (3, 1, 1)
+    # A learning series scored after calibration (raced past the lock) is listed, not used.
+    late = add_learning_series(factory, reference.id, site[0])
+    with factory() as session:
+        listed = refs.learned_series(session, reference.id, row.learned_from)
+        view = next(v for v in refs.reference_views(session) if v.id == reference.id)
+    assert view.learned_from == row.learned_from
+    assert [(s.series_id, s.role) for s in listed] == [
+        *[(i, refs.USED) for i in ids], (bad, refs.OUTLIER), (confirmed, refs.EXCLUDED),
+        (late, None)]
+    assert [(s.abnormal, s.review) for s in listed[3:5]] == [(True, None), (True, "confirm")]
+    assert all(s.series_instance_uid and not s.purged for s in listed)
+
+
 def test_no_spread_is_refused_with_a_reason_and_stays_learning(
     factory: sessionmaker[Session],
 ) -> None:

@@ -1,0 +1,105 @@
+"""How ``vaenode queue senders`` prints station references and the series each learned from.
+
+Kept apart from the queue command's other listings: a reference has a wide table of its own,
+and an admin auditing one after calibration needs its learning series, each with what the
+calibration did with it (used, left out as an outlier, excluded), its verdict out of the box
+and its review, to decide whether to confirm a bad one and restart learning.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the command line imports the database layer only when it runs
+    from node.queue.references import LearnedSeries, ReferenceView
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+#: A role as people read it; None: no role recorded (see :func:`role_text`).
+ROLE_TEXT = {"used": "used", "outlier": "left out (outlier below the others)",
+             "excluded": "left out (confirmed flag or no foreground slice)"}
+
+
+def role_text(series: LearnedSeries, view: ReferenceView) -> str:
+    """What the reference did with a learning series, in words."""
+    if series.role is not None:
+        return ROLE_TEXT.get(series.role, series.role)
+    if view.learned_from is not None:
+        return "scored after calibration, not used"
+    if view.state == "learning":
+        return "learning"
+    return "(calibrated before the node recorded roles)"
+
+
+def learned_dict(series: LearnedSeries) -> dict[str, Any]:
+    """One learning series as ``queue senders --json`` prints it."""
+    return {"series_instance_uid": series.series_instance_uid,
+            "series_description": series.description, "scored_at": _iso(series.scored_at),
+            "abnormal": series.abnormal, "review": series.review, "role": series.role,
+            "images_deleted": series.purged}
+
+
+def reference_dict(view: ReferenceView, needed: int,
+                   learned: list[LearnedSeries] | None = None) -> dict[str, Any]:
+    """A station reference as ``queue senders --json`` prints it (with ``learned``, its
+    learning series)."""
+    key = view.key
+    out = {
+        "reference_id": view.id, "station": key.station, "station_source": key.station_source,
+        "scanner_model": key.scanner_model, "protocol": key.protocol,
+        "model": f"{key.model_name} {key.model_version}", "state": view.state,
+        "series_learned": view.learned, "series_needed": needed,
+        "created_at": _iso(view.created_at), "calibrated_at": _iso(view.calibrated_at),
+        "centre": view.centre, "low": view.low, "series_used": view.series_used,
+        "series_trimmed": view.series_trimmed, "series_flagged": view.series_flagged,
+        "min_flagged": view.min_flagged, "series_edge": view.series_edge,
+        "image_edge": view.image_edge, "note": view.note,
+    }
+    if learned is not None:
+        out["learning_series"] = [learned_dict(s) for s in learned]
+    return out
+
+
+def reference_lines(views: list[ReferenceView], needed: int,
+                    learned: dict[int, list[LearnedSeries]] | None = None) -> list[str]:
+    """The references table (with ``learned``, each reference's learning series below it).
+
+    Columns: IMAGE, the image edge, below which an image of a series judged normal is
+    flagged (in a series judged abnormal, below LOW; none before revision 0019). FROM, what
+    makes one of its series abnormal: a 10th-percentile referred score below this series
+    edge, or (references from before revision 0018) this many slices below the low (the
+    routing rule's count applies where it is more). FLAGS, of its kept learning series, how
+    many a reference built from the others flags (each left out in turn): the station's
+    expected false-alarm share once calibrated.
+    """
+    lines = [f"{'STATION':<16} {'MODEL':<16} {'PROTOCOL':<24} {'STATE':<10} "
+             f"{'LEARNED':>7}  {'CALIBRATED (UTC)':<16} {'CENTRE':>10} {'LOW':>10} "
+             f"{'IMAGE':>10} {'FROM':>9} {'FLAGS':>7}  BUNDLE"]
+    for v in views:
+        when = f"{v.calibrated_at:%Y-%m-%d %H:%M}" if v.calibrated_at else "-"
+        centre = f"{v.centre:10.4g}" if v.centre is not None else f"{'-':>10}"
+        low = f"{v.low:10.4g}" if v.low is not None else f"{'-':>10}"
+        least = (f"{v.series_edge:.4g}" if v.series_edge is not None
+                 else str(v.min_flagged) if v.min_flagged is not None else "-")
+        flags = (f"{v.series_flagged}/{v.series_used}"
+                 if v.series_flagged is not None and v.series_used else "-")
+        image = f"{v.image_edge:10.4g}" if v.image_edge is not None else f"{'-':>10}"
+        lines.append(f"{v.key.station:<16} {(v.key.scanner_model or '-'):<16} "
+                     f"{(v.key.protocol or '-'):<24} {v.state:<10} "
+                     f"{f'{min(v.learned, needed)}/{needed}':>7}  {when:<16} {centre} {low} "
+                     f"{image} {least:>9} {flags:>7}  "
+                     f"{v.key.model_name} {v.key.model_version}"
+                     + (f"\n    {v.note}" if v.note else ""))
+        for s in (learned or {}).get(v.id, []):
+            scored = f"{s.scored_at:%Y-%m-%d %H:%M}" if s.scored_at else "-"
+            review = {"confirm": ", flag confirmed", "false_alarm": ", false alarm"}.get(
+                s.review or "", "")
+            lines.append(f"    {scored}  {s.series_instance_uid}  "
+                         f"{'abnormal' if s.abnormal else 'normal'} out of the box{review}"
+                         f"{', images deleted' if s.purged else ''}: {role_text(s, v)}"
+                         + (f"  {s.description}" if s.description else ""))
+    return lines
