@@ -31,10 +31,12 @@ other series, by median or by 10th percentile, left out; each slice's score refe
 position in the stack; a series judged by the 10th percentile of its referred scores against
 the series edge; an image flagged below the low in a series judged abnormal, below the image
 edge in one judged normal); the node before session 35 (every image below the low flagged);
-the node's arithmetic with nothing left out, and with only the bad series left out (an oracle
-no station has: what the outlier rule aims at). A bundle with a station score
-(``station_scoring`` in ``model.json``) is judged out of the box by its own score and,
-learned, by the station score, as the node does.
+the node's arithmetic with nothing left out; after a reviewer reported the bad series on the
+dashboard and recalibrated (``vaenode queue recalibrate``: the bad ones left out, the others
+unreviewed and trimmed as the node trims); and with only the bad series left out, the others
+reviewed normal (an oracle no station has: what the outlier rule aims at). A bundle with a
+station score (``station_scoring`` in ``model.json``) is judged out of the box by its own
+score and, learned, by the station score, as the node does.
 
     .venv/bin/python bench/station_learning.py [--model node/models/brain-t1] \\
         [--site "noise 0.02"] [--site "gamma 0.75"] [--bad 0 --bad 1 --bad 3] \\
@@ -190,6 +192,15 @@ def oracle(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
     return _learned(built)._replace(left_out=len(bad))
 
 
+def reported(series: list[np.ndarray], bad: set[int], fpr: float) -> Learned:
+    """The node's arithmetic after a reviewer reported the bad series (a missed artifact, or
+    a confirmed flag) and recalibrated: those left out, the others unreviewed (trimmed as the
+    node trims)."""
+    built = build_reference([LearningSeries(i, v, Review.FLAGGED if i in bad else Review.NONE)
+                             for i, v in enumerate(series)], fpr, estimate=False)
+    return _learned(built)._replace(left_out=len(bad) + len(built.selection.trimmed))
+
+
 RULES: dict[str, Rule | None] = {
     "out of the box": None,
     "learned (the node: outliers left out, a low per slice position, a series judged by its "
@@ -197,6 +208,8 @@ RULES: dict[str, Rule | None] = {
     "learned as the node, every image below the low flagged (the node before 2026-12-06, "
     "session 35)": every_image_below_low,
     "learned as the node, nothing left out": untrimmed,
+    "learned as the node, the bad series reported on the dashboard and recalibrated "
+    "(vaenode queue recalibrate)": reported,
     "learned as the node, only the bad series left out (oracle)": oracle,
 }
 

@@ -37,9 +37,13 @@ RETRY = "retry"
 RESEND = "resend"
 CONFIRM = "confirm"
 FALSE_ALARM = "false_alarm"
-ACTIONS = (RETRY, RESEND, CONFIRM, FALSE_ALARM)
-REVIEWS = (CONFIRM, FALSE_ALARM)
-LABELS = {RETRY: "re-score", RESEND: "re-deliver", CONFIRM: "confirm", FALSE_ALARM: "false alarm"}
+#: A series judged normal that a reviewer saw an artifact in (revision 0021): counted on the
+#: Models page, and never used for a station's normal (node.worker.station).
+MISSED = "missed"
+ACTIONS = (RETRY, RESEND, CONFIRM, FALSE_ALARM, MISSED)
+REVIEWS = (CONFIRM, FALSE_ALARM, MISSED)
+LABELS = {RETRY: "re-score", RESEND: "re-deliver", CONFIRM: "confirm", FALSE_ALARM: "false alarm",
+          MISSED: "missed artifact"}
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,15 @@ class ModelStats:
         flagged: of those, series flagged abnormal.
         confirmed: flagged series an admin confirmed.
         false_alarms: flagged series an admin marked as a false alarm.
-        false_alarm_rate: false_alarms / (scored - confirmed); None before anything is scored.
+        false_alarm_rate: false_alarms / (scored - confirmed - missed); None before anything
+            is scored.
         series_shapes: (scored slices, slices that flag the series) of each scored series
             that a count of flagged slices judged.
         station_shares: for each scored series that a calibrated station judged by its
             series edge, that station's expected false-alarm share (of its kept learning
             series, those a reference built from the others flags).
+        missed: series judged normal that an admin reported as a missed artifact (a floor on
+            the misses: nobody reviews every normal series).
     """
 
     model: str
@@ -80,6 +87,7 @@ class ModelStats:
     false_alarm_rate: float | None
     series_shapes: tuple[tuple[int, int], ...] = ()
     station_shares: tuple[float, ...] = ()
+    missed: int = 0
 
     def expected_false_alarm_rate(self, slice_fpr: float) -> float | None:
         """The series false-alarm rate the model's slice target implies.
@@ -135,8 +143,7 @@ def allowed_actions(
         allowed.append(RESEND)
     if SeriesState(series.status) is SeriesState.DONE and verdict is not None:
         allowed.append(CONFIRM)
-        if verdict.abnormal:
-            allowed.append(FALSE_ALARM)
+        allowed.append(FALSE_ALARM if verdict.abnormal else MISSED)
     return tuple(allowed)
 
 
@@ -196,6 +203,8 @@ def _why_not(action: str, series: Series, verdict: verdicts.Verdict | None) -> s
         return "it has no report with a destination to deliver to"
     if status is not SeriesState.DONE or verdict is None:
         return f"it has no verdict to review (it is {status.value})"
+    if action == MISSED:
+        return "it was flagged; only a series judged normal can be a missed artifact"
     return "its verdict is normal; only a flagged series can be a false alarm"
 
 
@@ -268,23 +277,26 @@ def model_review_stats(session: Session) -> list[ModelStats]:
             shapes[row.model].append((row.scored_slices, row.min_abnormal_slices))
     confirmed: dict[str, int] = defaultdict(int)
     false_alarms: dict[str, int] = defaultdict(int)
+    missed: dict[str, int] = defaultdict(int)
     for series_id, (action, reviewed_model) in latest_reviews(session).items():
         if reviewed_model is None:
             continue
         if action == FALSE_ALARM:
             false_alarms[reviewed_model] += 1
+        elif action == MISSED and current.get(series_id) == (reviewed_model, False):
+            missed[reviewed_model] += 1
         elif action == CONFIRM and current.get(series_id) == (reviewed_model, True):
             # Only a confirmed flag is a true positive; confirming a normal verdict says the
             # series is a true negative, which the denominator already assumes.
             confirmed[reviewed_model] += 1
     out = []
-    for model in sorted(set(scored) | set(confirmed) | set(false_alarms)):
-        negatives = scored[model] - confirmed[model]
+    for model in sorted(set(scored) | set(confirmed) | set(false_alarms) | set(missed)):
+        negatives = scored[model] - confirmed[model] - missed[model]
         rate = false_alarms[model] / negatives if negatives > 0 else None
         out.append(ModelStats(model=model, scored=scored[model], flagged=flagged[model],
                               confirmed=confirmed[model], false_alarms=false_alarms[model],
                               false_alarm_rate=rate, series_shapes=tuple(shapes[model]),
-                              station_shares=tuple(shares[model])))
+                              station_shares=tuple(shares[model]), missed=missed[model]))
     return out
 
 

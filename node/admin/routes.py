@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Res
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select, text
+from sqlalchemy.exc import NoResultFound
 from sqlalchemy.orm import Session
 
 from node.admin import auth, deliveries, models_page, queries, reviews, senders, verdicts
@@ -34,6 +35,7 @@ from node.errors import AdminActionError
 from node.ingest.store import free_space_shortfall
 from node.queue import references
 from node.queue.models import Alert, Instance
+from node.worker.station import recalibrate as recalibrate_reference
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +332,26 @@ def relearn(
     if not created:
         raise AdminActionError(f"station reference {reference_id} is not current (restarted "
                                "already?): reload the Scanners page")
+    return RedirectResponse(str(request.url_for("senders")) + "#references", status_code=303)
+
+
+@router.post("/senders/recalibrate", name="recalibrate")
+def recalibrate(
+    request: Request,
+    session: SessionDep,
+    reference_id: Annotated[int, Form()],
+    note: Annotated[str, Form()] = "",
+    reviewer: Annotated[str, Form()] = "",
+) -> RedirectResponse:
+    """Rebuild a calibrated station's reference from its learning series with the reviews as
+    they stand now (a bad series reported missed or confirmed flagged is left out)."""
+    identity: auth.Identity | None = getattr(request.state, "identity", None)
+    actor = reviews.actor_name(identity, reviewer, request.client.host if request.client else None)
+    try:
+        recalibrate_reference(session, _settings(request).learning, reference_id,
+                              actor=f"admin:{actor}", note=note.strip() or None)
+    except (ValueError, NoResultFound) as exc:
+        raise AdminActionError(f"{exc}: reload the Scanners page") from exc
     return RedirectResponse(str(request.url_for("senders")) + "#references", status_code=303)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from node.commands.common import ConfigOption, setup
-from node.commands.stations import reference_dict, reference_lines
+from node.commands.stations import recalibrate_station, reference_dict, reference_lines
 from node.errors import ConfigError, NodeError
 
 queue_app = typer.Typer(help="Inspect the series queue.", no_args_is_help=True)
@@ -185,6 +185,32 @@ def relearn_cmd(
                    + (f" ({new.scanner_model})" if new.scanner_model else "")
                    + f", protocol '{new.protocol}', {new.model_name} {new.model_version}")
     typer.echo(f"the next {settings.learning.series} scored series of each learn anew")
+
+
+@queue_app.command("recalibrate")
+def recalibrate_cmd(
+    station: Annotated[str, typer.Option(
+        "--station", help="Station Name (or the calling AE title of a sender that names "
+        "none), case-insensitive.")],
+    config: ConfigOption = None,
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", help="Only this protocol (Series Description; case and spaces do not "
+        "matter); default: every calibrated protocol of the station.")] = None,
+    note: Annotated[str | None, typer.Option(
+        "--note", help="Why (which series were reviewed): kept with the old reference.")]
+    = None,
+) -> None:
+    """Rebuild a calibrated station's reference from the series it learned from, with the
+    reviews as they stand now (a series reported as a missed artifact, or whose flag was
+    confirmed, is left out); the old reference is kept, superseded."""
+    import getpass
+
+    settings = setup(config)
+    with _session(config, settings=settings) as session:
+        lines = recalibrate_station(session, settings.learning, station, protocol,
+                                    actor=f"cli:{getpass.getuser()}", note=note)
+    for line in lines:
+        typer.echo(line)
 
 
 @queue_app.command("nodes")

@@ -1,9 +1,10 @@
-"""How ``vaenode queue senders`` prints station references and the series each learned from.
+"""Station references on the command line: how ``vaenode queue senders`` prints them and the
+series each learned from, and ``vaenode queue recalibrate``.
 
 Kept apart from the queue command's other listings: a reference has a wide table of its own,
 and an admin auditing one after calibration needs its learning series, each with what the
 calibration did with it (used, left out as an outlier, excluded), its verdict out of the box
-and its review, to decide whether to confirm a bad one and restart learning.
+and its review, to decide whether a bad one should be reported and the reference rebuilt.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from node.errors import NodeError
+
 if TYPE_CHECKING:  # the command line imports the database layer only when it runs
+    from sqlalchemy.orm import Session
+
+    from node.config import LearningSettings
     from node.queue.references import LearnedSeries, ReferenceView
 
 
@@ -21,7 +27,8 @@ def _iso(value: datetime | None) -> str | None:
 
 #: A role as people read it; None: no role recorded (see :func:`role_text`).
 ROLE_TEXT = {"used": "used", "outlier": "left out (outlier below the others)",
-             "excluded": "left out (confirmed flag or no foreground slice)"}
+             "excluded": "left out (a confirmed flag or a reported miss, or no foreground "
+                         "slice)"}
 
 
 def role_text(series: LearnedSeries, view: ReferenceView) -> str:
@@ -96,10 +103,54 @@ def reference_lines(views: list[ReferenceView], needed: int,
                      + (f"\n    {v.note}" if v.note else ""))
         for s in (learned or {}).get(v.id, []):
             scored = f"{s.scored_at:%Y-%m-%d %H:%M}" if s.scored_at else "-"
-            review = {"confirm": ", flag confirmed", "false_alarm": ", false alarm"}.get(
-                s.review or "", "")
+            review = {"confirm": ", verdict confirmed", "false_alarm": ", false alarm",
+                      "missed": ", missed artifact"}.get(s.review or "", "")
             lines.append(f"    {scored}  {s.series_instance_uid}  "
                          f"{'abnormal' if s.abnormal else 'normal'} out of the box{review}"
                          f"{', images deleted' if s.purged else ''}: {role_text(s, v)}"
                          + (f"  {s.description}" if s.description else ""))
+    return lines
+
+
+def recalibrate_station(session: Session, learning: LearningSettings, station: str,
+                        protocol: str | None, *, actor: str, note: str | None) -> list[str]:
+    """``vaenode queue recalibrate``: each current calibrated reference of the station (of
+    one protocol, when given) rebuilt from its learning series with today's reviews; what
+    became of each, in words.
+
+    Raises:
+        NodeError: the station has no calibrated reference (of that protocol).
+    """
+    from sqlalchemy import func, select
+
+    from node.queue.models import StationReference
+    from node.queue.references import CALIBRATED, key_of, normalize_protocol
+    from node.worker.station import recalibrate
+
+    stmt = select(StationReference.id).where(
+        StationReference.superseded_at.is_(None), StationReference.state == CALIBRATED,
+        func.upper(StationReference.station) == " ".join(station.split()).upper())
+    if protocol is not None:
+        stmt = stmt.where(StationReference.protocol == normalize_protocol(protocol))
+    ids = list(session.scalars(stmt.order_by(StationReference.id)))
+    session.rollback()
+    if not ids:
+        raise NodeError(f"no calibrated station reference for station {station!r}"
+                        + (f", protocol {protocol!r}" if protocol else "")
+                        + " (vaenode queue senders lists them)")
+    lines = []
+    for reference_id in ids:
+        new, calibrated = recalibrate(session, learning, reference_id, actor=actor, note=note)
+        row = session.get(StationReference, new.id, populate_existing=True)
+        assert row is not None
+        if calibrated:
+            used, trimmed, excluded = (row.series_used or 0, row.series_trimmed or 0,
+                                       row.series_excluded or 0)
+            lines.append(f"recalibrated: {key_of(row).label}, from {used} of "
+                         f"{used + trimmed + excluded} learning series ({excluded} left out "
+                         f"by review or empty, {trimmed} as outliers)")
+        else:
+            lines.append(f"not calibrated: {key_of(row).label}: "
+                         f"{row.note or 'fewer learning series than [learning].series'}; it "
+                         "learns on from its next series")
     return lines

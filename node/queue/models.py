@@ -313,8 +313,9 @@ class StationReference(Base):
     #: kept series and before revision 0019 (every image below ``low`` is flagged).
     image_edge: Mapped[float | None] = mapped_column(Float)
     #: The learning series it was built from, by role: ``{"used": [series ids], "outlier":
-    #: [...], "excluded": [...]}`` (left out as outliers below the others; confirmed flags
-    #: and series with no foreground slice). NULL while learning and before revision 0020.
+    #: [...], "excluded": [...]}`` (left out as outliers below the others; confirmed flags,
+    #: reported misses and series with no foreground slice). NULL while learning and before
+    #: revision 0020.
     learned_from: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
     #: Why a calibration was refused (the row stays ``learning`` and tries again on the next
     #: series), or None.
@@ -366,14 +367,14 @@ class AdminAction(Base):
     )
     actor: Mapped[str] = mapped_column(String(128))
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
-    # "retry", "resend", "confirm" or "false_alarm"
+    # "retry", "resend", "confirm", "false_alarm" or "missed" (revision 0021)
     action: Mapped[str] = mapped_column(String(16))
     model: Mapped[str | None] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         CheckConstraint(
-            "action IN ('retry', 'resend', 'confirm', 'false_alarm')",
+            "action IN ('retry', 'resend', 'confirm', 'false_alarm', 'missed')",
             name="ck_admin_actions_action",
         ),
     )

@@ -36,14 +36,15 @@ FROM_STATION_NAME = "station_name"
 FROM_CALLING_AET = "calling_aet"
 
 #: What a calibrated reference did with each of its learning series (``learned_from``):
-#: used it, left it out as an outlier below the others, or excluded it (a confirmed flag, or
-#: no foreground slice).
+#: used it, left it out as an outlier below the others, or excluded it (a confirmed flag, a
+#: reported miss, or no foreground slice).
 USED, OUTLIER, EXCLUDED = "used", "outlier", "excluded"
 ROLES = (USED, OUTLIER, EXCLUDED)
 
 #: The reviews the dashboard records (``admin_actions.action``).
 _CONFIRM = "confirm"
 _FALSE_ALARM = "false_alarm"
+_MISSED = "missed"
 
 
 def normalize_protocol(description: str | None) -> str:
@@ -165,13 +166,14 @@ def learned_counts(session: Session, reference_ids: Sequence[int]) -> dict[int, 
 
 
 def latest_reviews_of(session: Session, series_ids: Sequence[int]) -> dict[int, str]:
-    """Series id -> its latest review (``confirm`` or ``false_alarm``), for those reviewed."""
+    """Series id -> its latest review (``confirm``, ``false_alarm`` or ``missed``), for those
+    reviewed."""
     if not series_ids:
         return {}
     rows = session.execute(
         select(AdminAction.series_id, AdminAction.action)
         .where(AdminAction.series_id.in_(list(series_ids)),
-               AdminAction.action.in_((_CONFIRM, _FALSE_ALARM)))
+               AdminAction.action.in_((_CONFIRM, _FALSE_ALARM, _MISSED)))
         .order_by(AdminAction.id))
     return {int(sid): str(action) for sid, action in rows}
 
@@ -184,7 +186,7 @@ class LearnedSeries:
         series_id / series_instance_uid / description: the series.
         scored_at: when its verdict was made.
         abnormal: its verdict then (out of the box, while the station learned).
-        review: its latest review (``confirm``, ``false_alarm``) or None.
+        review: its latest review (``confirm``, ``false_alarm``, ``missed``) or None.
         role: what the calibration did with it (:data:`ROLES`); None while the reference
             learns, for a series scored after it calibrated, and for references calibrated
             before revision 0020.
@@ -324,22 +326,11 @@ def restart_learning(session: Session, *, actor: str, note: str | None = None,
             stmt = stmt.where(StationReference.protocol == normalize_protocol(protocol))
     else:
         raise ValueError("name a station or reference ids")
-    now = utcnow()
     created = []
     try:
         old_rows = session.scalars(stmt.order_by(StationReference.id).with_for_update()).all()
         for old in old_rows:
-            old.superseded_at = now
-            old.superseded_by = actor[:128]
-            old.superseded_note = note
-            session.flush()
-            new = StationReference(station=old.station, station_source=old.station_source,
-                                   scanner_model=old.scanner_model, protocol=old.protocol,
-                                   model_name=old.model_name, model_version=old.model_version,
-                                   state=LEARNING, created_at=now)
-            session.add(new)
-            session.flush()
-            created.append(new)
+            created.append(supersede(session, old, actor=actor, note=note))
         session.commit()
     except BaseException:
         session.rollback()
@@ -348,6 +339,34 @@ def restart_learning(session: Session, *, actor: str, note: str | None = None,
         log.info("station learning restarted", extra={"station": key_of(new).label,
                                                       "reference_id": new.id, "actor": actor})
     return created
+
+
+def supersede(session: Session, old: StationReference, *, actor: str,
+              note: str | None) -> StationReference:
+    """Mark ``old`` superseded (who, when, why) and add a ``learning`` row with its key, in
+    the caller's transaction; the new row."""
+    now = utcnow()
+    old.superseded_at = now
+    old.superseded_by = actor[:128]
+    old.superseded_note = note
+    session.flush()
+    new = StationReference(station=old.station, station_source=old.station_source,
+                           scanner_model=old.scanner_model, protocol=old.protocol,
+                           model_name=old.model_name, model_version=old.model_version,
+                           state=LEARNING, created_at=now)
+    session.add(new)
+    session.flush()
+    return new
+
+
+def move_learning_series(session: Session, from_id: int, to_id: int) -> int:
+    """Re-attach a reference's learning series to another (in the caller's transaction): a
+    recalibration learns from the series its predecessor learned from. Their verdicts were
+    out of the box either way. The number moved."""
+    moved = session.execute(
+        update(Series).where(Series.reference_id == from_id, Series.reference_state == LEARNING)
+        .values(reference_id=to_id).execution_options(synchronize_session=False))
+    return int(getattr(moved, "rowcount", 0) or 0)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ lowest series (the worst 20% by each, as this module first did) also leaves out 
 ordinary low subjects, its L is then too high, and held-out normal slices of simulated sites
 were flagged at about three times the target rate (``bench/station_learning.py``, README). A
 person's review on the dashboard overrides this: a series marked a false alarm or confirmed
-normal is always used and never left out; a confirmed flag is never used.
+normal is always used and never left out; a confirmed flag (or a series reported as a missed
+artifact) is never used.
 
 A low slice rate is not a low series rate: a series' low slices come together (its ends, a
 few subjects' clusters low in the head), so counting a series' slices below L flags about one
@@ -110,7 +111,7 @@ class Review(str, Enum):  # noqa: UP042 - compared with stored strings
 
     NONE = "none"  # not reviewed: used unless trimmed
     NORMAL = "normal"  # a false alarm, or a normal verdict confirmed: always used
-    FLAGGED = "flagged"  # a flag confirmed: never used
+    FLAGGED = "flagged"  # a flag confirmed, or reported a missed artifact: never used
 
 
 class ReferenceRefused(ValueError):
@@ -183,7 +184,7 @@ class Selection:
     Attributes:
         kept: series ids used (reviewed normal ones and unreviewed ones not trimmed).
         trimmed: unreviewed series left out as outliers below the others.
-        excluded: confirmed flags and series with no foreground slice.
+        excluded: confirmed flags and reported misses, and series with no foreground slice.
     """
 
     kept: tuple[int, ...]
@@ -332,7 +333,8 @@ def build_reference(series: Sequence[LearningSeries], target_fpr: float, *,
     kept = [by_id[i] for i in selection.kept]
     if not kept:
         raise ReferenceRefused(f"none of the {len(series)} learning series is usable "
-                               f"({len(selection.excluded)} confirmed flags or empty)")
+                               f"({len(selection.excluded)} confirmed flags, reported "
+                               "misses or empty)")
     position, low = _fit(kept, target_fpr)
     centre = float(np.median([np.median(position.refer(s.scores, s.positions))
                               for s in kept]))

@@ -14,7 +14,8 @@ learned and mapped is the bundle's station score where it declares one (``statio
 a weighting that sees motion but would flag other scanners' normal series out of the box),
 else its own. Inside the transaction that stores the verdict the worker calls
 :func:`settle_reference`: when that series makes the ``[learning].series``-th of its station,
-the reference is built from them, once, under the reference's row lock.
+the reference is built from them, once, under the reference's row lock. An admin who has
+reviewed them since can have it rebuilt from the same series (:func:`recalibrate`).
 
 :func:`normal_series_folders` lists a station's stored learning series that the reference
 kept (the same trimming and reviews), for training a network on that station's images.
@@ -231,7 +232,7 @@ def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
 def _review(row: refs.LearningRows) -> Review:
     if row.review == "false_alarm" or (row.review == "confirm" and not row.abnormal):
         return Review.NORMAL
-    if row.review == "confirm":
+    if row.review in ("confirm", "missed"):
         return Review.FLAGGED
     return Review.NONE
 
@@ -288,6 +289,51 @@ def settle_reference(session: Session, learning: LearningSettings, reference_id:
              "none" if built.image_edge is None else f"{built.image_edge:.6g}",
              built.series_flagged, extra={"station": label, "reference_id": reference_id})
     return True
+
+
+def recalibrate(session: Session, learning: LearningSettings, reference_id: int, *,
+                actor: str, note: str | None = None) -> tuple[StationReference, bool]:
+    """Rebuild a calibrated station's reference from the series it learned from, with the
+    reviews as they stand now (commits).
+
+    A bad learning series judged normal out of the box (the default bundle sees no motion) is
+    used, and a few of them widen the station's normal where their bad images lie. Once a
+    reviewer has reported them (``missed``) or confirmed their flags, this takes them out
+    without waiting for ``[learning].series`` new series, as a restart would. The old row is
+    superseded (kept, with who and when) and its learning series move to the new row, which
+    calibrates at once on the old row's bundle scale (no model needed).
+
+    Returns:
+        The new row and whether it calibrated (a refusal is its note; it stays ``learning``
+        and calibrates on its next series, as any learning reference does).
+
+    Raises:
+        ValueError: the reference is not current, or not calibrated.
+    """
+    try:
+        old = refs.lock_reference(session, reference_id)
+        if old.superseded_at is not None:
+            raise ValueError(f"station reference {reference_id} is not current (restarted or "
+                             "recalibrated already?)")
+        if (old.state != refs.CALIBRATED or old.bundle_threshold is None
+                or old.bundle_median is None or old.target_fpr is None):
+            raise ValueError(f"station reference {reference_id} is still learning: it "
+                             "calibrates from its learning series, with their reviews, when "
+                             f"its {learning.series}th is scored")
+        scale = BundleScale(old.model_name, old.model_version, old.bundle_threshold,
+                            old.bundle_median, old.target_fpr, ())
+        new = refs.supersede(session, old, actor=actor,
+                             note=note or "recalibrated from its learning series")
+        moved = refs.move_learning_series(session, old.id, new.id)
+        calibrated = settle_reference(session, learning, new.id, scale)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    log.info("station reference recalibrated from %d learning series", moved,
+             extra={"station": refs.key_of(new).label, "reference_id": new.id,
+                    "superseded_id": reference_id, "actor": actor, "calibrated": calibrated})
+    return new, calibrated
 
 
 def normal_series_folders(session: Session, storage_dir: Path, station: str,

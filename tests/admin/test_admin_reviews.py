@@ -8,9 +8,11 @@ import pytest
 from scipy.stats import binom
 from sqlalchemy import update
 
+from node.admin import reviews
 from node.admin.auth import Identity
 from node.admin.reviews import ModelStats, actor_name, binomial_tail, model_review_stats
-from node.config import DatabaseSettings, LearningSettings
+from node.config import DatabaseSettings, LearningSettings, Settings
+from node.errors import AdminActionError
 from node.queue import references as refs
 from node.queue.models import Series, StationReference
 from node.worker.station import BundleScale, settle_reference
@@ -75,3 +77,34 @@ def test_a_series_judged_by_a_station_edge_counts_with_the_station_share(
     n, k = stats.series_shapes[0]
     assert stats.expected_false_alarm_rate(0.01) == pytest.approx(
         (5 * binom.sf(k - 1, n, 0.01) + 0.25) / 6)
+
+
+def test_a_reported_miss_is_counted_and_only_a_normal_verdict_can_be_one(
+    tmp_path: Path,
+) -> None:
+    """A reviewer who sees an artifact in a series judged normal reports a miss: the Models
+    page counts it and it leaves the false-alarm rate's denominator (it is not a negative);
+    a flagged series cannot be one (it is a confirmed flag or a false alarm)."""
+    with migrated_database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'q.db'}")) as factory:
+        with factory() as session:
+            reference_id = refs.ensure_reference(session, KEY).id
+        site = site_scores(4, seed=5)
+        normal = [add_learning_series(factory, reference_id, s) for s in site[:3]]
+        flagged = add_learning_series(factory, reference_id, site[3], abnormal=True)
+        settings = Settings()
+        with factory() as session:
+            series = session.get(Series, normal[0])
+            assert series is not None
+            assert reviews.MISSED in reviews.allowed_actions(
+                session, series, reviews.verdicts.series_verdict(session, series.id))
+            reviews.perform(session, settings, series, reviews.MISSED, "dr ada", "motion")
+            bad = session.get(Series, flagged)
+            assert bad is not None
+            with pytest.raises(AdminActionError, match="only a series judged normal"):
+                reviews.perform(session, settings, bad, reviews.MISSED, "dr ada", None)
+            reviews.perform(session, settings, bad, reviews.FALSE_ALARM, "dr ada", None)
+            [stats] = model_review_stats(session)
+            assert [a.label for a in reviews.actions_for(session, normal[0])] == [
+                "missed artifact"]
+    assert (stats.scored, stats.flagged, stats.missed, stats.false_alarms) == (4, 1, 1, 1)
+    assert stats.false_alarm_rate == pytest.approx(1 / 3)

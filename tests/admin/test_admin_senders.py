@@ -377,3 +377,86 @@ def test_scanners_page_shows_what_each_station_learned_and_restarts_it(
         assert refs.current_reference(session, KEY) is not None
         assert refs.current_reference(session, replace(KEY, protocol="t2 axial")).id != (
             learning.id)
+
+
+def test_a_missed_learning_series_is_reported_and_the_station_recalibrated(
+    make_settings: Callable[..., Settings],
+    session_factory_for: Callable[[Settings], sessionmaker[Session]],
+    run_dashboard: Callable[[Settings, sessionmaker[Session]], RunningDashboard],
+    tmp_path: Path,
+) -> None:
+    """A bad learning series judged normal was used: its page offers "Missed artifact" (a
+    POST behind the token and the Origin check); the Scanners page's Recalibrate rebuilds the
+    station from the same series without it, the old reference kept; the command line does
+    the same and says what it did."""
+    settings = make_settings(token=TOKEN).model_copy(
+        update={"learning": LearningSettings(series=5)})
+    factory = session_factory_for(settings)
+    with factory() as session:
+        reference = refs.ensure_reference(session, KEY)
+    site = site_scores(5, seed=6)
+    bad = site[2].copy()
+    bad[20:25] -= 9000.0
+    ids = [add_learning_series(factory, reference.id, s) for s in [*site[:2], bad, *site[3:]]]
+    scale = BundleScale("brain-t1", "0.1.0", -36000.0, -2400.0, 0.01,
+                        tuple(float(q) for q in range(201)))
+    with factory.begin() as session:
+        assert settle_reference(session, settings.learning, reference.id, scale)
+        uid = session.scalars(select(Series.series_instance_uid)
+                              .where(Series.id == ids[2])).one()
+    dash = run_dashboard(settings, factory)
+    base = f"http://127.0.0.1:{dash.port}"
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    page = http(f"{base}/series/{uid}", headers=bearer).text
+    assert 'id="action-missed"' in page and 'id="action-false_alarm"' not in page
+    form = urllib.parse.urlencode({"action": "missed", "reviewer": "dr ada",
+                                   "note": "motion"}).encode()
+    assert http(f"{base}/series/{uid}/actions", data=form, follow=False).status == 401
+    done = http(f"{base}/series/{uid}/actions", data=form,
+                headers={**bearer, "Origin": base}, follow=False)
+    assert done.status == 303
+    html = http(f"{base}/senders", headers=bearer).text
+    shown = html.split(f'data-id="{reference.id}"', 1)[1].split("</tr>", 1)[0]
+    listed = shown.split(f'data-uid="{uid}"', 1)[1].split("</li>", 1)[0]
+    assert 'data-role="used"' in listed and "missed artifact" in listed
+    assert f'id="recalibrate-{reference.id}"' in shown
+
+    form = urllib.parse.urlencode({"reference_id": reference.id, "reviewer": "dr ada",
+                                   "note": "3rd series had motion"}).encode()
+    url = f"{base}/senders/recalibrate"
+    assert http(url, data=form, follow=False).status == 401
+    assert http(url, data=form, headers={**bearer, "Origin": "http://evil.example"},
+                follow=False).status == 403
+    done = http(url, data=form, headers={**bearer, "Origin": base}, follow=False)
+    assert done.status == 303 and done.headers["location"].endswith("/senders#references")
+    with factory() as session:
+        old = session.get(StationReference, reference.id)
+        new = refs.current_reference(session, KEY)
+    assert old is not None and (old.superseded_by, old.superseded_note) == (
+        "admin:dr ada", "3rd series had motion")
+    assert new is not None and new.state == "calibrated" and new.id != reference.id
+    assert new.learned_from is not None and new.learned_from["excluded"] == [ids[2]]
+    html = http(f"{base}/senders", headers=bearer).text
+    shown = html.split(f'data-id="{new.id}"', 1)[1].split("</tr>", 1)[0]
+    assert re.search(f'data-uid="{re.escape(uid)}" data-role="excluded"', shown)
+    assert "admin:dr ada" in html.split('id="earlier-references"', 1)[1]
+    # The old reference is no longer current: the same button again is refused.
+    assert http(url, data=form, headers={**bearer, "Origin": base}, follow=False).status == 409
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[database]\nurl = "{settings.database.url}"\n\n[learning]\nseries = 5\n',
+                      encoding="utf-8")
+    cli = subprocess.run([str(VAENODE), "queue", "recalibrate", "--station", "mr room 3",
+                          "--note", "again", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == (
+        "recalibrated: MR ROOM 3 (Prisma), protocol 't1 mprage sag', from 4 of 5 learning "
+        "series (1 left out by review or empty, 0 as outliers)")
+    with factory() as session:
+        latest = refs.current_reference(session, KEY)
+        assert latest is not None and latest.id != new.id and latest.state == "calibrated"
+        assert refs.learning_series_ids(session, latest.id) == ids
+    cli = subprocess.run([str(VAENODE), "queue", "recalibrate", "--station", "MR ROOM 9",
+                          "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert cli.returncode != 0 and "no calibrated station reference" in cli.stderr

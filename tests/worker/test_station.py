@@ -23,6 +23,7 @@ from node.queue.db import make_engine, make_session_factory
 from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import AdminAction, Series, SliceScore, StationReference, utcnow
 from node.report.content import SliceVerdict
+from node.worker import station as station_module
 from node.worker.learning import (
     LearningSeries,
     Review,
@@ -34,6 +35,7 @@ from node.worker.station import (
     apply_reference,
     judge,
     normal_series_folders,
+    recalibrate,
     settle_reference,
 )
 from tests.helpers.db import insert_done_series, migrated_database
@@ -182,6 +184,83 @@ def test_the_reference_records_which_learning_series_it_used_and_left_out(
         (late, None)]
     assert [(s.abnormal, s.review) for s in listed[3:5]] == [(True, None), (True, "confirm")]
     assert all(s.series_instance_uid and not s.purged for s in listed)
+
+
+def test_a_series_reported_as_a_missed_artifact_is_never_used(
+    factory: sessionmaker[Session],
+) -> None:
+    """Out of the box the default bundle sees no motion, so a bad learning series is judged
+    normal; a reviewer's "missed artifact" keeps it out as a confirmed flag would, although it
+    is no outlier, and a later "confirm" of its normal verdict takes it back."""
+    reference = _reference(factory)
+    site = site_scores(5, seed=6)
+    ids = [add_learning_series(factory, reference.id, s) for s in site]
+    with factory.begin() as session:
+        session.execute(insert(AdminAction), [
+            {"series_id": ids[1], "actor": "dr", "action": "missed", "at": utcnow()}])
+    assert select_series([LearningSeries(i, s) for i, s in zip(ids, site, strict=True)]
+                         ).trimmed == ()
+    assert _settle(factory, reference.id)
+    row = _row(factory, reference.id)
+    assert row.learned_from == {refs.USED: [ids[0], *ids[2:]], refs.OUTLIER: [],
+                                refs.EXCLUDED: [ids[1]]}
+    with factory() as session:
+        assert [s.review for s in refs.learned_series(session, reference.id,
+                                                       row.learned_from)][1] == "missed"
+        session.execute(insert(AdminAction), [
+            {"series_id": ids[1], "actor": "dr", "action": "confirm", "at": utcnow()}])
+        assert select_series(station_module._learning_series(session, reference.id)
+                             ).excluded == ()
+
+
+def test_recalibrate_rebuilds_from_the_same_series_with_todays_reviews(
+    factory: sessionmaker[Session],
+) -> None:
+    """A bad learning series judged normal (a low block in 5 of its 60 slices, no outlier
+    by its median or 10th percentile) is used and widens the station's spread there; reported
+    as missed, a recalibration leaves it out at once: the same arithmetic on the same series
+    with the review, no new series needed; the old reference is kept."""
+    reference = _reference(factory)
+    site = site_scores(5, seed=6)
+    bad = site[2].copy()
+    bad[20:25] -= 9000.0
+    series = [*site[:2], bad, *site[3:]]
+    ids = [add_learning_series(factory, reference.id, s) for s in series]
+    assert _settle(factory, reference.id)
+    before = _row(factory, reference.id)
+    assert before.learned_from is not None and ids[2] in before.learned_from[refs.USED]
+    with factory() as session:
+        with pytest.raises(ValueError, match="still learning"):
+            recalibrate(session, LEARN, _reference(factory, refs.StationKey(
+                **{**KEY.__dict__, "protocol": "other"})).id, actor="cli:ops")
+        session.execute(insert(AdminAction), [
+            {"series_id": ids[2], "actor": "dr", "action": "missed", "at": utcnow()}])
+        session.commit()
+        new, calibrated = recalibrate(session, LEARN, reference.id, actor="admin:dr ada",
+                                      note="motion in the 3rd learning series")
+    assert calibrated and new.id != reference.id
+    old, row = _row(factory, reference.id), _row(factory, new.id)
+    assert (old.state, old.superseded_by, old.superseded_note) == (
+        refs.CALIBRATED, "admin:dr ada", "motion in the 3rd learning series")
+    assert old.superseded_at is not None and old.learned_from == before.learned_from
+    assert row.state == refs.CALIBRATED and row.superseded_at is None
+    assert row.learned_from == {refs.USED: [*ids[:2], *ids[3:]], refs.OUTLIER: [],
+                                refs.EXCLUDED: [ids[2]]}
+    reviewed = [LearningSeries(i, s, Review.FLAGGED if i == ids[2] else Review.NONE)
+                for i, s in zip(ids, series, strict=True)]
+    expected = build_reference(reviewed, SCALE.target_fpr)
+    assert row.low == pytest.approx(expected.low) and row.low != pytest.approx(before.low)
+    assert row.position_spreads == pytest.approx(list(expected.position.spreads))
+    assert row.series_edge == pytest.approx(expected.series_edge)
+    # The scale it maps onto is the old reference's (the bundle's), read from its row.
+    assert (row.bundle_median, row.bundle_threshold) == (SCALE.median, SCALE.threshold)
+    with factory() as session:
+        assert refs.learning_series_ids(session, new.id) == ids
+        assert refs.learning_series_ids(session, reference.id) == []
+        assert refs.current_reference(session, KEY).id == new.id  # type: ignore[union-attr]
+        # The old one is no longer current: a second try is refused.
+        with pytest.raises(ValueError, match="not current"):
+            recalibrate(session, LEARN, reference.id, actor="cli:ops")
 
 
 def test_no_spread_is_refused_with_a_reason_and_stays_learning(
