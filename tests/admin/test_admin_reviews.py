@@ -1,10 +1,13 @@
-"""The review arithmetic: who acted, and the series false-alarm target a slice target implies."""
+"""The review arithmetic: who acted, the series false-alarm target a slice target implies, and
+the misses reviewers report."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
+from alembic import command
 from scipy.stats import binom
 from sqlalchemy import update
 
@@ -14,9 +17,10 @@ from node.admin.reviews import ModelStats, actor_name, binomial_tail, model_revi
 from node.config import DatabaseSettings, LearningSettings, Settings
 from node.errors import AdminActionError
 from node.queue import references as refs
+from node.queue.migrate import alembic_config, current_revision, head_revision, upgrade
 from node.queue.models import Series, StationReference
 from node.worker.station import BundleScale, settle_reference
-from tests.helpers.db import migrated_database
+from tests.helpers.db import insert_done_series, migrated_database
 from tests.helpers.learning import KEY, add_learning_series, site_scores
 
 
@@ -108,3 +112,40 @@ def test_a_reported_miss_is_counted_and_only_a_normal_verdict_can_be_one(
                 "missed artifact"]
     assert (stats.scored, stats.flagged, stats.missed, stats.false_alarms) == (4, 1, 1, 1)
     assert stats.false_alarm_rate == pytest.approx(1 / 3)
+
+
+def test_migration_0021_admits_missed_reviews_and_the_downgrade_drops_them(
+    tmp_path: Path,
+) -> None:
+    """Before revision 0021 the CHECK refuses a ``missed`` action; after it the row is kept
+    with the earlier reviews (and the table's indexes); the downgrade deletes only the misses,
+    and the upgrade works again."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0020_reference_learned_from")
+    now = "2026-12-06 00:00:00.000000"
+    insert = ("INSERT INTO admin_actions (series_id, actor, at, action) "
+              "VALUES (1, 'dr', ?, ?)")
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        insert_done_series(db, 1, "1.2.3", now)
+        db.execute(insert, (now, "confirm"))
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(insert, (now, "missed"))
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+
+    def actions() -> list[str]:
+        with sqlite3.connect(tmp_path / "old.db") as db:
+            return [r[0] for r in db.execute("SELECT action FROM admin_actions ORDER BY id")]
+
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.execute(insert, (now, "missed"))
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(insert, (now, "bogus"))
+        indexes = {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'admin_actions'")}
+    assert actions() == ["confirm", "missed"]
+    assert {"ix_admin_actions_series_id", "ix_admin_actions_at"} <= indexes
+    command.downgrade(alembic_config(url), "0020_reference_learned_from")
+    assert actions() == ["confirm"]
+    upgrade(url)
+    assert actions() == ["confirm"]
