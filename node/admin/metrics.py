@@ -202,11 +202,18 @@ class QueueCollector(Collector):
                 "Flagged series an admin confirmed, by model.",
                 labels=["model"],
             )
+            missed = CounterMetricFamily(
+                "vaenode_missed",
+                "Series judged normal that an admin reported as a missed artifact, by model.",
+                labels=["model"],
+            )
             for stat in stats:
                 false_alarms.add_metric([stat.model], float(stat.false_alarms))
                 confirmed.add_metric([stat.model], float(stat.confirmed))
+                missed.add_metric([stat.model], float(stat.missed))
             yield false_alarms
             yield confirmed
+            yield missed
             yield self._verdicts_by_sender(session)
             yield from self._storage_metrics(session)
 

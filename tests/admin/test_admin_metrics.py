@@ -136,6 +136,7 @@ def test_metrics_follow_queue_outbox_and_reviews(make_settings, session_factory_
     assert samples[("vaenode_scoring_duration_seconds_bucket", (("le", first),))] == 1
     assert samples[("vaenode_delivery_failures_total", ())] == 2
     assert samples[("vaenode_false_alarms_total", (("model", "m 1"),))] == 1
+    assert samples[("vaenode_missed_total", (("model", "m 1"),))] == 0
     scanner = (("calling_aet", "SCANNER1"), ("station", "MRC35389"))
     assert samples[("vaenode_scored_series", (*scanner, ("verdict", "abnormal")))] == 1
     assert ("vaenode_scored_series", (*scanner, ("verdict", "normal"))) not in samples
