@@ -12,8 +12,11 @@ reference judged them, and a restart (``vaenode queue relearn``) starts learning
 while keeping the old reference. Nothing here asserts what the bundle makes of the site out
 of the box.
 
-Each test runs for both shipped bundles: ``brain-t1`` 0.1.0 and the default,
-``brain-t1-multiscanner`` 0.3.0 (``VAENODE_TEST_BUNDLE`` names one bundle to run alone). The
+Each test runs for the default bundle, ``brain-t1-multiscanner`` 0.3.0, the one a node
+learns with unless configured otherwise; ``VAENODE_TEST_BUNDLE=node/models/brain-t1`` runs
+them for the opt-in ``brain-t1`` 0.1.0 instead (by hand: each bundle's run costs about three
+minutes of the suite's twenty, and ``tests/e2e/test_flow.py`` already sends series through a
+node with 0.1.0; its learning run passed every test here on 2026-12-06). The
 default does not meet one bound yet (2026-12-06, each slice referred to the station's normal
 at its position, a series judged by its 10th percentile, a normal series' images by the image
 edge): 13.3% of its motion series' slices outside the block are flagged (a cluster low in
@@ -50,9 +53,9 @@ from tests.helpers.series import IXI, WrittenSeries, load_volume, motion_block, 
 
 pytestmark = pytest.mark.e2e
 
-#: The bundles the station learns with: ``brain-t1`` 0.1.0 and the default.
+#: The bundle the station learns with: the default, or ``VAENODE_TEST_BUNDLE``.
 BUNDLES = ([Path(os.environ["VAENODE_TEST_BUNDLE"])] if os.environ.get("VAENODE_TEST_BUNDLE")
-           else [default_bundle_path().parent / "brain-t1", default_bundle_path()])
+           else [default_bundle_path()])
 #: Subjects other tests use.
 TAKEN = ("IXI080", "IXI096", "IXI102")
 STATION = "MR ROOM 7"
