@@ -118,6 +118,7 @@ def senders_cmd(
     with _session(config, read_only=True, settings=settings) as session:
         rows = [s for s in sender_stats(session, days) if s.series]
         views = reference_views(session)
+        # Without --series: none, so that the JSON has no "learning_series" key.
         learned = ({v.id: learned_series(session, v.id, v.learned_from) for v in views}
                    if series else {})
     if as_json:
@@ -130,7 +131,7 @@ def senders_cmd(
                 "false_alarms": s.false_alarms, "skipped": s.skipped, "failed": s.failed,
                 "in_progress": s.in_progress, "last_received": _iso(s.last_received),
                 "skip_reasons": [{"reason": r, "series": n} for r, n in s.skip_reasons],
-                "references": [reference_dict(v, needed, learned.get(v.id) if series else None)
+                "references": [reference_dict(v, needed, learned.get(v.id))
                                for v in references_of(s, views)],
             }))
         return

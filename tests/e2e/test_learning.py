@@ -8,8 +8,9 @@ them a whole series with moderate motion (a bad one nobody reviewed). The statio
 clean series of the site is normal and the same series with a block of moderate motion is
 flagged (the bad learning series did not blind it), the clean series' images were judged
 against the station's image edge and the motion series' against its low, the SRs say which
-reference judged them, and a restart (``vaenode queue relearn``) starts learning afresh
-while keeping the old reference. Nothing here asserts what the bundle makes of the site out
+reference judged them, a learning series a reviewer reports as a missed artifact is left out
+by a recalibration (``vaenode queue recalibrate``) from the same series, and a restart
+(``vaenode queue relearn``) starts learning afresh while keeping the old reference. Nothing here asserts what the bundle makes of the site out
 of the box.
 
 Each test runs for the default bundle, ``brain-t1-multiscanner`` 0.3.0, the one a node
@@ -42,7 +43,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
 from node.model.bundle import default_bundle_path
-from node.queue.models import Report, Series, SliceScore, StationReference
+from node.queue.models import AdminAction, Report, Series, SliceScore, StationReference
 from node.worker.learning import LearningSeries, build_reference
 from node.worker.station import normal_series_folders
 from tests.helpers.dcmtk import storescu
@@ -356,6 +357,39 @@ def test_the_sr_says_the_station_reference_judged_it_and_passes_dciodvfy(site: S
     assert out["reference"] == groups[-1].texts["Station reference"]
 
 
+def test_a_reported_learning_series_is_left_out_by_a_recalibration(site: Site) -> None:
+    """A reviewer reports one of the kept learning series as a missed artifact; ``vaenode
+    queue recalibrate`` rebuilds the station from the same 20 series without it (no new
+    series), the old reference kept; ``queue senders --series`` says what became of each."""
+    with site.node.session() as session:
+        before = session.get(StationReference, site.reference.id)
+        assert before is not None and before.learned_from is not None
+        bad_id = session.scalar(select(Series.id).where(
+            Series.series_instance_uid == site.learning[BAD].series_instance_uid))
+        assert bad_id in before.learned_from["outlier"]
+        reported = before.learned_from["used"][0]
+        session.add(AdminAction(series_id=reported, actor="dr ada", action="missed",
+                                model=f"{before.model_name} {before.model_version}"))
+        session.commit()
+    done_ = vaenode(site.node, "queue", "recalibrate", "--station", "mr room 7",
+                    "--note", "reviewed the learning series")
+    assert done_.returncode == 0, done_.stderr
+    assert done_.stdout.startswith("recalibrated: MR ROOM 7"), done_.stdout
+    with site.node.session() as session:
+        old, new = session.scalars(select(StationReference).order_by(StationReference.id)).all()
+    assert old.id == site.reference.id and old.superseded_note == "reviewed the learning series"
+    assert new.state == "calibrated" and new.superseded_at is None
+    assert new.learned_from is not None and new.learned_from["excluded"] == [reported]
+    assert reported not in new.learned_from["used"] and new.series_excluded == 1
+    assert (new.series_used or 0) + (new.series_trimmed or 0) == LEARNING_SERIES - 1
+    listed = vaenode(site.node, "queue", "senders", "--series")
+    assert listed.returncode == 0, listed.stderr
+    uid = next(s.series_instance_uid for s in site.learning
+               if row_of(site.node, s).id == reported)  # type: ignore[union-attr]
+    [line] = [x for x in listed.stdout.splitlines() if uid in x]
+    assert "missed artifact" in line and "left out" in line
+
+
 def test_restart_learning_keeps_the_old_reference_and_learns_afresh(
     site: Site, tmp_path: Path,
 ) -> None:
@@ -365,8 +399,8 @@ def test_restart_learning_keeps_the_old_reference_and_learns_afresh(
     assert "learning restarted: MR ROOM 7" in restarted.stdout
     with site.node.session() as session:
         rows = session.scalars(select(StationReference).order_by(StationReference.id)).all()
-    old, new = rows
-    assert old.id == site.reference.id and old.superseded_at is not None
+    old, new = rows[-2:]  # the reference recalibrated above, and the new one
+    assert old.superseded_at is not None
     assert old.state == "calibrated" and old.superseded_note == "new head coil"
     assert old.superseded_by is not None and old.superseded_by.startswith("cli:")
     assert new.state == "learning" and new.superseded_at is None
