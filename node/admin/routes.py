@@ -248,13 +248,13 @@ def series_action(
     note: Annotated[str, Form()] = "",
     reviewer: Annotated[str, Form()] = "",
 ) -> RedirectResponse:
-    """Retry, re-deliver, confirm or mark a false alarm; recorded, then back to the page."""
+    """Retry, re-deliver, confirm, mark a false alarm or report a missed artifact; recorded,
+    then back to the page."""
     series = queries.get_series(session, series_uid)
     if series is None:
         raise HTTPException(404, f"no series {series_uid}")
-    identity: auth.Identity | None = getattr(request.state, "identity", None)
-    actor = reviews.actor_name(identity, reviewer, request.client.host if request.client else None)
-    reviews.perform(session, _settings(request), series, action, actor, note.strip() or None)
+    reviews.perform(session, _settings(request), series, action, _actor(request, reviewer),
+                    note.strip() or None)
     url = request.url_for("series_page", series_uid=series_uid)
     return RedirectResponse(str(url) + "#actions", status_code=303)
 
@@ -314,6 +314,13 @@ def senders_page(
                    earlier=earlier, learning=_settings(request).learning, learned=learned)
 
 
+def _actor(request: Request, reviewer: str) -> str:
+    """Who posts the form (:func:`node.admin.reviews.actor_name`)."""
+    identity: auth.Identity | None = getattr(request.state, "identity", None)
+    return reviews.actor_name(identity, reviewer,
+                              request.client.host if request.client else None)
+
+
 @router.post("/senders/relearn", name="relearn")
 def relearn(
     request: Request,
@@ -324,8 +331,7 @@ def relearn(
 ) -> RedirectResponse:
     """Restart a station's learning (a new coil, a software upgrade); the old reference is
     kept, superseded, with who and when."""
-    identity: auth.Identity | None = getattr(request.state, "identity", None)
-    actor = reviews.actor_name(identity, reviewer, request.client.host if request.client else None)
+    actor = _actor(request, reviewer)
     created = references.restart_learning(session, actor=f"admin:{actor}",
                                           note=note.strip() or None,
                                           reference_ids=[reference_id])
@@ -345,8 +351,7 @@ def recalibrate(
 ) -> RedirectResponse:
     """Rebuild a calibrated station's reference from its learning series with the reviews as
     they stand now (a bad series reported missed or confirmed flagged is left out)."""
-    identity: auth.Identity | None = getattr(request.state, "identity", None)
-    actor = reviews.actor_name(identity, reviewer, request.client.host if request.client else None)
+    actor = _actor(request, reviewer)
     try:
         recalibrate_reference(session, _settings(request).learning, reference_id,
                               actor=f"admin:{actor}", note=note.strip() or None)

@@ -154,15 +154,20 @@ def senders_cmd(
             typer.echo(line)
 
 
+#: The station a ``relearn`` or ``recalibrate`` acts on, and optionally one of its protocols.
+StationOption = Annotated[str, typer.Option(
+    "--station", help="Station Name (or the calling AE title of a sender that names none), "
+    "case-insensitive.")]
+ProtocolOption = Annotated[str | None, typer.Option(
+    "--protocol", help="Only this protocol (Series Description; case and spaces do not "
+    "matter); default: every protocol of the station.")]
+
+
 @queue_app.command("relearn")
 def relearn_cmd(
-    station: Annotated[str, typer.Option(
-        "--station", help="Station Name (or the calling AE title of a sender that names "
-        "none), case-insensitive.")],
+    station: StationOption,
     config: ConfigOption = None,
-    protocol: Annotated[str | None, typer.Option(
-        "--protocol", help="Only this protocol (Series Description; case and spaces do not "
-        "matter); default: every protocol of the station.")] = None,
+    protocol: ProtocolOption = None,
     note: Annotated[str | None, typer.Option(
         "--note", help="Why (a new coil, a software upgrade): kept with the old reference.")]
     = None,
@@ -190,13 +195,9 @@ def relearn_cmd(
 
 @queue_app.command("recalibrate")
 def recalibrate_cmd(
-    station: Annotated[str, typer.Option(
-        "--station", help="Station Name (or the calling AE title of a sender that names "
-        "none), case-insensitive.")],
+    station: StationOption,
     config: ConfigOption = None,
-    protocol: Annotated[str | None, typer.Option(
-        "--protocol", help="Only this protocol (Series Description; case and spaces do not "
-        "matter); default: every calibrated protocol of the station.")] = None,
+    protocol: ProtocolOption = None,
     note: Annotated[str | None, typer.Option(
         "--note", help="Why (which series were reviewed): kept with the old reference.")]
     = None,

@@ -10,8 +10,8 @@ flagged (the bad learning series did not blind it), the clean series' images wer
 against the station's image edge and the motion series' against its low, the SRs say which
 reference judged them, a learning series a reviewer reports as a missed artifact is left out
 by a recalibration (``vaenode queue recalibrate``) from the same series, and a restart
-(``vaenode queue relearn``) starts learning afresh while keeping the old reference. Nothing here asserts what the bundle makes of the site out
-of the box.
+(``vaenode queue relearn``) starts learning afresh while keeping the old reference. Nothing
+here asserts what the bundle makes of the site out of the box.
 
 Each test runs for the default bundle, ``brain-t1-multiscanner`` 0.3.0, the one a node
 learns with unless configured otherwise; ``VAENODE_TEST_BUNDLE=node/models/brain-t1`` runs
