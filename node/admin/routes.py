@@ -186,6 +186,7 @@ def series_page(request: Request, session: ReadSessionDep, series_uid: str) -> H
         "allowed": reviews.allowed_actions(session, series, verdict),
         "reference": references.judged_note(session, series, settings.learning.series),
         "reference_learning": series.reference_state == references.LEARNING,
+        "learning_role": references.learning_role(session, series),
     }
     _end_read(session)
     header = read_header_facts(first_path, settings.admin.show_patient_name)

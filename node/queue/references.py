@@ -457,6 +457,21 @@ def reference_note(state: str | None, reference: StationReference | None, *,
     return "Reference: out of the box (station learning is off)"
 
 
+def learning_role(session: Session, series: Series) -> tuple[str, bool] | None:
+    """What its station's calibration did with a learning series (:data:`ROLES`), and whether
+    that reference is still current; None for a series that is no learning series or whose
+    reference has not calibrated (or did before revision 0020)."""
+    if series.reference_state != LEARNING or series.reference_id is None:
+        return None
+    reference = session.get(StationReference, series.reference_id)
+    if reference is None or not reference.learned_from:
+        return None
+    for role, ids in reference.learned_from.items():
+        if series.id in ids:
+            return role, reference.superseded_at is None
+    return None
+
+
 def judged_note(session: Session, series: Series, needed: int) -> str | None:
     """The "Reference: ..." line of a scored series' current verdict, as its report said it
     (None before its first verdict; learning off for verdicts older than the references)."""

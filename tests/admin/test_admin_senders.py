@@ -409,6 +409,8 @@ def test_a_missed_learning_series_is_reported_and_the_station_recalibrated(
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     page = http(f"{base}/series/{uid}", headers=bearer).text
     assert 'id="action-missed"' in page and 'id="action-false_alarm"' not in page
+    # Its page says the station's reference used it, and what to do if it is bad.
+    assert '<p id="learning-role" data-role="used">' in page and "<b>Recalibrate</b>" in page
     form = urllib.parse.urlencode({"action": "missed", "reviewer": "dr ada",
                                    "note": "motion"}).encode()
     assert http(f"{base}/series/{uid}/actions", data=form, follow=False).status == 401
@@ -440,6 +442,9 @@ def test_a_missed_learning_series_is_reported_and_the_station_recalibrated(
     shown = html.split(f'data-id="{new.id}"', 1)[1].split("</tr>", 1)[0]
     assert re.search(f'data-uid="{re.escape(uid)}" data-role="excluded"', shown)
     assert "admin:dr ada" in html.split('id="earlier-references"', 1)[1]
+    page = http(f"{base}/series/{uid}", headers=bearer).text
+    assert '<p id="learning-role" data-role="excluded">' in page
+    assert "since restarted" not in page
     # The old reference is no longer current: the same button again is refused.
     assert http(url, data=form, headers={**bearer, "Origin": base}, follow=False).status == 409
 
