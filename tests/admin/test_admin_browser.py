@@ -61,9 +61,9 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
         assert all(w > 0 and h > 0 for w, h in flagged + normal)
 
         # Review: the tiny test model's verdicts mean little, so the reviewer judges what it
-        # said; a flagged series can be called a false alarm, a normal one confirmed.
+        # said; a flagged series can be called a false alarm, a normal one a missed artifact.
         action, label = ("false_alarm", "false alarm") if scored_node.abnormal else (
-            "confirm", "confirm")
+            "missed", "missed artifact")
         page.fill("#note", "reviewed in the browser test")
         page.click(f"#action-{action}")
         page.wait_for_selector(f"tr.action-row[data-action={action}]")
@@ -78,7 +78,9 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
         page.click("#nav-models")
         stat = page.locator(f"tr.model-stat[data-model='{scored_node.model}']")
         expected = "1" if scored_node.abnormal else "0"
+        missed = "0" if scored_node.abnormal else "1"
         assert stat.locator("td.false-alarms").inner_text() == expected
+        assert stat.locator("td.missed").inner_text() == missed
         page.screenshot(path=str(TEST_OUTPUT / "models.png"), full_page=True)
 
         page.click("#nav-deliveries")
@@ -108,3 +110,4 @@ def test_queue_series_page_images_and_review_in_chromium(scored_node: ScoredNode
     metrics = http(f"{scored_node.base_url}/metrics",
                    headers={"Authorization": f"Bearer {scored_node.token}"}).text
     assert f'vaenode_false_alarms_total{{model="{scored_node.model}"}} {expected}.0' in metrics
+    assert f'vaenode_missed_total{{model="{scored_node.model}"}} {missed}.0' in metrics
