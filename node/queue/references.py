@@ -178,6 +178,17 @@ def latest_reviews_of(session: Session, series_ids: Sequence[int]) -> dict[int, 
     return {int(sid): str(action) for sid, action in rows}
 
 
+def reviewed_as(review: str | None, abnormal: bool | None) -> str | None:
+    """What a series' latest review says it is: ``"normal"`` (a false alarm, or a normal
+    verdict confirmed), ``"bad"`` (a flag confirmed, or a missed artifact reported), or None
+    (not reviewed)."""
+    if review == _FALSE_ALARM or (review == _CONFIRM and not abnormal):
+        return "normal"
+    if review in (_CONFIRM, _MISSED):
+        return "bad"
+    return None
+
+
 @dataclass(frozen=True)
 class LearnedSeries:
     """One learning series of a reference, as an admin audits it.
@@ -201,6 +212,15 @@ class LearnedSeries:
     review: str | None
     role: str | None
     purged: bool
+
+    @property
+    def review_since(self) -> bool:
+        """Its review now disagrees with what the calibration did with it: a series used or
+        left out as an outlier was reviewed bad since, or one left out was reviewed normal
+        (a recalibration would treat it otherwise; one with no foreground slice stays out)."""
+        said = reviewed_as(self.review, self.abnormal)
+        return ((said == "bad" and self.role in (USED, OUTLIER))
+                or (said == "normal" and self.role in (OUTLIER, EXCLUDED)))
 
 
 def learned_series(session: Session, reference_id: int,

@@ -230,11 +230,8 @@ def judge(session_factory: sessionmaker[Session], learning: LearningSettings,
 
 
 def _review(row: refs.LearningRows) -> Review:
-    if row.review == "false_alarm" or (row.review == "confirm" and not row.abnormal):
-        return Review.NORMAL
-    if row.review in ("confirm", "missed"):
-        return Review.FLAGGED
-    return Review.NONE
+    said = refs.reviewed_as(row.review, row.abnormal)
+    return {"normal": Review.NORMAL, "bad": Review.FLAGGED}.get(said or "", Review.NONE)
 
 
 def _learning_series(session: Session, reference_id: int) -> list[LearningSeries]:

@@ -422,6 +422,9 @@ def test_a_missed_learning_series_is_reported_and_the_station_recalibrated(
     listed = shown.split(f'data-uid="{uid}"', 1)[1].split("</li>", 1)[0]
     assert 'data-role="used"' in listed and "missed artifact" in listed
     assert f'id="recalibrate-{reference.id}"' in shown
+    # The reference was calibrated before that review: the page says it would change it.
+    assert '<b class="review-since">reviewed since:</b> used' in listed
+    assert '"reviews-since rate-over"' in shown and "1 reviewed since" in shown
 
     form = urllib.parse.urlencode({"reference_id": reference.id, "reviewer": "dr ada",
                                    "note": "3rd series had motion"}).encode()
@@ -441,6 +444,7 @@ def test_a_missed_learning_series_is_reported_and_the_station_recalibrated(
     html = http(f"{base}/senders", headers=bearer).text
     shown = html.split(f'data-id="{new.id}"', 1)[1].split("</tr>", 1)[0]
     assert re.search(f'data-uid="{re.escape(uid)}" data-role="excluded"', shown)
+    assert "reviewed since" not in shown
     assert "admin:dr ada" in html.split('id="earlier-references"', 1)[1]
     page = http(f"{base}/series/{uid}", headers=bearer).text
     assert '<p id="learning-role" data-role="excluded">' in page

@@ -558,3 +558,19 @@ def test_migration_0013_leaves_older_verdicts_as_they_were_and_goes_down_again(
     assert "station_references" not in tables and "bundle_score" not in columns
     upgrade(url)
     assert current_revision(url) == head_revision()
+
+
+@pytest.mark.parametrize(("review", "abnormal", "role", "since"), [
+    ("missed", False, refs.USED, True),          # a used series reported bad since
+    ("confirm", True, refs.OUTLIER, True),       # an outlier's flag confirmed: excluded now
+    ("false_alarm", True, refs.OUTLIER, True),   # an outlier called normal: used now
+    ("confirm", False, refs.USED, False),        # a used series confirmed normal
+    ("confirm", True, refs.EXCLUDED, False),     # the confirmed flag it was excluded for
+    (None, False, refs.USED, False),
+    ("missed", False, None, False),              # learning, or scored after calibration
+])
+def test_a_review_since_calibration_is_told_when_it_would_change_the_reference(
+    review: str | None, abnormal: bool, role: str | None, since: bool,
+) -> None:
+    series = refs.LearnedSeries(1, "1.2.3", None, None, abnormal, review, role, False)
+    assert series.review_since is since
