@@ -449,8 +449,12 @@ def test_a_missed_learning_series_is_reported_and_the_station_recalibrated(
     page = http(f"{base}/series/{uid}", headers=bearer).text
     assert '<p id="learning-role" data-role="excluded">' in page
     assert "since restarted" not in page
-    # The old reference is no longer current: the same button again is refused.
+    # The old reference is no longer current: the same button again is refused, as is one
+    # that names no reference at all.
     assert http(url, data=form, headers={**bearer, "Origin": base}, follow=False).status == 409
+    nothing = urllib.parse.urlencode({"reference_id": 999999, "reviewer": "dr ada"}).encode()
+    assert http(url, data=nothing, headers={**bearer, "Origin": base},
+                follow=False).status == 409
 
     config = tmp_path / "node.toml"
     config.write_text(f'[database]\nurl = "{settings.database.url}"\n\n[learning]\nseries = 5\n',
