@@ -312,7 +312,8 @@ def senders_page(
     return _render(request, "senders.html", "senders", rows=rows, days=days,
                    weeks=rows[0].weeks if rows else (), high_p=senders.HIGH_P,
                    min_scored=senders.MIN_SCORED_FOR_TEST, references=current,
-                   earlier=earlier, learning=_settings(request).learning, learned=learned)
+                   earlier=earlier, learning=_settings(request).learning, learned=learned,
+                   role_words=references.role_words, review_words=references.REVIEW_WORDS)
 
 
 def _actor(request: Request, reviewer: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,11 @@ ConfigOption = Annotated[
         "present, else built-in defaults).",
     ),
 ]
+
+
+def iso(value: datetime | None) -> str | None:
+    """A time as the commands' JSON gives it (ISO 8601), or None."""
+    return value.isoformat() if value is not None else None
 
 
 def resolve_config_path(config: Path | None) -> Path | None:

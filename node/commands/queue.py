@@ -8,17 +8,13 @@ from typing import Annotated, Any
 
 import typer
 
-from node.commands.common import ConfigOption, setup
+from node.commands.common import ConfigOption, iso, setup
 from node.commands.stations import recalibrate_station, reference_dict, reference_lines
 from node.errors import ConfigError, NodeError
 
 queue_app = typer.Typer(help="Inspect the series queue.", no_args_is_help=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def series_dict(series: Any) -> dict[str, Any]:
@@ -37,14 +33,14 @@ def series_dict(series: Any) -> dict[str, Any]:
         "station_name": series.station_name,
         "manufacturer": series.manufacturer,
         "scanner_model": series.scanner_model,
-        "first_received_at": _iso(series.first_received_at),
-        "last_received_at": _iso(series.last_received_at),
+        "first_received_at": iso(series.first_received_at),
+        "last_received_at": iso(series.last_received_at),
         "attempts": series.attempts,
         "worker_id": series.worker_id,
-        "lease_until": _iso(series.lease_until),
-        "updated_at": _iso(series.updated_at),
+        "lease_until": iso(series.lease_until),
+        "updated_at": iso(series.updated_at),
         "expected_instances": series.expected_instances,
-        "images_deleted_at": _iso(series.purged_at),
+        "images_deleted_at": iso(series.purged_at),
         "reference_id": series.reference_id,
         "reference_state": series.reference_state,
     }
@@ -129,7 +125,7 @@ def senders_cmd(
                 "flagged": s.flagged, "flag_rate": s.flag_rate, "p_high": s.p_high,
                 "unusually_high": s.unusually_high, "confirmed": s.confirmed,
                 "false_alarms": s.false_alarms, "skipped": s.skipped, "failed": s.failed,
-                "in_progress": s.in_progress, "last_received": _iso(s.last_received),
+                "in_progress": s.in_progress, "last_received": iso(s.last_received),
                 "skip_reasons": [{"reason": r, "series": n} for r, n in s.skip_reasons],
                 "references": [reference_dict(v, needed, learned.get(v.id))
                                for v in references_of(s, views)],
@@ -243,8 +239,8 @@ def nodes_cmd(
         for n in rows:
             typer.echo(json.dumps({
                 "name": n.name, "role": n.role, "state": n.state, "version": n.version,
-                "host": n.host, "pid": n.pid, "started_at": _iso(n.started_at),
-                "heartbeat_at": _iso(n.heartbeat_at), "heartbeat_age_s": n.heartbeat_age_s,
+                "host": n.host, "pid": n.pid, "started_at": iso(n.started_at),
+                "heartbeat_at": iso(n.heartbeat_at), "heartbeat_age_s": n.heartbeat_age_s,
                 "cluster_jobs": n.cluster_jobs, "clock_offset_s": n.clock_offset_s,
                 "scoring": list(n.scoring)}))
         return
@@ -293,19 +289,19 @@ def show_cmd(
     out = series_dict(series)
     out["reference"] = reference
     out["events"] = [
-        {"at": _iso(e.at), "from": e.from_status, "to": e.to_status, "reason": e.reason,
+        {"at": iso(e.at), "from": e.from_status, "to": e.to_status, "reason": e.reason,
          "actor": e.actor}
         for e in events
     ]
     out["instances"] = [
         {"sop_instance_uid": i.sop_instance_uid, "instance_number": i.instance_number,
          "sop_class_uid": i.sop_class_uid, "transfer_syntax_uid": i.transfer_syntax_uid,
-         "path": i.path, "size_bytes": i.size_bytes, "received_at": _iso(i.received_at)}
+         "path": i.path, "size_bytes": i.size_bytes, "received_at": iso(i.received_at)}
         for i in instances
     ]
     out["deliveries"] = deliveries
     out["alerts"] = [
-        {"url": a.url, "state": a.state, "attempts": a.attempts, "sent_at": _iso(a.sent_at),
+        {"url": a.url, "state": a.state, "attempts": a.attempts, "sent_at": iso(a.sent_at),
          "last_error": a.last_error}
         for a in alerts
     ]
@@ -345,8 +341,8 @@ def _deliveries(session: Any, series_uid: str) -> list[dict[str, Any]]:
         {"kind": d.kind, "sop_instance_uid": d.sop_instance_uid,
          "instance_number": d.instance_number, "superseded": d.superseded,
          "destination": d.destination, "target": d.target, "state": d.state,
-         "attempts": d.attempts, "next_attempt_at": _iso(d.next_attempt_at),
-         "sent_at": _iso(d.sent_at), "last_error": d.last_error}
+         "attempts": d.attempts, "next_attempt_at": iso(d.next_attempt_at),
+         "sent_at": iso(d.sent_at), "last_error": d.last_error}
         for d in deliveries(session, series_uid)
     ]
 

@@ -9,9 +9,9 @@ and its review, to decide whether a bad one should be reported and the reference
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from node.commands.common import iso
 from node.errors import NodeError
 
 if TYPE_CHECKING:  # the command line imports the database layer only when it runs
@@ -21,31 +21,10 @@ if TYPE_CHECKING:  # the command line imports the database layer only when it ru
     from node.queue.references import LearnedSeries, ReferenceView
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-#: A role as people read it; None: no role recorded (see :func:`role_text`).
-ROLE_TEXT = {"used": "used", "outlier": "left out (outlier below the others)",
-             "excluded": "left out (a confirmed flag or a reported miss, or no foreground "
-                         "slice)"}
-
-
-def role_text(series: LearnedSeries, view: ReferenceView) -> str:
-    """What the reference did with a learning series, in words."""
-    if series.role is not None:
-        return ROLE_TEXT.get(series.role, series.role)
-    if view.learned_from is not None:
-        return "scored after calibration, not used"
-    if view.state == "learning":
-        return "learning"
-    return "(calibrated before the node recorded roles)"
-
-
 def learned_dict(series: LearnedSeries) -> dict[str, Any]:
     """One learning series as ``queue senders --json`` prints it."""
     return {"series_instance_uid": series.series_instance_uid,
-            "series_description": series.description, "scored_at": _iso(series.scored_at),
+            "series_description": series.description, "scored_at": iso(series.scored_at),
             "abnormal": series.abnormal, "review": series.review, "role": series.role,
             "images_deleted": series.purged}
 
@@ -60,7 +39,7 @@ def reference_dict(view: ReferenceView, needed: int,
         "scanner_model": key.scanner_model, "protocol": key.protocol,
         "model": f"{key.model_name} {key.model_version}", "state": view.state,
         "series_learned": view.learned, "series_needed": needed,
-        "created_at": _iso(view.created_at), "calibrated_at": _iso(view.calibrated_at),
+        "created_at": iso(view.created_at), "calibrated_at": iso(view.calibrated_at),
         "centre": view.centre, "low": view.low, "series_used": view.series_used,
         "series_trimmed": view.series_trimmed, "series_flagged": view.series_flagged,
         "min_flagged": view.min_flagged, "series_edge": view.series_edge,
@@ -83,6 +62,8 @@ def reference_lines(views: list[ReferenceView], needed: int,
     many a reference built from the others flags (each left out in turn): the station's
     expected false-alarm share once calibrated.
     """
+    from node.queue.references import REVIEW_WORDS, role_words
+
     lines = [f"{'STATION':<16} {'MODEL':<16} {'PROTOCOL':<24} {'STATE':<10} "
              f"{'LEARNED':>7}  {'CALIBRATED (UTC)':<16} {'CENTRE':>10} {'LOW':>10} "
              f"{'IMAGE':>10} {'FROM':>9} {'FLAGS':>7}  BUNDLE"]
@@ -103,11 +84,11 @@ def reference_lines(views: list[ReferenceView], needed: int,
                      + (f"\n    {v.note}" if v.note else ""))
         for s in (learned or {}).get(v.id, []):
             scored = f"{s.scored_at:%Y-%m-%d %H:%M}" if s.scored_at else "-"
-            review = {"confirm": ", verdict confirmed", "false_alarm": ", false alarm",
-                      "missed": ", missed artifact"}.get(s.review or "", "")
             lines.append(f"    {scored}  {s.series_instance_uid}  "
-                         f"{'abnormal' if s.abnormal else 'normal'} out of the box{review}"
-                         f"{', images deleted' if s.purged else ''}: {role_text(s, v)}"
+                         f"{'abnormal' if s.abnormal else 'normal'} out of the box"
+                         f"{REVIEW_WORDS.get(s.review or '', '')}"
+                         f"{', images deleted' if s.purged else ''}: "
+                         f"{role_words(s, v.learned_from, v.state)}"
                          + (f"  {s.description}" if s.description else ""))
     return lines
 
@@ -121,18 +102,16 @@ def recalibrate_station(session: Session, learning: LearningSettings, station: s
     Raises:
         NodeError: the station has no calibrated reference (of that protocol).
     """
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
     from node.queue.models import StationReference
-    from node.queue.references import CALIBRATED, key_of, normalize_protocol
+    from node.queue.references import CALIBRATED, key_of, of_station
     from node.worker.station import recalibrate
 
-    stmt = select(StationReference.id).where(
-        StationReference.superseded_at.is_(None), StationReference.state == CALIBRATED,
-        func.upper(StationReference.station) == " ".join(station.split()).upper())
-    if protocol is not None:
-        stmt = stmt.where(StationReference.protocol == normalize_protocol(protocol))
-    ids = list(session.scalars(stmt.order_by(StationReference.id)))
+    ids = list(session.scalars(
+        select(StationReference.id).where(*of_station(station, protocol),
+                                          StationReference.state == CALIBRATED)
+        .order_by(StationReference.id)))
     session.rollback()
     if not ids:
         raise NodeError(f"no calibrated station reference for station {station!r}"
@@ -140,9 +119,7 @@ def recalibrate_station(session: Session, learning: LearningSettings, station: s
                         + " (vaenode queue senders lists them)")
     lines = []
     for reference_id in ids:
-        new, calibrated = recalibrate(session, learning, reference_id, actor=actor, note=note)
-        row = session.get(StationReference, new.id, populate_existing=True)
-        assert row is not None
+        row, calibrated = recalibrate(session, learning, reference_id, actor=actor, note=note)
         if calibrated:
             used, trimmed, excluded = (row.series_used or 0, row.series_trimmed or 0,
                                        row.series_excluded or 0)

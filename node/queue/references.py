@@ -104,6 +104,17 @@ def _current(key: StationKey) -> tuple[ColumnElement[bool], ...]:
             StationReference.superseded_at.is_(None))
 
 
+def of_station(station: str, protocol: str | None = None) -> tuple[ColumnElement[bool], ...]:
+    """Where-clauses for the current references of a station (Station Name or calling AE
+    title, case and runs of spaces ignored) and, when given, of one protocol (normalized)."""
+    where: list[ColumnElement[bool]] = [
+        StationReference.superseded_at.is_(None),
+        func.upper(StationReference.station) == " ".join(station.split()).upper()]
+    if protocol is not None:
+        where.append(StationReference.protocol == normalize_protocol(protocol))
+    return tuple(where)
+
+
 def current_reference(session: Session, key: StationKey) -> StationReference | None:
     """The key's current (not superseded) reference, if it has one."""
     return session.scalars(select(StationReference).where(*_current(key))).first()
@@ -223,6 +234,28 @@ class LearnedSeries:
                 or (said == "normal" and self.role in (OUTLIER, EXCLUDED)))
 
 
+#: What a calibration did with a learning series, in words (see :func:`role_words`).
+ROLE_WORDS = {USED: "used", OUTLIER: "left out (outlier below the others)",
+              EXCLUDED: "left out (a confirmed flag or a reported miss, or no foreground "
+                        "slice)"}
+#: A learning series' latest review, in words, as a clause after its verdict.
+REVIEW_WORDS = {_CONFIRM: ", verdict confirmed", _FALSE_ALARM: ", false alarm",
+                _MISSED: ", missed artifact"}
+
+
+def role_words(series: LearnedSeries, learned_from: dict[str, list[int]] | None,
+               state: str) -> str:
+    """What its reference (``learned_from``, ``state``) did with a learning series, in
+    words: the Scanners page and ``vaenode queue senders --series`` say the same."""
+    if series.role is not None:
+        return ROLE_WORDS.get(series.role, series.role)
+    if learned_from is not None:
+        return "scored after calibration, not used"
+    if state == LEARNING:
+        return "learning"
+    return "(calibrated before the node recorded roles)"
+
+
 def learned_series(session: Session, reference_id: int,
                    learned_from: dict[str, list[int]] | None) -> list[LearnedSeries]:
     """A reference's learning series (those it calibrated from, and any scored ``learning``
@@ -336,14 +369,11 @@ def restart_learning(session: Session, *, actor: str, note: str | None = None,
     Returns:
         The new rows (empty when nothing matched).
     """
-    stmt = select(StationReference).where(StationReference.superseded_at.is_(None))
     if reference_ids:
-        stmt = stmt.where(StationReference.id.in_(list(reference_ids)))
+        stmt = select(StationReference).where(StationReference.superseded_at.is_(None),
+                                              StationReference.id.in_(list(reference_ids)))
     elif station is not None:
-        stmt = stmt.where(func.upper(StationReference.station) == " ".join(station.split())
-                          .upper())
-        if protocol is not None:
-            stmt = stmt.where(StationReference.protocol == normalize_protocol(protocol))
+        stmt = select(StationReference).where(*of_station(station, protocol))
     else:
         raise ValueError("name a station or reference ids")
     created = []

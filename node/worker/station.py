@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import LearningSettings
@@ -301,8 +301,9 @@ def recalibrate(session: Session, learning: LearningSettings, reference_id: int,
     calibrates at once on the old row's bundle scale (no model needed).
 
     Returns:
-        The new row and whether it calibrated (a refusal is its note; it stays ``learning``
-        and calibrates on its next series, as any learning reference does).
+        The new row as it now stands and whether it calibrated (a refusal is its note; it
+        stays ``learning`` and calibrates on its next series, as any learning reference
+        does).
 
     Raises:
         ValueError: the reference is not current, or not calibrated.
@@ -324,6 +325,7 @@ def recalibrate(session: Session, learning: LearningSettings, reference_id: int,
         moved = refs.move_learning_series(session, old.id, new.id)
         calibrated = settle_reference(session, learning, new.id, scale)
         session.commit()
+        session.refresh(new)  # settle_reference wrote it with a bulk UPDATE
     except BaseException:
         session.rollback()
         raise
@@ -343,11 +345,7 @@ def normal_series_folders(session: Session, storage_dir: Path, station: str,
     the retention job has not deleted. Each folder holds one series' instances as received
     (``<storage>/<StudyUID>/<SeriesUID>/``), oldest verdict first.
     """
-    stmt = select(StationReference.id).where(
-        StationReference.superseded_at.is_(None),
-        func.upper(StationReference.station) == " ".join(station.split()).upper())
-    if protocol is not None:
-        stmt = stmt.where(StationReference.protocol == refs.normalize_protocol(protocol))
+    stmt = select(StationReference.id).where(*refs.of_station(station, protocol))
     kept: list[int] = []
     for reference_id in session.scalars(stmt.order_by(StationReference.id)):
         kept += select_series(_learning_series(session, reference_id)).kept
