@@ -26,17 +26,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.helpers.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 VAENODE = Path(sys.executable).with_name("vaenode")
 #: What ``vaenode worker`` logs once its job is scheduled (node/service.py).
 WORKER_READY = "vaenode worker running"
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _toml_value(value: Any) -> str:

@@ -30,14 +30,9 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from tests.helpers.ports import free_port
+
 ORTHANC_BIN = os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (bound on every address, like Orthanc binds)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:
